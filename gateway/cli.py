@@ -1,0 +1,151 @@
+"""`registry-gateway` command line: serve, check-config, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway import __version__, config
+
+log = logging.getLogger("gateway")
+
+SETTING_FLAGS: tuple[tuple[str, str], ...] = (
+    ("listen", "HOST:PORT to listen on (default 0.0.0.0:8080)"),
+    ("upstream", "registry URL (default http://registry:5000)"),
+    ("htpasswd", "Apache htpasswd file with the users"),
+    ("admin_prefix", "users whose name starts with this may push and delete (default admin)"),
+    ("realm", "realm of the Basic challenge"),
+)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, *, serve: bool) -> None:
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help=f"YAML settings file (or ${config.ENV_PREFIX}CONFIG)",
+    )
+    if serve:
+        for key, help_text in SETTING_FLAGS:
+            parser.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None, help=help_text)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="registry-gateway",
+        description="Authenticating, authorizing, streaming proxy for a Docker/OCI registry.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    _add_config_flags(serve, serve=True)
+    check = commands.add_parser("check-config", help="validate the settings and exit")
+    _add_config_flags(check, serve=True)
+    demo = commands.add_parser(
+        "demo", help="run a local registry (Debian's docker-registry) and the gateway with demo users"
+    )
+    demo.add_argument("--data", type=Path, default=Path(".demo"), help="where the demo keeps its files")
+    demo.add_argument("--listen", default="127.0.0.1:8080", help="gateway address (default 127.0.0.1:8080)")
+    demo.add_argument(
+        "--registry-listen", default="127.0.0.1:5000", help="registry address (default 127.0.0.1:5000)"
+    )
+    demo.add_argument("--registry-bin", default="/usr/bin/docker-registry", help="registry binary")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> config.Settings:
+    config_file = args.config
+    if config_file is None and os.environ.get(config.ENV_PREFIX + "CONFIG"):
+        config_file = Path(os.environ[config.ENV_PREFIX + "CONFIG"])
+    flags: dict[str, Any] = {key: getattr(args, key, None) for key, _ in SETTING_FLAGS}
+    return config.load(config_file, os.environ, flags)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def run_server(settings: config.Settings, ready: asyncio.Event | None = None) -> None:
+    from gateway.app import AUTHENTICATOR_KEY, create_app
+
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.listen_host, settings.listen_port, backlog=1024)
+    await site.start()
+    log.info(
+        "registry-gateway %s listening on %s:%d, upstream %s",
+        __version__, settings.listen_host, settings.listen_port, settings.upstream,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app[AUTHENTICATOR_KEY].reload_if_changed)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (the `speed` extra), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+    except config.ConfigError as exc:
+        print("registry-gateway: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    run_event_loop(run_server(settings))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"configuration invalid: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(
+        f"configuration OK: listen {settings.listen_host}:{settings.listen_port}, "
+        f"upstream {settings.upstream}, htpasswd {settings.htpasswd}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "check-config":
+        return _check_config(args)
+    from gateway.demo import run_demo
+
+    return run_demo(args.data, args.listen, args.registry_listen, args.registry_bin)

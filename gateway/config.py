@@ -1,0 +1,292 @@
+"""Settings: parsed once from defaults, a YAML file, the environment and flags, into a frozen dataclass.
+
+Precedence is flag > environment > file > default. Every key has one environment variable,
+`GATEWAY_` + the key in upper case (the way the registry maps `REGISTRY_*`); lists are
+comma-separated there. Unknown keys are errors, and every problem is reported at once, each named
+by its key and where it came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yarl import URL
+
+from gateway import htpasswd
+
+ENV_PREFIX = "GATEWAY_"
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen_host: str
+    listen_port: int
+    upstream: URL
+    htpasswd: Path
+    admin_prefix: str
+    realm: str
+    trusted_proxies: tuple[IPNetwork, ...]
+    block_old_clients: bool
+    connect_timeout: float
+    read_timeout: float
+    upstream_connections: int
+    cache_ttl: float
+    cache_size: int
+    reload_interval: float
+    max_header_size: int
+    log_level: str
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# key -> (default, description). The description is what `check-config` and the README show.
+DEFAULTS: dict[str, Any] = {
+    "listen": "0.0.0.0:8080",
+    "upstream": "http://registry:5000",
+    "htpasswd": "/etc/registry-gateway/htpasswd",
+    "admin_prefix": "admin",
+    "realm": "Registry realm",
+    "trusted_proxies": [],
+    "block_old_clients": False,
+    "connect_timeout": 10.0,
+    "read_timeout": 900.0,
+    "upstream_connections": 256,
+    "cache_ttl": 300.0,
+    "cache_size": 10000,
+    "reload_interval": 2.0,
+    "max_header_size": 16384,
+    "log_level": "info",
+}
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def _where(key: str, origin: str) -> str:
+    if origin == "env":
+        return f"{key} ({env_name(key)})"
+    if origin == "flag":
+        return f"{key} (--{key.replace('_', '-')})"
+    return key
+
+
+def _host_port(value: Any) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise ValueError("expected HOST:PORT")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError("expected HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError("port must be between 1 and 65535")
+    if not host:
+        raise ValueError("expected HOST:PORT")
+    return host, port
+
+
+def _upstream(value: Any) -> URL:
+    if not isinstance(value, str):
+        raise ValueError("expected a URL such as http://registry:5000")
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    if url.user or url.password:
+        raise ValueError("must not carry credentials")
+    if url.path not in ("", "/") or url.query_string or url.fragment:
+        raise ValueError("must be scheme://host[:port] with no path, query or fragment")
+    return url.with_path("")
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a file path")
+    return Path(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _realm(value: Any) -> str:
+    text = _text(value)
+    if not text or any(ch in text for ch in '"\\') or not text.isprintable():
+        raise ValueError("must be non-empty printable text without quotes or backslashes")
+    return text
+
+
+def _listify(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list):
+        return value
+    raise ValueError("expected a list")
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in _listify(value):
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+    return tuple(networks)
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _seconds(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number of seconds") from None
+    if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+        raise ValueError("expected a non-negative number of seconds")
+    return number
+
+
+def _positive_seconds(value: Any) -> float:
+    number = _seconds(value)
+    if number == 0:
+        raise ValueError("must be greater than zero")
+    return number
+
+
+def _count(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError("expected a whole number")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError("expected a whole number") from None
+        if number < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return number
+
+    return parse
+
+
+def _log_level(value: Any) -> str:
+    text = _text(value).lower()
+    if text not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+    return text
+
+
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "listen": _host_port,
+    "upstream": _upstream,
+    "htpasswd": _path,
+    "admin_prefix": _text,
+    "realm": _realm,
+    "trusted_proxies": _networks,
+    "block_old_clients": _boolean,
+    "connect_timeout": _positive_seconds,
+    "read_timeout": _positive_seconds,
+    "upstream_connections": _count(1),
+    "cache_ttl": _seconds,
+    "cache_size": _count(0),
+    "reload_interval": _positive_seconds,
+    "max_header_size": _count(1024),
+    "log_level": _log_level,
+}
+
+
+def read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The mapping in a YAML config file, and the problems reading it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return {}, [f"config file {path}: cannot read: {exc}"]
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        return {}, [f"config file {path}: invalid YAML: {exc}"]
+    if data is None:
+        return {}, []
+    if not isinstance(data, dict):
+        return {}, [f"config file {path}: expected a mapping of settings"]
+    return {str(k): v for k, v in data.items()}, []
+
+
+def load(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    *,
+    check_files: bool = True,
+) -> Settings:
+    """Build Settings from every source, or raise ConfigError listing every problem."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    merged: dict[str, tuple[Any, str]] = {k: (v, "default") for k, v in DEFAULTS.items()}
+
+    if config_file is not None:
+        file_values, file_problems = read_file(config_file)
+        problems.extend(file_problems)
+        for key, value in file_values.items():
+            if key not in DEFAULTS:
+                problems.append(f"{key}: unknown key in {config_file}")
+                continue
+            merged[key] = (value, "file")
+
+    known_env = {env_name(k) for k in DEFAULTS} | {ENV_PREFIX + "CONFIG"}
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known_env:
+            problems.append(f"{name}: unknown environment variable")
+    for key in DEFAULTS:
+        if env_name(key) in environ:
+            merged[key] = (environ[env_name(key)], "env")
+
+    for key, value in (flags or {}).items():
+        if value is not None:
+            merged[key] = (value, "flag")
+
+    values: dict[str, Any] = {}
+    for key, (raw, origin) in merged.items():
+        try:
+            values[key] = PARSERS[key](raw)
+        except ValueError as exc:
+            problems.append(f"{_where(key, origin)}: {exc}")
+
+    if check_files and "htpasswd" in values:
+        path = values["htpasswd"]
+        if not path.is_file():
+            problems.append(f"{_where('htpasswd', merged['htpasswd'][1])}: no such file: {path}")
+        else:
+            try:
+                htpasswd.parse(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, htpasswd.HtpasswdError) as exc:
+                problems.append(f"{_where('htpasswd', merged['htpasswd'][1])}: {path}: {exc}")
+
+    if problems:
+        raise ConfigError(problems)
+
+    host, port = values.pop("listen")
+    return Settings(listen_host=host, listen_port=port, **values)

@@ -1,0 +1,106 @@
+"""`registry-gateway demo`: a local registry from Debian's docker-registry package, demo users, the gateway.
+
+For trying the gateway on one machine. Everything lives under one data folder; nothing is
+installed system-wide. The demo passwords are printed on purpose: they are documented demo values.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import bcrypt
+
+from gateway import config
+from gateway.cli import configure_logging, run_event_loop, run_server
+from gateway.sample_image import write_image
+
+DEMO_USERS = (("admin", "admin-demo"), ("alice", "alice-demo"))
+
+REGISTRY_CONFIG = """\
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: {root}
+  delete:
+    enabled: true
+http:
+  addr: {listen}
+"""
+
+
+def write_htpasswd(path: Path, users: tuple[tuple[str, str], ...], cost: int = 10) -> None:
+    lines = [f"{name}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(cost)).decode()}" for name, pw in users]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+
+
+def start_registry(binary: str, data: Path, listen: str) -> subprocess.Popen[bytes]:
+    registry_config = data / "registry.yml"
+    registry_config.write_text(REGISTRY_CONFIG.format(root=data / "storage", listen=listen))
+    log_file = (data / "registry.log").open("ab")
+    process = subprocess.Popen([binary, "serve", str(registry_config)], stdout=log_file, stderr=log_file)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the registry exited; see {data / 'registry.log'}")
+        try:
+            with urllib.request.urlopen(f"http://{listen}/v2/", timeout=1):
+                return process
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.1)
+    process.terminate()
+    raise RuntimeError(f"the registry did not start on {listen}; see {data / 'registry.log'}")
+
+
+def run_demo(data: Path, listen: str, registry_listen: str, registry_bin: str) -> int:
+    if shutil.which(registry_bin) is None:
+        print(
+            f"{registry_bin} not found: install Debian's docker-registry package "
+            "(apt-get install docker-registry) or pass --registry-bin",
+            file=sys.stderr,
+        )
+        return 1
+    data = data.resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    users_file = data / "htpasswd"
+    if not users_file.exists():
+        write_htpasswd(users_file, DEMO_USERS)
+    try:
+        settings = config.load(
+            None, {}, {"listen": listen, "upstream": f"http://{registry_listen}", "htpasswd": str(users_file)}
+        )
+    except config.ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+    image = data / "hello-image"
+    if not image.exists():
+        write_image(image, "1")
+    registry = start_registry(registry_bin, data, registry_listen)
+    configure_logging("info")
+    print(
+        f"registry on http://{registry_listen} (data in {data}), gateway on http://{listen}\n"
+        f"demo users: {', '.join(f'{u} / {p}' for u, p in DEMO_USERS)} "
+        "(admin may push; alice may only pull)\n"
+        "try:\n"
+        f"  skopeo copy --dest-tls-verify=false --dest-creds admin:admin-demo "
+        f"oci:{image}:1 docker://{listen}/demo/hello:1\n"
+        f"  curl -u alice:alice-demo http://{listen}/v2/_catalog\n"
+        "Ctrl-C stops both.",
+        flush=True,
+    )
+    try:
+        run_event_loop(run_server(settings))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        registry.terminate()
+        registry.wait(timeout=10)
+    return 0

@@ -1,0 +1,134 @@
+"""Which headers cross the gateway, in each direction. Pure: no I/O.
+
+The registry builds absolute `Location` URLs from `Forwarded`, then `X-Forwarded-Proto`/`-Host`,
+then `Host`, so those must describe the gateway as the client reached it — and must never be
+taken from a client we do not trust, or it could point another step of the push elsewhere.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.config import IPNetwork
+
+# RFC 9110 hop-by-hop headers, plus those a proxy must set itself.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+# Set by us from what we know, never copied from the client.
+CLIENT_HEADERS_DROPPED = HOP_BY_HOP | {
+    "host",
+    "authorization",
+    "expect",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-real-ip",
+}
+
+_HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+
+
+@dataclass(frozen=True)
+class ClientView:
+    """How the client reached us: its address, the scheme and the host it asked for."""
+
+    address: str
+    forwarded_for: tuple[str, ...]
+    scheme: str
+    host: str
+
+
+def _is_trusted(address: str, trusted: Iterable[IPNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", []):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def valid_host(host: str) -> bool:
+    return bool(_HOST_RE.match(host))
+
+
+def client_view(
+    peer: str,
+    scheme: str,
+    host: str,
+    headers: CIMultiDictProxy[str] | CIMultiDict[str],
+    trusted: tuple[IPNetwork, ...],
+) -> ClientView:
+    """Who the client is. Forwarding headers count only when the peer is a trusted proxy."""
+    if not trusted or not _is_trusted(peer, trusted):
+        return ClientView(peer, (peer,), scheme, host)
+    chain: list[str] = []
+    for value in headers.getall("X-Forwarded-For", []):
+        chain.extend(part.strip() for part in value.split(",") if part.strip())
+    chain.append(peer)
+    # The real client is the last address a trusted proxy vouches for: walk in from the right.
+    address = peer
+    for hop in reversed(chain):
+        address = hop
+        if not _is_trusted(hop, trusted):
+            break
+    forwarded_proto = headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    forwarded_host = headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+    return ClientView(
+        address=address,
+        forwarded_for=tuple(chain),
+        scheme=forwarded_proto if forwarded_proto in ("http", "https") else scheme,
+        host=forwarded_host if forwarded_host and valid_host(forwarded_host) else host,
+    )
+
+
+def upstream_request_headers(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], view: ClientView
+) -> CIMultiDict[str]:
+    """The client's headers as the registry should see them."""
+    dropped = CLIENT_HEADERS_DROPPED | _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in dropped:
+            out.add(name, value)
+    out["Host"] = view.host
+    out["X-Forwarded-Host"] = view.host
+    out["X-Forwarded-Proto"] = view.scheme
+    out["X-Forwarded-For"] = ", ".join(view.forwarded_for)
+    out["X-Real-IP"] = view.address
+    return out
+
+
+def downstream_response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """The registry's response headers as the client should see them."""
+    dropped = HOP_BY_HOP | _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in dropped:
+            out.add(name, value)
+    return out

@@ -1,0 +1,229 @@
+"""Map a raw request line (method + target) to the registry operation it is.
+
+Pure: no I/O, no aiohttp. The target is read exactly as the client sent it, before any decoding,
+and only targets whose meaning cannot differ between us and the registry are accepted: no percent
+escapes in the path, no dot segments, no empty segments, no backslashes. What we authorize is then
+byte for byte what we forward.
+
+The route patterns and their order mirror distribution 2.8 (`registry/api/v2/routes.go`), whose
+gorilla/mux router tries them in registration order with leftmost-first (greedy) regexps, so a
+name such as `a/manifests/b` in `/v2/a/manifests/b/manifests/c` is split the same way here.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote_plus
+
+MAX_NAME_LENGTH = 255
+MAX_TARGET_LENGTH = 8192
+
+PULL = "pull"
+PUSH = "push"
+DELETE = "delete"
+CATALOG = "*"
+
+
+class Route(enum.Enum):
+    BASE = "base"
+    CATALOG = "catalog"
+    TAGS = "tags"
+    MANIFEST = "manifest"
+    BLOB = "blob"
+    UPLOAD_START = "upload_start"
+    UPLOAD = "upload"
+    REFERRERS = "referrers"
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A request the gateway understood: which route, which repository, which actions it needs."""
+
+    route: Route
+    method: str
+    repository: str | None = None
+    reference: str | None = None
+    actions: frozenset[str] = frozenset()
+    mount_from: str | None = None
+
+    @property
+    def resource_type(self) -> str | None:
+        """docker_auth's `type`: `repository` for repository routes, `registry` for the catalog."""
+        if self.route is Route.CATALOG:
+            return "registry"
+        if self.repository is not None:
+            return "repository"
+        return None
+
+
+@dataclass(frozen=True)
+class RouteError:
+    """A request refused before authentication: answered with `status` and a registry error code."""
+
+    status: int
+    code: str
+    message: str
+
+
+# OCI distribution spec name grammar (stricter than distribution's, which also admits a domain).
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_NAME = rf"{_COMPONENT}(?:/{_COMPONENT})*"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+_UUID = r"[a-zA-Z0-9_.=-]+"
+
+NAME_RE = re.compile(rf"^{_NAME}$")
+
+# (route, pattern, method -> actions). Order as distribution registers them.
+_ROUTES: tuple[tuple[Route, re.Pattern[str], dict[str, frozenset[str]]], ...] = (
+    (
+        Route.BASE,
+        re.compile(r"^/v2/?$"),
+        {"GET": frozenset(), "HEAD": frozenset()},
+    ),
+    (
+        Route.TAGS,
+        re.compile(rf"^/v2/(?P<name>{_NAME})/tags/list$"),
+        {"GET": frozenset({PULL})},
+    ),
+    (
+        Route.MANIFEST,
+        re.compile(rf"^/v2/(?P<name>{_NAME})/manifests/(?P<ref>{_TAG}|{_DIGEST})$"),
+        {
+            "GET": frozenset({PULL}),
+            "HEAD": frozenset({PULL}),
+            "PUT": frozenset({PULL, PUSH}),
+            "DELETE": frozenset({DELETE}),
+        },
+    ),
+    (
+        Route.BLOB,
+        re.compile(rf"^/v2/(?P<name>{_NAME})/blobs/(?P<ref>{_DIGEST})$"),
+        {"GET": frozenset({PULL}), "HEAD": frozenset({PULL}), "DELETE": frozenset({DELETE})},
+    ),
+    (
+        Route.UPLOAD_START,
+        re.compile(rf"^/v2/(?P<name>{_NAME})/blobs/uploads/$"),
+        {"POST": frozenset({PULL, PUSH})},
+    ),
+    (
+        Route.UPLOAD,
+        re.compile(rf"^/v2/(?P<name>{_NAME})/blobs/uploads/(?P<ref>{_UUID})$"),
+        {
+            "GET": frozenset({PULL}),
+            "HEAD": frozenset({PULL}),
+            "PATCH": frozenset({PULL, PUSH}),
+            "PUT": frozenset({PULL, PUSH}),
+            "DELETE": frozenset({DELETE}),
+        },
+    ),
+    (
+        Route.CATALOG,
+        re.compile(r"^/v2/_catalog$"),
+        {"GET": frozenset({CATALOG})},
+    ),
+    (
+        Route.REFERRERS,
+        re.compile(rf"^/v2/(?P<name>{_NAME})/referrers/(?P<ref>{_DIGEST})$"),
+        {"GET": frozenset({PULL})},
+    ),
+)
+
+# The same shapes with any name: a target that fits one of these but no route above has a bad name.
+_LOOSE_NAME = re.compile(
+    r"^/v2/(?P<name>.+)/(?:tags/list|manifests/[^/]+|blobs/[^/]+|blobs/uploads/[^/]*|referrers/[^/]+)$"
+)
+
+_PATH_CHARS = re.compile(r"^[A-Za-z0-9._:/=+-]*$")
+_QUERY_CHARS = re.compile(r"^[\x21-\x7e]*$")
+_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _bad(status: int, code: str, message: str) -> RouteError:
+    return RouteError(status, code, message)
+
+
+def _path_problem(path: str) -> str | None:
+    """Why the registry might read this path differently from us, or None when it cannot."""
+    if "%" in path:
+        return "percent-encoded characters are not allowed in the path"
+    if "\\" in path:
+        return "backslashes are not allowed in the path"
+    if not _PATH_CHARS.match(path):
+        return "the path has characters a registry path never holds"
+    if "//" in path:
+        return "empty path segments are not allowed"
+    segments = path.split("/")
+    if any(segment in (".", "..") for segment in segments):
+        return "dot segments are not allowed in the path"
+    return None
+
+
+def parse_query(query: str) -> dict[str, str] | RouteError:
+    """Decode a query string the way Go's url.ParseQuery would, refusing what it would read differently.
+
+    Go skips pairs with bad escapes or a `;` and keeps the first of repeated keys; rather than
+    reproduce those quirks we refuse any query where they would matter.
+    """
+    if not query:
+        return {}
+    if not _QUERY_CHARS.match(query):
+        return _bad(400, "UNSUPPORTED", "the query string has characters that must be escaped")
+    values: dict[str, str] = {}
+    for pair in query.split("&"):
+        if not pair:
+            continue
+        if ";" in pair or _ESCAPE.search(pair):
+            return _bad(400, "UNSUPPORTED", "malformed query string")
+        key, _, value = pair.partition("=")
+        key, value = unquote_plus(key), unquote_plus(value)
+        if key in values:
+            return _bad(400, "UNSUPPORTED", f"query parameter {key!r} given more than once")
+        values[key] = value
+    return values
+
+
+def parse_request(method: str, target: str) -> Operation | RouteError:
+    """Map a method and a raw request target (path and query, as sent) to an Operation."""
+    if len(target) > MAX_TARGET_LENGTH:
+        return _bad(414, "UNSUPPORTED", "request target too long")
+    path, _, query = target.partition("?")
+    if not path.startswith("/v2"):
+        return _bad(404, "NOT_FOUND", "not a registry API path")
+    problem = _path_problem(path)
+    if problem is not None:
+        return _bad(400, "NAME_INVALID", problem)
+
+    for route, pattern, methods in _ROUTES:
+        match = pattern.match(path)
+        if match is None:
+            continue
+        actions = methods.get(method)
+        if actions is None:
+            return _bad(405, "UNSUPPORTED", f"{method} is not supported on this endpoint")
+        groups = match.groupdict()
+        name = groups.get("name")
+        if name is not None and len(name) > MAX_NAME_LENGTH:
+            return _bad(400, "NAME_INVALID", f"repository name longer than {MAX_NAME_LENGTH} characters")
+        params = parse_query(query)
+        if isinstance(params, RouteError):
+            return params
+        mount_from = None
+        if route is Route.UPLOAD_START and "mount" in params:
+            mount_from = params.get("from", "")
+            if not NAME_RE.match(mount_from) or len(mount_from) > MAX_NAME_LENGTH:
+                return _bad(400, "NAME_INVALID", "invalid repository name in the from parameter")
+        return Operation(
+            route=route,
+            method=method,
+            repository=name,
+            reference=groups.get("ref"),
+            actions=actions,
+            mount_from=mount_from,
+        )
+
+    if _LOOSE_NAME.match(path):
+        return _bad(400, "NAME_INVALID", "invalid repository name or reference")
+    return _bad(404, "NOT_FOUND", "unknown registry API endpoint")
