@@ -96,8 +96,11 @@ def _well_formed(scheme: str, stored: str) -> bool:
             return False
     if scheme == "plain":
         return True
-    handler = _CRYPT_HANDLERS[scheme]
-    return bool(handler.identify(stored))
+    try:
+        parsed = _CRYPT_HANDLERS[scheme].from_string(stored)
+    except ValueError:
+        return False
+    return parsed.checksum is not None
 
 
 _CRYPT_HANDLERS = {

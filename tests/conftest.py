@@ -1,0 +1,166 @@
+"""Real parts for the tests: Debian's docker-registry binary, Apache's htpasswd, the gateway as a process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REGISTRY_BIN = os.environ.get("REGISTRY_BIN", "/usr/bin/docker-registry")
+
+USERS = {
+    "admin": "admin-secret-pw",
+    "alice": "alice-secret-pw",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: process exited early:\n{log.read_text()}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers; a 401 is an answer
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up:\n{log.read_text()}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def require(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        # Not a skip: these are the real parts the suite exists to exercise. .ci/run installs them.
+        raise RuntimeError(f"{binary} is required (apt-get install docker-registry skopeo apache2-utils)")
+    return path
+
+
+def htpasswd_add(path: Path, user: str, password: str, flag: str = "-B") -> None:
+    """Add a user with Apache's own htpasswd; the password goes through stdin, never argv."""
+    create = [] if path.exists() else ["-c"]
+    subprocess.run(
+        [require("htpasswd"), "-i", *create, flag, str(path), user],
+        input=password.encode(), check=True, capture_output=True,
+    )
+
+
+@dataclass
+class Registry:
+    url: str
+    storage: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def repositories(self) -> set[str]:
+        """Repositories present in the registry's storage, read from disk, not through any API."""
+        root = self.storage / "docker" / "registry" / "v2" / "repositories"
+        if not root.exists():
+            return set()
+        return {
+            str(p.parent.relative_to(root)) for p in root.rglob("_manifests")
+        } | {str(p.parent.relative_to(root)) for p in root.rglob("_uploads")}
+
+    def blob_count(self) -> int:
+        root = self.storage / "docker" / "registry" / "v2" / "blobs"
+        return sum(1 for _ in root.rglob("data")) if root.exists() else 0
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    require(REGISTRY_BIN)
+    port = free_port()
+    storage = tmp_path / "registry-storage"
+    config = tmp_path / "registry.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: info\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    log = tmp_path / "registry.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=out, stderr=out)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/v2/", process, log)
+        yield Registry(f"http://127.0.0.1:{port}", storage, process, log)
+    finally:
+        stop(process)
+
+
+@pytest.fixture
+def users_file(tmp_path: Path) -> Path:
+    path = tmp_path / "htpasswd"
+    for user, password in USERS.items():
+        htpasswd_add(path, user, password, "-B")
+    return path
+
+
+@dataclass
+class Gateway:
+    url: str
+    host: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+
+def start_gateway(
+    tmp_path: Path, upstream: str, htpasswd: Path, *extra: str, env: dict[str, str] | None = None
+) -> Gateway:
+    port = free_port()
+    log = tmp_path / f"gateway-{port}.log"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    environment.update(env or {})
+    environment["GATEWAY_RELOAD_INTERVAL"] = environment.get("GATEWAY_RELOAD_INTERVAL", "0.5")
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
+             "--upstream", upstream, "--htpasswd", str(htpasswd), *extra],
+            stdout=out, stderr=out, env=environment,
+        )
+    wait_for_http(f"http://127.0.0.1:{port}/v2/", process, log)
+    return Gateway(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", process, log)
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, registry: Registry, users_file: Path) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path, registry.url, users_file)
+    try:
+        yield gw
+    finally:
+        stop(gw.process)

@@ -1,0 +1,214 @@
+"""Basic-auth parsing, the verified-credential cache, dummy checks for unknown users, reload."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from pathlib import Path
+
+import bcrypt
+import pytest
+
+from gateway import authn, htpasswd
+from gateway.authn import Authenticator, CredentialCache, Credentials, Malformed, UserFile
+
+
+def basic(raw: bytes) -> str:
+    return "Basic " + base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        (basic(b"alice:pw"), Credentials("alice", "pw")),
+        (basic(b"alice:p:w:"), Credentials("alice", "p:w:")),
+        (basic(b"alice:"), Credentials("alice", "")),
+        ("basic " + base64.b64encode(b"a:b").decode(), Credentials("a", "b")),
+        (basic("j\u00f6rg:pw\u00e9".encode()), Credentials("j\u00f6rg", "pw\u00e9")),
+    ],
+)
+def test_parse_good(header: str | None, expected: Credentials | None) -> None:
+    assert authn.parse_basic_authorization(header) == expected
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Basic",
+        "Basic ",
+        "Basic !!!notbase64",
+        "Basic " + base64.b64encode(b"nocolon").decode(),
+        "Basic " + base64.b64encode(b":pw").decode(),
+        "Basic " + base64.b64encode(b"\xff\xfe:pw").decode(),
+        "Basic " + base64.b64encode(b"a\x00b:pw").decode(),
+        "Basic " + base64.b64encode(b"ab:p\nw").decode(),
+        "Bearer abc.def.ghi",
+        "Digest username=x",
+        "Basic " + "QUFB" * 2000,
+        "Basic YWJjOmRlZg",  # missing padding: strict base64 refuses it
+    ],
+)
+def test_parse_malformed(header: str) -> None:
+    assert isinstance(authn.parse_basic_authorization(header), Malformed)
+
+
+def test_credentials_repr_hides_password() -> None:
+    assert "s3cret" not in repr(Credentials("u", "s3cret"))
+    assert "s3cret" not in str(Credentials("u", "s3cret"))
+
+
+def _write_users(path: Path, users: dict[str, str], cost: int = 4) -> None:
+    path.write_text("".join(
+        f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(cost)).decode()}\n" for u, p in users.items()
+    ))
+
+
+class CountingVerify:
+    """Wraps htpasswd.verify to count calls and record which stored hash each checked."""
+
+    def __init__(self) -> None:
+        self.checked: list[htpasswd.StoredHash] = []
+        self._real = htpasswd.verify
+
+    def __call__(self, password: str, stored: htpasswd.StoredHash) -> bool:
+        self.checked.append(stored)
+        return self._real(password, stored)
+
+
+@pytest.fixture
+def counting(monkeypatch: pytest.MonkeyPatch) -> CountingVerify:
+    counter = CountingVerify()
+    monkeypatch.setattr(htpasswd, "verify", counter)
+    return counter
+
+
+async def test_cache_saves_repeat_verifications(tmp_path: Path, counting: CountingVerify) -> None:
+    path = tmp_path / "htpasswd"
+    _write_users(path, {"alice": "pw"})
+    auth = Authenticator(UserFile(path), CredentialCache(100, 60))
+    try:
+        for _ in range(20):
+            assert await auth.authenticate(Credentials("alice", "pw")) == "alice"
+        assert len(counting.checked) == 1
+        # Wrong passwords are never cached: each costs a verification, and none succeeds.
+        for _ in range(3):
+            assert await auth.authenticate(Credentials("alice", "wrong")) is None
+        assert len(counting.checked) == 4
+    finally:
+        auth.close()
+
+
+async def test_concurrent_requests_share_one_verification(tmp_path: Path, counting: CountingVerify) -> None:
+    path = tmp_path / "htpasswd"
+    _write_users(path, {"alice": "pw"}, cost=8)
+    auth = Authenticator(UserFile(path), CredentialCache(100, 60))
+    try:
+        results = await asyncio.gather(*(auth.authenticate(Credentials("alice", "pw")) for _ in range(10)))
+        assert results == ["alice"] * 10
+        assert len(counting.checked) == 1
+    finally:
+        auth.close()
+
+
+async def test_unknown_user_is_checked_against_dummy_of_same_cost(
+    tmp_path: Path, counting: CountingVerify
+) -> None:
+    path = tmp_path / "htpasswd"
+    _write_users(path, {"alice": "pw", "bob": "pw2"}, cost=6)
+    auth = Authenticator(UserFile(path), CredentialCache(100, 60))
+    try:
+        assert await auth.authenticate(Credentials("mallory", "pw")) is None
+        assert len(counting.checked) == 1
+        assert counting.checked[0].scheme == "bcrypt"
+        assert counting.checked[0].bcrypt_cost == 6
+    finally:
+        auth.close()
+
+
+async def test_cache_expires(tmp_path: Path, counting: CountingVerify) -> None:
+    path = tmp_path / "htpasswd"
+    _write_users(path, {"alice": "pw"})
+    auth = Authenticator(UserFile(path), CredentialCache(100, 0.05))
+    try:
+        await auth.authenticate(Credentials("alice", "pw"))
+        await asyncio.sleep(0.1)
+        await auth.authenticate(Credentials("alice", "pw"))
+        assert len(counting.checked) == 2
+    finally:
+        auth.close()
+
+
+def test_cache_is_bounded_and_keyed_without_password() -> None:
+    cache = CredentialCache(max_entries=3, ttl_seconds=60)
+    keys = [cache.key(Credentials(f"u{i}", "pw")) for i in range(5)]
+    for i, key in enumerate(keys):
+        cache.put(key, f"u{i}", 1)
+    assert len(cache) == 3
+    assert cache.get(keys[0], 1) is None
+    assert cache.get(keys[4], 1) == "u4"
+    assert cache.get(keys[4], 2) is None  # another generation of the user file
+    assert all(b"pw" not in k for k in keys)
+
+
+def _touch_later(path: Path) -> None:
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+async def test_password_change_invalidates_cache(tmp_path: Path) -> None:
+    path = tmp_path / "htpasswd"
+    _write_users(path, {"alice": "old"})
+    auth = Authenticator(UserFile(path), CredentialCache(100, 600))
+    try:
+        assert await auth.authenticate(Credentials("alice", "old")) == "alice"
+        _write_users(path, {"alice": "new"})
+        _touch_later(path)
+        assert auth.reload_if_changed()
+        assert await auth.authenticate(Credentials("alice", "old")) is None
+        assert await auth.authenticate(Credentials("alice", "new")) == "alice"
+    finally:
+        auth.close()
+
+
+async def test_broken_file_keeps_last_good_users(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "htpasswd"
+    _write_users(path, {"alice": "pw"})
+    auth = Authenticator(UserFile(path), CredentialCache(100, 600))
+    try:
+        path.write_text("this is not an htpasswd line\n")
+        _touch_later(path)
+        assert not auth.reload_if_changed()
+        assert "keeping the last good users" in caplog.text
+        assert await auth.authenticate(Credentials("alice", "pw")) == "alice"
+        path.unlink()
+        assert not auth.reload_if_changed()
+        assert await auth.authenticate(Credentials("alice", "pw")) == "alice"
+    finally:
+        auth.close()
+
+
+async def test_bcrypt_runs_off_the_event_loop(tmp_path: Path) -> None:
+    path = tmp_path / "htpasswd"
+    _write_users(path, {"alice": "pw"}, cost=12)
+    auth = Authenticator(UserFile(path), CredentialCache(100, 600))
+    try:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        started = time.monotonic()
+        assert await auth.authenticate(Credentials("alice", "pw")) == "alice"
+        elapsed = time.monotonic() - started
+        task.cancel()
+        # The loop kept turning while the hash ran (a blocked loop would tick at most once).
+        assert ticks >= max(2, int(elapsed / 0.01) // 4)
+    finally:
+        auth.close()

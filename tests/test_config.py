@@ -1,0 +1,123 @@
+"""Settings: precedence flag > env > file > default, unknown keys refused, every problem named at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import config
+from tests.conftest import htpasswd_add
+
+
+@pytest.fixture
+def users(tmp_path: Path) -> Path:
+    path = tmp_path / "htpasswd"
+    htpasswd_add(path, "admin", "pw", "-B")
+    return path
+
+
+def test_defaults(users: Path) -> None:
+    settings = config.load(None, {}, {"htpasswd": str(users)})
+    assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 8080)
+    assert str(settings.upstream) == "http://registry:5000"
+    assert settings.admin_prefix == "admin"
+    assert settings.trusted_proxies == ()
+
+
+def test_precedence(tmp_path: Path, users: Path) -> None:
+    file = tmp_path / "gateway.yml"
+    file.write_text(
+        f"htpasswd: {users}\nlisten: 127.0.0.1:1000\nrealm: from file\nadmin_prefix: file-\n"
+        "trusted_proxies: [10.0.0.0/8]\n"
+    )
+    env = {"GATEWAY_LISTEN": "127.0.0.1:2000", "GATEWAY_REALM": "from env",
+           "GATEWAY_TRUSTED_PROXIES": "192.168.0.0/16, 127.0.0.1"}
+    settings = config.load(file, env, {"listen": "127.0.0.1:3000"})
+    assert settings.listen_port == 3000  # flag beats env and file
+    assert settings.realm == "from env"  # env beats file
+    assert settings.admin_prefix == "file-"  # file beats default
+    assert [str(n) for n in settings.trusted_proxies] == ["192.168.0.0/16", "127.0.0.1/32"]
+
+
+def test_every_problem_reported_with_its_key(tmp_path: Path) -> None:
+    file = tmp_path / "gateway.yml"
+    file.write_text(
+        "listen: nowhere\nupstream: ftp://x\nread_timeout: -1\nmystery: 1\nrealm: 'a\"b'\n"
+        "trusted_proxies: [not-an-ip]\nupstream_connections: 0\nblock_old_clients: maybe\n"
+    )
+    env = {"GATEWAY_CACHE_SIZE": "lots", "GATEWAY_TYPO": "1"}
+    with pytest.raises(config.ConfigError) as info:
+        config.load(file, env, {"htpasswd": str(tmp_path / "missing")})
+    problems = "\n".join(info.value.problems)
+    for expected in (
+        "listen: expected HOST:PORT",
+        "upstream: expected an http:// or https:// URL",
+        "read_timeout: expected a non-negative number",
+        "mystery: unknown key",
+        "realm: must be non-empty printable text",
+        "trusted_proxies: 'not-an-ip' is not an IP address or CIDR",
+        "upstream_connections: must be at least 1",
+        "block_old_clients: expected true or false",
+        "cache_size (GATEWAY_CACHE_SIZE): expected a whole number",
+        "GATEWAY_TYPO: unknown environment variable",
+        "htpasswd (--htpasswd): no such file",
+    ):
+        assert expected in problems, expected
+    assert len(info.value.problems) == 11
+
+
+def test_upstream_must_not_carry_credentials_or_path(users: Path) -> None:
+    for bad in ("http://u:p@registry:5000", "http://registry:5000/v2", "http://registry:5000?x=1"):
+        with pytest.raises(config.ConfigError):
+            config.load(None, {}, {"htpasswd": str(users), "upstream": bad})
+
+
+def test_broken_htpasswd_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "htpasswd"
+    bad.write_text("garbage line\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(None, {}, {"htpasswd": str(bad)})
+    assert "line 1: expected USER:HASH" in info.value.problems[0]
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path: Path, users: Path) -> None:
+    file = tmp_path / "gateway.yml"
+    file.write_text("- a\n- b\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(file, {}, {"htpasswd": str(users)})
+    assert "expected a mapping" in info.value.problems[0]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_check_config_cli(tmp_path: Path, users: Path) -> None:
+    ok = _cli("check-config", "--htpasswd", str(users), "--upstream", "http://127.0.0.1:5000")
+    assert ok.returncode == 0, ok.stderr
+    assert "configuration OK" in ok.stdout
+    file = tmp_path / "gateway.yml"
+    file.write_text("listen: bad\nunknown_key: 1\n")
+    bad = _cli("check-config", "--config", str(file), "--htpasswd", str(tmp_path / "nope"))
+    assert bad.returncode == 1
+    assert "listen: expected HOST:PORT" in bad.stderr
+    assert "unknown_key: unknown key" in bad.stderr
+    assert "no such file" in bad.stderr
+
+
+def test_serve_refuses_bad_config_and_names_problems(tmp_path: Path) -> None:
+    result = _cli("serve", "--listen", "x", "--htpasswd", str(tmp_path / "nope"))
+    assert result.returncode == 2
+    assert "listen (--listen): expected HOST:PORT" in result.stderr
+    assert "htpasswd (--htpasswd): no such file" in result.stderr
+
+
+def test_example_config_is_valid(users: Path) -> None:
+    example = Path(__file__).parent.parent / "config" / "gateway.yml"
+    settings = config.load(example, {}, {"htpasswd": str(users)})
+    assert settings.listen_port == 8080

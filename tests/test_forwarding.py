@@ -1,0 +1,117 @@
+"""Which headers cross the gateway: hop-by-hop, credentials, and forwarding headers of untrusted clients."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from multidict import CIMultiDict
+
+from gateway import forwarding
+
+TRUSTED = (ipaddress.ip_network("10.0.0.0/8"),)
+
+
+def headers(*pairs: tuple[str, str]) -> CIMultiDict[str]:
+    return CIMultiDict(pairs)
+
+
+def test_untrusted_client_cannot_spoof_forwarding() -> None:
+    sent = headers(
+        ("Host", "reg.example:8080"),
+        ("X-Forwarded-For", "1.2.3.4"),
+        ("X-Forwarded-Host", "evil.example"),
+        ("X-Forwarded-Proto", "https"),
+        ("Forwarded", "for=1.2.3.4;host=evil.example;proto=https"),
+        ("X-Real-IP", "1.2.3.4"),
+    )
+    view = forwarding.client_view("192.0.2.7", "http", "reg.example:8080", sent, TRUSTED)
+    assert view == forwarding.ClientView("192.0.2.7", ("192.0.2.7",), "http", "reg.example:8080")
+    out = forwarding.upstream_request_headers(sent, view)
+    assert "Forwarded" not in out
+    assert out["Host"] == "reg.example:8080"
+    assert out["X-Forwarded-Host"] == "reg.example:8080"
+    assert out["X-Forwarded-Proto"] == "http"
+    assert out.getall("X-Forwarded-For") == ["192.0.2.7"]
+    assert out["X-Real-IP"] == "192.0.2.7"
+
+
+def test_trusted_proxy_chain() -> None:
+    sent = headers(
+        ("X-Forwarded-For", "203.0.113.9, 10.1.1.1"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "registry.example.com"),
+    )
+    view = forwarding.client_view("10.0.0.2", "http", "gateway:8080", sent, TRUSTED)
+    assert view.address == "203.0.113.9"
+    assert view.scheme == "https"
+    assert view.host == "registry.example.com"
+    assert view.forwarded_for == ("203.0.113.9", "10.1.1.1", "10.0.0.2")
+
+
+def test_trusted_proxy_with_spoofed_leftmost_entry() -> None:
+    # The client prepended a fake address; the real one is the rightmost untrusted hop.
+    sent = headers(("X-Forwarded-For", "6.6.6.6, 198.51.100.1"))
+    view = forwarding.client_view("10.0.0.2", "http", "h", sent, TRUSTED)
+    assert view.address == "198.51.100.1"
+
+
+def test_trusted_proxy_bad_values_fall_back() -> None:
+    sent = headers(("X-Forwarded-Proto", "gopher"), ("X-Forwarded-Host", "bad host/x"))
+    view = forwarding.client_view("10.0.0.2", "http", "h:1", sent, TRUSTED)
+    assert (view.scheme, view.host) == ("http", "h:1")
+
+
+def test_credentials_and_hop_by_hop_are_not_forwarded() -> None:
+    sent = headers(
+        ("Authorization", "Basic YTpi"),
+        ("Proxy-Authorization", "Basic YTpi"),
+        ("Connection", "keep-alive, X-Secret-Hop"),
+        ("X-Secret-Hop", "1"),
+        ("Keep-Alive", "timeout=5"),
+        ("Transfer-Encoding", "chunked"),
+        ("TE", "trailers"),
+        ("Upgrade", "h2c"),
+        ("Expect", "100-continue"),
+        ("Content-Type", "application/octet-stream"),
+        ("Content-Length", "10"),
+        ("Accept", "application/vnd.oci.image.manifest.v1+json"),
+        ("Accept", "application/vnd.docker.distribution.manifest.v2+json"),
+        ("Range", "bytes=0-9"),
+        ("User-Agent", "skopeo/1.9"),
+    )
+    view = forwarding.client_view("127.0.0.1", "http", "h:1", sent, ())
+    out = forwarding.upstream_request_headers(sent, view)
+    for name in ("Authorization", "Proxy-Authorization", "Connection", "X-Secret-Hop", "Keep-Alive",
+                 "Transfer-Encoding", "TE", "Upgrade", "Expect"):
+        assert name not in out, name
+    assert out.getall("Accept") == [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+    assert out["Content-Length"] == "10"
+    assert out["Range"] == "bytes=0-9"
+    assert out["User-Agent"] == "skopeo/1.9"
+
+
+def test_response_headers() -> None:
+    got = headers(
+        ("Content-Length", "5"),
+        ("Docker-Content-Digest", "sha256:abc"),
+        ("Location", "http://h:1/v2/a/blobs/uploads/u?_state=x%3D"),
+        ("Connection", "close"),
+        ("Transfer-Encoding", "chunked"),
+        ("Content-Encoding", "gzip"),
+        ("Link", '</v2/_catalog?last=b&n=1>; rel="next"'),
+    )
+    out = forwarding.downstream_response_headers(got)
+    assert "Connection" not in out and "Transfer-Encoding" not in out
+    assert out["Location"] == "http://h:1/v2/a/blobs/uploads/u?_state=x%3D"
+    assert out["Content-Encoding"] == "gzip"
+    assert out["Content-Length"] == "5"
+
+
+def test_host_validation() -> None:
+    for good in ("localhost", "127.0.0.1:8080", "reg.example.com", "[::1]:5000", "a-b.c"):
+        assert forwarding.valid_host(good), good
+    for bad in ("", "a b", "a/b", "a@b", "-a", "a:99999999", "a\r\nX-Injected: 1"):
+        assert not forwarding.valid_host(bad), bad
