@@ -87,23 +87,35 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if isinstance(credentials, Malformed):
         log.info("rejected authorization header from %s: %s", request.remote, credentials.reason)
         return error_response(
-            401, "UNAUTHORIZED", "authentication required", _detail(operation),
-            _challenge_headers(settings), head=head,
+            401,
+            "UNAUTHORIZED",
+            "authentication required",
+            _detail(operation),
+            _challenge_headers(settings),
+            head=head,
         )
     if isinstance(credentials, Credentials):
         user = await request.app[AUTHENTICATOR_KEY].authenticate(credentials)
         if user is None:
             log.info("failed login for user %r from %s", credentials.username, request.remote)
             return error_response(
-                401, "UNAUTHORIZED", "authentication required", _detail(operation),
-                _challenge_headers(settings), head=head,
+                401,
+                "UNAUTHORIZED",
+                "authentication required",
+                _detail(operation),
+                _challenge_headers(settings),
+                head=head,
             )
 
     decision = default_policy(user, operation, settings.admin_prefix)
     if decision.outcome is Outcome.CHALLENGE:
         return error_response(
-            401, "UNAUTHORIZED", "authentication required", _detail(operation),
-            _challenge_headers(settings), head=head,
+            401,
+            "UNAUTHORIZED",
+            "authentication required",
+            _detail(operation),
+            _challenge_headers(settings),
+            head=head,
         )
     if decision.outcome is Outcome.DENY:
         log.info("denied %s %s to %r: %s", request.method, operation.route.value, user, decision.reason)
@@ -117,7 +129,10 @@ async def forward(request: web.Request, settings: Settings) -> web.StreamRespons
     session = request.app[SESSION_KEY]
     head = request.method == "HEAD"
     view = forwarding.client_view(
-        request.remote or "", request.scheme, request.headers["Host"], request.headers,
+        request.remote or "",
+        request.scheme,
+        request.headers["Host"],
+        request.headers,
         settings.trusted_proxies,
     )
     headers = forwarding.upstream_request_headers(request.headers, view)
@@ -127,8 +142,12 @@ async def forward(request: web.Request, settings: Settings) -> web.StreamRespons
 
     try:
         upstream = await session.request(
-            request.method, url, headers=headers, data=body,
-            allow_redirects=False, auto_decompress=False,
+            request.method,
+            url,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            auto_decompress=False,
         )
     except (TimeoutError, aiohttp.ServerTimeoutError):
         log.warning("upstream timed out: %s %s", request.method, request.path)
@@ -223,10 +242,13 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings, user_file: UserFile | None = None) -> web.Application:
-    app = web.Application(middlewares=[api_errors], handler_args={
-        "max_line_size": settings.max_header_size,
-        "max_field_size": settings.max_header_size,
-    })
+    app = web.Application(
+        middlewares=[api_errors],
+        handler_args={
+            "max_line_size": settings.max_header_size,
+            "max_field_size": settings.max_header_size,
+        },
+    )
     app[SETTINGS_KEY] = settings
     app[AUTHENTICATOR_KEY] = Authenticator(
         user_file or UserFile(settings.htpasswd),

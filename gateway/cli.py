@@ -29,7 +29,9 @@ SETTING_FLAGS: tuple[tuple[str, str], ...] = (
 
 def _add_config_flags(parser: argparse.ArgumentParser, *, serve: bool) -> None:
     parser.add_argument(
-        "--config", type=Path, default=None,
+        "--config",
+        type=Path,
+        default=None,
         help=f"YAML settings file (or ${config.ENV_PREFIX}CONFIG)",
     )
     if serve:
@@ -78,15 +80,19 @@ def configure_logging(level: str) -> None:
 
 async def run_server(settings: config.Settings, ready: asyncio.Event | None = None) -> None:
     from gateway.app import AUTHENTICATOR_KEY, create_app
+    from gateway.server import GatewayRunner
 
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=30)
+    runner = GatewayRunner(app, access_log=None, shutdown_timeout=30)
     await runner.setup()
     site = web.TCPSite(runner, settings.listen_host, settings.listen_port, backlog=1024)
     await site.start()
     log.info(
         "registry-gateway %s listening on %s:%d, upstream %s",
-        __version__, settings.listen_host, settings.listen_port, settings.upstream,
+        __version__,
+        settings.listen_host,
+        settings.listen_port,
+        settings.upstream,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

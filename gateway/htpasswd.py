@@ -139,9 +139,7 @@ def parse(text: str) -> HtpasswdFile:
             continue
         entry = StoredHash(scheme, stored)
         if entry.weak:
-            warnings.append(
-                f"user {name!r} has a weak {scheme} hash; re-create it with bcrypt (htpasswd -B)"
-            )
+            warnings.append(f"user {name!r} has a weak {scheme} hash; re-create it with bcrypt (htpasswd -B)")
         users[name] = entry
     if problems:
         raise HtpasswdError("; ".join(problems))

@@ -40,37 +40,45 @@ def write_image(layout: Path, tag: str = "latest", layers: int = 3, layer_bytes:
     descriptors, diff_ids = [], []
     for index in range(layers):
         blob, diff_id = _layer({f"layer{index}.bin": os.urandom(layer_bytes)})
-        descriptors.append({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": _write_blob(layout, blob),
-            "size": len(blob),
-        })
+        descriptors.append(
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": _write_blob(layout, blob),
+                "size": len(blob),
+            }
+        )
         diff_ids.append(diff_id)
-    image_config = json.dumps({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": _write_blob(layout, image_config),
-            "size": len(image_config),
-        },
-        "layers": descriptors,
-    }).encode()
+    image_config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": _write_blob(layout, image_config),
+                "size": len(image_config),
+            },
+            "layers": descriptors,
+        }
+    ).encode()
     manifest_digest = _write_blob(layout, manifest)
     image_index = {
         "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest,
-            "size": len(manifest),
-            "annotations": {"org.opencontainers.image.ref.name": tag},
-        }],
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest,
+                "size": len(manifest),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }
+        ],
     }
     (layout / "index.json").write_text(json.dumps(image_index))
     return manifest_digest

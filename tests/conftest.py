@@ -70,7 +70,9 @@ def htpasswd_add(path: Path, user: str, password: str, flag: str = "-B") -> None
     create = [] if path.exists() else ["-c"]
     subprocess.run(
         [require("htpasswd"), "-i", *create, flag, str(path), user],
-        input=password.encode(), check=True, capture_output=True,
+        input=password.encode(),
+        check=True,
+        capture_output=True,
     )
 
 
@@ -86,9 +88,9 @@ class Registry:
         root = self.storage / "docker" / "registry" / "v2" / "repositories"
         if not root.exists():
             return set()
-        return {
-            str(p.parent.relative_to(root)) for p in root.rglob("_manifests")
-        } | {str(p.parent.relative_to(root)) for p in root.rglob("_uploads")}
+        return {str(p.parent.relative_to(root)) for p in root.rglob("_manifests")} | {
+            str(p.parent.relative_to(root)) for p in root.rglob("_uploads")
+        }
 
     def blob_count(self) -> int:
         root = self.storage / "docker" / "registry" / "v2" / "blobs"
@@ -149,9 +151,22 @@ def start_gateway(
     environment["GATEWAY_RELOAD_INTERVAL"] = environment.get("GATEWAY_RELOAD_INTERVAL", "0.5")
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
-             "--upstream", upstream, "--htpasswd", str(htpasswd), *extra],
-            stdout=out, stderr=out, env=environment,
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--upstream",
+                upstream,
+                "--htpasswd",
+                str(htpasswd),
+                *extra,
+            ],
+            stdout=out,
+            stderr=out,
+            env=environment,
         )
     wait_for_http(f"http://127.0.0.1:{port}/v2/", process, log)
     return Gateway(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", process, log)

@@ -61,9 +61,9 @@ def test_credentials_repr_hides_password() -> None:
 
 
 def _write_users(path: Path, users: dict[str, str], cost: int = 4) -> None:
-    path.write_text("".join(
-        f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(cost)).decode()}\n" for u, p in users.items()
-    ))
+    path.write_text(
+        "".join(f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(cost)).decode()}\n" for u, p in users.items())
+    )
 
 
 class CountingVerify:

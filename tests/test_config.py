@@ -33,8 +33,11 @@ def test_precedence(tmp_path: Path, users: Path) -> None:
         f"htpasswd: {users}\nlisten: 127.0.0.1:1000\nrealm: from file\nadmin_prefix: file-\n"
         "trusted_proxies: [10.0.0.0/8]\n"
     )
-    env = {"GATEWAY_LISTEN": "127.0.0.1:2000", "GATEWAY_REALM": "from env",
-           "GATEWAY_TRUSTED_PROXIES": "192.168.0.0/16, 127.0.0.1"}
+    env = {
+        "GATEWAY_LISTEN": "127.0.0.1:2000",
+        "GATEWAY_REALM": "from env",
+        "GATEWAY_TRUSTED_PROXIES": "192.168.0.0/16, 127.0.0.1",
+    }
     settings = config.load(file, env, {"listen": "127.0.0.1:3000"})
     assert settings.listen_port == 3000  # flag beats env and file
     assert settings.realm == "from env"  # env beats file

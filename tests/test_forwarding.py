@@ -81,8 +81,17 @@ def test_credentials_and_hop_by_hop_are_not_forwarded() -> None:
     )
     view = forwarding.client_view("127.0.0.1", "http", "h:1", sent, ())
     out = forwarding.upstream_request_headers(sent, view)
-    for name in ("Authorization", "Proxy-Authorization", "Connection", "X-Secret-Hop", "Keep-Alive",
-                 "Transfer-Encoding", "TE", "Upgrade", "Expect"):
+    for name in (
+        "Authorization",
+        "Proxy-Authorization",
+        "Connection",
+        "X-Secret-Hop",
+        "Keep-Alive",
+        "Transfer-Encoding",
+        "TE",
+        "Upgrade",
+        "Expect",
+    ):
         assert name not in out, name
     assert out.getall("Accept") == [
         "application/vnd.oci.image.manifest.v1+json",

@@ -61,19 +61,22 @@ def _upstream_app(seen: Seen) -> web.Application:
             await asyncio.sleep(5)
             return web.Response(text="late")
         if "/blobs/uploads/" in path:
-            return web.Response(status=202, headers={
-                "Location": f"http://{request.headers['Host']}/v2/a/blobs/uploads/u?_state=x%3D%3D",
-                "Range": f"0-{received - 1}",
-                "Docker-Distribution-Api-Version": "registry/2.0",
-                "X-Received": str(received),
-                "X-Chunked": str(request.headers.get("Transfer-Encoding") == "chunked"),
-            })
+            return web.Response(
+                status=202,
+                headers={
+                    "Location": f"http://{request.headers['Host']}/v2/a/blobs/uploads/u?_state=x%3D%3D",
+                    "Range": f"0-{received - 1}",
+                    "Docker-Distribution-Api-Version": "registry/2.0",
+                    "X-Received": str(received),
+                    "X-Chunked": str(request.headers.get("Transfer-Encoding") == "chunked"),
+                },
+            )
         if "/blobs/" in path:
             response = web.StreamResponse(headers={"Docker-Distribution-Api-Version": "registry/2.0"})
             body = BLOB
             if "Range" in request.headers:
                 start, end = (int(x) for x in request.headers["Range"].removeprefix("bytes=").split("-"))
-                body = BLOB[start:end + 1]
+                body = BLOB[start : end + 1]
                 response.set_status(206)
                 response.headers["Content-Range"] = f"bytes {start}-{end}/{len(BLOB)}"
             response.content_length = len(body)
@@ -108,11 +111,15 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     htpasswd_add(users, "reader", "reader-pw", "-B")
     seen = Seen()
     upstream = await _serve(_upstream_app(seen))
-    settings = config.load(None, {}, {
-        "htpasswd": str(users),
-        "upstream": f"http://127.0.0.1:{upstream.port}",
-        "listen": "127.0.0.1:1",
-    })
+    settings = config.load(
+        None,
+        {},
+        {
+            "htpasswd": str(users),
+            "upstream": f"http://127.0.0.1:{upstream.port}",
+            "listen": "127.0.0.1:1",
+        },
+    )
     settings = config.Settings(**{**settings.__dict__, "read_timeout": 1.0})
     gateway = await _serve(create_app(settings))
     skip = ("Accept-Encoding", "User-Agent", "Accept")
@@ -127,8 +134,13 @@ def url(rig: Rig, path: str) -> URL:
 
 
 async def test_api_version_header_exactly_once(rig: Rig) -> None:
-    for path, auth in (("/v2/", ADMIN), ("/v2/a/manifests/noversion", ADMIN), ("/v2/", None),
-                       ("/v2/a/manifests/x", "Basic !!"), ("/v2/a%2Fb/manifests/x", ADMIN)):
+    for path, auth in (
+        ("/v2/", ADMIN),
+        ("/v2/a/manifests/noversion", ADMIN),
+        ("/v2/", None),
+        ("/v2/a/manifests/x", "Basic !!"),
+        ("/v2/a%2Fb/manifests/x", ADMIN),
+    ):
         headers = {"Authorization": auth} if auth else {}
         async with rig.session.get(url(rig, path), headers=headers) as response:
             assert response.headers.getall("Docker-Distribution-Api-Version") == ["registry/2.0"], path
@@ -137,8 +149,13 @@ async def test_api_version_header_exactly_once(rig: Rig) -> None:
 async def test_authorization_never_reaches_upstream_and_forwarding_is_set(rig: Rig) -> None:
     async with rig.session.get(
         url(rig, "/v2/a/manifests/x"),
-        headers={"Authorization": ADMIN, "X-Forwarded-For": "6.6.6.6", "Forwarded": "host=evil",
-                 "X-Forwarded-Host": "evil", "Host": "reg.example:8443"},
+        headers={
+            "Authorization": ADMIN,
+            "X-Forwarded-For": "6.6.6.6",
+            "Forwarded": "host=evil",
+            "X-Forwarded-Host": "evil",
+            "Host": "reg.example:8443",
+        },
     ) as response:
         assert response.status == 200
     _, raw_path, headers, _ = rig.seen.requests[-1]
@@ -172,7 +189,9 @@ async def test_compressed_body_passed_through_untouched(rig: Rig) -> None:
 
 async def test_range_and_head(rig: Rig) -> None:
     path = f"/v2/a/blobs/{DIGEST}"
-    async with rig.session.get(url(rig, path), headers={"Authorization": READER, "Range": "bytes=10-19"}) as r:
+    async with rig.session.get(
+        url(rig, path), headers={"Authorization": READER, "Range": "bytes=10-19"}
+    ) as r:
         assert r.status == 206
         assert r.headers["Content-Range"] == f"bytes 10-19/{len(BLOB)}"
         assert await r.read() == BLOB[10:20]
@@ -197,7 +216,7 @@ async def test_upload_body_streamed_with_length_or_chunked(rig: Rig) -> None:
 
     async def chunks() -> AsyncIterator[bytes]:
         for i in range(0, len(BLOB), 100_000):
-            yield BLOB[i:i + 100_000]
+            yield BLOB[i : i + 100_000]
 
     async with rig.session.patch(url(rig, path), data=chunks(), headers={"Authorization": ADMIN}) as r:
         assert r.headers["X-Received"] == str(len(BLOB))
@@ -205,8 +224,9 @@ async def test_upload_body_streamed_with_length_or_chunked(rig: Rig) -> None:
 
 
 async def test_denied_requests_never_reach_upstream(rig: Rig) -> None:
-    async with rig.session.put(url(rig, "/v2/a/manifests/x"), data=b"{}",
-                               headers={"Authorization": READER}) as r:
+    async with rig.session.put(
+        url(rig, "/v2/a/manifests/x"), data=b"{}", headers={"Authorization": READER}
+    ) as r:
         assert r.status == 403
         body = await r.json()
         assert body["errors"][0]["code"] == "DENIED"
@@ -214,8 +234,10 @@ async def test_denied_requests_never_reach_upstream(rig: Rig) -> None:
     async with rig.session.get(url(rig, "/v2/a/manifests/x")) as r:
         assert r.status == 401
         assert r.headers["WWW-Authenticate"] == 'Basic realm="Registry realm"'
-    async with rig.session.get(url(rig, "/v2/a/manifests/x"),
-                               headers={"Authorization": "Basic " + base64.b64encode(b"admin:no").decode()}) as r:
+    async with rig.session.get(
+        url(rig, "/v2/a/manifests/x"),
+        headers={"Authorization": "Basic " + base64.b64encode(b"admin:no").decode()},
+    ) as r:
         assert r.status == 401
     assert rig.seen.requests == []
 
@@ -230,16 +252,25 @@ async def test_upstream_timeout_is_504(rig: Rig) -> None:
 async def test_upstream_down_is_502(tmp_path: Path) -> None:
     users = tmp_path / "htpasswd"
     htpasswd_add(users, "reader", "reader-pw", "-B")
-    settings = config.load(None, {}, {
-        "htpasswd": str(users), "upstream": f"http://127.0.0.1:{free_port()}", "listen": "127.0.0.1:1",
-    })
+    settings = config.load(
+        None,
+        {},
+        {
+            "htpasswd": str(users),
+            "upstream": f"http://127.0.0.1:{free_port()}",
+            "listen": "127.0.0.1:1",
+        },
+    )
     gateway = await _serve(create_app(settings))
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{gateway.port}/v2/a/manifests/x",
-                                   headers={"Authorization": READER}) as r:
-                assert r.status == 502
-                assert (await r.json())["errors"][0]["message"] == "the registry is unreachable"
-                assert r.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"http://127.0.0.1:{gateway.port}/v2/a/manifests/x", headers={"Authorization": READER}
+            ) as r,
+        ):
+            assert r.status == 502
+            assert (await r.json())["errors"][0]["message"] == "the registry is unreachable"
+            assert r.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
     finally:
         await gateway.close()

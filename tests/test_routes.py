@@ -40,8 +40,14 @@ ALLOWED = [
     ("GET", f"/v2/foo/blobs/uploads/{UUID}", Route.UPLOAD, "foo", UUID, {PULL}),
     ("HEAD", f"/v2/foo/blobs/uploads/{UUID}", Route.UPLOAD, "foo", UUID, {PULL}),
     ("PATCH", f"/v2/foo/blobs/uploads/{UUID}?_state=abc%3D%3D", Route.UPLOAD, "foo", UUID, {PULL, PUSH}),
-    ("PUT", f"/v2/foo/blobs/uploads/{UUID}?_state=x&digest={DIGEST}", Route.UPLOAD, "foo", UUID,
-     {PULL, PUSH}),
+    (
+        "PUT",
+        f"/v2/foo/blobs/uploads/{UUID}?_state=x&digest={DIGEST}",
+        Route.UPLOAD,
+        "foo",
+        UUID,
+        {PULL, PUSH},
+    ),
     ("DELETE", f"/v2/foo/blobs/uploads/{UUID}", Route.UPLOAD, "foo", UUID, {DELETE}),
     ("GET", f"/v2/foo/referrers/{DIGEST}", Route.REFERRERS, "foo", DIGEST, {PULL}),
     # Names that contain route words split where distribution splits them (greedy name).
@@ -53,13 +59,20 @@ ALLOWED = [
 
 @pytest.mark.parametrize(("method", "target", "route", "repository", "reference", "actions"), ALLOWED)
 def test_endpoints(
-    method: str, target: str, route: Route, repository: str | None, reference: str | None,
+    method: str,
+    target: str,
+    route: Route,
+    repository: str | None,
+    reference: str | None,
     actions: set[str],
 ) -> None:
     result = parse_request(method, target)
     assert isinstance(result, Operation), result
     assert (result.route, result.repository, result.reference, set(result.actions)) == (
-        route, repository, reference, actions
+        route,
+        repository,
+        reference,
+        actions,
     )
 
 
