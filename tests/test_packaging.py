@@ -1,0 +1,43 @@
+"""The shipped Dockerfile, compose.yml and example config name only settings that exist."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from gateway import config
+from tests.conftest import Gateway
+
+ROOT = Path(__file__).parent.parent
+KNOWN_ENV = {config.env_name(key) for key in config.DEFAULTS} | {config.ENV_PREFIX + "CONFIG"}
+
+
+def test_compose_and_dockerfile_use_real_settings() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yml").read_text())
+    gateway = compose["services"]["gateway"]
+    assert set(gateway["environment"]) <= KNOWN_ENV
+    htpasswd_dir = str(Path(gateway["environment"]["GATEWAY_HTPASSWD"]).parent)
+    assert any(volume.split(":")[1] == htpasswd_dir for volume in gateway["volumes"])
+    assert compose["services"]["registry"]["image"].startswith("registry:2")
+    assert "ports" not in compose["services"]["registry"]  # only the gateway is published
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert set(re.findall(r"GATEWAY_[A-Z_]+", dockerfile)) <= KNOWN_ENV
+    assert re.search(r"^USER 10001", dockerfile, re.M)
+
+
+def test_dockerfile_healthcheck_command_detects_a_live_gateway(gateway: Gateway) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    match = re.search(r"HEALTHCHECK .*? CMD (\[.*\])", dockerfile)
+    assert match is not None
+    command = json.loads(match.group(1))
+    assert command[:2] == ["python", "-c"]
+    port = gateway.host.split(":")[1]
+    script = command[2].replace("8080", port)
+    assert subprocess.run([sys.executable, "-c", script], timeout=30).returncode == 0
+    dead = command[2].replace("8080", "1")
+    assert subprocess.run([sys.executable, "-c", dead], capture_output=True, timeout=30).returncode != 0
