@@ -33,13 +33,18 @@ BLOB = bytes(range(256)) * 4096  # 1 MiB
 @dataclass
 class Seen:
     requests: list[tuple[str, str, dict[str, list[str]], int]] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
 
 
 def _upstream_app(seen: Seen) -> web.Application:
     async def record(request: web.Request) -> int:
         total = 0
-        async for chunk in request.content.iter_any():
-            total += len(chunk)
+        try:
+            async for chunk in request.content.iter_any():
+                total += len(chunk)
+        except (Exception, asyncio.CancelledError) as exc:  # a cut connection cancels the handler
+            seen.aborted.append(f"{request.path} after {total} bytes: {type(exc).__name__}")
+            raise
         headers: dict[str, list[str]] = {}
         for name, value in request.headers.items():
             headers.setdefault(name.lower(), []).append(value)
@@ -272,5 +277,56 @@ async def test_upstream_down_is_502(tmp_path: Path) -> None:
             assert r.status == 502
             assert (await r.json())["errors"][0]["message"] == "the registry is unreachable"
             assert r.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
+    finally:
+        await gateway.close()
+
+
+async def test_client_abort_mid_upload_closes_upstream_request(rig: Rig) -> None:
+    host, port = rig.gateway.removeprefix("http://").split(":")
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"PATCH /v2/a/blobs/uploads/u HTTP/1.1\r\nHost: h\r\n"
+        + f"Authorization: {ADMIN}\r\n".encode()
+        + b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    for _ in range(10):
+        writer.write(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+        await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.transport.abort()  # the client goes away without finishing the chunked body
+    for _ in range(50):
+        if rig.seen.aborted:
+            break
+        await asyncio.sleep(0.1)
+    assert rig.seen.aborted and rig.seen.aborted[0].startswith("/v2/a/blobs/uploads/u after")
+    assert rig.seen.requests == []  # the upstream never saw a complete upload
+    # And the gateway carries on.
+    async with rig.session.get(url(rig, "/v2/"), headers={"Authorization": READER}) as r:
+        assert r.status == 200
+
+
+async def test_old_docker_clients_blocked_only_when_configured(rig: Rig, tmp_path: Path) -> None:
+    old = {"Authorization": ADMIN, "User-Agent": "docker/1.5.0 go/go1.4"}
+    async with rig.session.get(url(rig, "/v2/"), headers=old) as r:
+        assert r.status == 200  # off by default
+    users = tmp_path / "htpasswd"
+    settings = config.load(
+        None,
+        {},
+        {
+            "htpasswd": str(users),
+            "upstream": "http://127.0.0.1:1",
+            "listen": "127.0.0.1:1",
+        },
+    )
+    settings = config.Settings(**{**settings.__dict__, "block_old_clients": True})
+    gateway = await _serve(create_app(settings))
+    try:
+        base = f"http://127.0.0.1:{gateway.port}/v2/"
+        async with rig.session.get(base, headers=old) as r:
+            assert r.status == 404
+            assert (await r.json())["errors"][0]["code"] == "UNSUPPORTED"
+        async with rig.session.get(base, headers={"User-Agent": "docker/24.0.7 go/go1.20"}) as r:
+            assert r.status == 401  # a current client goes on to authentication
     finally:
         await gateway.close()
