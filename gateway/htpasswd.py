@@ -81,7 +81,7 @@ def classify(stored: str) -> str | None:
     return None
 
 
-def _well_formed(scheme: str, stored: str) -> bool:
+def well_formed(scheme: str, stored: str) -> bool:
     if scheme == "bcrypt":
         return len(stored) == 60 and stored[4:6].isdigit() and stored[6] == "$"
     if scheme == "sha1":
@@ -131,7 +131,7 @@ def parse(text: str) -> HtpasswdFile:
         if scheme is None:
             problems.append(f"line {number}: user {name!r} has a hash in an unsupported format")
             continue
-        if not _well_formed(scheme, stored):
+        if not well_formed(scheme, stored):
             problems.append(f"line {number}: user {name!r} has a malformed {scheme} hash")
             continue
         if name in users:

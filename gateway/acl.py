@@ -1,0 +1,236 @@
+"""docker_auth-style access control lists: which actions a request is granted. Pure: no I/O.
+
+Semantics follow cesanta/docker_auth's static ACL (`authz/acl.go`), so its `acl:` section can be
+pasted unchanged:
+- a pattern is a glob (Go's `path.Match`: `*` and `?` never cross `/`) or, between slashes, an
+  unanchored regular expression (`/^ci-.*$/`);
+- `${account}`, `${name}`, `${type}`, `${service}` are replaced by the request's values, escaped,
+  and `${labels:KEY}` by each value of the user's label KEY in turn (the pattern matches when any
+  combination does);
+- `labels:` in a match requires, for each key, that some value of the user's label matches;
+- `ip:` takes an address or a CIDR;
+- every field of a match must hold; the first entry that matches decides; `actions: ["*"]` grants
+  everything asked for, any other list grants its intersection with what was asked; no match
+  grants nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import itertools
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_VARIABLE = re.compile(r"\$\{(account|name|type|service|labels:[^}]+)\}")
+_LABEL_VARIABLE = re.compile(r"\$\{labels:([^}]+)\}")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What an ACL is asked about."""
+
+    account: str  # "" for anonymous
+    type: str  # "repository" or "registry"
+    name: str  # repository name, or "catalog"
+    actions: frozenset[str]
+    ip: str | None = None
+    service: str = "registry"
+    labels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def is_regex(pattern: str) -> bool:
+    return len(pattern) > 2 and pattern[0] == "/" and pattern[-1] == "/"
+
+
+def glob_to_regex(pattern: str) -> str:
+    """Translate a Go path.Match pattern to an anchored Python regex. Raises ValueError if malformed."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "*":
+            out.append("[^/]*")
+        elif ch == "?":
+            out.append("[^/]")
+        elif ch == "\\":
+            i += 1
+            if i >= len(pattern):
+                raise ValueError("pattern ends with a backslash")
+            out.append(re.escape(pattern[i]))
+        elif ch == "[":
+            end = i + 1
+            if end < len(pattern) and pattern[end] == "^":
+                end += 1
+            if end < len(pattern) and pattern[end] == "]":
+                raise ValueError("empty character class")
+            while end < len(pattern) and pattern[end] != "]":
+                if pattern[end] == "\\":
+                    end += 1
+                end += 1
+            if end >= len(pattern):
+                raise ValueError("unterminated character class")
+            body = pattern[i + 1 : end]
+            negate = body.startswith("^")
+            if negate:
+                body = body[1:]
+            out.append(("[^/" if negate else "[") + _class_body(body) + "]")
+            i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return "^" + "".join(out) + "$"
+
+
+def _class_body(body: str) -> str:
+    """A glob character class body as a regex class body: ranges kept, everything else literal."""
+    out = []
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if ch == "\\" and i + 1 < len(body):
+            i += 1
+            out.append(re.escape(body[i]))
+        elif ch == "-":
+            out.append("-")
+        else:
+            out.append(re.escape(ch) if ch in "[]^\\&~|" else ch)
+        i += 1
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """The compiled form of a glob or /regex/ pattern (cached: substituted patterns repeat)."""
+    if is_regex(pattern):
+        return re.compile(pattern[1:-1])
+    return re.compile(glob_to_regex(pattern), re.DOTALL)
+
+
+def validate_pattern(pattern: str) -> str | None:
+    """Why a pattern cannot be used, or None."""
+    try:
+        compile_pattern(_VARIABLE.sub("x", pattern))
+    except (re.error, ValueError) as exc:
+        kind = "regex" if is_regex(pattern) else "glob"
+        return f"invalid {kind} {pattern!r}: {exc}"
+    return None
+
+
+def _escape_glob(value: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", value)
+
+
+def _substitutions(pattern: str, request: Request) -> Iterable[str]:
+    """Every form of the pattern with variables replaced (several when a label has several values)."""
+    if "${" not in pattern:
+        yield pattern
+        return
+    escape = re.escape if is_regex(pattern) else _escape_glob
+    fixed = {
+        "account": escape(request.account),
+        "name": escape(request.name),
+        "type": escape(request.type),
+        "service": escape(request.service),
+    }
+    label_keys = sorted(set(_LABEL_VARIABLE.findall(pattern)))
+    choices = [request.labels.get(key, ()) for key in label_keys]
+    if any(not values for values in choices):
+        # A label the user does not have leaves nothing to substitute: that pattern cannot match.
+        return
+    for combination in itertools.product(*choices):
+        values = dict(fixed)
+        values.update({f"labels:{k}": escape(v) for k, v in zip(label_keys, combination, strict=True)})
+        yield _VARIABLE.sub(functools.partial(_lookup, values), pattern)
+
+
+def _lookup(values: Mapping[str, str], match: re.Match[str]) -> str:
+    return values[match.group(1)]
+
+
+def match_pattern(pattern: str | None, value: str, request: Request) -> bool:
+    if pattern is None:
+        return True
+    return any(compile_pattern(candidate).search(value) for candidate in _substitutions(pattern, request))
+
+
+@dataclass(frozen=True)
+class Match:
+    account: str | None = None
+    type: str | None = None
+    name: str | None = None
+    service: str | None = None
+    ip: IPNetwork | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def matches(self, request: Request) -> bool:
+        if self.ip is not None:
+            if request.ip is None:
+                return False
+            try:
+                if ipaddress.ip_address(request.ip) not in self.ip:
+                    return False
+            except ValueError:
+                return False
+        if not (
+            match_pattern(self.account, request.account, request)
+            and match_pattern(self.type, request.type, request)
+            and match_pattern(self.name, request.name, request)
+            and match_pattern(self.service, request.service, request)
+        ):
+            return False
+        for key, pattern in self.labels:
+            if not any(match_pattern(pattern, value, request) for value in request.labels.get(key, ())):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Entry:
+    match: Match
+    actions: frozenset[str]
+    comment: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    granted: frozenset[str]
+    entry_index: int | None  # None: no entry matched
+    comment: str | None = None
+
+    def allows(self, needed: Iterable[str]) -> bool:
+        return set(needed) <= self.granted
+
+
+def evaluate(entries: tuple[Entry, ...], request: Request) -> Verdict:
+    """The first matching entry's grant, intersected with what the request asks for."""
+    for index, entry in enumerate(entries):
+        if entry.match.matches(request):
+            if entry.actions == frozenset({"*"}):
+                granted = request.actions
+            else:
+                granted = request.actions & entry.actions
+            return Verdict(frozenset(granted), index, entry.comment)
+    return Verdict(frozenset(), None)
+
+
+def shadowed_by(earlier: Match, later: Match) -> bool:
+    """A conservative check that `earlier` matches every request `later` matches.
+
+    True only when each field `earlier` constrains is constrained identically in `later`
+    (or, for ip, to a subnet): catches copy-paste duplicates and rules put after a broader one.
+    """
+    for name in ("account", "type", "name", "service"):
+        mine = getattr(earlier, name)
+        if mine is not None and mine != getattr(later, name):
+            return False
+    if earlier.ip is not None and (later.ip is None or not _subnet(later.ip, earlier.ip)):
+        return False
+    return set(earlier.labels) <= set(later.labels)
+
+
+def _subnet(inner: IPNetwork, outer: IPNetwork) -> bool:
+    return inner.version == outer.version and inner.subnet_of(outer)  # type: ignore[arg-type]

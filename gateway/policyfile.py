@@ -1,0 +1,289 @@
+"""The policy file: ACL, static users, labels, groups and expiry dates, parsed into frozen dataclasses.
+
+```yaml
+acl:                       # docker_auth's format; first match wins; no match denies
+  - match: {account: "/^admin/"}
+    actions: ["*"]
+    comment: admins
+users:                     # optional, docker_auth's static users (beside the htpasswd file)
+  "ci-bot": {password: "$2y$10$...", labels: {team: [ci]}}
+  "": {}                   # allow anonymous requests (evaluated as account "")
+accounts:                  # labels, groups and expiry for users of either source
+  alice: {labels: {team: [backend, web]}, groups: [developers], expires: 2027-01-31}
+groups:                    # or membership listed by group
+  developers: [alice, bob]
+service: registry          # the value of ${service} and match.service
+```
+
+Groups become values of the label `group`. Every problem is reported at once with its key path
+(`acl[3].match.name: invalid regex ...`); unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from gateway import acl, htpasswd
+
+ACTIONS = frozenset({"pull", "push", "delete", "*"})
+MATCH_KEYS = ("account", "type", "name", "service", "ip", "labels")
+GROUP_LABEL = "group"
+
+
+@dataclass(frozen=True)
+class Account:
+    labels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    expires: dt.datetime | None = None
+
+    def expired(self, now: dt.datetime) -> bool:
+        return self.expires is not None and now >= self.expires
+
+
+@dataclass(frozen=True)
+class Policy:
+    acl: tuple[acl.Entry, ...]
+    users: Mapping[str, htpasswd.StoredHash]
+    accounts: Mapping[str, Account]
+    anonymous: bool  # may requests without credentials be evaluated (as account "")?
+    service: str = "registry"
+    warnings: tuple[str, ...] = ()
+
+    def account(self, name: str) -> Account:
+        return self.accounts.get(name, _NO_ACCOUNT)
+
+
+_NO_ACCOUNT = Account()
+
+
+class PolicyError(ValueError):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def bad(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def mapping(self, value: Any, path: str, allowed: tuple[str, ...] | None) -> dict[str, Any] | None:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.bad(path, "expected a mapping")
+            return None
+        if allowed is not None:
+            for key in value:
+                if key not in allowed:
+                    self.bad(f"{path}.{key}", f"unknown key (expected one of: {', '.join(allowed)})")
+        return {str(k): v for k, v in value.items()}
+
+    def string_list(self, value: Any, path: str) -> tuple[str, ...] | None:
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        self.bad(path, "expected a string or a list of strings")
+        return None
+
+
+def _pattern(c: _Collector, value: Any, path: str) -> str | None:
+    if not isinstance(value, str):
+        c.bad(path, "expected a string pattern")
+        return None
+    problem = acl.validate_pattern(value)
+    if problem:
+        c.bad(path, problem)
+        return None
+    return value
+
+
+def _match(c: _Collector, value: Any, path: str) -> acl.Match | None:
+    raw = c.mapping(value, path, MATCH_KEYS)
+    if raw is None:
+        return None
+    fields: dict[str, Any] = {}
+    for key in ("account", "type", "name", "service"):
+        if key in raw:
+            fields[key] = _pattern(c, raw[key], f"{path}.{key}")
+    if "ip" in raw:
+        try:
+            fields["ip"] = ipaddress.ip_network(str(raw["ip"]), strict=False)
+        except ValueError:
+            c.bad(f"{path}.ip", f"{raw['ip']!r} is not an IP address or CIDR")
+    if "labels" in raw:
+        labels = c.mapping(raw["labels"], f"{path}.labels", None) or {}
+        pairs = []
+        for key, pattern in sorted(labels.items()):
+            checked = _pattern(c, pattern, f"{path}.labels.{key}")
+            if checked is not None:
+                pairs.append((key, checked))
+        fields["labels"] = tuple(pairs)
+    return acl.Match(**fields)
+
+
+def _entries(c: _Collector, value: Any) -> tuple[acl.Entry, ...]:
+    if not isinstance(value, list):
+        c.bad("acl", "expected a list of entries")
+        return ()
+    entries = []
+    for index, item in enumerate(value):
+        path = f"acl[{index}]"
+        raw = c.mapping(item, path, ("match", "actions", "comment"))
+        if raw is None:
+            continue
+        if "match" not in raw:
+            c.bad(f"{path}.match", "required")
+        match = _match(c, raw.get("match"), f"{path}.match")
+        actions: tuple[str, ...] | None = ()
+        if "actions" not in raw:
+            c.bad(f"{path}.actions", "required")
+        else:
+            actions = c.string_list(raw["actions"], f"{path}.actions")
+            for action in actions or ():
+                if action not in ACTIONS:
+                    c.bad(f"{path}.actions", f"unknown action {action!r} (expected pull, push, delete or *)")
+            if actions and "*" in actions and len(actions) > 1:
+                c.warnings.append(f'{path}.actions: "*" grants everything only when it stands alone')
+        comment = raw.get("comment")
+        if comment is not None and not isinstance(comment, str):
+            c.bad(f"{path}.comment", "expected a string")
+            comment = None
+        if match is not None and actions is not None:
+            entries.append(acl.Entry(match, frozenset(actions), comment))
+    for later_index, later in enumerate(entries):
+        for earlier_index in range(later_index):
+            if acl.shadowed_by(entries[earlier_index].match, later.match):
+                c.warnings.append(
+                    f"acl[{later_index}]: can never match: "
+                    f"acl[{earlier_index}] matches every request it would"
+                )
+                break
+    return tuple(entries)
+
+
+def _expires(c: _Collector, value: Any, path: str) -> dt.datetime | None:
+    if isinstance(value, dt.datetime):
+        moment = value
+    elif isinstance(value, dt.date):
+        moment = dt.datetime(value.year, value.month, value.day)
+    elif isinstance(value, str):
+        try:
+            moment = dt.datetime.fromisoformat(value)
+        except ValueError:
+            c.bad(path, "expected a date (2027-01-31) or a date and time (2027-01-31T18:00:00Z)")
+            return None
+    else:
+        c.bad(path, "expected a date (2027-01-31) or a date and time (2027-01-31T18:00:00Z)")
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _account(c: _Collector, raw: dict[str, Any], path: str) -> tuple[dict[str, tuple[str, ...]], Any]:
+    labels: dict[str, tuple[str, ...]] = {}
+    for key, values in (c.mapping(raw.get("labels"), f"{path}.labels", None) or {}).items():
+        parsed = c.string_list(values, f"{path}.labels.{key}")
+        if parsed is not None:
+            labels[key] = parsed
+    if "groups" in raw:
+        groups = c.string_list(raw["groups"], f"{path}.groups") or ()
+        labels[GROUP_LABEL] = tuple(dict.fromkeys(labels.get(GROUP_LABEL, ()) + groups))
+    expires = _expires(c, raw["expires"], f"{path}.expires") if "expires" in raw else None
+    return labels, expires
+
+
+def parse(data: Any, source: str = "policy") -> Policy:
+    """Validate a loaded YAML document. Raises PolicyError listing every problem."""
+    c = _Collector()
+    top = c.mapping(data, source, ("acl", "users", "accounts", "groups", "service"))
+    if top is None:
+        raise PolicyError(c.problems)
+
+    entries = _entries(c, top["acl"]) if "acl" in top else ()
+    if "acl" not in top:
+        c.bad("acl", "required (a policy without rules would deny everything)")
+
+    service = top.get("service", "registry")
+    if not isinstance(service, str) or not service:
+        c.bad("service", "expected a non-empty string")
+        service = "registry"
+
+    labels: dict[str, dict[str, tuple[str, ...]]] = {}
+    expiry: dict[str, dt.datetime | None] = {}
+    users: dict[str, htpasswd.StoredHash] = {}
+    anonymous = True
+    if "users" in top:
+        raw_users = c.mapping(top["users"], "users", None) or {}
+        anonymous = "" in raw_users
+        for name, entry in raw_users.items():
+            path = f"users.{name}" if name else 'users.""'
+            raw = c.mapping(entry, path, ("password", "labels", "groups", "expires"))
+            if raw is None:
+                continue
+            if name == "":
+                if raw:
+                    c.bad(path, "the anonymous entry takes no settings")
+                continue
+            stored = raw.get("password")
+            scheme = htpasswd.classify(stored) if isinstance(stored, str) else None
+            if scheme is None or not htpasswd.well_formed(scheme, str(stored)):
+                c.bad(f"{path}.password", "expected a password hash (bcrypt: htpasswd -nB USER)")
+            else:
+                users[name] = htpasswd.StoredHash(scheme, str(stored))
+                if users[name].weak:
+                    c.warnings.append(f"{path}.password: weak {scheme} hash; use bcrypt")
+            labels[name], expiry[name] = _account(c, raw, path)
+
+    for name, entry in (c.mapping(top.get("accounts"), "accounts", None) or {}).items():
+        path = f"accounts.{name}"
+        raw = c.mapping(entry, path, ("labels", "groups", "expires"))
+        if raw is None:
+            continue
+        if name in users:
+            c.bad(path, "this user is defined under users:; put its labels there")
+            continue
+        labels[name], expiry[name] = _account(c, raw, path)
+
+    for group, members in (c.mapping(top.get("groups"), "groups", None) or {}).items():
+        for member in c.string_list(members, f"groups.{group}") or ():
+            current = labels.setdefault(member, {})
+            current[GROUP_LABEL] = tuple(dict.fromkeys((*current.get(GROUP_LABEL, ()), group)))
+            expiry.setdefault(member, None)
+
+    if c.problems:
+        raise PolicyError(c.problems)
+    accounts = {
+        name: Account(MappingProxyType(labels.get(name, {})), expiry.get(name))
+        for name in set(labels) | set(expiry)
+    }
+    return Policy(
+        acl=entries,
+        users=MappingProxyType(users),
+        accounts=MappingProxyType(accounts),
+        anonymous=anonymous,
+        service=service,
+        warnings=tuple(c.warnings),
+    )
+
+
+def load(path: Path) -> Policy:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([f"{path}: cannot read: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError([f"{path}: invalid YAML: {exc}"]) from None
+    return parse(data, str(path))
