@@ -8,33 +8,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from gateway import forwarding
+from gateway import catalog, forwarding
 from gateway.authn import (
     Authenticator,
     CredentialCache,
     Credentials,
     Malformed,
-    UserFile,
     parse_basic_authorization,
 )
 from gateway.config import Settings
 from gateway.errors import API_VERSION, API_VERSION_HEADER, error_response
-from gateway.policy import Outcome, default_policy
-from gateway.routes import Operation, RouteError, parse_request
+from gateway.policy import AclDecision, Outcome, acl_policy, default_policy, may_pull
+from gateway.routes import Operation, RouteError, parse_query, parse_request, without_query_keys
+from gateway.state import AccessStore, Snapshot
 
 log = logging.getLogger(__name__)
 
 # The nginx recipe's filter for docker clients older than 1.6, which speak only the v1 protocol.
 OLD_DOCKER_CLIENT = re.compile(r"^(docker/1\.(3|4|5(?!\.[0-9]-dev))|Go ).*$")
 CHUNK_SIZE = 256 * 1024
+MOUNT_KEYS = frozenset({"mount", "from"})
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 AUTHENTICATOR_KEY = web.AppKey("authenticator", Authenticator)
@@ -66,6 +69,21 @@ async def _request_body(request: web.Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
+def _unauthorized(settings: Settings, operation: Operation, head: bool, message: str) -> web.Response:
+    return error_response(
+        401, "UNAUTHORIZED", message, _detail(operation), _challenge_headers(settings), head=head
+    )
+
+
+def _decide(
+    snapshot: Snapshot, settings: Settings, user: str | None, operation: Operation, ip: str
+) -> AclDecision:
+    if snapshot.policy is None:
+        default = default_policy(user, operation, settings.admin_prefix)
+        return AclDecision(default.outcome, default.reason)
+    return acl_policy(snapshot.policy, user, operation, ip)
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS_KEY]
     head = request.method == "HEAD"
@@ -81,63 +99,89 @@ async def handle(request: web.Request) -> web.StreamResponse:
     host = request.headers.get("Host", "")
     if not forwarding.valid_host(host):
         return error_response(400, "UNSUPPORTED", "missing or invalid Host header", head=head)
+    view = forwarding.client_view(
+        request.remote or "", request.scheme, host, request.headers, settings.trusted_proxies
+    )
 
+    # One snapshot of users and rules for the whole request, whatever reloads meanwhile.
+    authenticator = request.app[AUTHENTICATOR_KEY]
+    snapshot = authenticator.store.snapshot
     user: str | None = None
     credentials = parse_basic_authorization(request.headers.get("Authorization"))
     if isinstance(credentials, Malformed):
-        log.info("rejected authorization header from %s: %s", request.remote, credentials.reason)
-        return error_response(
-            401,
-            "UNAUTHORIZED",
-            "authentication required",
-            _detail(operation),
-            _challenge_headers(settings),
-            head=head,
-        )
+        log.info("rejected authorization header from %s: %s", view.address, credentials.reason)
+        return _unauthorized(settings, operation, head, "authentication required")
     if isinstance(credentials, Credentials):
-        user = await request.app[AUTHENTICATOR_KEY].authenticate(credentials)
+        user = await authenticator.authenticate(credentials, snapshot)
         if user is None:
-            log.info("failed login for user %r from %s", credentials.username, request.remote)
-            return error_response(
-                401,
-                "UNAUTHORIZED",
-                "authentication required",
-                _detail(operation),
-                _challenge_headers(settings),
-                head=head,
-            )
+            log.info("failed login for user %r from %s", credentials.username, view.address)
+            return _unauthorized(settings, operation, head, "authentication required")
+        if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
+            log.info("refused expired account %r from %s", user, view.address)
+            return _unauthorized(settings, operation, head, "account expired")
 
-    decision = default_policy(user, operation, settings.admin_prefix)
+    decision = _decide(snapshot, settings, user, operation, view.address)
     if decision.outcome is Outcome.CHALLENGE:
-        return error_response(
-            401,
-            "UNAUTHORIZED",
-            "authentication required",
-            _detail(operation),
-            _challenge_headers(settings),
-            head=head,
-        )
+        return _unauthorized(settings, operation, head, "authentication required")
     if decision.outcome is Outcome.DENY:
-        log.info("denied %s %s to %r: %s", request.method, operation.route.value, user, decision.reason)
+        log.info(
+            "denied %s %s %s to %r: %s",
+            request.method,
+            operation.route.value,
+            operation.repository,
+            user,
+            decision.reason,
+        )
         return error_response(
             403, "DENIED", "requested access to the resource is denied", _detail(operation), head=head
         )
-    return await forward(request, settings)
+    if decision.filter_catalog and snapshot.policy is not None:
+        policy = snapshot.policy
+        return await catalog_response(request, view, lambda name: may_pull(policy, user, name, view.address))
+    target = request.raw_path
+    if decision.drop_mount:
+        log.info("mount from %s refused to %r: forwarded as an ordinary upload", operation.mount_from, user)
+        target = without_query_keys(target, MOUNT_KEYS)
+    return await forward(request, settings, view, target)
 
 
-async def forward(request: web.Request, settings: Settings) -> web.StreamResponse:
+async def catalog_response(
+    request: web.Request, view: forwarding.ClientView, visible: Callable[[str], bool]
+) -> web.StreamResponse:
+    settings = request.app[SETTINGS_KEY]
+    head = request.method == "HEAD"
+    params = parse_query(request.raw_path.partition("?")[2])
+    try:
+        if isinstance(params, RouteError):  # parse_request already refused these; keep the types honest
+            raise catalog.CatalogError(params.status, params.code, params.message)
+        n, last = catalog.parse_paging(params)
+        headers = forwarding.upstream_request_headers(request.headers, view)
+        page = await catalog.filtered_page(
+            request.app[SESSION_KEY], settings.upstream, headers, visible, n, last
+        )
+    except catalog.CatalogError as exc:
+        return error_response(exc.status, exc.code, exc.message, head=head)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        log.warning("upstream failed during catalog: %s", exc)
+        return error_response(502, "UNAVAILABLE", "the registry is unreachable", head=head)
+    response = web.json_response({"repositories": page.repositories})
+    response.headers[API_VERSION_HEADER] = API_VERSION
+    if page.next_last is not None:
+        link = f"/v2/_catalog?last={quote(page.next_last, safe='')}"
+        if n is not None:
+            link += f"&n={n}"
+        response.headers["Link"] = f'<{link}>; rel="next"'
+    return response
+
+
+async def forward(
+    request: web.Request, settings: Settings, view: forwarding.ClientView, target: str
+) -> web.StreamResponse:
     session = request.app[SESSION_KEY]
     head = request.method == "HEAD"
-    view = forwarding.client_view(
-        request.remote or "",
-        request.scheme,
-        request.headers["Host"],
-        request.headers,
-        settings.trusted_proxies,
-    )
     headers = forwarding.upstream_request_headers(request.headers, view)
     # encoded=True: forward the exact bytes we authorized; yarl would otherwise normalise them.
-    url = URL(str(settings.upstream) + request.raw_path, encoded=True)
+    url = URL(str(settings.upstream) + target, encoded=True)
     body = _request_body(request) if request.body_exists else None
 
     try:
@@ -241,7 +285,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     app[AUTHENTICATOR_KEY].close()
 
 
-def create_app(settings: Settings, user_file: UserFile | None = None) -> web.Application:
+def create_app(settings: Settings, store: AccessStore | None = None) -> web.Application:
     app = web.Application(
         middlewares=[api_errors],
         handler_args={
@@ -251,7 +295,7 @@ def create_app(settings: Settings, user_file: UserFile | None = None) -> web.App
     )
     app[SETTINGS_KEY] = settings
     app[AUTHENTICATOR_KEY] = Authenticator(
-        user_file or UserFile(settings.htpasswd),
+        store or AccessStore(settings.htpasswd, settings.policy),
         CredentialCache(settings.cache_size, settings.cache_ttl),
     )
     app.cleanup_ctx.append(_upstream_session)

@@ -18,12 +18,12 @@ import logging
 import os
 import secrets
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from gateway import htpasswd
+from gateway.state import AccessStore, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -66,62 +66,6 @@ def parse_basic_authorization(header: str | None) -> Credentials | Malformed | N
     if any(ord(ch) < 0x20 or ch == "\x7f" for ch in decoded):
         return Malformed("credentials contain control characters")
     return Credentials(username, password)
-
-
-@dataclass(frozen=True)
-class UserSnapshot:
-    """One consistent view of the user file, swapped whole on reload."""
-
-    users: htpasswd.HtpasswdFile
-    generation: int
-    dummy: htpasswd.StoredHash = field(repr=False)
-
-
-def _typical_bcrypt_cost(users: htpasswd.HtpasswdFile) -> int:
-    costs = Counter(c for h in users.users.values() if (c := h.bcrypt_cost) is not None)
-    return costs.most_common(1)[0][0] if costs else DEFAULT_DUMMY_COST
-
-
-def _file_signature(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-class UserFile:
-    """The htpasswd file, re-read when it changes; a file that fails to load keeps the last good users."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._signature = _file_signature(path)
-        self._generation = 0
-        self.snapshot = self._load()  # raises at start-up: refuse to run without users
-
-    def _load(self) -> UserSnapshot:
-        text = self.path.read_text(encoding="utf-8")
-        parsed = htpasswd.parse(text)
-        for warning in parsed.warnings:
-            log.warning("%s: %s", self.path, warning)
-        self._generation += 1
-        dummy = htpasswd.make_dummy(_typical_bcrypt_cost(parsed))
-        return UserSnapshot(parsed, self._generation, dummy)
-
-    def reload_if_changed(self) -> bool:
-        """Re-read the file if it changed on disk. Returns True when new users were swapped in."""
-        signature = _file_signature(self.path)
-        if signature == self._signature:
-            return False
-        self._signature = signature
-        try:
-            snapshot = self._load()
-        except (OSError, UnicodeDecodeError, htpasswd.HtpasswdError) as exc:
-            log.error("htpasswd %s not reloaded, keeping the last good users: %s", self.path, exc)
-            return False
-        self.snapshot = snapshot
-        log.info("htpasswd %s reloaded: %d users", self.path, len(snapshot.users.users))
-        return True
 
 
 class CredentialCache:
@@ -168,39 +112,40 @@ class CredentialCache:
 class Authenticator:
     def __init__(
         self,
-        user_file: UserFile,
+        store: AccessStore,
         cache: CredentialCache,
         workers: int | None = None,
     ) -> None:
-        self.user_file = user_file
+        self.store = store
         self.cache = cache
         self._executor = ThreadPoolExecutor(
             max_workers=workers or min(4, (os.cpu_count() or 1) * 2),
             thread_name_prefix="bcrypt",
         )
-        self._in_flight: dict[bytes, asyncio.Future[str | None]] = {}
+        self._in_flight: dict[tuple[bytes, int], asyncio.Future[str | None]] = {}
 
-    def reload_if_changed(self) -> bool:
-        changed = self.user_file.reload_if_changed()
+    def reload_if_changed(self, force: bool = False) -> bool:
+        changed = self.store.reload_if_changed(force)
         if changed:
             self.cache.clear()
         return changed
 
-    async def authenticate(self, credentials: Credentials) -> str | None:
+    async def authenticate(self, credentials: Credentials, snapshot: Snapshot | None = None) -> str | None:
         """The user name when the credentials are right, else None (same cost for unknown users)."""
-        snapshot = self.user_file.snapshot
+        snapshot = snapshot or self.store.snapshot
         key = self.cache.key(credentials)
         cached = self.cache.get(key, snapshot.generation)
         if cached is not None:
             return cached
-        pending = self._in_flight.get(key)
+        flight = (key, snapshot.generation)
+        pending = self._in_flight.get(flight)
         if pending is not None:
             return await asyncio.shield(pending)
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = future
+        self._in_flight[flight] = future
         try:
             result = await self._verify(credentials, snapshot)
-            if result is not None and self.user_file.snapshot is snapshot:
+            if result is not None and self.store.snapshot is snapshot:
                 self.cache.put(key, result, snapshot.generation)
             future.set_result(result)
             return result
@@ -212,10 +157,10 @@ class Authenticator:
             future.exception()  # mark retrieved: there may be no other waiter
             raise
         finally:
-            del self._in_flight[key]
+            del self._in_flight[flight]
 
-    async def _verify(self, credentials: Credentials, snapshot: UserSnapshot) -> str | None:
-        stored = snapshot.users.users.get(credentials.username)
+    async def _verify(self, credentials: Credentials, snapshot: Snapshot) -> str | None:
+        stored = snapshot.users.get(credentials.username)
         known = stored is not None
         target = stored if stored is not None else snapshot.dummy
         loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import __version__, config
+from gateway.state import AccessStore, StateError
 
 log = logging.getLogger("gateway")
 
@@ -22,6 +23,7 @@ SETTING_FLAGS: tuple[tuple[str, str], ...] = (
     ("listen", "HOST:PORT to listen on (default 0.0.0.0:8080)"),
     ("upstream", "registry URL (default http://registry:5000)"),
     ("htpasswd", "Apache htpasswd file with the users"),
+    ("policy", "policy file with ACL rules, labels and static users (default: admin-prefix policy)"),
     ("admin_prefix", "users whose name starts with this may push and delete (default admin)"),
     ("realm", "realm of the Basic challenge"),
 )
@@ -78,11 +80,11 @@ def configure_logging(level: str) -> None:
     )
 
 
-async def run_server(settings: config.Settings, ready: asyncio.Event | None = None) -> None:
+async def run_server(settings: config.Settings, store: AccessStore) -> None:
     from gateway.app import AUTHENTICATOR_KEY, create_app
     from gateway.server import GatewayRunner
 
-    app = create_app(settings)
+    app = create_app(settings, store)
     runner = GatewayRunner(app, access_log=None, shutdown_timeout=30)
     await runner.setup()
     site = web.TCPSite(runner, settings.listen_host, settings.listen_port, backlog=1024)
@@ -98,9 +100,7 @@ async def run_server(settings: config.Settings, ready: asyncio.Event | None = No
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, app[AUTHENTICATOR_KEY].reload_if_changed)
-    if ready is not None:
-        ready.set()
+    loop.add_signal_handler(signal.SIGHUP, app[AUTHENTICATOR_KEY].reload_if_changed, True)
     try:
         await stop.wait()
     finally:
@@ -127,7 +127,14 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"  {problem}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    run_event_loop(run_server(settings))
+    try:
+        store = AccessStore(settings.htpasswd, settings.policy)
+    except StateError as exc:
+        print("registry-gateway: cannot load users and rules:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    run_event_loop(run_server(settings, store))
     return 0
 
 

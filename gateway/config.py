@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from yarl import URL
 
-from gateway import htpasswd
+from gateway import htpasswd, policyfile
 
 ENV_PREFIX = "GATEWAY_"
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -31,6 +31,7 @@ class Settings:
     listen_port: int
     upstream: URL
     htpasswd: Path
+    policy: Path | None
     admin_prefix: str
     realm: str
     trusted_proxies: tuple[IPNetwork, ...]
@@ -56,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "listen": "0.0.0.0:8080",
     "upstream": "http://registry:5000",
     "htpasswd": "/etc/registry-gateway/htpasswd",
+    "policy": None,
     "admin_prefix": "admin",
     "realm": "Registry realm",
     "trusted_proxies": [],
@@ -117,6 +119,12 @@ def _path(value: Any) -> Path:
     if not isinstance(value, str) or not value:
         raise ValueError("expected a file path")
     return Path(value)
+
+
+def _optional_path(value: Any) -> Path | None:
+    if value is None or value == "":
+        return None
+    return _path(value)
 
 
 def _text(value: Any) -> str:
@@ -203,6 +211,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "listen": _host_port,
     "upstream": _upstream,
     "htpasswd": _path,
+    "policy": _optional_path,
     "admin_prefix": _text,
     "realm": _realm,
     "trusted_proxies": _networks,
@@ -284,6 +293,13 @@ def load(
                 htpasswd.parse(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, htpasswd.HtpasswdError) as exc:
                 problems.append(f"{_where('htpasswd', merged['htpasswd'][1])}: {path}: {exc}")
+
+    if check_files and values.get("policy") is not None:
+        try:
+            policyfile.load(values["policy"])
+        except policyfile.PolicyError as exc:
+            where = _where("policy", merged["policy"][1])
+            problems.extend(f"{where}: {problem}" for problem in exc.problems)
 
     if problems:
         raise ConfigError(problems)

@@ -19,6 +19,7 @@ import bcrypt
 from gateway import config
 from gateway.cli import configure_logging, run_event_loop, run_server
 from gateway.sample_image import write_image
+from gateway.state import AccessStore
 
 DEMO_USERS = (("admin", "admin-demo"), ("alice", "alice-demo"))
 
@@ -97,7 +98,7 @@ def run_demo(data: Path, listen: str, registry_listen: str, registry_bin: str) -
         flush=True,
     )
     try:
-        run_event_loop(run_server(settings))
+        run_event_loop(run_server(settings, AccessStore(settings.htpasswd, settings.policy)))
     except KeyboardInterrupt:
         pass
     finally:

@@ -227,3 +227,12 @@ def parse_request(method: str, target: str) -> Operation | RouteError:
     if _LOOSE_NAME.match(path):
         return _bad(400, "NAME_INVALID", "invalid repository name or reference")
     return _bad(404, "NOT_FOUND", "unknown registry API endpoint")
+
+
+def without_query_keys(target: str, keys: frozenset[str]) -> str:
+    """The target with the named query parameters removed, every other byte left as it was."""
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    kept = [pair for pair in query.split("&") if pair and unquote_plus(pair.partition("=")[0]) not in keys]
+    return path + ("?" + "&".join(kept) if kept else "")

@@ -12,7 +12,8 @@ import bcrypt
 import pytest
 
 from gateway import authn, htpasswd
-from gateway.authn import Authenticator, CredentialCache, Credentials, Malformed, UserFile
+from gateway.authn import Authenticator, CredentialCache, Credentials, Malformed
+from gateway.state import AccessStore
 
 
 def basic(raw: bytes) -> str:
@@ -88,7 +89,7 @@ def counting(monkeypatch: pytest.MonkeyPatch) -> CountingVerify:
 async def test_cache_saves_repeat_verifications(tmp_path: Path, counting: CountingVerify) -> None:
     path = tmp_path / "htpasswd"
     _write_users(path, {"alice": "pw"})
-    auth = Authenticator(UserFile(path), CredentialCache(100, 60))
+    auth = Authenticator(AccessStore(path), CredentialCache(100, 60))
     try:
         for _ in range(20):
             assert await auth.authenticate(Credentials("alice", "pw")) == "alice"
@@ -104,7 +105,7 @@ async def test_cache_saves_repeat_verifications(tmp_path: Path, counting: Counti
 async def test_concurrent_requests_share_one_verification(tmp_path: Path, counting: CountingVerify) -> None:
     path = tmp_path / "htpasswd"
     _write_users(path, {"alice": "pw"}, cost=8)
-    auth = Authenticator(UserFile(path), CredentialCache(100, 60))
+    auth = Authenticator(AccessStore(path), CredentialCache(100, 60))
     try:
         results = await asyncio.gather(*(auth.authenticate(Credentials("alice", "pw")) for _ in range(10)))
         assert results == ["alice"] * 10
@@ -118,7 +119,7 @@ async def test_unknown_user_is_checked_against_dummy_of_same_cost(
 ) -> None:
     path = tmp_path / "htpasswd"
     _write_users(path, {"alice": "pw", "bob": "pw2"}, cost=6)
-    auth = Authenticator(UserFile(path), CredentialCache(100, 60))
+    auth = Authenticator(AccessStore(path), CredentialCache(100, 60))
     try:
         assert await auth.authenticate(Credentials("mallory", "pw")) is None
         assert len(counting.checked) == 1
@@ -131,7 +132,7 @@ async def test_unknown_user_is_checked_against_dummy_of_same_cost(
 async def test_cache_expires(tmp_path: Path, counting: CountingVerify) -> None:
     path = tmp_path / "htpasswd"
     _write_users(path, {"alice": "pw"})
-    auth = Authenticator(UserFile(path), CredentialCache(100, 0.05))
+    auth = Authenticator(AccessStore(path), CredentialCache(100, 0.05))
     try:
         await auth.authenticate(Credentials("alice", "pw"))
         await asyncio.sleep(0.1)
@@ -161,7 +162,7 @@ def _touch_later(path: Path) -> None:
 async def test_password_change_invalidates_cache(tmp_path: Path) -> None:
     path = tmp_path / "htpasswd"
     _write_users(path, {"alice": "old"})
-    auth = Authenticator(UserFile(path), CredentialCache(100, 600))
+    auth = Authenticator(AccessStore(path), CredentialCache(100, 600))
     try:
         assert await auth.authenticate(Credentials("alice", "old")) == "alice"
         _write_users(path, {"alice": "new"})
@@ -176,7 +177,7 @@ async def test_password_change_invalidates_cache(tmp_path: Path) -> None:
 async def test_broken_file_keeps_last_good_users(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "htpasswd"
     _write_users(path, {"alice": "pw"})
-    auth = Authenticator(UserFile(path), CredentialCache(100, 600))
+    auth = Authenticator(AccessStore(path), CredentialCache(100, 600))
     try:
         path.write_text("this is not an htpasswd line\n")
         _touch_later(path)
@@ -193,7 +194,7 @@ async def test_broken_file_keeps_last_good_users(tmp_path: Path, caplog: pytest.
 async def test_bcrypt_runs_off_the_event_loop(tmp_path: Path) -> None:
     path = tmp_path / "htpasswd"
     _write_users(path, {"alice": "pw"}, cost=12)
-    auth = Authenticator(UserFile(path), CredentialCache(100, 600))
+    auth = Authenticator(AccessStore(path), CredentialCache(100, 600))
     try:
         ticks = 0
 

@@ -1,0 +1,123 @@
+"""Users and rules as one immutable snapshot, rebuilt when their files change.
+
+Reload is parse → validate → swap one reference: a request holds the snapshot it started with,
+and a change that fails to load keeps the last good snapshot (and says why in the log).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from gateway import htpasswd, policyfile
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DUMMY_COST = 10
+Signature = tuple[int, int, int, int] | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    users: Mapping[str, htpasswd.StoredHash]
+    policy: policyfile.Policy | None  # None: the default admin-prefix policy
+    generation: int
+    dummy: htpasswd.StoredHash = field(repr=False)
+
+
+class StateError(ValueError):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _signature(path: Path | None) -> Signature:
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _typical_bcrypt_cost(users: Mapping[str, htpasswd.StoredHash]) -> int:
+    costs = Counter(c for h in users.values() if (c := h.bcrypt_cost) is not None)
+    return costs.most_common(1)[0][0] if costs else DEFAULT_DUMMY_COST
+
+
+def build(
+    htpasswd_path: Path, policy_path: Path | None
+) -> tuple[dict[str, htpasswd.StoredHash], policyfile.Policy | None, list[str]]:
+    """Load both files and check them together. Raises StateError naming every problem."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    users: dict[str, htpasswd.StoredHash] = {}
+    try:
+        parsed = htpasswd.parse(htpasswd_path.read_text(encoding="utf-8"))
+        users.update(parsed.users)
+        warnings.extend(f"{htpasswd_path}: {w}" for w in parsed.warnings)
+    except (OSError, UnicodeDecodeError, htpasswd.HtpasswdError) as exc:
+        problems.append(f"{htpasswd_path}: {exc}")
+    policy = None
+    if policy_path is not None:
+        try:
+            policy = policyfile.load(policy_path)
+            warnings.extend(f"{policy_path}: {w}" for w in policy.warnings)
+        except policyfile.PolicyError as exc:
+            problems.extend(f"{policy_path}: {p}" for p in exc.problems)
+    if policy is not None:
+        for name, stored in policy.users.items():
+            if name in users:
+                problems.append(f"{policy_path}: users.{name}: also in {htpasswd_path}; keep one")
+            users[name] = stored
+    if problems:
+        raise StateError(problems)
+    return users, policy, warnings
+
+
+class AccessStore:
+    """Holds the current Snapshot; `reload_if_changed` swaps in a new one when a file changed."""
+
+    def __init__(self, htpasswd_path: Path, policy_path: Path | None = None) -> None:
+        self.htpasswd_path = htpasswd_path
+        self.policy_path = policy_path
+        self._signatures = self._current_signatures()
+        self._generation = 0
+        self.snapshot = self._load()  # raises at start-up: refuse to run on bad files
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+
+    def _current_signatures(self) -> tuple[Signature, Signature]:
+        return (_signature(self.htpasswd_path), _signature(self.policy_path))
+
+    def _load(self) -> Snapshot:
+        users, policy, warnings = build(self.htpasswd_path, self.policy_path)
+        for warning in warnings:
+            log.warning("%s", warning)
+        self._generation += 1
+        dummy = htpasswd.make_dummy(_typical_bcrypt_cost(users))
+        return Snapshot(MappingProxyType(users), policy, self._generation, dummy)
+
+    def reload_if_changed(self, force: bool = False) -> bool:
+        """Re-read the files if either changed (or when forced). True when a new snapshot is in place."""
+        signatures = self._current_signatures()
+        if signatures == self._signatures and not force:
+            return False
+        self._signatures = signatures
+        try:
+            snapshot = self._load()
+        except StateError as exc:
+            self.reloads_failed += 1
+            for problem in exc.problems:
+                log.error("reload refused, keeping the last good users and rules: %s", problem)
+            return False
+        self.snapshot = snapshot
+        self.reloads_ok += 1
+        rules = "default policy" if snapshot.policy is None else f"{len(snapshot.policy.acl)} rules"
+        log.info("reloaded: %d users, %s", len(snapshot.users), rules)
+        return True
