@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import __version__, config
+from gateway import __version__, admin_cli, config
 from gateway.state import AccessStore, StateError
 
 log = logging.getLogger("gateway")
@@ -52,6 +52,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_flags(serve, serve=True)
     check = commands.add_parser("check-config", help="validate the settings and exit")
     _add_config_flags(check, serve=True)
+    admin_cli.add_parsers(commands)
     demo = commands.add_parser(
         "demo", help="run a local registry (Debian's docker-registry) and the gateway with demo users"
     )
@@ -159,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "check-config":
         return _check_config(args)
+    if args.command == "user":
+        return admin_cli.run_user(args)
+    if args.command == "policy":
+        return admin_cli.run_policy(args)
     from gateway.demo import run_demo
 
     return run_demo(args.data, args.listen, args.registry_listen, args.registry_bin)

@@ -1,0 +1,168 @@
+"""`registry-gateway user ...` and `registry-gateway policy ...`: managing users and explaining rules."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import os
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from gateway import acl, config, htpasswd, policyfile, userfile
+from gateway.policy import acl_request
+
+
+def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    user = commands.add_parser("user", help="manage users in the htpasswd file")
+    user_commands = user.add_subparsers(dest="user_command", required=True)
+    for name, help_text in (
+        ("add", "add a user (bcrypt)"),
+        ("passwd", "change a user's password"),
+        ("remove", "remove a user"),
+        ("verify", "check a user's password (exit 0 when right)"),
+        ("list", "list users, their hash scheme, and weak hashes"),
+    ):
+        sub = user_commands.add_parser(name, help=help_text)
+        if name != "list":
+            sub.add_argument("name")
+        sub.add_argument("--file", type=Path, help="htpasswd file (default: the configured one)")
+        sub.add_argument("--config", type=Path, help="settings file to find the htpasswd file in")
+        if name in ("add", "passwd", "verify"):
+            sub.add_argument(
+                "--password-stdin", action="store_true", help="read the password from standard input"
+            )
+        if name in ("add", "passwd"):
+            sub.add_argument(
+                "--cost",
+                type=int,
+                default=userfile.DEFAULT_COST,
+                help=f"bcrypt cost (default {userfile.DEFAULT_COST})",
+            )
+
+    policy = commands.add_parser("policy", help="check the policy file or explain a decision")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_commands.add_parser("check", help="validate the policy file and warn about dead rules")
+    explain = policy_commands.add_parser("explain", help="show which rule decides a request")
+    explain.add_argument("user", help='user name ("" for anonymous)')
+    explain.add_argument("repository", help='repository name, or "catalog"')
+    explain.add_argument("action", choices=("pull", "push", "delete", "*"))
+    explain.add_argument("--ip", default=None, help="client address to evaluate ip rules with")
+    for sub in (check, explain):
+        sub.add_argument("--policy", type=Path, help="policy file (default: the configured one)")
+        sub.add_argument("--config", type=Path, help="settings file to find the policy file in")
+
+
+def _configured(args: argparse.Namespace) -> config.Settings:
+    config_file = args.config
+    if config_file is None and os.environ.get(config.ENV_PREFIX + "CONFIG"):
+        config_file = Path(os.environ[config.ENV_PREFIX + "CONFIG"])
+    return config.load(config_file, os.environ, {}, check_files=False)
+
+
+def _read_password(args: argparse.Namespace, confirm: bool, stdin: TextIO) -> str:
+    if args.password_stdin:
+        line = stdin.readline()
+        return line[:-1] if line.endswith("\n") else line
+    if not stdin.isatty():
+        raise userfile.UserFileError("no terminal to ask for the password: use --password-stdin")
+    first = getpass.getpass("Password: ")
+    if confirm and getpass.getpass("Repeat password: ") != first:
+        raise userfile.UserFileError("passwords do not match")
+    return first
+
+
+def run_user(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
+    try:
+        path = args.file or _configured(args).htpasswd
+        command = args.user_command
+        if command == "list":
+            for name, stored in read_sorted(path):
+                cost = f" cost {stored.bcrypt_cost}" if stored.bcrypt_cost is not None else ""
+                weak = "  WEAK: re-create with bcrypt" if stored.weak else ""
+                print(f"{name}\t{stored.scheme}{cost}{weak}")
+            return 0
+        userfile.check_name(args.name)
+        if command == "remove":
+            userfile.remove_user(path, args.name)
+            print(f"removed {args.name} from {path}")
+            return 0
+        if command == "verify":
+            users = userfile.read_users(path).users
+            password = _read_password(args, False, stdin)
+            entry = users.get(args.name)
+            if entry is not None and htpasswd.verify(password, entry):
+                print(f"password for {args.name} is correct")
+                return 0
+            print(f"password for {args.name} is wrong, or no such user", file=sys.stderr)
+            return 1
+        password = _read_password(args, True, stdin)
+        hashed = userfile.hash_password(password, args.cost)
+        userfile.set_user(path, args.name, hashed, must_exist=command == "passwd")
+        print(f"{'added' if command == 'add' else 'changed password of'} {args.name} in {path}")
+        return 0
+    except (userfile.UserFileError, config.ConfigError, OSError) as exc:
+        print(f"registry-gateway user: {exc}", file=sys.stderr)
+        return 2
+
+
+def read_sorted(path: Path) -> list[tuple[str, htpasswd.StoredHash]]:
+    return sorted(userfile.read_users(path).users.items())
+
+
+def _policy_path(args: argparse.Namespace) -> Path:
+    if args.policy is not None:
+        return Path(args.policy)
+    configured = _configured(args).policy
+    if configured is None:
+        raise policyfile.PolicyError(["no policy file: pass --policy or set policy / GATEWAY_POLICY"])
+    return configured
+
+
+def run_policy(args: argparse.Namespace) -> int:
+    try:
+        path = _policy_path(args)
+        policy = policyfile.load(path)
+    except (policyfile.PolicyError, config.ConfigError) as exc:
+        problems = exc.problems
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"policy invalid: {len(problems)} problem(s)", file=sys.stderr)
+        return 2
+    for warning in policy.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.policy_command == "check":
+        print(
+            f"policy OK: {len(policy.acl)} rules, {len(policy.users)} static users, "
+            f"{len(policy.accounts)} accounts with labels or expiry"
+        )
+        return 0
+    return _explain(policy, args.user, args.repository, args.action, args.ip)
+
+
+def _explain(policy: policyfile.Policy, user: str, repository: str, action: str, ip: str | None) -> int:
+    anonymous = user == ""
+    who = "anonymous" if anonymous else user
+    if anonymous and not policy.anonymous:
+        print(
+            f'DENIED: {who} {action} {repository}: the users section has no "" entry, '
+            "so requests without credentials are refused"
+        )
+        return 1
+    account = policy.account(user)
+    if not anonymous and account.expired(dt.datetime.now(dt.UTC)):
+        print(f"DENIED: {who}: account expired on {account.expires}")
+        return 1
+    type_ = "registry" if repository == "catalog" else "repository"
+    request = acl_request(policy, None if anonymous else user, type_, repository, frozenset({action}), ip)
+    verdict = acl.evaluate(policy.acl, request)
+    if verdict.entry_index is None:
+        print(f"DENIED: {who} {action} {repository}: no rule matched")
+        return 1
+    rule = f"acl[{verdict.entry_index}]" + (f" ({verdict.comment})" if verdict.comment else "")
+    if verdict.allows({action}):
+        print(f"ALLOWED: {who} {action} {repository}: by {rule}")
+        return 0
+    print(f"DENIED: {who} {action} {repository}: {rule} matched but does not grant {action}")
+    return 1
