@@ -69,10 +69,8 @@ async def _request_body(request: web.Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _unauthorized(settings: Settings, operation: Operation, head: bool, message: str) -> web.Response:
-    return error_response(
-        401, "UNAUTHORIZED", message, _detail(operation), _challenge_headers(settings), head=head
-    )
+def _unauthorized(settings: Settings, operation: Operation, message: str) -> web.Response:
+    return error_response(401, "UNAUTHORIZED", message, _detail(operation), _challenge_headers(settings))
 
 
 def _decide(
@@ -86,19 +84,18 @@ def _decide(
 
 async def handle(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS_KEY]
-    head = request.method == "HEAD"
 
     if settings.block_old_clients and OLD_DOCKER_CLIENT.match(request.headers.get("User-Agent", "")):
-        return error_response(404, "UNSUPPORTED", "this docker client is too old", head=head)
+        return error_response(404, "UNSUPPORTED", "this docker client is too old")
 
     parsed = parse_request(request.method, request.raw_path)
     if isinstance(parsed, RouteError):
-        return error_response(parsed.status, parsed.code, parsed.message, head=head)
+        return error_response(parsed.status, parsed.code, parsed.message)
     operation = parsed
 
     host = request.headers.get("Host", "")
     if not forwarding.valid_host(host):
-        return error_response(400, "UNSUPPORTED", "missing or invalid Host header", head=head)
+        return error_response(400, "UNSUPPORTED", "missing or invalid Host header")
     view = forwarding.client_view(
         request.remote or "", request.scheme, host, request.headers, settings.trusted_proxies
     )
@@ -110,19 +107,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
     credentials = parse_basic_authorization(request.headers.get("Authorization"))
     if isinstance(credentials, Malformed):
         log.info("rejected authorization header from %s: %s", view.address, credentials.reason)
-        return _unauthorized(settings, operation, head, "authentication required")
+        return _unauthorized(settings, operation, "authentication required")
     if isinstance(credentials, Credentials):
         user = await authenticator.authenticate(credentials, snapshot)
         if user is None:
             log.info("failed login for user %r from %s", credentials.username, view.address)
-            return _unauthorized(settings, operation, head, "authentication required")
+            return _unauthorized(settings, operation, "authentication required")
         if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
             log.info("refused expired account %r from %s", user, view.address)
-            return _unauthorized(settings, operation, head, "account expired")
+            return _unauthorized(settings, operation, "account expired")
 
     decision = _decide(snapshot, settings, user, operation, view.address)
     if decision.outcome is Outcome.CHALLENGE:
-        return _unauthorized(settings, operation, head, "authentication required")
+        return _unauthorized(settings, operation, "authentication required")
     if decision.outcome is Outcome.DENY:
         log.info(
             "denied %s %s %s to %r: %s",
@@ -132,9 +129,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             user,
             decision.reason,
         )
-        return error_response(
-            403, "DENIED", "requested access to the resource is denied", _detail(operation), head=head
-        )
+        return error_response(403, "DENIED", "requested access to the resource is denied", _detail(operation))
     if decision.filter_catalog and snapshot.policy is not None:
         policy = snapshot.policy
         return await catalog_response(request, view, lambda name: may_pull(policy, user, name, view.address))
@@ -149,7 +144,6 @@ async def catalog_response(
     request: web.Request, view: forwarding.ClientView, visible: Callable[[str], bool]
 ) -> web.StreamResponse:
     settings = request.app[SETTINGS_KEY]
-    head = request.method == "HEAD"
     params = parse_query(request.raw_path.partition("?")[2])
     try:
         if isinstance(params, RouteError):  # parse_request already refused these; keep the types honest
@@ -160,10 +154,10 @@ async def catalog_response(
             request.app[SESSION_KEY], settings.upstream, headers, visible, n, last
         )
     except catalog.CatalogError as exc:
-        return error_response(exc.status, exc.code, exc.message, head=head)
+        return error_response(exc.status, exc.code, exc.message)
     except (TimeoutError, aiohttp.ClientError) as exc:
         log.warning("upstream failed during catalog: %s", exc)
-        return error_response(502, "UNAVAILABLE", "the registry is unreachable", head=head)
+        return error_response(502, "UNAVAILABLE", "the registry is unreachable")
     response = web.json_response({"repositories": page.repositories})
     response.headers[API_VERSION_HEADER] = API_VERSION
     if page.next_last is not None:
@@ -195,12 +189,12 @@ async def forward(
         )
     except (TimeoutError, aiohttp.ServerTimeoutError):
         log.warning("upstream timed out: %s %s", request.method, request.path)
-        return error_response(504, "UNAVAILABLE", "the registry did not answer in time", head=head)
+        return error_response(504, "UNAVAILABLE", "the registry did not answer in time")
     except aiohttp.ClientError as exc:
         if request.transport is None or request.transport.is_closing():
             raise ConnectionResetError("client went away during the upload") from exc
         log.warning("upstream failed: %s %s: %s", request.method, request.path, exc)
-        return error_response(502, "UNAVAILABLE", "the registry is unreachable", head=head)
+        return error_response(502, "UNAVAILABLE", "the registry is unreachable")
 
     async with upstream:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -238,10 +232,10 @@ async def api_errors(
     except (ConnectionError, asyncio.CancelledError):
         raise
     except web.HTTPException as exc:
-        return error_response(exc.status, "UNSUPPORTED", exc.reason, head=request.method == "HEAD")
+        return error_response(exc.status, "UNSUPPORTED", exc.reason)
     except Exception:
         log.exception("internal error handling %s %s", request.method, request.path)
-        return error_response(500, "UNKNOWN", "internal gateway error", head=request.method == "HEAD")
+        return error_response(500, "UNKNOWN", "internal gateway error")
 
 
 async def _reload_users(app: web.Application) -> AsyncIterator[None]:

@@ -61,6 +61,10 @@ def parse_basic_authorization(header: str | None) -> Credentials | Malformed | N
     except (binascii.Error, ValueError):
         return Malformed("credentials are not valid base64 of UTF-8 text")
     username, sep, password = decoded.partition(":")
+    if decoded == ":":
+        # containers/image (skopeo, podman) answers a Basic challenge this way when it has no
+        # credentials: it means anonymous, not a login attempt.
+        return None
     if not sep or not username:
         return Malformed("credentials must be USER:PASSWORD")
     if any(ord(ch) < 0x20 or ch == "\x7f" for ch in decoded):

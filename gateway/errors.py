@@ -25,20 +25,15 @@ def error_response(
     message: str,
     detail: Any = None,
     headers: dict[str, str] | None = None,
-    *,
-    head: bool = False,
 ) -> web.Response:
+    """An error answer. For HEAD requests aiohttp sends the headers (Content-Length included) only."""
     all_headers = {API_VERSION_HEADER: API_VERSION}
     if headers:
         all_headers.update(headers)
-    body = error_body(code, message, detail)
-    response = web.Response(
+    return web.Response(
         status=status,
-        body=None if head else body,
+        body=error_body(code, message, detail),
         content_type="application/json",
         charset="utf-8",
         headers=all_headers,
     )
-    if head:
-        response.content_length = len(body)
-    return response

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -28,7 +28,10 @@ class _RegistryErrorRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if isinstance(exc, HttpProcessingError) and status < 500:
+        if isinstance(exc, BadHttpMethod):
+            # Mostly TLS handshakes on the plain port: skopeo and podman try HTTPS first.
+            log.debug("refused non-HTTP request from %s", request.remote)
+        elif isinstance(exc, HttpProcessingError) and status < 500:
             log.info("refused malformed request from %s: %s", request.remote, type(exc).__name__)
         else:
             log.error("error handling request from %s", request.remote, exc_info=exc)

@@ -68,8 +68,11 @@ VARIABLE_CASES = [
     ("dev-${labels:team}/*", req(name="dev-backend/x", labels={"team": ("backend", "web")}), True),
     ("dev-${labels:team}/*", req(name="dev-ops/x", labels={"team": ("backend", "web")}), False),
     ("dev-${labels:team}/*", req(name="dev-/x", labels={}), False),  # no label: no match
-    ("${labels:org}/${labels:team}/*", req(name="acme/web/x", labels={"org": ("acme",), "team": ("db", "web")}),
-     True),
+    (
+        "${labels:org}/${labels:team}/*",
+        req(name="acme/web/x", labels={"org": ("acme",), "team": ("db", "web")}),
+        True,
+    ),
 ]
 
 
@@ -128,15 +131,17 @@ def test_anonymous_account() -> None:
 
 # --- decisions on parsed requests -------------------------------------------------------------
 
-TEAMS_POLICY = policyfile.parse({
-    "acl": [
-        {"match": {"account": "/^admin/"}, "actions": ["*"], "comment": "admins"},
-        {"match": {"account": "/.+/", "name": "dev-${labels:team}/*"}, "actions": ["pull", "push"]},
-        {"match": {"account": "/.+/", "name": "library/*"}, "actions": ["pull"]},
-        {"match": {"account": "", "name": "public/*"}, "actions": ["pull"]},
-    ],
-    "accounts": {"alice": {"labels": {"team": ["x"]}}, "bob": {"labels": {"team": ["y"]}}},
-})
+TEAMS_POLICY = policyfile.parse(
+    {
+        "acl": [
+            {"match": {"account": "/^admin/"}, "actions": ["*"], "comment": "admins"},
+            {"match": {"account": "/.+/", "name": "dev-${labels:team}/*"}, "actions": ["pull", "push"]},
+            {"match": {"account": "/.+/", "name": "library/*"}, "actions": ["pull"]},
+            {"match": {"account": "", "name": "public/*"}, "actions": ["pull"]},
+        ],
+        "accounts": {"alice": {"labels": {"team": ["x"]}}, "bob": {"labels": {"team": ["y"]}}},
+    }
+)
 
 
 def op(method: str, target: str) -> Operation:
@@ -186,19 +191,26 @@ def test_mount_from_unpullable_repository_is_dropped() -> None:
     )
     assert allowed.allowed and not allowed.drop_mount
     refused = acl_policy(
-        TEAMS_POLICY, "alice", op("POST", f"/v2/dev-x/a/blobs/uploads/?mount={digest}&from=dev-y/secret"), None
+        TEAMS_POLICY,
+        "alice",
+        op("POST", f"/v2/dev-x/a/blobs/uploads/?mount={digest}&from=dev-y/secret"),
+        None,
     )
     assert refused.allowed and refused.drop_mount
 
 
 def test_users_section_without_anonymous_entry_refuses_anonymous() -> None:
-    policy = policyfile.parse({
-        "users": {"ci": {"password": "$2y$05$" + "a" * 53}},
-        "acl": [{"match": {"account": ""}, "actions": ["pull"]}],
-    })
+    policy = policyfile.parse(
+        {
+            "users": {"ci": {"password": "$2y$05$" + "a" * 53}},
+            "acl": [{"match": {"account": ""}, "actions": ["pull"]}],
+        }
+    )
     assert not policy.anonymous
     assert acl_policy(policy, None, op("GET", "/v2/a/manifests/1"), None).outcome is Outcome.CHALLENGE
-    with_anonymous = policyfile.parse({"users": {"": {}}, "acl": [{"match": {"account": ""}, "actions": ["pull"]}]})
+    with_anonymous = policyfile.parse(
+        {"users": {"": {}}, "acl": [{"match": {"account": ""}, "actions": ["pull"]}]}
+    )
     assert acl_policy(with_anonymous, None, op("GET", "/v2/a/manifests/1"), None).allowed
 
 
@@ -207,18 +219,20 @@ def test_users_section_without_anonymous_entry_refuses_anonymous() -> None:
 
 def test_policy_file_problems_named_by_key_path() -> None:
     with pytest.raises(policyfile.PolicyError) as info:
-        policyfile.parse({
-            "acl": [
-                {"match": {"account": "alice"}, "actions": ["pull"]},
-                {"match": {"name": "/[unclosed/"}, "actions": ["pull"]},
-                {"match": {"nmae": "x"}, "actions": ["pul"]},
-                {"actions": ["pull"]},
-                {"match": {"ip": "300.1.1.1"}, "actions": ["*"], "extra": 1},
-            ],
-            "users": {"bob": {"password": "plaintext"}},
-            "accounts": {"carol": {"expires": "next tuesday"}},
-            "unknown": True,
-        })
+        policyfile.parse(
+            {
+                "acl": [
+                    {"match": {"account": "alice"}, "actions": ["pull"]},
+                    {"match": {"name": "/[unclosed/"}, "actions": ["pull"]},
+                    {"match": {"nmae": "x"}, "actions": ["pul"]},
+                    {"actions": ["pull"]},
+                    {"match": {"ip": "300.1.1.1"}, "actions": ["*"], "extra": 1},
+                ],
+                "users": {"bob": {"password": "plaintext"}},
+                "accounts": {"carol": {"expires": "next tuesday"}},
+                "unknown": True,
+            }
+        )
     problems = "\n".join(info.value.problems)
     for expected in (
         "acl[1].match.name: invalid regex '/[unclosed/'",
@@ -235,15 +249,17 @@ def test_policy_file_problems_named_by_key_path() -> None:
 
 
 def test_shadowed_rules_warned() -> None:
-    policy = policyfile.parse({
-        "acl": [
-            {"match": {"account": "alice"}, "actions": ["pull"]},
-            {"match": {"account": "alice", "name": "x/*"}, "actions": ["*"]},
-            {"match": {"ip": "10.0.0.0/8"}, "actions": ["pull"]},
-            {"match": {"ip": "10.1.0.0/16", "account": "bob"}, "actions": ["*"]},
-            {"match": {"account": "carol"}, "actions": ["*"]},
-        ]
-    })
+    policy = policyfile.parse(
+        {
+            "acl": [
+                {"match": {"account": "alice"}, "actions": ["pull"]},
+                {"match": {"account": "alice", "name": "x/*"}, "actions": ["*"]},
+                {"match": {"ip": "10.0.0.0/8"}, "actions": ["pull"]},
+                {"match": {"ip": "10.1.0.0/16", "account": "bob"}, "actions": ["*"]},
+                {"match": {"account": "carol"}, "actions": ["*"]},
+            ]
+        }
+    )
     assert policy.warnings == (
         "acl[1]: can never match: acl[0] matches every request it would",
         "acl[3]: can never match: acl[2] matches every request it would",
@@ -251,11 +267,15 @@ def test_shadowed_rules_warned() -> None:
 
 
 def test_groups_expiry_and_labels() -> None:
-    policy = policyfile.parse({
-        "acl": [{"match": {"labels": {"group": "developers"}}, "actions": ["pull"]}],
-        "accounts": {"alice": {"labels": {"team": "web"}, "groups": ["ops"], "expires": dt.date(2030, 1, 2)}},
-        "groups": {"developers": ["alice", "bob"]},
-    })
+    policy = policyfile.parse(
+        {
+            "acl": [{"match": {"labels": {"group": "developers"}}, "actions": ["pull"]}],
+            "accounts": {
+                "alice": {"labels": {"team": "web"}, "groups": ["ops"], "expires": dt.date(2030, 1, 2)}
+            },
+            "groups": {"developers": ["alice", "bob"]},
+        }
+    )
     alice = policy.account("alice")
     assert alice.labels == {"team": ("web",), "group": ("ops", "developers")}
     assert alice.expires == dt.datetime(2030, 1, 2, tzinfo=dt.UTC)

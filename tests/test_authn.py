@@ -27,6 +27,7 @@ def basic(raw: bytes) -> str:
         (basic(b"alice:pw"), Credentials("alice", "pw")),
         (basic(b"alice:p:w:"), Credentials("alice", "p:w:")),
         (basic(b"alice:"), Credentials("alice", "")),
+        (basic(b":"), None),  # skopeo/podman without credentials: anonymous
         ("basic " + base64.b64encode(b"a:b").decode(), Credentials("a", "b")),
         (basic("j\u00f6rg:pw\u00e9".encode()), Credentials("j\u00f6rg", "pw\u00e9")),
     ],

@@ -330,3 +330,19 @@ async def test_old_docker_clients_blocked_only_when_configured(rig: Rig, tmp_pat
             assert r.status == 401  # a current client goes on to authentication
     finally:
         await gateway.close()
+
+
+async def test_head_errors_have_length_and_no_body(rig: Rig) -> None:
+    for headers, status in (({}, 401), ({"Authorization": READER}, 403)):
+        async with rig.session.request(
+            "DELETE" if status == 403 else "HEAD", url(rig, "/v2/a/manifests/x"), headers=headers
+        ) as r:
+            assert r.status == status
+    async with rig.session.head(url(rig, f"/v2/a/blobs/{DIGEST}")) as r:
+        assert r.status == 401
+        assert int(r.headers["Content-Length"]) > 0
+        assert r.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
+        assert await r.read() == b""
+    async with rig.session.head(url(rig, "/v2/a%2Fb/manifests/x"), headers={"Authorization": READER}) as r:
+        assert r.status == 400
+        assert await r.read() == b""
