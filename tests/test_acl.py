@@ -102,7 +102,11 @@ def test_first_match_wins_and_star_vs_intersection() -> None:
     verdict = acl.evaluate(table, req(name="secret/x"))
     assert (verdict.granted, verdict.entry_index) == (frozenset(), 0)
     verdict = acl.evaluate(table, req(actions=ALL))
-    assert (verdict.granted, verdict.entry_index, verdict.comment) == ({"pull", "push"}, 1, "alice rw")
+    assert (verdict.granted, verdict.entry_index, verdict.comment) == (
+        frozenset({"pull", "push"}),
+        1,
+        "alice rw",
+    )
     assert acl.evaluate(table, req(account="admin", actions=ALL)).granted == ALL
     assert acl.evaluate(table, req(account="admin", actions=frozenset({"*"}))).granted == {"*"}
     assert acl.evaluate(table, req(account="mallory")).entry_index is None

@@ -217,7 +217,8 @@ def test_policy_explain(tmp_path: Path) -> None:
         (
             ("alice", "library/busybox", "push"),
             1,
-            "DENIED: alice push library/busybox: acl[2] (everyone reads library) matched but does not grant push",
+            "DENIED: alice push library/busybox: acl[2] (everyone reads library) matched"
+            " but does not grant push",
         ),
         (("", "public/x", "pull"), 0, "ALLOWED: anonymous pull public/x: by acl[3]"),
         (("gone", "library/x", "pull"), 1, "DENIED: gone: account expired"),

@@ -203,7 +203,7 @@ def test_catalog_is_filtered_per_user_and_pages_correctly(setup: Setup) -> None:
     for n in (1, 2, 3, 10):
         walked = walk_catalog(setup.gateway, "alice", n)
         assert walked == sorted(EXPECTED_PULL["alice"]), n  # each visible repository exactly once
-    status, headers, body = get(setup.gateway, "/v2/_catalog?n=0", "alice")
+    status, _headers, body = get(setup.gateway, "/v2/_catalog?n=0", "alice")
     assert status == 400 and json.loads(body)["errors"][0]["code"] == "PAGINATION_NUMBER_INVALID"
 
 
@@ -268,13 +268,13 @@ def test_mount_from_unpullable_repository_becomes_plain_upload(setup: Setup) -> 
 
 
 def test_denial_body_names_repository_and_action_not_rule(setup: Setup) -> None:
-    status, headers, body = get(setup.gateway, "/v2/dev-y/app/manifests/1", "alice")
+    status, _headers, body = get(setup.gateway, "/v2/dev-y/app/manifests/1", "alice")
     assert status == 403
     error = json.loads(body)["errors"][0]
     assert error["code"] == "DENIED"
     assert error["detail"] == [{"Type": "repository", "Name": "dev-y/app", "Action": "pull"}]
     assert "acl" not in body.decode() and "team" not in body.decode()
-    status, headers, _ = get(setup.gateway, "/v2/dev-y/app/tags/list", "alice")
+    status, _headers, _ = get(setup.gateway, "/v2/dev-y/app/tags/list", "alice")
     assert status == 403
     status, _, _ = get(setup.gateway, "/v2/dev-y/app/tags/list", None)
     assert status == 401
@@ -323,7 +323,7 @@ def test_live_user_add_policy_edit_and_expiry(setup: Setup) -> None:
     while get(gateway, "/v2/library/base/tags/list", "bob")[0] != 403:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    status, headers, body = get(gateway, "/v2/", "carol", "carol-pw")
+    status, _headers, body = get(gateway, "/v2/", "carol", "carol-pw")
     assert status == 401
     assert json.loads(body)["errors"][0]["message"] == "account expired"
     assert "carol-pw" not in gateway.log.read_text()
