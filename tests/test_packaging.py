@@ -41,3 +41,11 @@ def test_dockerfile_healthcheck_command_detects_a_live_gateway(gateway: Gateway)
     assert subprocess.run([sys.executable, "-c", script], timeout=30).returncode == 0
     dead = command[2].replace("8080", "1")
     assert subprocess.run([sys.executable, "-c", dead], capture_output=True, timeout=30).returncode != 0
+
+
+def test_example_policy_is_valid_and_warns_about_nothing() -> None:
+    from gateway import policyfile
+
+    policy = policyfile.load(ROOT / "config" / "policy.example.yml")
+    assert len(policy.acl) == 5
+    assert policy.warnings == ()

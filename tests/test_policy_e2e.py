@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import json
 import os
+import signal
 import subprocess
 import textwrap
 import time
@@ -84,6 +85,25 @@ def skopeo_copy(src: str, dst: str, auth: Path) -> subprocess.CompletedProcess[s
     )
 
 
+def skopeo_delete(ref: str, auth: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            require("skopeo"),
+            "--insecure-policy",
+            "delete",
+            "--retry-times",
+            "0",
+            "--tls-verify=false",
+            "--authfile",
+            str(auth),
+            ref,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.fixture
 def setup(tmp_path: Path, registry: Registry) -> Iterator[Setup]:
     users = tmp_path / "htpasswd"
@@ -148,6 +168,18 @@ def test_every_user_repository_operation_cell(setup: Setup) -> None:
             if not allowed:
                 uploads = setup.registry.storage / "docker/registry/v2/repositories" / repository / "_uploads"
                 assert not uploads.exists() or not any(uploads.iterdir()), (user, repository)
+    # Delete: only admins. The others are refused and the manifest stays.
+    for user in ("alice", "bob", None, "admin"):
+        auth = authfile(setup.tmp, host, user)
+        for repository in REPOSITORIES:
+            deleted = skopeo_delete(f"docker://{host}/{repository}:1", auth)
+            assert (deleted.returncode == 0) == (user == "admin"), (
+                user,
+                repository,
+                "delete",
+                deleted.stderr,
+            )
+            assert tag_exists(setup.registry, repository, "1") == (user != "admin"), (user, repository)
     pushes_allowed = sum(len(v) for v in EXPECTED_PUSH.values())
     # Exactly the allowed pushes added blobs: a layer, a config and a manifest each.
     assert setup.registry.blob_count() == blobs_before + 3 * pushes_allowed
@@ -359,5 +391,27 @@ def test_static_users_from_policy_file(tmp_path: Path, registry: Registry) -> No
         assert get(gw, "/v2/ci/app/tags/list", "ci-bot", "wrong")[0] == 401
         # A users: section without a "" entry refuses anonymous requests outright.
         assert get(gw, "/v2/ci/app/tags/list", None)[0] == 401
+    finally:
+        stop(gw.process)
+
+
+def test_sighup_reloads_at_once(tmp_path: Path, registry: Registry) -> None:
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, "alice", PASSWORDS["alice"], "-B")
+    policy = tmp_path / "policy.yml"
+    policy.write_text("acl:\n  - match: {account: alice}\n    actions: [pull]\n")
+    gw = start_gateway(
+        tmp_path, registry.url, users, "--policy", str(policy), env={"GATEWAY_RELOAD_INTERVAL": "3600"}
+    )
+    try:
+        assert get(gw, "/v2/a/tags/list", "alice")[0] == 404  # allowed, no such repository
+        policy.write_text("acl:\n  - match: {account: bob}\n    actions: [pull]\n")
+        time.sleep(0.5)
+        assert get(gw, "/v2/a/tags/list", "alice")[0] == 404  # not polled yet
+        gw.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while get(gw, "/v2/a/tags/list", "alice")[0] != 403:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
     finally:
         stop(gw.process)
