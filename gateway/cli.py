@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing
 import os
 import signal
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ SETTING_FLAGS: tuple[tuple[str, str], ...] = (
     ("policy", "policy file with ACL rules, labels and static users (default: admin-prefix policy)"),
     ("admin_prefix", "users whose name starts with this may push and delete (default admin)"),
     ("realm", "realm of the Basic challenge"),
+    ("workers", "worker processes sharing the port (default 1)"),
 )
 
 
@@ -88,7 +91,9 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
     app = create_app(settings, store)
     runner = GatewayRunner(app, access_log=None, shutdown_timeout=30)
     await runner.setup()
-    site = web.TCPSite(runner, settings.listen_host, settings.listen_port, backlog=1024)
+    site = web.TCPSite(
+        runner, settings.listen_host, settings.listen_port, backlog=1024, reuse_port=settings.workers > 1
+    )
     await site.start()
     log.info(
         "registry-gateway %s listening on %s:%d, upstream %s",
@@ -135,8 +140,61 @@ def _serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    if settings.workers > 1:
+        return supervise(settings)
     run_event_loop(run_server(settings, store))
     return 0
+
+
+def _worker_main(settings: config.Settings) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    run_event_loop(run_server(settings, AccessStore(settings.htpasswd, settings.policy)))
+
+
+def supervise(settings: config.Settings) -> int:
+    """Run `settings.workers` processes sharing the port (SO_REUSEPORT), so every core serves.
+
+    Each worker loads users and rules itself and keeps its own credential cache. SIGTERM/SIGINT
+    stop them all (each finishes its transfers in flight); SIGHUP is passed on; a worker that dies
+    is started again.
+    """
+    context = multiprocessing.get_context("fork")
+    workers: list[multiprocessing.process.BaseProcess] = []
+    stopping = False
+
+    def start() -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_worker_main, args=(settings,), name="registry-gateway-worker")
+        process.start()
+        return process
+
+    def on_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in workers:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        for process in workers:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGHUP)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    workers.extend(start() for _ in range(settings.workers))
+    log.info("supervising %d workers on %s:%d", settings.workers, settings.listen_host, settings.listen_port)
+    while True:
+        for index, process in enumerate(workers):
+            process.join(timeout=0.2)
+            if process.is_alive() or stopping:
+                continue
+            log.error("worker %d exited with %s; starting another", process.pid, process.exitcode)
+            time.sleep(1)
+            workers[index] = start()
+        if stopping and not any(process.is_alive() for process in workers):
+            return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -44,6 +44,7 @@ class Settings:
     reload_interval: float
     max_header_size: int
     log_level: str
+    workers: int
 
 
 class ConfigError(Exception):
@@ -70,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "reload_interval": 2.0,
     "max_header_size": 16384,
     "log_level": "info",
+    "workers": 1,
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -224,6 +226,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "reload_interval": _positive_seconds,
     "max_header_size": _count(1024),
     "log_level": _log_level,
+    "workers": _count(1),
 }
 
 

@@ -1,0 +1,771 @@
+"""Side-by-side benchmark: the registry directly, the nginx recipe, and registry-gateway, in one run.
+
+    python bench/bench.py                 # full run, a few minutes; writes bench/results/latest.json
+    python bench/bench.py --quick         # seconds-long smoke version (what the test suite runs)
+
+Everything runs on this machine: Debian's docker-registry, nginx configured as the seed recipe
+(auth_basic + auth_request, the same htpasswd file), and the gateway, measured in interleaved
+rounds so that drift of the machine hits all three alike. Medians and ratios are printed as a
+table and written as JSON. Load comes from `hey` (HEAD requests) and `curl` (blob transfers),
+and from `skopeo copy --preserve-digests` for whole images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+USER, PASSWORD = "admin-bench", "bench-password-1"
+READER = "reader"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def need(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise SystemExit(
+            f"bench: {binary} not found (bash scripts/bootstrap installs it; hey: apt-get install hey)"
+        )
+    return path
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"bench: {url} exited:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"bench: {url} did not start:\n{log.read_text()[-3000:]}")
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    auth: bool
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Bench:
+    work: Path
+    quick: bool
+    workers: int
+    services: list[Service] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], url: str, auth: bool, cwd: Path | None = None) -> Service:
+        log = self.work / f"{name}.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(argv, stdout=out, stderr=out, cwd=cwd)
+        wait_http(url + "/v2/", process, log)
+        service = Service(name, url, process, auth)
+        self.services.append(service)
+        return service
+
+    def stop_all(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        self.services.clear()
+
+    def registry(self) -> Service:
+        port = free_port()
+        config = self.work / "registry.yml"
+        config.write_text(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.work / 'storage'}\n"
+            "  delete:\n    enabled: true\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n"
+        )
+        return self.start(
+            "registry",
+            [need("docker-registry"), "serve", str(config)],
+            f"http://127.0.0.1:{port}",
+            auth=False,
+        )
+
+    def nginx(self, upstream: str, htpasswd: Path, tag: str) -> Service:
+        prefix = self.work / f"nginx-{tag}"
+        (prefix / "tmp").mkdir(parents=True, exist_ok=True)
+        (prefix / "tmp").chmod(0o777)
+        port = free_port()
+        upstream_host = upstream.removeprefix("http://")
+        temp = "\n".join(
+            f"    {kind}_temp_path {prefix / 'tmp' / kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        (prefix / "nginx.conf").write_text(f"""
+worker_processes auto;
+pid {prefix / "nginx.pid"};
+error_log {prefix / "error.log"} warn;
+events {{ worker_connections 4096; }}
+http {{
+{temp}
+    access_log off;
+    upstream docker-registry {{ server {upstream_host}; keepalive 32; }}
+    map $upstream_http_docker_distribution_api_version $docker_distribution_api_version {{
+        '' 'registry/2.0';
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 0;
+        chunked_transfer_encoding on;
+        location /v2/ {{
+            auth_basic "Registry realm";
+            auth_basic_user_file {htpasswd};
+            auth_request /_auth;
+            add_header 'Docker-Distribution-Api-Version' $docker_distribution_api_version always;
+            proxy_pass http://docker-registry;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_read_timeout 900;
+            proxy_request_buffering off;
+            proxy_buffering off;
+        }}
+        location = /_auth {{
+            internal;
+            if ($remote_user ~ ^admin) {{ return 200; }}
+            if ($request_method ~ ^(GET|HEAD)$) {{ return 200; }}
+            return 403;
+        }}
+    }}
+}}
+""")
+        return self.start(
+            f"nginx-{tag}",
+            [need("nginx"), "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
+            f"http://127.0.0.1:{port}",
+            auth=True,
+        )
+
+    def gateway(
+        self, upstream: str, htpasswd: Path, tag: str, policy: Path | None = None, workers: int | None = None
+    ) -> Service:
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--upstream",
+            upstream,
+            "--htpasswd",
+            str(htpasswd),
+        ]
+        if policy is not None:
+            argv += ["--policy", str(policy)]
+        argv += ["--workers", str(workers or self.workers)]
+        service = self.start(f"gateway-{tag}", argv, f"http://127.0.0.1:{port}", auth=True, cwd=ROOT)
+        return service
+
+
+# --- fixtures on disk ---------------------------------------------------------------------------
+
+
+def write_htpasswd(path: Path, cost: int, extra_users: int = 0) -> None:
+    """The bench user (and a reader) with real hashes, plus `extra_users` sharing one hash."""
+    lines = [
+        f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost)).decode()}",
+        f"{READER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost)).decode()}",
+    ]
+    filler = bcrypt.hashpw(b"filler", bcrypt.gensalt(4)).decode()
+    lines += [f"user{i:06d}:{filler}" for i in range(extra_users)]
+    # The bench user last: nginx scans the file top to bottom on every request.
+    lines.append(lines.pop(0))
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o644)
+
+
+def write_policy(path: Path, rules: int) -> None:
+    """`rules` entries, the one that matches the bench user last (the worst case for first-match)."""
+    entries = [
+        f'  - match: {{account: "user{i:06d}", name: "team{i}/*"}}\n    actions: [pull, push]\n'
+        for i in range(rules - 1)
+    ]
+    entries.append(f'  - match: {{account: "{USER}"}}\n    actions: ["*"]\n')
+    path.write_text("acl:\n" + "".join(entries))
+
+
+def random_file(path: Path, mib: int) -> str:
+    block = os.urandom(1 << 20)
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        for i in range(mib):
+            chunk = i.to_bytes(8, "big") + block[8:]
+            digest.update(chunk)
+            out.write(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def write_big_image(layout: Path, layer: Path, layer_digest: str, tag: str) -> None:
+    """An OCI layout whose single (uncompressed) layer is `layer`, hard-linked in."""
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    target = blobs / layer_digest.removeprefix("sha256:")
+    if not target.exists():
+        os.link(layer, target)
+
+    def put(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return f"sha256:{digest}"
+
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_TYPE,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": put(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest,
+                    "size": layer.stat().st_size,
+                }
+            ],
+        }
+    ).encode()
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (layout / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": MANIFEST_TYPE,
+                        "digest": put(manifest),
+                        "size": len(manifest),
+                        "annotations": {"org.opencontainers.image.ref.name": tag},
+                    }
+                ],
+            }
+        )
+    )
+
+
+# --- measurements -------------------------------------------------------------------------------
+
+
+def basic(user: str = USER) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{PASSWORD}".encode()).decode()
+
+
+@dataclass
+class HeyResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def hey(url: str, auth: bool, conns: int, seconds: float) -> HeyResult:
+    argv = [
+        need("hey"),
+        "-z",
+        f"{seconds}s",
+        "-c",
+        str(conns),
+        "-m",
+        "HEAD",
+        "-H",
+        f"Accept: {MANIFEST_TYPE}",
+    ]
+    if auth:
+        argv += ["-H", f"Authorization: {basic()}"]
+    out = subprocess.run([*argv, url], capture_output=True, text=True, timeout=seconds + 120).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = re.search(r"50% in ([\d.]+) secs", out)
+    p99 = re.search(r"99% in ([\d.]+) secs", out)
+    statuses = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
+    ok = int(statuses.pop("200", 0))
+    errors = sum(int(v) for v in statuses.values()) + len(re.findall(r"Error distribution", out))
+    if ok == 0:
+        raise SystemExit(f"bench: no successful request to {url}:\n{out[-2000:]}")
+    return HeyResult(
+        rps, float(p50.group(1)) * 1000 if p50 else 0.0, float(p99.group(1)) * 1000 if p99 else 0.0, errors
+    )
+
+
+def median_of(results: list[HeyResult]) -> dict[str, float]:
+    return {
+        "rps": statistics.median(r.rps for r in results),
+        "p50_ms": statistics.median(r.p50_ms for r in results),
+        "p99_ms": statistics.median(r.p99_ms for r in results),
+        "errors": sum(r.errors for r in results),
+    }
+
+
+def curl_pull(url: str, auth: bool) -> float:
+    """Download a URL to /dev/null; bytes per second."""
+    argv = [need("curl"), "-sS", "-f", "-o", "/dev/null", "-w", "%{speed_download}"]
+    if auth:
+        argv += ["-H", f"Authorization: {basic()}"]
+    result = subprocess.run([*argv, url], capture_output=True, text=True, timeout=900, check=True)
+    return float(result.stdout)
+
+
+def start_upload(base: str, repository: str, auth: bool) -> str:
+    host = base.removeprefix("http://")
+    conn = http.client.HTTPConnection(host, timeout=60)
+    headers = {"Authorization": basic()} if auth else {}
+    conn.request("POST", f"/v2/{repository}/blobs/uploads/", body=b"", headers=headers)
+    response = conn.getresponse()
+    response.read()
+    location = response.getheader("Location") or ""
+    conn.close()
+    if response.status != 202:
+        raise SystemExit(f"bench: upload start answered {response.status}")
+    return location if location.startswith("http") else base + location
+
+
+def curl_push(base: str, repository: str, blob: Path, digest: str, auth: bool) -> float:
+    """A monolithic blob upload (POST, then PUT of the whole file); bytes per second of the PUT."""
+    location = start_upload(base, repository, auth)
+    separator = "&" if "?" in location else "?"
+    argv = [
+        need("curl"),
+        "-sS",
+        "-f",
+        "-X",
+        "PUT",
+        "-T",
+        str(blob),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{speed_upload}",
+        "-H",
+        "Content-Type: application/octet-stream",
+    ]
+    if auth:
+        argv += ["-H", f"Authorization: {basic()}"]
+    result = subprocess.run(
+        [*argv, f"{location}{separator}digest={digest}"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
+    return float(result.stdout)
+
+
+def skopeo_time(argv: list[str], auth_file: Path) -> float:
+    started = time.monotonic()
+    subprocess.run(
+        [
+            need("skopeo"),
+            "--insecure-policy",
+            "copy",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            "--authfile",
+            str(auth_file),
+            *argv,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    return time.monotonic() - started
+
+
+def process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        pids.extend(process_tree(int(child)))
+    return pids
+
+
+def rss_kib(pid: int) -> int:
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    ticks = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def peak_rss(pid: int) -> Iterator[dict[str, int]]:
+    peak = {"kib": rss_kib(pid)}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak["kib"] = max(peak["kib"], rss_kib(pid))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def seed_manifest(registry: Service, work: Path) -> None:
+    from gateway.sample_image import write_image
+
+    layout = work / "seed-image"
+    write_image(layout, "1", layers=1, layer_bytes=1000)
+    auth = work / "auth-none.json"
+    auth.write_text('{"auths": {}}')
+    skopeo_time([f"oci:{layout}:1", f"docker://{registry.url.removeprefix('http://')}/bench/app:1"], auth)
+
+
+def bench_head(b: Bench, registry: Service, rounds: int, seconds: float) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    url_path = "/v2/bench/app/manifests/1"
+    for cost in (10, 5):
+        htpasswd = b.work / f"htpasswd-cost{cost}"
+        write_htpasswd(htpasswd, cost)
+        targets = [
+            registry,
+            b.nginx(registry.url, htpasswd, f"c{cost}"),
+            b.gateway(registry.url, htpasswd, f"c{cost}"),
+        ]
+        for conns in (2, 32):
+            runs: dict[str, list[HeyResult]] = {t.name.split("-")[0]: [] for t in targets}
+            for _ in range(rounds):
+                for target in targets:
+                    runs[target.name.split("-")[0]].append(
+                        hey(target.url + url_path, target.auth, conns, seconds)
+                    )
+            summary = {name: median_of(r) for name, r in runs.items()}
+            summary["ratios"] = {
+                "gateway_vs_nginx": summary["gateway"]["rps"] / summary["nginx"]["rps"],
+                "gateway_vs_direct": summary["gateway"]["rps"] / summary["registry"]["rps"],
+                "nginx_vs_direct": summary["nginx"]["rps"] / summary["registry"]["rps"],
+                "gateway_added_p50_ms": summary["gateway"]["p50_ms"] - summary["registry"]["p50_ms"],
+                "nginx_added_p50_ms": summary["nginx"]["p50_ms"] - summary["registry"]["p50_ms"],
+            }
+            results[f"cost{cost}_c{conns}"] = summary
+        for target in targets[1:]:
+            target.stop()
+            b.services.remove(target)
+    return results
+
+
+def bench_transfer(b: Bench, registry: Service, mib: int, rounds: int, use_skopeo: bool) -> dict[str, Any]:
+    htpasswd = b.work / "htpasswd-transfer"
+    write_htpasswd(htpasswd, 5)
+    targets = [registry, b.nginx(registry.url, htpasswd, "xfer"), b.gateway(registry.url, htpasswd, "xfer")]
+    blob = b.work / "blob.bin"
+    digest = random_file(blob, mib)
+    size = blob.stat().st_size
+    curl_push(registry.url, "bench/blob", blob, digest, auth=False)
+    pull: dict[str, list[float]] = {}
+    push: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for target in targets:
+            name = target.name.split("-")[0]
+            pull.setdefault(name, []).append(
+                curl_pull(f"{target.url}/v2/bench/blob/blobs/{digest}", target.auth)
+            )
+            push.setdefault(name, []).append(
+                curl_push(target.url, f"bench/push-{name}", blob, digest, target.auth)
+            )
+    result: dict[str, Any] = {
+        "blob_mib": mib,
+        "pull_MBps": {k: statistics.median(v) / 1e6 for k, v in pull.items()},
+        "push_MBps": {k: statistics.median(v) / 1e6 for k, v in push.items()},
+    }
+    result["ratios"] = {
+        "pull_gateway_vs_nginx": result["pull_MBps"]["gateway"] / result["pull_MBps"]["nginx"],
+        "pull_gateway_vs_direct": result["pull_MBps"]["gateway"] / result["pull_MBps"]["registry"],
+        "push_gateway_vs_direct": result["push_MBps"]["gateway"] / result["push_MBps"]["registry"],
+        "push_nginx_vs_direct": result["push_MBps"]["nginx"] / result["push_MBps"]["registry"],
+    }
+    if use_skopeo:
+        layout = b.work / "big-image"
+        write_big_image(layout, blob, digest, "1")
+        auth_file = b.work / "auth.json"
+        auth_file.write_text(
+            json.dumps(
+                {
+                    "auths": {
+                        t.url.removeprefix("http://"): {
+                            "auth": base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+                        }
+                        for t in targets[1:]
+                    }
+                }
+            )
+        )
+        skopeo_push: dict[str, list[float]] = {}
+        skopeo_pull: dict[str, list[float]] = {}
+        for round_index in range(rounds):
+            for target in targets:
+                name = target.name.split("-")[0]
+                host = target.url.removeprefix("http://")
+                repo = f"bench/skopeo-{name}-{round_index}"
+                seconds = skopeo_time([f"oci:{layout}:1", f"docker://{host}/{repo}:1"], auth_file)
+                skopeo_push.setdefault(name, []).append(size / seconds / 1e6)
+                out = b.work / f"pulled-{name}"
+                shutil.rmtree(out, ignore_errors=True)
+                seconds = skopeo_time([f"docker://{host}/{repo}:1", f"oci:{out}:1"], auth_file)
+                skopeo_pull.setdefault(name, []).append(size / seconds / 1e6)
+                shutil.rmtree(out, ignore_errors=True)
+        result["skopeo_push_MBps"] = {k: statistics.median(v) for k, v in skopeo_push.items()}
+        result["skopeo_pull_MBps"] = {k: statistics.median(v) for k, v in skopeo_pull.items()}
+    blob.unlink()
+    for target in targets[1:]:
+        target.stop()
+        b.services.remove(target)
+    return result
+
+
+def bench_memory(b: Bench, registry: Service, big_mib: int, small_mib: int) -> dict[str, Any]:
+    htpasswd = b.work / "htpasswd-memory"
+    write_htpasswd(htpasswd, 5)
+    gateway = b.gateway(registry.url, htpasswd, "memory", workers=1)
+    pid = gateway.process.pid
+    for _ in range(20):  # warm up: first connections, the credential cache
+        curl_pull(f"{gateway.url}/v2/", auth=True)
+    result: dict[str, Any] = {"baseline_rss_mib": rss_kib(pid) / 1024}
+    for label, mib in (("small", small_mib), ("big", big_mib)):
+        blob = b.work / f"mem-{label}.bin"
+        digest = random_file(blob, mib)
+        cpu_before = cpu_seconds(pid)
+        with peak_rss(pid) as push_peak:
+            curl_push(gateway.url, f"bench/mem-{label}", blob, digest, auth=True)
+        with peak_rss(pid) as pull_peak:
+            curl_pull(f"{gateway.url}/v2/bench/mem-{label}/blobs/{digest}", auth=True)
+        cpu = cpu_seconds(pid) - cpu_before
+        gb = 2 * blob.stat().st_size / 1e9
+        result[label] = {
+            "mib": mib,
+            "push_peak_rss_mib": push_peak["kib"] / 1024,
+            "pull_peak_rss_mib": pull_peak["kib"] / 1024,
+            "cpu_seconds_per_GB": cpu / gb,
+        }
+        blob.unlink()
+    result["big_minus_small_peak_mib"] = max(
+        result["big"]["push_peak_rss_mib"], result["big"]["pull_peak_rss_mib"]
+    ) - max(result["small"]["push_peak_rss_mib"], result["small"]["pull_peak_rss_mib"])
+    gateway.stop()
+    b.services.remove(gateway)
+    return result
+
+
+def bench_scaling(
+    b: Bench, registry: Service, user_counts: list[int], rule_counts: list[int], rounds: int, seconds: float
+) -> dict[str, Any]:
+    url_path = "/v2/bench/app/manifests/1"
+    results: dict[str, Any] = {"users": {}, "rules": {}}
+
+    def measure(targets: list[Service]) -> dict[str, dict[str, float]]:
+        runs: dict[str, list[HeyResult]] = {t.name: [] for t in targets}
+        for _ in range(rounds):
+            for target in targets:
+                runs[target.name].append(hey(target.url + url_path, True, 32, seconds))
+        return {name.split("-")[0]: median_of(r) for name, r in runs.items()}
+
+    for count in user_counts:
+        htpasswd = b.work / f"htpasswd-{count}"
+        write_htpasswd(htpasswd, 5, extra_users=max(0, count - 2))
+        targets = [
+            b.nginx(registry.url, htpasswd, f"u{count}"),
+            b.gateway(registry.url, htpasswd, f"u{count}"),
+        ]
+        results["users"][str(count)] = measure(targets)
+        for target in targets:
+            target.stop()
+            b.services.remove(target)
+    htpasswd = b.work / "htpasswd-rules"
+    write_htpasswd(htpasswd, 5)
+    for count in rule_counts:
+        policy = b.work / f"policy-{count}.yml"
+        write_policy(policy, count)
+        target = b.gateway(registry.url, htpasswd, f"r{count}", policy=policy)
+        results["rules"][str(count)] = measure([target])
+        target.stop()
+        b.services.remove(target)
+    base_users = results["users"][str(user_counts[0])]["gateway"]["rps"]
+    base_rules = results["rules"][str(rule_counts[0])]["gateway"]["rps"]
+    results["ratios"] = {
+        "users_max_vs_min": results["users"][str(user_counts[-1])]["gateway"]["rps"] / base_users,
+        "rules_max_vs_min": results["rules"][str(rule_counts[-1])]["gateway"]["rps"] / base_rules,
+    }
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["", "== authenticated HEAD manifest (median of rounds) =="]
+    lines.append(
+        f"{'case':<14}{'direct rps':>12}{'nginx rps':>12}{'gateway rps':>13}{'gw/nginx':>10}"
+        f"{'gw/direct':>11}{'p50 d/n/g ms':>22}{'p99 gw ms':>11}"
+    )
+    for case, s in results["head"].items():
+        lines.append(
+            f"{case:<14}{s['registry']['rps']:>12.0f}{s['nginx']['rps']:>12.0f}{s['gateway']['rps']:>13.0f}"
+            f"{s['ratios']['gateway_vs_nginx']:>10.1f}{s['ratios']['gateway_vs_direct']:>11.2f}"
+            f"{s['registry']['p50_ms']:>9.2f}/{s['nginx']['p50_ms']:.2f}/{s['gateway']['p50_ms']:.2f}"
+            f"{s['gateway']['p99_ms']:>11.2f}"
+        )
+    t = results["transfer"]
+    lines.append(f"\n== {t['blob_mib']} MiB blob, MB/s (direct / nginx / gateway) ==")
+    for key in ("pull_MBps", "push_MBps", "skopeo_push_MBps", "skopeo_pull_MBps"):
+        if key in t:
+            v = t[key]
+            lines.append(f"{key:<18}{v['registry']:>9.0f}{v['nginx']:>9.0f}{v['gateway']:>9.0f}")
+    lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in t["ratios"].items()))
+    m = results["memory"]
+    lines.append("\n== gateway memory and CPU ==")
+    lines.append(f"baseline RSS {m['baseline_rss_mib']:.1f} MiB")
+    for label in ("small", "big"):
+        r = m[label]
+        lines.append(
+            f"{r['mib']:>6} MiB: peak RSS push {r['push_peak_rss_mib']:.1f} MiB, pull "
+            f"{r['pull_peak_rss_mib']:.1f} MiB, CPU {r['cpu_seconds_per_GB']:.2f} s/GB"
+        )
+    lines.append(f"big minus small peak: {m['big_minus_small_peak_mib']:.1f} MiB")
+    s = results["scaling"]
+    lines.append("\n== scaling, HEAD at 32 connections, requests/s ==")
+    for count, r in s["users"].items():
+        lines.append(
+            f"{count:>7} users: nginx {r['nginx']['rps']:>7.0f}  gateway {r['gateway']['rps']:>7.0f}"
+        )
+    for count, r in s["rules"].items():
+        lines.append(f"{count:>7} rules: gateway {r['gateway']['rps']:>7.0f}")
+    lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in s["ratios"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--seconds", type=float, default=None, help="length of one hey run")
+    parser.add_argument("--workers", type=int, default=2, help="gateway worker processes (default 2)")
+    parser.add_argument("--blob-mib", type=int, default=None)
+    parser.add_argument("--big-mib", type=int, default=None)
+    parser.add_argument("--no-skopeo", action="store_true")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    rounds = args.rounds or (1 if quick else 3)
+    seconds = args.seconds or (0.5 if quick else 3.0)
+    blob_mib = args.blob_mib or (8 if quick else 512)
+    big_mib = args.big_mib or (32 if quick else 2048)
+    user_counts = [1, 1000] if quick else [1, 10_000, 100_000]
+    rule_counts = [1, 50] if quick else [1, 100, 10_000]
+    for binary in ("docker-registry", "nginx", "hey", "curl", "skopeo"):
+        need(binary)
+
+    work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    work.chmod(0o755)  # nginx workers run as nobody and read the htpasswd file
+    bench = Bench(work, quick, args.workers)
+    started = time.monotonic()
+    try:
+        registry = bench.registry()
+        seed_manifest(registry, work)
+        results: dict[str, Any] = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "quick": quick,
+                "rounds": rounds,
+                "seconds_per_run": seconds,
+                "gateway_workers": args.workers,
+            },
+        }
+        results["head"] = bench_head(bench, registry, rounds, seconds)
+        results["transfer"] = bench_transfer(bench, registry, blob_mib, rounds, use_skopeo=not args.no_skopeo)
+        results["memory"] = bench_memory(bench, registry, big_mib, max(1, min(64, big_mib // 4)))
+        results["scaling"] = bench_scaling(bench, registry, user_counts, rule_counts, rounds, seconds)
+        results["elapsed_seconds"] = time.monotonic() - started
+    finally:
+        bench.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"\nresults written to {args.out} ({results['elapsed_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())
