@@ -17,6 +17,7 @@ pasted unchanged:
 from __future__ import annotations
 
 import functools
+import heapq
 import ipaddress
 import itertools
 import re
@@ -205,9 +206,60 @@ class Verdict:
         return set(needed) <= self.granted
 
 
-def evaluate(entries: tuple[Entry, ...], request: Request) -> Verdict:
+def literal_account(pattern: str | None) -> str | None:
+    """The one account a pattern can match, when it is a plain string; else None."""
+    if pattern is None or is_regex(pattern) or "${" in pattern or any(c in pattern for c in "*?[\\"):
+        return None
+    return pattern
+
+
+@dataclass(frozen=True)
+class Rules:
+    """An ACL with an index: entries whose account is a plain name are only tried for that name.
+
+    First match is kept: the candidates for an account are its own entries and the entries with
+    any other account pattern, merged in their original order. With thousands of per-user rules a
+    request then looks at a handful of entries instead of all of them.
+    """
+
+    entries: tuple[Entry, ...]
+    by_account: Mapping[str, tuple[int, ...]]
+    generic: tuple[int, ...]
+    _memo: dict[str, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def build(cls, entries: tuple[Entry, ...]) -> Rules:
+        by_account: dict[str, list[int]] = {}
+        generic: list[int] = []
+        for index, entry in enumerate(entries):
+            account = literal_account(entry.match.account)
+            if account is None:
+                generic.append(index)
+            else:
+                by_account.setdefault(account, []).append(index)
+        return cls(entries, {k: tuple(v) for k, v in by_account.items()}, tuple(generic))
+
+    def candidates(self, account: str) -> tuple[int, ...]:
+        found = self._memo.get(account)
+        if found is None:
+            found = tuple(heapq.merge(self.by_account.get(account, ()), self.generic))
+            if len(self._memo) < MEMO_LIMIT:
+                self._memo[account] = found
+        return found
+
+
+MEMO_LIMIT = 100_000
+
+
+def evaluate(rules: Rules | tuple[Entry, ...], request: Request) -> Verdict:
     """The first matching entry's grant, intersected with what the request asks for."""
-    for index, entry in enumerate(entries):
+    if isinstance(rules, Rules):
+        entries = rules.entries
+        order: Iterable[int] = rules.candidates(request.account)
+    else:
+        entries, order = rules, range(len(rules))
+    for index in order:
+        entry = entries[index]
         if entry.match.matches(request):
             if entry.actions == frozenset({"*"}):
                 granted = request.actions
@@ -230,6 +282,35 @@ def shadowed_by(earlier: Match, later: Match) -> bool:
     if earlier.ip is not None and (later.ip is None or not _subnet(later.ip, earlier.ip)):
         return False
     return set(earlier.labels) <= set(later.labels)
+
+
+PATTERN_FIELDS = ("account", "type", "name", "service")
+
+
+def shadowed_entries(entries: Iterable[Entry]) -> list[tuple[int, int]]:
+    """(later, earlier) pairs where `shadowed_by` holds, found without comparing every pair.
+
+    An earlier entry can only shadow a later one if the pattern fields it constrains are a subset
+    of the later one's, with the same values; so earlier entries are filed under exactly those
+    (field, value) pairs, and each later entry looks in the 16 buckets its fields allow.
+    """
+    buckets: dict[tuple[tuple[str, str], ...], list[tuple[int, Match]]] = {}
+    found = []
+    for index, entry in enumerate(entries):
+        fields = [
+            (name, value) for name in PATTERN_FIELDS if (value := getattr(entry.match, name)) is not None
+        ]
+        shadow = None
+        for size in range(len(fields) + 1):
+            for subset in itertools.combinations(fields, size):
+                for earlier_index, earlier in buckets.get(subset, ()):
+                    if shadowed_by(earlier, entry.match) and (shadow is None or earlier_index < shadow):
+                        shadow = earlier_index
+                        break
+        if shadow is not None:
+            found.append((index, shadow))
+        buckets.setdefault(tuple(fields), []).append((index, entry.match))
+    return found
 
 
 def _subnet(inner: IPNetwork, outer: IPNetwork) -> bool:

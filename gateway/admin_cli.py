@@ -156,7 +156,7 @@ def _explain(policy: policyfile.Policy, user: str, repository: str, action: str,
         return 1
     type_ = "registry" if repository == "catalog" else "repository"
     request = acl_request(policy, None if anonymous else user, type_, repository, frozenset({action}), ip)
-    verdict = acl.evaluate(policy.acl, request)
+    verdict = acl.evaluate(policy.rules, request)
     if verdict.entry_index is None:
         print(f"DENIED: {who} {action} {repository}: no rule matched")
         return 1

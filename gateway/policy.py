@@ -77,7 +77,7 @@ def acl_request(
 
 def may_pull(policy: Policy, user: str | None, repository: str, ip: str | None) -> bool:
     request = acl_request(policy, user, "repository", repository, frozenset({PULL}), ip)
-    return acl.evaluate(policy.acl, request).allows({PULL})
+    return acl.evaluate(policy.rules, request).allows({PULL})
 
 
 def acl_policy(policy: Policy, user: str | None, operation: Operation, ip: str | None) -> AclDecision:
@@ -92,7 +92,7 @@ def acl_policy(policy: Policy, user: str | None, operation: Operation, ip: str |
 
     if operation.route is Route.CATALOG:
         request = acl_request(policy, user, "registry", "catalog", operation.actions, ip)
-        verdict = acl.evaluate(policy.acl, request)
+        verdict = acl.evaluate(policy.rules, request)
         if verdict.allows(operation.actions):
             return AclDecision(Outcome.ALLOW, "catalog granted", verdict.entry_index, verdict.comment)
         return AclDecision(Outcome.ALLOW, "catalog filtered to pullable repositories", filter_catalog=True)
@@ -100,7 +100,7 @@ def acl_policy(policy: Policy, user: str | None, operation: Operation, ip: str |
     if operation.repository is None:  # every other route names one; refuse if that ever changes
         return AclDecision(Outcome.DENY, "no repository in the request")
     request = acl_request(policy, user, "repository", operation.repository, operation.actions, ip)
-    verdict = acl.evaluate(policy.acl, request)
+    verdict = acl.evaluate(policy.rules, request)
     if not verdict.allows(operation.actions):
         reason = "no rule matched" if verdict.entry_index is None else "rule grants too little"
         outcome = Outcome.CHALLENGE if user is None else Outcome.DENY

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from gateway import acl, htpasswd
+from gateway.acl import Rules
 
 ACTIONS = frozenset({"pull", "push", "delete", "*"})
 MATCH_KEYS = ("account", "type", "name", "service", "ip", "labels")
@@ -50,6 +51,7 @@ class Account:
 @dataclass(frozen=True)
 class Policy:
     acl: tuple[acl.Entry, ...]
+    rules: Rules
     users: Mapping[str, htpasswd.StoredHash]
     accounts: Mapping[str, Account]
     anonymous: bool  # may requests without credentials be evaluated (as account "")?
@@ -162,14 +164,10 @@ def _entries(c: _Collector, value: Any) -> tuple[acl.Entry, ...]:
             comment = None
         if match is not None and actions is not None:
             entries.append(acl.Entry(match, frozenset(actions), comment))
-    for later_index, later in enumerate(entries):
-        for earlier_index in range(later_index):
-            if acl.shadowed_by(entries[earlier_index].match, later.match):
-                c.warnings.append(
-                    f"acl[{later_index}]: can never match: "
-                    f"acl[{earlier_index}] matches every request it would"
-                )
-                break
+    for later_index, earlier_index in acl.shadowed_entries(entries):
+        c.warnings.append(
+            f"acl[{later_index}]: can never match: acl[{earlier_index}] matches every request it would"
+        )
     return tuple(entries)
 
 
@@ -269,6 +267,7 @@ def parse(data: Any, source: str = "policy") -> Policy:
     }
     return Policy(
         acl=entries,
+        rules=acl.Rules.build(entries),
         users=MappingProxyType(users),
         accounts=MappingProxyType(accounts),
         anonymous=anonymous,

@@ -287,3 +287,22 @@ def test_groups_expiry_and_labels() -> None:
     assert alice.expired(dt.datetime(2030, 1, 2, tzinfo=dt.UTC))
     assert policy.account("bob").labels == {"group": ("developers",)}
     assert policy.account("nobody").labels == {}
+
+
+def test_account_index_keeps_first_match_order() -> None:
+    raw = [
+        {"match": {"account": "alice", "name": "a/*"}, "actions": ["pull"]},
+        {"match": {"account": "/^al/"}, "actions": ["push"]},
+        {"match": {"account": "alice"}, "actions": ["delete"]},
+        {"match": {"account": "bob"}, "actions": ["*"]},
+        {"match": {"account": "al*"}, "actions": ["pull", "push"]},
+        {"match": {"name": "shared/*"}, "actions": ["pull"]},
+        {"match": {"account": ""}, "actions": ["pull"]},
+        {"match": {"account": "a\\*"}, "actions": ["*"]},
+    ]
+    policy = policyfile.parse({"acl": raw})
+    assert policy.rules.by_account == {"alice": (0, 2), "bob": (3,), "": (6,)}
+    for account in ("alice", "bob", "alfred", "", "a*", "carol"):
+        for name in ("a/x", "shared/y", "other/z"):
+            request = req(account=account, name=name, actions=ALL)
+            assert acl.evaluate(policy.rules, request) == acl.evaluate(policy.acl, request), (account, name)

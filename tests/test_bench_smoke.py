@@ -1,0 +1,36 @@
+"""The benchmark's seconds-long smoke version runs end to end. No timing is asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_quick_benchmark_produces_complete_results(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--seconds", "0.3", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for case in ("cost10_c2", "cost10_c32", "cost5_c2", "cost5_c32"):
+        for target in ("registry", "nginx", "gateway"):
+            assert results["head"][case][target]["rps"] > 0
+            assert results["head"][case][target]["errors"] == 0, (case, target)
+    transfer = results["transfer"]
+    for key in ("pull_MBps", "push_MBps", "skopeo_push_MBps", "skopeo_pull_MBps"):
+        assert set(transfer[key]) == {"registry", "nginx", "gateway"}
+        assert all(value > 0 for value in transfer[key].values())
+    memory = results["memory"]
+    assert memory["big"]["push_peak_rss_mib"] > 0 and memory["big"]["cpu_seconds_per_GB"] > 0
+    assert set(results["scaling"]["users"]) == {"1", "1000"}
+    assert set(results["scaling"]["rules"]) == {"1", "50"}
+    assert "authenticated HEAD manifest" in run.stdout
