@@ -555,8 +555,6 @@ def bench_transfer(b: Bench, registry: Service, mib: int, rounds: int, use_skope
         "push_nginx_vs_direct": result["push_MBps"]["nginx"] / result["push_MBps"]["registry"],
     }
     if use_skopeo:
-        layout = b.work / "big-image"
-        write_big_image(layout, blob, digest, "1")
         auth_file = b.work / "auth.json"
         auth_file.write_text(
             json.dumps(
@@ -576,9 +574,17 @@ def bench_transfer(b: Bench, registry: Service, mib: int, rounds: int, use_skope
             for target in targets:
                 name = target.name.split("-")[0]
                 host = target.url.removeprefix("http://")
+                # A layer of its own for every push: a layer the registry already has anywhere would
+                # be mounted or skipped by skopeo, and nothing would be measured.
+                layer = b.work / f"skopeo-layer-{name}-{round_index}.bin"
+                layer_digest = random_file(layer, mib)
+                layout = b.work / f"skopeo-image-{name}-{round_index}"
+                write_big_image(layout, layer, layer_digest, "1")
                 repo = f"bench/skopeo-{name}-{round_index}"
                 seconds = skopeo_time([f"oci:{layout}:1", f"docker://{host}/{repo}:1"], auth_file)
                 skopeo_push.setdefault(name, []).append(size / seconds / 1e6)
+                shutil.rmtree(layout)
+                layer.unlink()
                 out = b.work / f"pulled-{name}"
                 shutil.rmtree(out, ignore_errors=True)
                 seconds = skopeo_time([f"docker://{host}/{repo}:1", f"oci:{out}:1"], auth_file)
