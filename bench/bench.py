@@ -643,26 +643,32 @@ def bench_scaling(
         for _ in range(rounds):
             for target in targets:
                 runs[target.name].append(hey(target.url + url_path, True, 32, seconds))
-        return {name.split("-")[0]: median_of(r) for name, r in runs.items()}
+        return {name: median_of(r) for name, r in runs.items()}
 
+    # All configurations run at once and are measured in interleaved rounds, so that drift of the
+    # machine during the run does not pass for an effect of the user or rule count.
+    user_targets: dict[int, list[Service]] = {}
     for count in user_counts:
         htpasswd = b.work / f"htpasswd-{count}"
         write_htpasswd(htpasswd, 5, extra_users=max(0, count - 2))
-        targets = [
+        user_targets[count] = [
             b.nginx(registry.url, htpasswd, f"u{count}"),
             b.gateway(registry.url, htpasswd, f"u{count}"),
         ]
-        results["users"][str(count)] = measure(targets)
-        for target in targets:
-            target.stop()
-            b.services.remove(target)
     htpasswd = b.work / "htpasswd-rules"
     write_htpasswd(htpasswd, 5)
+    rule_targets: dict[int, Service] = {}
     for count in rule_counts:
         policy = b.work / f"policy-{count}.yml"
         write_policy(policy, count)
-        target = b.gateway(registry.url, htpasswd, f"r{count}", policy=policy)
-        results["rules"][str(count)] = measure([target])
+        rule_targets[count] = b.gateway(registry.url, htpasswd, f"r{count}", policy=policy)
+    everything = [t for ts in user_targets.values() for t in ts] + list(rule_targets.values())
+    runs = measure(everything)
+    for count, (nginx, gateway) in user_targets.items():
+        results["users"][str(count)] = {"nginx": runs[nginx.name], "gateway": runs[gateway.name]}
+    for count, gateway in rule_targets.items():
+        results["rules"][str(count)] = {"gateway": runs[gateway.name]}
+    for target in everything:
         target.stop()
         b.services.remove(target)
     base_users = results["users"][str(user_counts[0])]["gateway"]["rps"]

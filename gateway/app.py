@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import math
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import quote
 
@@ -19,6 +21,7 @@ from aiohttp import web
 from yarl import URL
 
 from gateway import catalog, forwarding
+from gateway.audit import AuditLog, AuditRecord, new_record, operation_name
 from gateway.authn import (
     Authenticator,
     CredentialCache,
@@ -28,6 +31,8 @@ from gateway.authn import (
 )
 from gateway.config import Settings
 from gateway.errors import API_VERSION, API_VERSION_HEADER, error_response
+from gateway.lockout import Lockout
+from gateway.metrics import Metrics
 from gateway.policy import AclDecision, Outcome, acl_policy, default_policy, may_pull
 from gateway.routes import Operation, RouteError, parse_query, parse_request, without_query_keys
 from gateway.state import AccessStore, Snapshot
@@ -42,6 +47,10 @@ MOUNT_KEYS = frozenset({"mount", "from"})
 SETTINGS_KEY = web.AppKey("settings", Settings)
 AUTHENTICATOR_KEY = web.AppKey("authenticator", Authenticator)
 SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+AUDIT_KEY = web.AppKey("audit", AuditLog)
+LOCKOUT_KEY = web.AppKey("lockout", Lockout)
+AUDIT_RECORD = web.RequestKey("audit_record", AuditRecord)
 
 
 class UpstreamAborted(ConnectionResetError):
@@ -61,11 +70,12 @@ def _detail(operation: Operation) -> list[dict[str, str]] | None:
     ]
 
 
-async def _request_body(request: web.Request) -> AsyncIterator[bytes]:
+async def _request_body(request: web.Request, record: AuditRecord) -> AsyncIterator[bytes]:
     while True:
         chunk = await request.content.readany()
         if not chunk:
             return
+        record.bytes_in += len(chunk)
         yield chunk
 
 
@@ -88,10 +98,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if settings.block_old_clients and OLD_DOCKER_CLIENT.match(request.headers.get("User-Agent", "")):
         return error_response(404, "UNSUPPORTED", "this docker client is too old")
 
+    record = request[AUDIT_RECORD]
+    record.decision = "refused"
     parsed = parse_request(request.method, request.raw_path)
     if isinstance(parsed, RouteError):
         return error_response(parsed.status, parsed.code, parsed.message)
     operation = parsed
+    record.operation = operation_name(operation)
+    record.repository = operation.repository
+    record.reference = operation.reference
 
     host = request.headers.get("Host", "")
     if not forwarding.valid_host(host):
@@ -99,6 +114,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     view = forwarding.client_view(
         request.remote or "", request.scheme, host, request.headers, settings.trusted_proxies
     )
+    record.client = view.address
+    metrics = request.app[METRICS_KEY]
+    record.decision = "challenge"
 
     # One snapshot of users and rules for the whole request, whatever reloads meanwhile.
     authenticator = request.app[AUTHENTICATOR_KEY]
@@ -107,20 +125,39 @@ async def handle(request: web.Request) -> web.StreamResponse:
     credentials = parse_basic_authorization(request.headers.get("Authorization"))
     if isinstance(credentials, Malformed):
         log.info("rejected authorization header from %s: %s", view.address, credentials.reason)
+        metrics.auth_failures.labels("malformed").inc()
         return _unauthorized(settings, operation, "authentication required")
     if isinstance(credentials, Credentials):
+        record.user = credentials.username
+        lockout = request.app[LOCKOUT_KEY]
+        wait = lockout.retry_after(view.address, credentials.username, time.monotonic())
+        if wait is not None:
+            record.decision = "locked"
+            metrics.auth_failures.labels("locked").inc()
+            return error_response(
+                429,
+                "TOOMANYREQUESTS",
+                "too many failed logins; try again later",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
         user = await authenticator.authenticate(credentials, snapshot)
         if user is None:
             log.info("failed login for user %r from %s", credentials.username, view.address)
+            lockout.failed(view.address, credentials.username, time.monotonic())
+            metrics.auth_failures.labels("bad_credentials").inc()
             return _unauthorized(settings, operation, "authentication required")
+        lockout.succeeded(view.address, credentials.username)
         if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
             log.info("refused expired account %r from %s", user, view.address)
+            metrics.auth_failures.labels("expired").inc()
             return _unauthorized(settings, operation, "account expired")
 
     decision = _decide(snapshot, settings, user, operation, view.address)
+    record.rule = decision.rule
     if decision.outcome is Outcome.CHALLENGE:
         return _unauthorized(settings, operation, "authentication required")
     if decision.outcome is Outcome.DENY:
+        record.decision = "deny"
         log.info(
             "denied %s %s %s to %r: %s",
             request.method,
@@ -130,6 +167,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             decision.reason,
         )
         return error_response(403, "DENIED", "requested access to the resource is denied", _detail(operation))
+    record.decision = "allow"
     if decision.filter_catalog and snapshot.policy is not None:
         policy = snapshot.policy
         return await catalog_response(request, view, lambda name: may_pull(policy, user, name, view.address))
@@ -176,8 +214,10 @@ async def forward(
     headers = forwarding.upstream_request_headers(request.headers, view)
     # encoded=True: forward the exact bytes we authorized; yarl would otherwise normalise them.
     url = URL(str(settings.upstream) + target, encoded=True)
-    body = _request_body(request) if request.body_exists else None
+    record = request[AUDIT_RECORD]
+    body = _request_body(request, record) if request.body_exists else None
 
+    started = time.monotonic()
     try:
         upstream = await session.request(
             request.method,
@@ -189,12 +229,18 @@ async def forward(
         )
     except (TimeoutError, aiohttp.ServerTimeoutError):
         log.warning("upstream timed out: %s %s", request.method, request.path)
+        record.decision = "error"
         return error_response(504, "UNAVAILABLE", "the registry did not answer in time")
     except aiohttp.ClientError as exc:
+        record.decision = "error"
         if request.transport is None or request.transport.is_closing():
             raise ConnectionResetError("client went away during the upload") from exc
         log.warning("upstream failed: %s %s: %s", request.method, request.path, exc)
         return error_response(502, "UNAVAILABLE", "the registry is unreachable")
+    request.app[METRICS_KEY].upstream_latency.labels(record.operation or "other").observe(
+        time.monotonic() - started
+    )
+    record.digest = upstream.headers.get("Docker-Content-Digest")
 
     async with upstream:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
@@ -210,8 +256,10 @@ async def forward(
                 chunk = await upstream.content.readany()
                 if not chunk:
                     break
+                record.bytes_out += len(chunk)
                 await response.write(chunk)
         except (TimeoutError, aiohttp.ClientError) as exc:
+            record.decision = "error"
             # Too late for an error status: cut the connection so the client sees a failed transfer,
             # never a short body that looks complete.
             log.warning("upstream failed mid-response: %s %s: %s", request.method, request.path, exc)
@@ -223,19 +271,50 @@ async def forward(
 
 
 @web.middleware
-async def api_errors(
+async def observe(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Anything unexpected becomes a logged 500 in registry format, never a bare traceback page."""
+    """Every request: timed, counted, written to the audit log; anything unexpected becomes a
+    logged 500 in registry format, never a bare traceback page."""
+    record = new_record(request.remote or "", request.method, request.raw_path)
+    request[AUDIT_RECORD] = record
+    metrics = request.app[METRICS_KEY]
+    metrics.in_flight.inc()
+    started = time.monotonic()
+    response: web.StreamResponse | None = None
     try:
-        return await handler(request)
+        response = await handler(request)
+        return response
     except (ConnectionError, asyncio.CancelledError):
+        record.decision = "error" if record.decision == "allow" else record.decision
         raise
     except web.HTTPException as exc:
-        return error_response(exc.status, "UNSUPPORTED", exc.reason)
+        response = error_response(exc.status, "UNSUPPORTED", exc.reason)
+        return response
     except Exception:
         log.exception("internal error handling %s %s", request.method, request.path)
-        return error_response(500, "UNKNOWN", "internal gateway error")
+        record.decision = "error"
+        response = error_response(500, "UNKNOWN", "internal gateway error")
+        return response
+    finally:
+        metrics.in_flight.dec()
+        record.duration_ms = round((time.monotonic() - started) * 1000, 3)
+        if response is not None:
+            record.status = response.status
+            body = response.body if isinstance(response, web.Response) else None
+            if isinstance(body, bytes | bytearray) and not record.bytes_out and request.method != "HEAD":
+                record.bytes_out = len(body)
+        metrics.requests.labels(record.operation or "invalid", str(record.status), record.decision).inc()
+        metrics.bytes.labels("in").inc(record.bytes_in)
+        metrics.bytes.labels("out").inc(record.bytes_out)
+        request.app[AUDIT_KEY].write(record)
+
+
+def _hsts(max_age: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    async def add_header(_request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Strict-Transport-Security"] = f"max-age={max_age}"
+
+    return add_header
 
 
 async def _reload_users(app: web.Application) -> AsyncIterator[None]:
@@ -279,19 +358,25 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     app[AUTHENTICATOR_KEY].close()
 
 
-def create_app(settings: Settings, store: AccessStore | None = None) -> web.Application:
+def create_app(
+    settings: Settings, store: AccessStore | None = None, audit: AuditLog | None = None
+) -> web.Application:
     app = web.Application(
-        middlewares=[api_errors],
+        middlewares=[observe],
         handler_args={
             "max_line_size": settings.max_header_size,
             "max_field_size": settings.max_header_size,
         },
     )
     app[SETTINGS_KEY] = settings
-    app[AUTHENTICATOR_KEY] = Authenticator(
-        store or AccessStore(settings.htpasswd, settings.policy),
-        CredentialCache(settings.cache_size, settings.cache_ttl),
-    )
+    cache = CredentialCache(settings.cache_size, settings.cache_ttl)
+    access = store or AccessStore(settings.htpasswd, settings.policy)
+    app[AUTHENTICATOR_KEY] = Authenticator(access, cache)
+    app[METRICS_KEY] = Metrics(cache, access)
+    app[AUDIT_KEY] = audit or AuditLog(settings.audit_log)
+    app[LOCKOUT_KEY] = Lockout(settings.lockout_attempts, settings.lockout_window)
+    if settings.tls_cert is not None and settings.hsts_max_age > 0:
+        app.on_response_prepare.append(_hsts(settings.hsts_max_age))
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_reload_users)
     app.router.add_route("*", "/{tail:.*}", handle)

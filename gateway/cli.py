@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import __version__, admin_cli, config
+from gateway.forwarding import valid_host
 from gateway.state import AccessStore, StateError
 
 log = logging.getLogger("gateway")
@@ -29,6 +30,10 @@ SETTING_FLAGS: tuple[tuple[str, str], ...] = (
     ("admin_prefix", "users whose name starts with this may push and delete (default admin)"),
     ("realm", "realm of the Basic challenge"),
     ("workers", "worker processes sharing the port (default 1)"),
+    ("audit_log", "audit log file, one JSON object a line ('-' for stdout)"),
+    ("metrics_listen", "HOST:PORT for /metrics, /healthz and /readyz"),
+    ("tls_cert", "TLS certificate chain file (PEM); with --tls-key, serve HTTPS"),
+    ("tls_key", "TLS private key file (PEM)"),
 )
 
 
@@ -85,19 +90,41 @@ def configure_logging(level: str) -> None:
 
 
 async def run_server(settings: config.Settings, store: AccessStore) -> None:
-    from gateway.app import AUTHENTICATOR_KEY, create_app
+    from gateway.app import AUDIT_KEY, AUTHENTICATOR_KEY, METRICS_KEY, SESSION_KEY, create_app
+    from gateway.metrics import metrics_app
     from gateway.server import GatewayRunner
+    from gateway.tls import TlsContext
 
     app = create_app(settings, store)
+    tls = TlsContext(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
     runner = GatewayRunner(app, access_log=None, shutdown_timeout=30)
     await runner.setup()
     site = web.TCPSite(
-        runner, settings.listen_host, settings.listen_port, backlog=1024, reuse_port=settings.workers > 1
+        runner,
+        settings.listen_host,
+        settings.listen_port,
+        backlog=1024,
+        reuse_port=settings.workers > 1,
+        ssl_context=tls.context if tls else None,
     )
     await site.start()
+    extra_runners: list[web.BaseRunner] = []
+    if settings.metrics_listen is not None:
+        metrics_runner = web.AppRunner(
+            metrics_app(app[METRICS_KEY], app[SESSION_KEY], settings.upstream), access_log=None
+        )
+        await metrics_runner.setup()
+        await web.TCPSite(metrics_runner, *settings.metrics_listen).start()
+        extra_runners.append(metrics_runner)
+    if settings.redirect_listen is not None:
+        redirect_runner = web.AppRunner(_redirect_app(settings.listen_port), access_log=None)
+        await redirect_runner.setup()
+        await web.TCPSite(redirect_runner, *settings.redirect_listen).start()
+        extra_runners.append(redirect_runner)
     log.info(
-        "registry-gateway %s listening on %s:%d, upstream %s",
+        "registry-gateway %s listening on %s://%s:%d, upstream %s",
         __version__,
+        "https" if tls else "http",
         settings.listen_host,
         settings.listen_port,
         settings.upstream,
@@ -106,12 +133,45 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, app[AUTHENTICATOR_KEY].reload_if_changed, True)
+
+    def on_hup() -> None:
+        app[AUTHENTICATOR_KEY].reload_if_changed(True)
+        app[AUDIT_KEY].reopen()
+        if tls is not None:
+            tls.reload_if_changed()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+    async def watch_tls() -> None:
+        while tls is not None:
+            await asyncio.sleep(settings.reload_interval)
+            tls.reload_if_changed()
+
+    watcher = asyncio.create_task(watch_tls())
     try:
         await stop.wait()
     finally:
-        log.info("shutting down")
+        log.info("shutting down: finishing transfers in flight (up to 30 s)")
+        watcher.cancel()
+        for extra in extra_runners:
+            await extra.cleanup()
         await runner.cleanup()
+        app[AUDIT_KEY].close()
+
+
+def _redirect_app(https_port: int) -> web.Application:
+    """Plain HTTP that sends every request to the same path over HTTPS."""
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        if not valid_host(request.host):
+            raise web.HTTPBadRequest(text="invalid Host header")
+        host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+        port = "" if https_port == 443 else f":{https_port}"
+        raise web.HTTPMovedPermanently(f"https://{host}{port}{request.raw_path}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", redirect)
+    return app
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from yarl import URL
 
-from gateway import htpasswd, policyfile
+from gateway import htpasswd, policyfile, tls
 
 ENV_PREFIX = "GATEWAY_"
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -45,6 +45,14 @@ class Settings:
     max_header_size: int
     log_level: str
     workers: int
+    audit_log: str | None
+    metrics_listen: tuple[str, int] | None
+    lockout_attempts: int
+    lockout_window: float
+    tls_cert: Path | None
+    tls_key: Path | None
+    hsts_max_age: int
+    redirect_listen: tuple[str, int] | None
 
 
 class ConfigError(Exception):
@@ -72,6 +80,14 @@ DEFAULTS: dict[str, Any] = {
     "max_header_size": 16384,
     "log_level": "info",
     "workers": 1,
+    "audit_log": None,
+    "metrics_listen": None,
+    "lockout_attempts": 10,
+    "lockout_window": 300.0,
+    "tls_cert": None,
+    "tls_key": None,
+    "hsts_max_age": 0,
+    "redirect_listen": None,
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -127,6 +143,18 @@ def _optional_path(value: Any) -> Path | None:
     if value is None or value == "":
         return None
     return _path(value)
+
+
+def _optional_host_port(value: Any) -> tuple[str, int] | None:
+    if value is None or value == "":
+        return None
+    return _host_port(value)
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return _text(value)
 
 
 def _text(value: Any) -> str:
@@ -227,6 +255,14 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_header_size": _count(1024),
     "log_level": _log_level,
     "workers": _count(1),
+    "audit_log": _optional_text,
+    "metrics_listen": _optional_host_port,
+    "lockout_attempts": _count(0),
+    "lockout_window": _seconds,
+    "tls_cert": _optional_path,
+    "tls_key": _optional_path,
+    "hsts_max_age": _count(0),
+    "redirect_listen": _optional_host_port,
 }
 
 
@@ -303,6 +339,21 @@ def load(
         except policyfile.PolicyError as exc:
             where = _where("policy", merged["policy"][1])
             problems.extend(f"{where}: {problem}" for problem in exc.problems)
+
+    if ("tls_cert" in values) and ("tls_key" in values):
+        cert, key = values["tls_cert"], values["tls_key"]
+        if (cert is None) != (key is None):
+            problems.append("tls_cert, tls_key: give both or neither")
+        elif cert is not None and check_files:
+            problem = tls.check_pair(cert, key)
+            if problem:
+                problems.append(
+                    f"{_where('tls_cert', merged['tls_cert'][1])}: cannot load with tls_key: {problem}"
+                )
+        if cert is None and (values.get("hsts_max_age") or values.get("redirect_listen")):
+            problems.append("hsts_max_age, redirect_listen: need tls_cert and tls_key")
+    if values.get("workers", 1) > 1 and values.get("metrics_listen") is not None:
+        problems.append("metrics_listen: not available with workers > 1 (each worker counts on its own)")
 
     if problems:
         raise ConfigError(problems)

@@ -28,7 +28,11 @@ class _RegistryErrorRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if isinstance(exc, BadHttpMethod):
+        if isinstance(exc, ConnectionError):
+            # A transfer cut on purpose (the registry failed mid-response) or a client gone:
+            # the request path has logged it already.
+            log.debug("connection closed during a response to %s: %s", request.remote, exc)
+        elif isinstance(exc, BadHttpMethod):
             # Mostly TLS handshakes on the plain port: skopeo and podman try HTTPS first.
             log.debug("refused non-HTTP request from %s", request.remote)
         elif isinstance(exc, HttpProcessingError) and status < 500:

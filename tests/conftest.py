@@ -141,8 +141,26 @@ class Gateway:
         raise RuntimeError("no VmRSS")
 
 
+def wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited early:\n{log.read_text()}")
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{host}:{port} did not come up:\n{log.read_text()}")
+
+
 def start_gateway(
-    tmp_path: Path, upstream: str, htpasswd: Path, *extra: str, env: dict[str, str] | None = None
+    tmp_path: Path,
+    upstream: str,
+    htpasswd: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    scheme: str = "http",
 ) -> Gateway:
     port = free_port()
     log = tmp_path / f"gateway-{port}.log"
@@ -168,8 +186,11 @@ def start_gateway(
             stderr=out,
             env=environment,
         )
-    wait_for_http(f"http://127.0.0.1:{port}/v2/", process, log)
-    return Gateway(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", process, log)
+    if scheme == "http":
+        wait_for_http(f"http://127.0.0.1:{port}/v2/", process, log)
+    else:
+        wait_for_port("127.0.0.1", port, process, log)
+    return Gateway(f"{scheme}://127.0.0.1:{port}", f"127.0.0.1:{port}", process, log)
 
 
 @pytest.fixture

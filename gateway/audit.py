@@ -1,0 +1,89 @@
+"""The audit log: one JSON object a line for every request under /v2/, to a file or stdout.
+
+Separate from the diagnostic log. It records who did what to which repository and how it ended;
+it never holds a password, an Authorization header or a query string (upload state, tokens).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TextIO
+
+from gateway.routes import DELETE, PUSH, Operation, Route
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AuditRecord:
+    """Filled in as the request goes; written once it has finished."""
+
+    time: str
+    client: str
+    method: str
+    path: str
+    user: str | None = None
+    operation: str | None = None
+    repository: str | None = None
+    reference: str | None = None
+    digest: str | None = None
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    duration_ms: float = 0.0
+    decision: str = "error"
+    rule: int | None = None
+
+
+def operation_name(operation: Operation) -> str:
+    if operation.route is Route.BASE:
+        return "login"
+    if operation.route is Route.CATALOG:
+        return "catalog"
+    if DELETE in operation.actions:
+        return "delete"
+    if PUSH in operation.actions:
+        return "push"
+    return "pull"
+
+
+def new_record(client: str, method: str, raw_path: str) -> AuditRecord:
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return AuditRecord(time=now, client=client, method=method, path=raw_path.partition("?")[0][:1024])
+
+
+class AuditLog:
+    """Appends records to a file (reopened on SIGHUP, for logrotate) or to stdout."""
+
+    def __init__(self, target: str | None) -> None:
+        self.target = target
+        self._stream: TextIO | None = None
+        self.reopen()
+
+    def reopen(self) -> None:
+        if self.target is None:
+            return
+        if self.target == "-":
+            self._stream = sys.stdout
+            return
+        if self._stream is not None:
+            self._stream.close()
+        self._stream = Path(self.target).open("a", encoding="utf-8", buffering=1)  # noqa: SIM115 (long-lived)
+
+    def write(self, record: AuditRecord) -> None:
+        if self._stream is None:
+            return
+        try:
+            self._stream.write(json.dumps(asdict(record), separators=(",", ":")) + "\n")
+        except OSError as exc:
+            log.error("audit log write failed: %s", exc)
+
+    def close(self) -> None:
+        if self._stream is not None and self._stream is not sys.stdout:
+            self._stream.close()
+        self._stream = None

@@ -1,0 +1,54 @@
+"""Password-guessing protection: too many failed logins for one (client address, user) pair locks it.
+
+After `attempts` failures within `window` seconds of the first one, the pair is answered 429 with
+`Retry-After` until the window ends, without any bcrypt check, so guessing costs the attacker
+time and us nothing. State is one small entry per pair in a bounded LRU: an attack from many
+addresses can evict old entries, never grow memory.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class Lockout:
+    def __init__(self, attempts: int, window: float, max_entries: int = 100_000) -> None:
+        self.attempts = attempts
+        self.window = window
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.attempts > 0 and self.window > 0
+
+    def retry_after(self, address: str, user: str, now: float) -> float | None:
+        """Seconds the pair must wait, or None when it may try."""
+        if not self.enabled:
+            return None
+        entry = self._entries.get((address, user))
+        if entry is None:
+            return None
+        started, failures = entry
+        if now >= started + self.window:
+            del self._entries[(address, user)]
+            return None
+        return started + self.window - now if failures >= self.attempts else None
+
+    def failed(self, address: str, user: str, now: float) -> None:
+        if not self.enabled:
+            return
+        key = (address, user)
+        started, failures = self._entries.get(key, (now, 0))
+        if now >= started + self.window:
+            started, failures = now, 0
+        self._entries[key] = (started, failures + 1)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def succeeded(self, address: str, user: str) -> None:
+        self._entries.pop((address, user), None)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,101 @@
+"""Prometheus metrics, and the health endpoints, served on their own address.
+
+Labels stay low-cardinality: operation, status and decision, never user or repository names.
+Each app gets its own registry, so several gateways in one process (the tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+from yarl import URL
+
+from gateway.authn import CredentialCache
+from gateway.state import AccessStore
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _StateCollector(Collector):
+    def __init__(self, cache: CredentialCache, store: AccessStore) -> None:
+        self.cache = cache
+        self.store = store
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        cache = CounterMetricFamily(
+            "registry_gateway_credential_cache", "Verified-credential cache lookups", labels=["result"]
+        )
+        cache.add_metric(["hit"], self.cache.hits)
+        cache.add_metric(["miss"], self.cache.misses)
+        yield cache
+        reloads = CounterMetricFamily(
+            "registry_gateway_reloads", "Reloads of the htpasswd and policy files", labels=["result"]
+        )
+        reloads.add_metric(["success"], self.store.reloads_ok)
+        reloads.add_metric(["failure"], self.store.reloads_failed)
+        yield reloads
+
+
+class Metrics:
+    def __init__(self, cache: CredentialCache, store: AccessStore) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "registry_gateway_requests",
+            "Requests under /v2/",
+            ["operation", "status", "decision"],
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            "registry_gateway_auth_failures", "Failed authentications", ["reason"], registry=self.registry
+        )
+        self.bytes = Counter(
+            "registry_gateway_bytes", "Body bytes moved", ["direction"], registry=self.registry
+        )
+        self.upstream_latency = Histogram(
+            "registry_gateway_upstream_latency_seconds",
+            "Time until the registry's response headers",
+            ["operation"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.in_flight = Gauge(
+            "registry_gateway_in_flight_requests", "Requests being handled", registry=self.registry
+        )
+        self.registry.register(_StateCollector(cache, store))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def metrics_app(metrics: Metrics, session: aiohttp.ClientSession, upstream: URL) -> web.Application:
+    async def metrics_page(_request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        # Ready when users and rules are loaded (they are, or we would not run) and the registry
+        # answers its base endpoint with anything but a server error.
+        try:
+            async with session.get(
+                URL(f"{upstream}/v2/", encoded=True), timeout=aiohttp.ClientTimeout(total=3)
+            ) as response:
+                ok = response.status < 500
+                detail = f"registry answered {response.status}"
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            ok, detail = False, f"registry unreachable: {type(exc).__name__}"
+        return web.json_response(
+            {"status": "ok" if ok else "unavailable", "detail": detail}, status=200 if ok else 503
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

@@ -1,0 +1,489 @@
+"""Operations against the real registry: audit log, metrics and health, lockout, TLS, faults."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gateway.sample_image import write_image
+from tests.conftest import (
+    REGISTRY_BIN,
+    USERS,
+    Gateway,
+    Registry,
+    free_port,
+    require,
+    start_gateway,
+    stop,
+    wait_for_http,
+)
+
+
+def auth_file(path: Path, host: str, user: str) -> Path:
+    token = base64.b64encode(f"{user}:{USERS[user]}".encode()).decode()
+    path.write_text(json.dumps({"auths": {host: {"auth": token}}}))
+    return path
+
+
+def copy(src: str, dst: str, auth: Path, *tls: str) -> subprocess.CompletedProcess[str]:
+    flags = list(tls) or ["--src-tls-verify=false", "--dest-tls-verify=false"]
+    return subprocess.run(
+        [
+            require("skopeo"),
+            "--insecure-policy",
+            "copy",
+            "--preserve-digests",
+            "--retry-times",
+            "0",
+            *flags,
+            "--authfile",
+            str(auth),
+            src,
+            dst,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def call(
+    gateway: Gateway,
+    method: str,
+    path: str,
+    user: str | None = None,
+    password: str | None = None,
+    body: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(gateway.host, timeout=30)
+    headers = {}
+    if user is not None:
+        secret = USERS.get(user, "") if password is None else password
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()
+    conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, dict(response.getheaders()), data
+
+
+def test_audit_log_records_push_and_pull_without_secrets(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    audit = tmp_path / "audit.jsonl"
+    metrics_port = free_port()
+    gw = start_gateway(
+        tmp_path,
+        registry.url,
+        users_file,
+        "--audit-log",
+        str(audit),
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+    )
+    try:
+        image = tmp_path / "image"
+        manifest_digest = write_image(image, "v1", layers=2, layer_bytes=50_000)
+        layer_bytes = sum(p.stat().st_size for p in (image / "blobs" / "sha256").iterdir())
+        pushed = copy(
+            f"oci:{image}:v1",
+            f"docker://{gw.host}/audited/app:v1",
+            auth_file(tmp_path / "a.json", gw.host, "admin"),
+        )
+        assert pushed.returncode == 0, pushed.stderr
+        pulled = copy(
+            f"docker://{gw.host}/audited/app:v1",
+            f"oci:{tmp_path / 'out'}:v1",
+            auth_file(tmp_path / "b.json", gw.host, "alice"),
+        )
+        assert pulled.returncode == 0, pulled.stderr
+        assert call(gw, "PUT", "/v2/audited/app/manifests/nope", "alice", body=b"{}")[0] == 403
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            exposition = response.read().decode()
+    finally:
+        stop(gw.process)
+
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    pushes = [r for r in records if r["operation"] == "push" and r["user"] == "admin"]
+    manifest_put = [r for r in pushes if r["method"] == "PUT" and "/manifests/" in r["path"]]
+    assert len(manifest_put) == 1
+    assert manifest_put[0]["reference"] == "v1"
+    assert manifest_put[0]["digest"] == manifest_digest
+    assert manifest_put[0]["status"] == 201 and manifest_put[0]["repository"] == "audited/app"
+    assert manifest_put[0]["decision"] == "allow"
+    # Every byte of the image went up, and is accounted for in the upload records.
+    assert sum(r["bytes_in"] for r in pushes) == layer_bytes
+    pulls = [r for r in records if r["operation"] == "pull" and r["user"] == "alice" and r["method"] == "GET"]
+    assert sum(r["bytes_out"] for r in pulls if "/blobs/" in r["path"]) > 100_000
+    denied = [r for r in records if r["status"] == 403]
+    assert denied and denied[0]["decision"] == "deny" and denied[0]["user"] == "alice"
+    assert all(r["client"] == "127.0.0.1" and r["duration_ms"] >= 0 for r in records)
+    assert all("?" not in r["path"] for r in records)  # no query strings (signed upload state)
+
+    everything = audit.read_text() + gw.log.read_text() + exposition
+    for secret in USERS.values():
+        assert secret not in everything
+        assert base64.b64encode(secret.encode()).decode()[:12] not in everything
+    assert "Authorization" not in audit.read_text()
+
+    assert 'registry_gateway_requests_total{decision="allow",operation="push",status="201"}' in exposition
+    assert 'registry_gateway_requests_total{decision="deny",operation="push",status="403"}' in exposition
+    assert 'registry_gateway_credential_cache_total{result="hit"}' in exposition
+    assert "registry_gateway_upstream_latency_seconds_bucket" in exposition
+    assert "registry_gateway_in_flight_requests" in exposition
+    assert "alice" not in exposition and "audited" not in exposition  # low-cardinality labels
+
+
+def test_registry_down_at_start_then_up(tmp_path: Path, users_file: Path) -> None:
+    registry_port = free_port()
+    metrics_port = free_port()
+    gw = start_gateway(
+        tmp_path,
+        f"http://127.0.0.1:{registry_port}",
+        users_file,
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+    )
+    try:
+        health = f"http://127.0.0.1:{metrics_port}"
+        with urllib.request.urlopen(f"{health}/healthz") as response:
+            assert response.status == 200
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"{health}/readyz")
+        assert info.value.code == 503
+        assert json.loads(info.value.read())["status"] == "unavailable"
+        info.value.close()
+        status, headers, body = call(gw, "GET", "/v2/a/manifests/x", "alice")
+        assert status == 502
+        assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+        assert headers["Docker-Distribution-Api-Version"] == "registry/2.0"
+
+        # The registry comes up on that port: the gateway is ready without a restart.
+        storage = tmp_path / "late-storage"
+        config = tmp_path / "late.yml"
+        config.write_text(
+            f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {storage}\n"
+            f"http:\n  addr: 127.0.0.1:{registry_port}\n"
+        )
+        log = tmp_path / "late.log"
+        with log.open("wb") as out:
+            late = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=out, stderr=out)
+        try:
+            wait_for_http(f"http://127.0.0.1:{registry_port}/v2/", late, log)
+            with urllib.request.urlopen(f"{health}/readyz") as response:
+                assert response.status == 200
+            assert call(gw, "GET", "/v2/", "alice")[0] == 200
+        finally:
+            stop(late)
+    finally:
+        stop(gw.process)
+
+
+def test_lockout_after_failed_logins_spares_other_users(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    gw = start_gateway(tmp_path, registry.url, users_file, env={"GATEWAY_LOCKOUT_ATTEMPTS": "5"})
+    try:
+        for _ in range(5):
+            assert call(gw, "GET", "/v2/", "alice", "guess")[0] == 401
+        started = time.monotonic()
+        for _ in range(200):
+            status, headers, body = call(gw, "GET", "/v2/", "alice", "guess")
+            assert status == 429
+        assert time.monotonic() - started < 30  # no bcrypt behind a lockout
+        assert int(headers["Retry-After"]) > 0
+        assert json.loads(body)["errors"][0]["code"] == "TOOMANYREQUESTS"
+        # The right password does not get through a locked pair either ...
+        assert call(gw, "GET", "/v2/", "alice")[0] == 429
+        # ... while another user carries on, pushing as usual.
+        image = tmp_path / "image"
+        write_image(image, "1", layers=1, layer_bytes=10_000)
+        pushed = copy(
+            f"oci:{image}:1",
+            f"docker://{gw.host}/still/works:1",
+            auth_file(tmp_path / "a.json", gw.host, "admin"),
+        )
+        assert pushed.returncode == 0, pushed.stderr
+    finally:
+        stop(gw.process)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run([require("openssl"), *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_ca(directory: Path) -> None:
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=gateway test CA",
+        cwd=directory,
+    )
+
+
+def issue_cert(directory: Path, name: str, serial: str) -> None:
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        f"{name}.key.new",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+        cwd=directory,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-set_serial",
+        serial,
+        "-days",
+        "2",
+        "-extfile",
+        "san.cnf",
+        "-out",
+        f"{name}.crt.new",
+        cwd=directory,
+    )
+    os.replace(directory / f"{name}.key.new", directory / f"{name}.key")
+    os.replace(directory / f"{name}.crt.new", directory / f"{name}.crt")
+
+
+def served_serial(host: str, ca: Path) -> int:
+    context = ssl.create_default_context(cafile=str(ca))
+    address, port = host.split(":")
+    with (
+        socket.create_connection((address, int(port)), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=address) as tls,
+    ):
+        cert = tls.getpeercert()
+        assert cert is not None
+        return int(str(cert["serialNumber"]), 16)
+
+
+def test_tls_push_pull_and_certificate_renewal(tmp_path: Path, registry: Registry, users_file: Path) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_ca(pki)
+    issue_cert(pki, "server", "1001")
+    gw = start_gateway(
+        tmp_path,
+        registry.url,
+        users_file,
+        "--tls-cert",
+        str(pki / "server.crt"),
+        "--tls-key",
+        str(pki / "server.key"),
+        scheme="https",
+        env={"GATEWAY_HSTS_MAX_AGE": "600"},
+    )
+    try:
+        certs = tmp_path / "certs"
+        certs.mkdir()
+        (certs / "ca.crt").write_bytes((pki / "ca.crt").read_bytes())
+        image = tmp_path / "image"
+        digest = write_image(image, "1", layers=2, layer_bytes=20_000)
+        pushed = copy(
+            f"oci:{image}:1",
+            f"docker://{gw.host}/tls/app:1",
+            auth_file(tmp_path / "a.json", gw.host, "admin"),
+            "--dest-cert-dir",
+            str(certs),
+        )
+        assert pushed.returncode == 0, pushed.stderr
+        out = tmp_path / "out"
+        pulled = copy(
+            f"docker://{gw.host}/tls/app:1",
+            f"oci:{out}:1",
+            auth_file(tmp_path / "b.json", gw.host, "alice"),
+            "--src-cert-dir",
+            str(certs),
+        )
+        assert pulled.returncode == 0, pulled.stderr
+        assert json.loads((out / "index.json").read_text())["manifests"][0]["digest"] == digest
+
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        conn = http.client.HTTPSConnection(gw.host, context=context, timeout=10)
+        conn.request("GET", "/v2/")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 401
+        assert response.getheader("Strict-Transport-Security") == "max-age=600"
+        conn.close()
+        assert served_serial(gw.host, pki / "ca.crt") == 1001
+        issue_cert(pki, "server", "1002")  # a renewal: new files, same names
+        deadline = time.monotonic() + 10
+        while served_serial(gw.host, pki / "ca.crt") != 1002:
+            assert time.monotonic() < deadline, "renewed certificate never served"
+            time.sleep(0.2)
+    finally:
+        stop(gw.process)
+
+
+def _restart(registry: Registry, tmp_path: Path) -> subprocess.Popen[bytes]:
+    log = tmp_path / "registry-restarted.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [REGISTRY_BIN, "serve", str(tmp_path / "registry.yml")], stdout=out, stderr=out
+        )
+    wait_for_http(f"{registry.url}/v2/", process, log)
+    return process
+
+
+def test_registry_killed_mid_upload_and_mid_download(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    gw = start_gateway(tmp_path, registry.url, users_file)
+    restarted: subprocess.Popen[bytes] | None = None
+    try:
+        token = base64.b64encode(f"admin:{USERS['admin']}".encode()).decode()
+        admin = {"Authorization": f"Basic {token}"}
+        blob = os.urandom(64 * 1024 * 1024)
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+
+        # Upload: the registry dies while a chunked PATCH streams through the gateway.
+        status, headers, _ = call(gw, "POST", "/v2/faults/app/blobs/uploads/", "admin", body=b"")
+        assert status == 202
+        location = headers["Location"].removeprefix(f"http://{gw.host}")
+        address, port = gw.host.split(":")
+        with socket.create_connection((address, int(port)), timeout=10) as sock:
+            sock.sendall(
+                f"PATCH {location} HTTP/1.1\r\nHost: {gw.host}\r\nAuthorization: Basic {token}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n".encode()
+            )
+            for index in range(0, 8 * 1024 * 1024, 1024 * 1024):
+                sock.sendall(b"100000\r\n" + blob[index : index + 0x100000] + b"\r\n")
+            registry.process.kill()
+            registry.process.wait()
+            answer = b""
+            with contextlib.suppress(OSError):
+                for index in range(8 * 1024 * 1024, 16 * 1024 * 1024, 1024 * 1024):
+                    sock.sendall(b"100000\r\n" + blob[index : index + 0x100000] + b"\r\n")
+                sock.sendall(b"0\r\n\r\n")
+            with contextlib.suppress(OSError):
+                answer = sock.recv(65536)
+        # Either an error answer in registry format or a cut connection; never a success.
+        assert not answer.startswith((b"HTTP/1.1 2", b"HTTP/1.0 2")), answer[:200]
+        if answer:
+            assert answer.startswith(b"HTTP/1.1 502") and b'"UNAVAILABLE"' in answer, answer[:300]
+
+        # The gateway serves the next request: 502 while the registry is down ...
+        status, _, body = call(gw, "GET", "/v2/faults/app/tags/list", "admin")
+        assert status == 502 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+        # ... and once it is back, the interrupted upload is not a blob anyone can fetch.
+        restarted = _restart(registry, tmp_path)
+        assert call(gw, "HEAD", f"/v2/faults/app/blobs/{digest}", "admin")[0] == 404
+
+        # Download: put the blob in, then kill the registry after the first bytes went out.
+        status, headers, _ = call(gw, "POST", "/v2/faults/app/blobs/uploads/", "admin", body=b"")
+        location = headers["Location"].removeprefix(f"http://{gw.host}")
+        conn = http.client.HTTPConnection(gw.host, timeout=30)
+        conn.request("PUT", f"{location}&digest={digest}", body=blob, headers=admin)
+        assert conn.getresponse().status == 201
+        conn.close()
+        conn = http.client.HTTPConnection(gw.host, timeout=30)
+        try:
+            conn.request("GET", f"/v2/faults/app/blobs/{digest}", headers=admin)
+            response = conn.getresponse()
+            assert response.status == 200
+            assert int(response.getheader("Content-Length") or 0) == len(blob)
+            received = response.read(1024 * 1024)
+            restarted.kill()
+            restarted.wait()
+            with contextlib.suppress(http.client.IncompleteRead, ConnectionError):
+                while chunk := response.read(1024 * 1024):
+                    received += chunk
+            # Cut short of its Content-Length: every HTTP client reports the transfer failed.
+            assert 0 < len(received) < len(blob)
+            assert received == blob[: len(received)]
+        finally:
+            conn.close()
+        status, _, body = call(gw, "GET", "/v2/", "admin")  # still serving, registry down again
+        assert status == 502 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+        assert "Traceback" not in gw.log.read_text()
+    finally:
+        if restarted is not None:
+            stop(restarted)
+        stop(gw.process)
+
+
+def test_client_aborts_leak_nothing(tmp_path: Path, registry: Registry, users_file: Path) -> None:
+    gw = start_gateway(tmp_path, registry.url, users_file)
+    try:
+        token = base64.b64encode(f"admin:{USERS['admin']}".encode()).decode()
+        address, port = gw.host.split(":")
+
+        def abort_one() -> None:
+            status, headers, _ = call(gw, "POST", "/v2/aborts/app/blobs/uploads/", "admin", body=b"")
+            assert status == 202
+            location = headers["Location"].removeprefix(f"http://{gw.host}")
+            with socket.create_connection((address, int(port)), timeout=10) as sock:
+                sock.sendall(
+                    f"PATCH {location} HTTP/1.1\r\nHost: {gw.host}\r\nAuthorization: Basic {token}\r\n"
+                    "Transfer-Encoding: chunked\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+                )
+                sock.sendall(b"10000\r\n" + os.urandom(0x10000) + b"\r\n")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+        for _ in range(20):  # warm up
+            abort_one()
+        time.sleep(1)
+        fds_before = len(os.listdir(f"/proc/{gw.process.pid}/fd"))
+        rss_before = gw.rss_kib()
+        for _ in range(200):
+            abort_one()
+        time.sleep(2)
+        fds_after = len(os.listdir(f"/proc/{gw.process.pid}/fd"))
+        assert fds_after <= fds_before + 5, (fds_before, fds_after)
+        assert gw.rss_kib() - rss_before < 20 * 1024
+        assert call(gw, "GET", "/v2/", "admin")[0] == 200
+    finally:
+        stop(gw.process)
+
+
+def test_tls_context_is_modern_and_bad_renewals_keep_the_old_pair(tmp_path: Path) -> None:
+    from gateway.tls import TlsContext
+
+    make_ca(tmp_path)
+    issue_cert(tmp_path, "server", "7")
+    tls = TlsContext(tmp_path / "server.crt", tmp_path / "server.key")
+    assert tls.context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert all(c["protocol"] in ("TLSv1.2", "TLSv1.3") for c in tls.context.get_ciphers())
+    (tmp_path / "server.key").write_text("half-written\n")
+    assert not tls.reload_if_changed()  # logged, old pair still loaded
+    issue_cert(tmp_path, "server", "8")
+    assert tls.reload_if_changed()
