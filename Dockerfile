@@ -15,13 +15,15 @@ RUN pip install '.[speed]' \
 USER 10001:10001
 ENV GATEWAY_LISTEN=0.0.0.0:8080 \
     GATEWAY_UPSTREAM=http://registry:5000 \
-    GATEWAY_HTPASSWD=/etc/registry-gateway/htpasswd
-EXPOSE 8080
+    GATEWAY_HTPASSWD=/etc/registry-gateway/htpasswd \
+    GATEWAY_METRICS_LISTEN=0.0.0.0:9090 \
+    GATEWAY_AUDIT_LOG=-
+EXPOSE 8080 9090
 
-# The gateway answers an anonymous /v2/ with its own 401 without asking the registry:
-# any answer from it means the process is up and serving.
+# /healthz on the metrics address: the process is up and serving (readiness, which also asks the
+# registry, is /readyz).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import http.client as h; c = h.HTTPConnection('127.0.0.1', 8080, timeout=4); c.request('GET', '/v2/'); raise SystemExit(c.getresponse().status != 401)"]
+    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:9090/healthz', timeout=4)"]
 
 ENTRYPOINT ["registry-gateway"]
 CMD ["serve"]

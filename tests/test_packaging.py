@@ -11,10 +11,22 @@ from pathlib import Path
 import yaml
 
 from gateway import config
-from tests.conftest import Gateway
+from tests.conftest import Registry, free_port, start_gateway, stop
 
 ROOT = Path(__file__).parent.parent
 KNOWN_ENV = {config.env_name(key) for key in config.DEFAULTS} | {config.ENV_PREFIX + "CONFIG"}
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with compose's `!override` and `!reset` tags."""
+
+
+def _sequence(loader: yaml.SafeLoader, node: yaml.Node) -> list[object]:
+    assert isinstance(node, yaml.SequenceNode)
+    return loader.construct_sequence(node)
+
+
+_ComposeLoader.add_constructor("!override", _sequence)
 
 
 def test_compose_and_dockerfile_use_real_settings() -> None:
@@ -24,22 +36,31 @@ def test_compose_and_dockerfile_use_real_settings() -> None:
     htpasswd_dir = str(Path(gateway["environment"]["GATEWAY_HTPASSWD"]).parent)
     assert any(volume.split(":")[1] == htpasswd_dir for volume in gateway["volumes"])
     assert compose["services"]["registry"]["image"].startswith("registry:2")
+    tls = yaml.load((ROOT / "compose.tls.yml").read_text(), Loader=_ComposeLoader)
+    assert set(tls["services"]["gateway"]["environment"]) <= KNOWN_ENV
     assert "ports" not in compose["services"]["registry"]  # only the gateway is published
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert set(re.findall(r"GATEWAY_[A-Z_]+", dockerfile)) <= KNOWN_ENV
     assert re.search(r"^USER 10001", dockerfile, re.M)
+    assert "/healthz" in dockerfile
 
 
-def test_dockerfile_healthcheck_command_detects_a_live_gateway(gateway: Gateway) -> None:
+def test_dockerfile_healthcheck_command_detects_a_live_gateway(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
     dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     match = re.search(r"HEALTHCHECK .*? CMD (\[.*\])", dockerfile)
     assert match is not None
     command = json.loads(match.group(1))
     assert command[:2] == ["python", "-c"]
-    port = gateway.host.split(":")[1]
-    script = command[2].replace("8080", port)
-    assert subprocess.run([sys.executable, "-c", script], timeout=30).returncode == 0
-    dead = command[2].replace("8080", "1")
+    port = free_port()
+    gateway = start_gateway(tmp_path, registry.url, users_file, "--metrics-listen", f"127.0.0.1:{port}")
+    try:
+        script = command[2].replace("9090", str(port))
+        assert subprocess.run([sys.executable, "-c", script], timeout=30).returncode == 0
+    finally:
+        stop(gateway.process)
+    dead = command[2].replace("9090", str(port))
     assert subprocess.run([sys.executable, "-c", dead], capture_output=True, timeout=30).returncode != 0
 
 
