@@ -35,6 +35,7 @@ from gateway.lockout import Lockout
 from gateway.metrics import Metrics
 from gateway.policy import AclDecision, Outcome, acl_policy, default_policy, may_pull
 from gateway.routes import Operation, RouteError, parse_query, parse_request, without_query_keys
+from gateway.server import request_head_received
 from gateway.state import AccessStore, Snapshot
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,7 @@ async def observe(
 ) -> web.StreamResponse:
     """Every request: timed, counted, written to the audit log; anything unexpected becomes a
     logged 500 in registry format, never a bare traceback page."""
+    request_head_received(request.protocol)
     record = new_record(request.remote or "", request.method, request.raw_path)
     request[AUDIT_RECORD] = record
     metrics = request.app[METRICS_KEY]

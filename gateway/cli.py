@@ -92,12 +92,13 @@ def configure_logging(level: str) -> None:
 async def run_server(settings: config.Settings, store: AccessStore) -> None:
     from gateway.app import AUDIT_KEY, AUTHENTICATOR_KEY, METRICS_KEY, SESSION_KEY, create_app
     from gateway.metrics import metrics_app
-    from gateway.server import GatewayRunner
+    from gateway.server import ConnectionLimits, GatewayRunner
     from gateway.tls import TlsContext
 
     app = create_app(settings, store)
     tls = TlsContext(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
-    runner = GatewayRunner(app, access_log=None, shutdown_timeout=30)
+    limits = ConnectionLimits(settings.max_connections, settings.header_timeout)
+    runner = GatewayRunner(app, limits, access_log=None, shutdown_timeout=30)
     await runner.setup()
     site = web.TCPSite(
         runner,

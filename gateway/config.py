@@ -53,6 +53,8 @@ class Settings:
     tls_key: Path | None
     hsts_max_age: int
     redirect_listen: tuple[str, int] | None
+    max_connections: int
+    header_timeout: float
 
 
 class ConfigError(Exception):
@@ -88,6 +90,8 @@ DEFAULTS: dict[str, Any] = {
     "tls_key": None,
     "hsts_max_age": 0,
     "redirect_listen": None,
+    "max_connections": 4096,
+    "header_timeout": 30.0,
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -263,6 +267,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "tls_key": _optional_path,
     "hsts_max_age": _count(0),
     "redirect_listen": _optional_host_port,
+    "max_connections": _count(0),
+    "header_timeout": _seconds,
 }
 
 

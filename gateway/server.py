@@ -8,7 +8,10 @@ format and log one line.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from dataclasses import dataclass
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
@@ -20,7 +23,57 @@ from gateway.errors import error_response
 log = logging.getLogger("gateway.server")
 
 
+@dataclass
+class ConnectionLimits:
+    """Shared by every connection of one server: how many may be open, how long a request head may take."""
+
+    max_connections: int  # 0: no limit
+    header_timeout: float  # 0: no limit
+    open: int = 0
+    refused: int = 0
+
+
 class _RegistryErrorRequestHandler(RequestHandler):
+    def __init__(self, manager: web.Server, *, limits: ConnectionLimits, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = limits
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        limits = self._limits
+        if limits.max_connections and limits.open >= limits.max_connections:
+            limits.refused += 1
+            log.warning("connection refused: %d connections open (max_connections)", limits.open)
+            transport.close()
+            return
+        limits.open += 1
+        self._counted = True
+        super().connection_made(transport)
+        if limits.header_timeout:
+            # Slowloris: a client that trickles its request head holds a connection forever;
+            # the first request must arrive whole in time (later ones: aiohttp's keep-alive timeout).
+            self._head_deadline = asyncio.get_running_loop().call_later(
+                limits.header_timeout, self._head_timed_out, transport
+            )
+
+    def _head_timed_out(self, transport: asyncio.BaseTransport) -> None:
+        log.info("closed a connection that sent no complete request in %ss", self._limits.header_timeout)
+        transport.close()
+
+    def request_head_received(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._counted:
+            return  # refused in connection_made: aiohttp never saw this connection
+        self._limits.open -= 1
+        self._counted = False
+        self.request_head_received()
+        super().connection_lost(exc)
+
     def handle_error(
         self,
         request: BaseRequest,
@@ -49,13 +102,26 @@ class _RegistryErrorRequestHandler(RequestHandler):
 
 
 class _Server(web.Server):
+    limits: ConnectionLimits
+
     def __call__(self) -> RequestHandler:
-        return _RegistryErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        return _RegistryErrorRequestHandler(self, limits=self.limits, loop=self._loop, **self._kwargs)
 
 
 class GatewayRunner(web.AppRunner):
+    def __init__(self, app: web.Application, limits: ConnectionLimits, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.limits = limits
+
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         # aiohttp builds its Server inside Application; only the handler class differs.
         server.__class__ = _Server
+        cast(_Server, server).limits = self.limits
         return server
+
+
+def request_head_received(protocol: object) -> None:
+    """Called once a request reached the app: its head arrived in time."""
+    if isinstance(protocol, _RegistryErrorRequestHandler):
+        protocol.request_head_received()

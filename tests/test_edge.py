@@ -1,0 +1,202 @@
+"""The edge: slowloris, connection limits, graceful shutdown, and load, against the real registry."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import http.client
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import USERS, Gateway, Registry, start_gateway, stop
+
+
+def basic(user: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{USERS[user]}".encode()).decode()}
+
+
+def get_status(gw: Gateway, path: str = "/v2/", user: str = "alice") -> int:
+    conn = http.client.HTTPConnection(gw.host, timeout=10)
+    try:
+        conn.request("GET", path, headers=basic(user))
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def closed_by_peer(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_slowloris_cut_off_without_hurting_others(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    gw = start_gateway(tmp_path, registry.url, users_file, env={"GATEWAY_HEADER_TIMEOUT": "1"})
+    address, port = gw.host.split(":")
+    slow = []
+    try:
+        for _ in range(50):
+            sock = socket.create_connection((address, int(port)), timeout=5)
+            sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            slow.append(sock)
+        # Other clients are served meanwhile.
+        assert all(get_status(gw) == 200 for _ in range(20))
+        assert all(closed_by_peer(sock, within=5) for sock in slow)
+        # A huge header is refused with 400, and the gateway carries on.
+        with socket.create_connection((address, int(port)), timeout=5) as sock:
+            sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+            assert sock.recv(1024).startswith((b"HTTP/1.0 400", b"HTTP/1.1 400"))
+        assert get_status(gw) == 200
+    finally:
+        for sock in slow:
+            sock.close()
+        stop(gw.process)
+
+
+def test_connection_limit(tmp_path: Path, registry: Registry, users_file: Path) -> None:
+    gw = start_gateway(tmp_path, registry.url, users_file, env={"GATEWAY_MAX_CONNECTIONS": "10"})
+    address, port = gw.host.split(":")
+    held = [socket.create_connection((address, int(port)), timeout=5) for _ in range(10)]
+    try:
+        time.sleep(0.3)
+        extra = socket.create_connection((address, int(port)), timeout=5)
+        assert closed_by_peer(extra, within=5)
+        extra.close()
+        for sock in held[:5]:
+            sock.close()
+        time.sleep(0.3)
+        assert get_status(gw) == 200
+        assert "max_connections" in gw.log.read_text()
+    finally:
+        for sock in held:
+            sock.close()
+        stop(gw.process)
+
+
+def test_sigterm_lets_transfers_in_flight_finish(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    gw = start_gateway(tmp_path, registry.url, users_file)
+    try:
+        blob = os.urandom(32 * 1024 * 1024)
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        conn = http.client.HTTPConnection(gw.host, timeout=30)
+        conn.request("POST", "/v2/drain/app/blobs/uploads/", body=b"", headers=basic("admin"))
+        response = conn.getresponse()
+        response.read()
+        location = (response.getheader("Location") or "").removeprefix(f"http://{gw.host}")
+        conn.request("PUT", f"{location}&digest={digest}", body=blob, headers=basic("admin"))
+        assert conn.getresponse().status == 201
+        conn.close()
+
+        conn = http.client.HTTPConnection(gw.host, timeout=30)
+        conn.request("GET", f"/v2/drain/app/blobs/{digest}", headers=basic("alice"))
+        response = conn.getresponse()
+        received = response.read(1024 * 1024)
+        gw.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        # New connections are refused while the transfer drains ...
+        with pytest.raises(OSError):
+            socket.create_connection(tuple(gw.host.split(":")), timeout=2).close()  # type: ignore[arg-type]
+        while chunk := response.read(1024 * 1024):
+            received += chunk
+            time.sleep(0.02)  # a slow reader
+        conn.close()
+        # ... and the transfer in flight completes, byte for byte.
+        assert hashlib.sha256(received).hexdigest() == digest.removeprefix("sha256:")
+        assert gw.process.wait(timeout=30) == 0
+    finally:
+        stop(gw.process)
+
+
+LOAD_SECONDS = float(os.environ.get("GATEWAY_LOAD_SECONDS", "30"))
+
+
+def test_500_clients_pull_and_push_for_30_seconds(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    gw = start_gateway(tmp_path, registry.url, users_file)
+    rss_samples: list[int] = []
+    stop_sampling = threading.Event()
+
+    def sample() -> None:
+        while not stop_sampling.is_set():
+            rss_samples.append(gw.rss_kib())
+            time.sleep(0.2)
+
+    async def run() -> Counter[str]:
+        outcomes: Counter[str] = Counter()
+        base = gw.url
+        seed = os.urandom(256 * 1024)
+        seed_digest = "sha256:" + hashlib.sha256(seed).hexdigest()
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+            async def push(data: bytes, repo: str) -> str:
+                digest = "sha256:" + hashlib.sha256(data).hexdigest()
+                async with session.post(f"{base}/v2/{repo}/blobs/uploads/", headers=basic("admin")) as r:
+                    outcomes[f"post {r.status}"] += 1
+                    location = r.headers.get("Location", "")
+                separator = "&" if "?" in location else "?"
+                async with session.put(
+                    f"{location}{separator}digest={digest}", data=data, headers=basic("admin")
+                ) as r:
+                    outcomes[f"put {r.status}"] += 1
+                return digest
+
+            await push(seed, "load/seed")
+            deadline = time.monotonic() + LOAD_SECONDS
+
+            async def puller() -> None:
+                while time.monotonic() < deadline:
+                    async with session.get(
+                        f"{base}/v2/load/seed/blobs/{seed_digest}", headers=basic("alice")
+                    ) as r:
+                        body = await r.read()
+                        ok = r.status == 200 and len(body) == len(seed)
+                        outcomes["pull ok" if ok else f"pull {r.status}"] += 1
+
+            async def pusher(index: int) -> None:
+                while time.monotonic() < deadline:
+                    await push(os.urandom(32 * 1024), f"load/push{index % 10}")
+
+            results = await asyncio.gather(
+                *[puller() for _ in range(450)], *[pusher(i) for i in range(50)], return_exceptions=True
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    outcomes[f"exception {type(result).__name__}"] += 1
+        return outcomes
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        outcomes = asyncio.run(run())
+    finally:
+        stop_sampling.set()
+        sampler.join()
+        stop(gw.process)
+    print(outcomes, "peak RSS KiB", max(rss_samples))
+    bad = {k: v for k, v in outcomes.items() if not (k == "pull ok" or k.endswith((" 201", " 202")))}
+    assert not bad, outcomes
+    assert outcomes["pull ok"] > 500 and outcomes["put 201"] > 50, outcomes
+    assert max(rss_samples) < 200 * 1024, max(rss_samples)  # bounded: no growth with request count
+    assert "Traceback" not in gw.log.read_text()
