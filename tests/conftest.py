@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import http.client
+import json
 import os
 import shutil
 import signal
@@ -200,3 +203,62 @@ def gateway(tmp_path: Path, registry: Registry, users_file: Path) -> Iterator[Ga
         yield gw
     finally:
         stop(gw.process)
+
+
+Credentials = tuple[str, str] | None
+
+
+def basic_header(credentials: tuple[str, str]) -> str:
+    return "Basic " + base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+
+
+def http_request(
+    host: str,
+    method: str,
+    path: str,
+    credentials: Credentials = None,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on a fresh connection: status, headers, body."""
+    all_headers = dict(headers or {})
+    if credentials is not None:
+        all_headers["Authorization"] = basic_header(credentials)
+    conn = http.client.HTTPConnection(host, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=all_headers)
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, dict(response.getheaders()), data
+    finally:
+        conn.close()
+
+
+def write_authfile(path: Path, host: str, credentials: Credentials) -> Path:
+    """A containers-auth.json for skopeo, so credentials never appear on its command line."""
+    auths = {} if credentials is None else {host: {"auth": basic_header(credentials).removeprefix("Basic ")}}
+    path.write_text(json.dumps({"auths": auths}))
+    return path
+
+
+def skopeo_copy(src: str, dst: str, authfile: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`skopeo copy --preserve-digests`, plain HTTP unless `flags` say otherwise, no retries."""
+    tls = list(flags) or ["--src-tls-verify=false", "--dest-tls-verify=false"]
+    return subprocess.run(
+        [
+            require("skopeo"),
+            "--insecure-policy",
+            "copy",
+            "--preserve-digests",
+            "--retry-times",
+            "0",
+            *tls,
+            "--authfile",
+            str(authfile),
+            src,
+            dst,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

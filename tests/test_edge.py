@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import USERS, Gateway, Registry, start_gateway, stop
+from tests.conftest import USERS, Gateway, Registry, http_request, start_gateway, stop
 
 
 def basic(user: str) -> dict[str, str]:
@@ -25,14 +25,7 @@ def basic(user: str) -> dict[str, str]:
 
 
 def get_status(gw: Gateway, path: str = "/v2/", user: str = "alice") -> int:
-    conn = http.client.HTTPConnection(gw.host, timeout=10)
-    try:
-        conn.request("GET", path, headers=basic(user))
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
+    return http_request(gw.host, "GET", path, (user, USERS[user]))[0]
 
 
 def closed_by_peer(sock: socket.socket, within: float) -> bool:

@@ -25,39 +25,22 @@ from tests.conftest import (
     Gateway,
     Registry,
     free_port,
+    http_request,
     require,
+    skopeo_copy,
     start_gateway,
     stop,
     wait_for_http,
+    write_authfile,
 )
 
 
 def auth_file(path: Path, host: str, user: str) -> Path:
-    token = base64.b64encode(f"{user}:{USERS[user]}".encode()).decode()
-    path.write_text(json.dumps({"auths": {host: {"auth": token}}}))
-    return path
+    return write_authfile(path, host, (user, USERS[user]))
 
 
 def copy(src: str, dst: str, auth: Path, *tls: str) -> subprocess.CompletedProcess[str]:
-    flags = list(tls) or ["--src-tls-verify=false", "--dest-tls-verify=false"]
-    return subprocess.run(
-        [
-            require("skopeo"),
-            "--insecure-policy",
-            "copy",
-            "--preserve-digests",
-            "--retry-times",
-            "0",
-            *flags,
-            "--authfile",
-            str(auth),
-            src,
-            dst,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return skopeo_copy(src, dst, auth, *tls)
 
 
 def call(
@@ -68,16 +51,8 @@ def call(
     password: str | None = None,
     body: bytes | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(gateway.host, timeout=30)
-    headers = {}
-    if user is not None:
-        secret = USERS.get(user, "") if password is None else password
-        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()
-    conn.request(method, path, body=body, headers=headers)
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response.status, dict(response.getheaders()), data
+    credentials = None if user is None else (user, USERS.get(user, "") if password is None else password)
+    return http_request(gateway.host, method, path, credentials, body)
 
 
 def test_audit_log_records_push_and_pull_without_secrets(

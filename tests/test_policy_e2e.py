@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import http.client
 import json
 import os
 import signal
@@ -18,7 +16,17 @@ from pathlib import Path
 import pytest
 
 from gateway.sample_image import write_image
-from tests.conftest import Gateway, Registry, htpasswd_add, require, start_gateway, stop
+from tests.conftest import (
+    Gateway,
+    Registry,
+    htpasswd_add,
+    http_request,
+    require,
+    skopeo_copy,
+    start_gateway,
+    stop,
+    write_authfile,
+)
 
 PASSWORDS = {"admin": "admin-pw-1", "alice": "alice-pw-1", "bob": "bob-pw-1"}
 
@@ -55,34 +63,8 @@ class Setup:
 
 
 def authfile(tmp: Path, host: str, user: str | None) -> Path:
-    path = tmp / f"auth-{user or 'anonymous'}.json"
-    auths = {}
-    if user is not None:
-        auths[host] = {"auth": base64.b64encode(f"{user}:{PASSWORDS[user]}".encode()).decode()}
-    path.write_text(json.dumps({"auths": auths}))
-    return path
-
-
-def skopeo_copy(src: str, dst: str, auth: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            require("skopeo"),
-            "--insecure-policy",
-            "copy",
-            "--preserve-digests",
-            "--retry-times",
-            "0",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-            "--authfile",
-            str(auth),
-            src,
-            dst,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    credentials = None if user is None else (user, PASSWORDS[user])
+    return write_authfile(tmp / f"auth-{user or 'anonymous'}.json", host, credentials)
 
 
 def skopeo_delete(ref: str, auth: Path) -> subprocess.CompletedProcess[str]:
@@ -194,16 +176,8 @@ def get(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(gateway.host, timeout=30)
-    all_headers = dict(headers or {})
-    if user is not None:
-        secret = password if password is not None else PASSWORDS[user]
-        all_headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()
-    conn.request(method, path, body=body, headers=all_headers)
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response.status, dict(response.getheaders()), data
+    credentials = None if user is None else (user, PASSWORDS[user] if password is None else password)
+    return http_request(gateway.host, method, path, credentials, body, headers)
 
 
 def walk_catalog(gateway: Gateway, user: str, n: int) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import socket
 import subprocess
@@ -13,34 +12,28 @@ from pathlib import Path
 import pytest
 
 from gateway.sample_image import write_image
-from tests.conftest import USERS, Gateway, Registry, htpasswd_add, require, start_gateway, stop
+from tests.conftest import (
+    USERS,
+    Gateway,
+    Registry,
+    htpasswd_add,
+    http_request,
+    require,
+    skopeo_copy,
+    start_gateway,
+    stop,
+    write_authfile,
+)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 def login(authfile: Path, host: str, user: str, password: str) -> None:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    authfile.write_text(json.dumps({"auths": {host: {"auth": token}}}))
+    write_authfile(authfile, host, (user, password))
 
 
 def copy(src: str, dst: str, authfile: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            require("skopeo"),
-            "--insecure-policy",
-            "copy",
-            "--preserve-digests",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-            "--authfile",
-            str(authfile),
-            src,
-            dst,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return skopeo_copy(src, dst, authfile)
 
 
 def raw_request(gateway: Gateway, data: bytes) -> bytes:
@@ -77,17 +70,8 @@ def request(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(gateway.host, timeout=30)
-    headers = dict(headers or {})
-    if user is not None:
-        secret = password if password is not None else USERS[user]
-        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()
-    conn.request(method, path, body=body, headers=headers)
-    response = conn.getresponse()
-    data = response.read()
-    all_headers = {k: v for k, v in response.getheaders()}
-    conn.close()
-    return response.status, all_headers, data
+    credentials = None if user is None else (user, USERS[user] if password is None else password)
+    return http_request(gateway.host, method, path, credentials, body, headers)
 
 
 def test_push_as_admin_pull_as_reader_is_byte_identical(
