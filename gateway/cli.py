@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import multiprocessing
 import os
@@ -81,12 +82,28 @@ def _settings(args: argparse.Namespace) -> config.Settings:
     return config.load(config_file, os.environ, flags)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonFormatter(logging.Formatter):
+    """The diagnostic log as one JSON object a line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 async def run_server(settings: config.Settings, store: AccessStore) -> None:
@@ -98,7 +115,7 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
     app = create_app(settings, store)
     tls = TlsContext(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
     limits = ConnectionLimits(settings.max_connections, settings.header_timeout)
-    runner = GatewayRunner(app, limits, access_log=None, shutdown_timeout=30)
+    runner = GatewayRunner(app, limits, access_log=None, shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
     site = web.TCPSite(
         runner,
@@ -152,7 +169,7 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: finishing transfers in flight (up to 30 s)")
+        log.info("shutting down: finishing transfers in flight (up to %s s)", settings.shutdown_grace)
         watcher.cancel()
         for extra in extra_runners:
             await extra.cleanup()
@@ -193,7 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         store = AccessStore(settings.htpasswd, settings.policy)
     except StateError as exc:

@@ -55,6 +55,8 @@ class Settings:
     redirect_listen: tuple[str, int] | None
     max_connections: int
     header_timeout: float
+    log_format: str
+    shutdown_grace: float
 
 
 class ConfigError(Exception):
@@ -92,6 +94,8 @@ DEFAULTS: dict[str, Any] = {
     "redirect_listen": None,
     "max_connections": 4096,
     "header_timeout": 30.0,
+    "log_format": "text",
+    "shutdown_grace": 30.0,
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -241,6 +245,13 @@ def _log_level(value: Any) -> str:
     return text
 
 
+def _log_format(value: Any) -> str:
+    text = _text(value).lower()
+    if text not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return text
+
+
 PARSERS: dict[str, Callable[[Any], Any]] = {
     "listen": _host_port,
     "upstream": _upstream,
@@ -269,6 +280,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "redirect_listen": _optional_host_port,
     "max_connections": _count(0),
     "header_timeout": _seconds,
+    "log_format": _log_format,
+    "shutdown_grace": _seconds,
 }
 
 

@@ -460,3 +460,15 @@ def test_tls_context_is_modern_and_bad_renewals_keep_the_old_pair(tmp_path: Path
     assert not tls.reload_if_changed()  # logged, old pair still loaded
     issue_cert(tmp_path, "server", "8")
     assert tls.reload_if_changed()
+
+
+def test_json_diagnostic_log(tmp_path: Path, registry: Registry, users_file: Path) -> None:
+    gw = start_gateway(tmp_path, registry.url, users_file, env={"GATEWAY_LOG_FORMAT": "json"})
+    try:
+        assert call(gw, "GET", "/v2/", "alice", "wrong")[0] == 401
+    finally:
+        stop(gw.process)
+    entries = [json.loads(line) for line in gw.log.read_text().splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    assert any("failed login for user 'alice'" in e["message"] for e in entries)
+    assert all("wrong" not in e["message"] for e in entries)
