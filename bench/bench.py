@@ -53,7 +53,8 @@ def free_port() -> int:
 
 
 def need(binary: str) -> str:
-    path = shutil.which(binary)
+    # nginx lives in /usr/sbin, which is not on an ordinary user's PATH.
+    path = shutil.which(binary, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if path is None:
         raise SystemExit(
             f"bench: {binary} not found (bash scripts/bootstrap installs it; hey: apt-get install hey)"
