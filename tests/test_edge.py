@@ -9,6 +9,8 @@ import http.client
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -193,3 +195,41 @@ def test_500_clients_pull_and_push_for_30_seconds(
     assert outcomes["pull ok"] > 500 and outcomes["put 201"] > 50, outcomes
     assert max(rss_samples) < 200 * 1024, max(rss_samples)  # bounded: no growth with request count
     assert "Traceback" not in gw.log.read_text()
+
+
+def test_workers_share_the_port_reload_and_stop_together(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    gw = start_gateway(
+        tmp_path, registry.url, users_file, "--workers", "2", env={"GATEWAY_RELOAD_INTERVAL": "3600"}
+    )
+    try:
+        deadline = time.monotonic() + 10
+        children: list[str] = []
+        while len(children) < 2 and time.monotonic() < deadline:
+            children = Path(f"/proc/{gw.process.pid}/task/{gw.process.pid}/children").read_text().split()
+            time.sleep(0.1)
+        assert len(children) == 2
+        assert all(get_status(gw) == 200 for _ in range(20))
+
+        # A user added to the file and a SIGHUP to the supervisor: every worker knows the user.
+        subprocess_env = {**os.environ, "GATEWAY_HTPASSWD": str(users_file)}
+        added = subprocess.run(
+            [sys.executable, "-m", "gateway", "user", "add", "late", "--password-stdin", "--cost", "4"],
+            input="late-pw\n",
+            capture_output=True,
+            text=True,
+            env=subprocess_env,
+            timeout=60,
+        )
+        assert added.returncode == 0, added.stderr
+        gw.process.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        statuses = {http_request(gw.host, "GET", "/v2/", ("late", "late-pw"))[0] for _ in range(40)}
+        assert statuses == {200}
+
+        gw.process.send_signal(signal.SIGTERM)
+        assert gw.process.wait(timeout=30) == 0
+        assert not any(Path(f"/proc/{child}").exists() for child in children)
+    finally:
+        stop(gw.process)
