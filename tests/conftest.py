@@ -6,6 +6,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -100,26 +101,39 @@ class Registry:
         return sum(1 for _ in root.rglob("data")) if root.exists() else 0
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
+def start_registry(tmp_path: Path, port: int | None = None, name: str = "registry") -> Registry:
+    """Debian's docker-registry on 127.0.0.1, storage in tmp_path; started again on the same
+    configuration (and so storage) when `name` is reused."""
     require(REGISTRY_BIN)
-    port = free_port()
-    storage = tmp_path / "registry-storage"
-    config = tmp_path / "registry.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: info\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    log = tmp_path / "registry.log"
-    with log.open("wb") as out:
+    storage = tmp_path / f"{name}-storage"
+    config = tmp_path / f"{name}.yml"
+    if not config.exists():
+        config.write_text(
+            "version: 0.1\n"
+            "log:\n  level: info\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: 127.0.0.1:{port or free_port()}\n"
+        )
+    address = re.search(r"addr: (\S+)", config.read_text())
+    assert address is not None
+    log = tmp_path / f"{name}.log"
+    with log.open("ab") as out:
         process = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=out, stderr=out)
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/v2/", process, log)
-        yield Registry(f"http://127.0.0.1:{port}", storage, process, log)
-    finally:
+        wait_for_http(f"http://{address.group(1)}/v2/", process, log)
+    except RuntimeError:
         stop(process)
+        raise
+    return Registry(f"http://{address.group(1)}", storage, process, log)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    started = start_registry(tmp_path)
+    try:
+        yield started
+    finally:
+        stop(started.process)
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import pytest
 
 from gateway.sample_image import write_image
 from tests.conftest import (
-    REGISTRY_BIN,
     USERS,
     Gateway,
     Registry,
@@ -29,8 +28,8 @@ from tests.conftest import (
     require,
     skopeo_copy,
     start_gateway,
+    start_registry,
     stop,
-    wait_for_http,
     write_authfile,
 )
 
@@ -148,17 +147,8 @@ def test_registry_down_at_start_then_up(tmp_path: Path, users_file: Path) -> Non
         assert headers["Docker-Distribution-Api-Version"] == "registry/2.0"
 
         # The registry comes up on that port: the gateway is ready without a restart.
-        storage = tmp_path / "late-storage"
-        config = tmp_path / "late.yml"
-        config.write_text(
-            f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {storage}\n"
-            f"http:\n  addr: 127.0.0.1:{registry_port}\n"
-        )
-        log = tmp_path / "late.log"
-        with log.open("wb") as out:
-            late = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=out, stderr=out)
+        late = start_registry(tmp_path, registry_port, name="late").process
         try:
-            wait_for_http(f"http://127.0.0.1:{registry_port}/v2/", late, log)
             with urllib.request.urlopen(f"{health}/readyz") as response:
                 assert response.status == 200
             assert call(gw, "GET", "/v2/", "alice")[0] == 200
@@ -327,16 +317,6 @@ def test_tls_push_pull_and_certificate_renewal(tmp_path: Path, registry: Registr
         stop(gw.process)
 
 
-def _restart(registry: Registry, tmp_path: Path) -> subprocess.Popen[bytes]:
-    log = tmp_path / "registry-restarted.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [REGISTRY_BIN, "serve", str(tmp_path / "registry.yml")], stdout=out, stderr=out
-        )
-    wait_for_http(f"{registry.url}/v2/", process, log)
-    return process
-
-
 def test_registry_killed_mid_upload_and_mid_download(
     tmp_path: Path, registry: Registry, users_file: Path
 ) -> None:
@@ -378,7 +358,7 @@ def test_registry_killed_mid_upload_and_mid_download(
         status, _, body = call(gw, "GET", "/v2/faults/app/tags/list", "admin")
         assert status == 502 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
         # ... and once it is back, the interrupted upload is not a blob anyone can fetch.
-        restarted = _restart(registry, tmp_path)
+        restarted = start_registry(tmp_path).process  # same configuration and storage
         assert call(gw, "HEAD", f"/v2/faults/app/blobs/{digest}", "admin")[0] == 404
 
         # Download: put the blob in, then kill the registry after the first bytes went out.
