@@ -312,11 +312,16 @@ async def observe(
         request.app[AUDIT_KEY].write(record)
 
 
-def _hsts(max_age: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    async def add_header(_request: web.Request, response: web.StreamResponse) -> None:
-        response.headers["Strict-Transport-Security"] = f"max-age={max_age}"
+def _edge_headers(settings: Settings) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """No software versions for fingerprinting; HSTS when serving TLS and asked to."""
+    hsts = f"max-age={settings.hsts_max_age}" if settings.tls_cert and settings.hsts_max_age else None
 
-    return add_header
+    async def add_headers(_request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Server"] = "registry-gateway"
+        if hsts is not None:
+            response.headers["Strict-Transport-Security"] = hsts
+
+    return add_headers
 
 
 async def _reload_users(app: web.Application) -> AsyncIterator[None]:
@@ -377,8 +382,7 @@ def create_app(
     app[METRICS_KEY] = Metrics(cache, access)
     app[AUDIT_KEY] = audit or AuditLog(settings.audit_log)
     app[LOCKOUT_KEY] = Lockout(settings.lockout_attempts, settings.lockout_window)
-    if settings.tls_cert is not None and settings.hsts_max_age > 0:
-        app.on_response_prepare.append(_hsts(settings.hsts_max_age))
+    app.on_response_prepare.append(_edge_headers(settings))
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_reload_users)
     app.router.add_route("*", "/{tail:.*}", handle)

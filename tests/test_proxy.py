@@ -149,6 +149,8 @@ async def test_api_version_header_exactly_once(rig: Rig) -> None:
         headers = {"Authorization": auth} if auth else {}
         async with rig.session.get(url(rig, path), headers=headers) as response:
             assert response.headers.getall("Docker-Distribution-Api-Version") == ["registry/2.0"], path
+            assert response.headers.getall("Server") == ["registry-gateway"]  # no versions
+            assert "Strict-Transport-Security" not in response.headers  # plain HTTP
 
 
 async def test_authorization_never_reaches_upstream_and_forwarding_is_set(rig: Rig) -> None:
