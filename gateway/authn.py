@@ -28,7 +28,6 @@ from gateway.state import AccessStore, Snapshot
 log = logging.getLogger(__name__)
 
 MAX_AUTHORIZATION_LENGTH = 4096
-DEFAULT_DUMMY_COST = 10
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -173,7 +174,14 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
         watcher.cancel()
         for extra in extra_runners:
             await extra.cleanup()
+        started = time.monotonic()
         await runner.cleanup()
+        # A finished response may still sit in a transport's write buffer: connections count as
+        # closed only once it is flushed (connection_lost), so wait for them before the loop ends.
+        if limits.open > 0:
+            remaining = max(0.0, settings.shutdown_grace - (time.monotonic() - started))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(limits.idle.wait(), remaining)
         app[AUDIT_KEY].close()
 
 

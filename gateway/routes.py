@@ -48,15 +48,6 @@ class Operation:
     actions: frozenset[str] = frozenset()
     mount_from: str | None = None
 
-    @property
-    def resource_type(self) -> str | None:
-        """docker_auth's `type`: `repository` for repository routes, `registry` for the catalog."""
-        if self.route is Route.CATALOG:
-            return "registry"
-        if self.repository is not None:
-            return "repository"
-        return None
-
 
 @dataclass(frozen=True)
 class RouteError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from aiohttp import web
@@ -30,7 +30,16 @@ class ConnectionLimits:
     max_connections: int  # 0: no limit
     header_timeout: float  # 0: no limit
     open: int = 0
-    refused: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def opened(self) -> None:
+        self.open += 1
+        self.idle.clear()
+
+    def closed(self) -> None:
+        self.open -= 1
+        if self.open == 0:
+            self.idle.set()
 
 
 class _RegistryErrorRequestHandler(RequestHandler):
@@ -43,11 +52,10 @@ class _RegistryErrorRequestHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         limits = self._limits
         if limits.max_connections and limits.open >= limits.max_connections:
-            limits.refused += 1
             log.warning("connection refused: %d connections open (max_connections)", limits.open)
             transport.close()
             return
-        limits.open += 1
+        limits.opened()
         self._counted = True
         super().connection_made(transport)
         if limits.header_timeout:
@@ -69,7 +77,7 @@ class _RegistryErrorRequestHandler(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self._counted:
             return  # refused in connection_made: aiohttp never saw this connection
-        self._limits.open -= 1
+        self._limits.closed()
         self._counted = False
         self.request_head_received()
         super().connection_lost(exc)

@@ -115,6 +115,7 @@ def test_sigterm_lets_transfers_in_flight_finish(
             time.sleep(0.02)  # a slow reader
         conn.close()
         # ... and the transfer in flight completes, byte for byte.
+        assert len(received) == len(blob), (len(received), gw.process.poll(), gw.log.read_text()[-2000:])
         assert hashlib.sha256(received).hexdigest() == digest.removeprefix("sha256:")
         assert gw.process.wait(timeout=30) == 0
     finally:
