@@ -21,6 +21,7 @@ import heapq
 import ipaddress
 import itertools
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -107,7 +108,10 @@ def _class_body(body: str) -> str:
 def compile_pattern(pattern: str) -> re.Pattern[str]:
     """The compiled form of a glob or /regex/ pattern (cached: substituted patterns repeat)."""
     if is_regex(pattern):
-        return re.compile(pattern[1:-1])
+        with warnings.catch_warnings():
+            # "Possible nested set" and the like: valid today, only a note about future Pythons.
+            warnings.simplefilter("ignore", FutureWarning)
+            return re.compile(pattern[1:-1])
     return re.compile(glob_to_regex(pattern), re.DOTALL)
 
 

@@ -45,6 +45,7 @@ PATTERN_CASES = [
     ("/^dev-/", "dev-x/y", True),  # regex: may cross /
     ("/dev/", "my-dev-team", True),  # regex: unanchored, as Go's regexp.Match
     ("/^dev$/", "my-dev", False),
+    ("/^[[a]x/", "[x", True),  # Python warns "possible nested set": still a valid pattern
     ("library", "library", True),
     ("library", "library2", False),
     ("", "", True),
