@@ -332,7 +332,7 @@ async def _reload_users(app: web.Application) -> AsyncIterator[None]:
         while True:
             await asyncio.sleep(settings.reload_interval)
             try:
-                await asyncio.to_thread(authenticator.reload_if_changed)
+                await authenticator.reload_if_changed()
             except Exception:
                 log.exception("htpasswd reload failed; keeping the last good users")
 

@@ -127,8 +127,10 @@ class Authenticator:
         )
         self._in_flight: dict[tuple[bytes, int], asyncio.Future[str | None]] = {}
 
-    def reload_if_changed(self, force: bool = False) -> bool:
-        changed = self.store.reload_if_changed(force)
+    async def reload_if_changed(self, force: bool = False) -> bool:
+        """Re-read users and rules in a thread (parsing a big file must not stall streaming);
+        forget cached logins on the event loop once a new snapshot is in place."""
+        changed = await asyncio.to_thread(self.store.reload_if_changed, force)
         if changed:
             self.cache.clear()
         return changed

@@ -153,8 +153,12 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
 
+    reloads: set[asyncio.Task[bool]] = set()
+
     def on_hup() -> None:
-        app[AUTHENTICATOR_KEY].reload_if_changed(True)
+        task = asyncio.create_task(app[AUTHENTICATOR_KEY].reload_if_changed(True))
+        reloads.add(task)  # keep a reference until it is done
+        task.add_done_callback(reloads.discard)
         app[AUDIT_KEY].reopen()
         if tls is not None:
             tls.reload_if_changed()

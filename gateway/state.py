@@ -7,6 +7,7 @@ and a change that fails to load keeps the last good snapshot (and says why in th
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -91,6 +92,8 @@ class AccessStore:
         self.snapshot = self._load()  # raises at start-up: refuse to run on bad files
         self.reloads_ok = 0
         self.reloads_failed = 0
+        # The watcher reloads from a thread, SIGHUP from the event loop: one at a time.
+        self._reload_lock = threading.Lock()
 
     def _current_signatures(self) -> tuple[Signature, Signature]:
         return (_signature(self.htpasswd_path), _signature(self.policy_path))
@@ -105,6 +108,10 @@ class AccessStore:
 
     def reload_if_changed(self, force: bool = False) -> bool:
         """Re-read the files if either changed (or when forced). True when a new snapshot is in place."""
+        with self._reload_lock:
+            return self._reload(force)
+
+    def _reload(self, force: bool) -> bool:
         signatures = self._current_signatures()
         if signatures == self._signatures and not force:
             return False

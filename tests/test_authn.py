@@ -168,7 +168,7 @@ async def test_password_change_invalidates_cache(tmp_path: Path) -> None:
         assert await auth.authenticate(Credentials("alice", "old")) == "alice"
         _write_users(path, {"alice": "new"})
         _touch_later(path)
-        assert auth.reload_if_changed()
+        assert await auth.reload_if_changed()
         assert await auth.authenticate(Credentials("alice", "old")) is None
         assert await auth.authenticate(Credentials("alice", "new")) == "alice"
     finally:
@@ -182,11 +182,11 @@ async def test_broken_file_keeps_last_good_users(tmp_path: Path, caplog: pytest.
     try:
         path.write_text("this is not an htpasswd line\n")
         _touch_later(path)
-        assert not auth.reload_if_changed()
+        assert not await auth.reload_if_changed()
         assert "keeping the last good users" in caplog.text
         assert await auth.authenticate(Credentials("alice", "pw")) == "alice"
         path.unlink()
-        assert not auth.reload_if_changed()
+        assert not await auth.reload_if_changed()
         assert await auth.authenticate(Credentials("alice", "pw")) == "alice"
     finally:
         auth.close()
