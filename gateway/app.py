@@ -33,8 +33,8 @@ from gateway.config import Settings
 from gateway.errors import API_VERSION, API_VERSION_HEADER, error_response
 from gateway.lockout import Lockout
 from gateway.metrics import Metrics
-from gateway.policy import AclDecision, Outcome, acl_policy, default_policy, may_pull
-from gateway.routes import Operation, RouteError, parse_query, parse_request, without_query_keys
+from gateway.policy import Decision, Outcome, acl_policy, default_policy, may_pull
+from gateway.routes import Operation, RouteError, parse_request, without_query_keys
 from gateway.server import request_head_received
 from gateway.state import AccessStore, Snapshot
 
@@ -86,21 +86,20 @@ def _unauthorized(settings: Settings, operation: Operation, message: str) -> web
 
 def _decide(
     snapshot: Snapshot, settings: Settings, user: str | None, operation: Operation, ip: str
-) -> AclDecision:
+) -> Decision:
     if snapshot.policy is None:
-        default = default_policy(user, operation, settings.admin_prefix)
-        return AclDecision(default.outcome, default.reason)
+        return default_policy(user, operation, settings.admin_prefix)
     return acl_policy(snapshot.policy, user, operation, ip)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS_KEY]
+    record = request[AUDIT_RECORD]
+    record.decision = "refused"
 
     if settings.block_old_clients and OLD_DOCKER_CLIENT.match(request.headers.get("User-Agent", "")):
         return error_response(404, "UNSUPPORTED", "this docker client is too old")
 
-    record = request[AUDIT_RECORD]
-    record.decision = "refused"
     parsed = parse_request(request.method, request.raw_path)
     if isinstance(parsed, RouteError):
         return error_response(parsed.status, parsed.code, parsed.message)
@@ -171,7 +170,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     record.decision = "allow"
     if decision.filter_catalog and snapshot.policy is not None:
         policy = snapshot.policy
-        return await catalog_response(request, view, lambda name: may_pull(policy, user, name, view.address))
+        return await catalog_response(
+            request, operation, view, lambda name: may_pull(policy, user, name, view.address)
+        )
     target = request.raw_path
     if decision.drop_mount:
         log.info("mount from %s refused to %r: forwarded as an ordinary upload", operation.mount_from, user)
@@ -180,14 +181,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 async def catalog_response(
-    request: web.Request, view: forwarding.ClientView, visible: Callable[[str], bool]
+    request: web.Request,
+    operation: Operation,
+    view: forwarding.ClientView,
+    visible: Callable[[str], bool],
 ) -> web.StreamResponse:
     settings = request.app[SETTINGS_KEY]
-    params = parse_query(request.raw_path.partition("?")[2])
     try:
-        if isinstance(params, RouteError):  # parse_request already refused these; keep the types honest
-            raise catalog.CatalogError(params.status, params.code, params.message)
-        n, last = catalog.parse_paging(params)
+        n, last = catalog.parse_paging(operation.params)
         headers = forwarding.upstream_request_headers(request.headers, view)
         page = await catalog.filtered_page(
             request.app[SESSION_KEY], settings.upstream, headers, visible, n, last

@@ -9,7 +9,7 @@ appears exactly once however the hidden ones fall across the registry's pages.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -35,7 +35,7 @@ class CatalogError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def parse_paging(params: dict[str, str]) -> tuple[int | None, str | None]:
+def parse_paging(params: Mapping[str, str]) -> tuple[int | None, str | None]:
     n_text, last = params.get("n"), params.get("last")
     n = None
     if n_text is not None and n_text != "":

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from yarl import URL
 
-from gateway import htpasswd, policyfile, tls
+from gateway import state, tls
 
 ENV_PREFIX = "GATEWAY_"
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -342,22 +342,11 @@ def load(
         except ValueError as exc:
             problems.append(f"{_where(key, origin)}: {exc}")
 
-    if check_files and "htpasswd" in values:
-        path = values["htpasswd"]
-        if not path.is_file():
-            problems.append(f"{_where('htpasswd', merged['htpasswd'][1])}: no such file: {path}")
-        else:
-            try:
-                htpasswd.parse(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, htpasswd.HtpasswdError) as exc:
-                problems.append(f"{_where('htpasswd', merged['htpasswd'][1])}: {path}: {exc}")
-
-    if check_files and values.get("policy") is not None:
+    if check_files and "htpasswd" in values and "policy" in values:
         try:
-            policyfile.load(values["policy"])
-        except policyfile.PolicyError as exc:
-            where = _where("policy", merged["policy"][1])
-            problems.extend(f"{where}: {problem}" for problem in exc.problems)
+            state.build(values["htpasswd"], values["policy"])
+        except state.StateError as exc:
+            problems.extend(f"{_where(key, merged[key][1])}: {message}" for key, message in exc.by_key)
 
     if ("tls_cert" in values) and ("tls_key" in values):
         cert, key = values["tls_cert"], values["tls_key"]

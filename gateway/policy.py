@@ -24,8 +24,14 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True)
 class Decision:
+    """The outcome, and what the request path needs to act on it."""
+
     outcome: Outcome
     reason: str
+    rule: int | None = None  # the ACL entry that decided
+    comment: str | None = None
+    filter_catalog: bool = False  # answer the catalog with only what the user may pull
+    drop_mount: bool = False  # forward a cross-repository mount as an ordinary upload
 
     @property
     def allowed(self) -> bool:
@@ -42,22 +48,6 @@ def default_policy(user: str | None, operation: Operation, admin_prefix: str) ->
     if operation.method in READ_METHODS:
         return Decision(Outcome.ALLOW, "read access for authenticated users")
     return Decision(Outcome.DENY, "read-only user")
-
-
-@dataclass(frozen=True)
-class AclDecision:
-    """The outcome under an ACL, with what the request path needs to act on it."""
-
-    outcome: Outcome
-    reason: str
-    rule: int | None = None
-    comment: str | None = None
-    filter_catalog: bool = False  # answer the catalog with only what the user may pull
-    drop_mount: bool = False  # forward a cross-repository mount as an ordinary upload
-
-    @property
-    def allowed(self) -> bool:
-        return self.outcome is Outcome.ALLOW
 
 
 def acl_request(
@@ -80,30 +70,30 @@ def may_pull(policy: Policy, user: str | None, repository: str, ip: str | None) 
     return acl.evaluate(policy.rules, request).allows({PULL})
 
 
-def acl_policy(policy: Policy, user: str | None, operation: Operation, ip: str | None) -> AclDecision:
+def acl_policy(policy: Policy, user: str | None, operation: Operation, ip: str | None) -> Decision:
     """Decide under the policy file's ACL. `user` is None for requests without credentials."""
     if user is None and not policy.anonymous:
-        return AclDecision(Outcome.CHALLENGE, "authentication required")
+        return Decision(Outcome.CHALLENGE, "authentication required")
     if operation.route is Route.BASE:
         if user is None:
             # Anonymous clients are challenged so that those with credentials send them.
-            return AclDecision(Outcome.CHALLENGE, "authentication required")
-        return AclDecision(Outcome.ALLOW, "any authenticated user may check its login")
+            return Decision(Outcome.CHALLENGE, "authentication required")
+        return Decision(Outcome.ALLOW, "any authenticated user may check its login")
 
     if operation.route is Route.CATALOG:
         request = acl_request(policy, user, "registry", "catalog", operation.actions, ip)
         verdict = acl.evaluate(policy.rules, request)
         if verdict.allows(operation.actions):
-            return AclDecision(Outcome.ALLOW, "catalog granted", verdict.entry_index, verdict.comment)
-        return AclDecision(Outcome.ALLOW, "catalog filtered to pullable repositories", filter_catalog=True)
+            return Decision(Outcome.ALLOW, "catalog granted", verdict.entry_index, verdict.comment)
+        return Decision(Outcome.ALLOW, "catalog filtered to pullable repositories", filter_catalog=True)
 
     if operation.repository is None:  # every other route names one; refuse if that ever changes
-        return AclDecision(Outcome.DENY, "no repository in the request")
+        return Decision(Outcome.DENY, "no repository in the request")
     request = acl_request(policy, user, "repository", operation.repository, operation.actions, ip)
     verdict = acl.evaluate(policy.rules, request)
     if not verdict.allows(operation.actions):
         reason = "no rule matched" if verdict.entry_index is None else "rule grants too little"
         outcome = Outcome.CHALLENGE if user is None else Outcome.DENY
-        return AclDecision(outcome, reason, verdict.entry_index, verdict.comment)
+        return Decision(outcome, reason, verdict.entry_index, verdict.comment)
     drop_mount = operation.mount_from is not None and not may_pull(policy, user, operation.mount_from, ip)
-    return AclDecision(Outcome.ALLOW, "granted", verdict.entry_index, verdict.comment, drop_mount=drop_mount)
+    return Decision(Outcome.ALLOW, "granted", verdict.entry_index, verdict.comment, drop_mount=drop_mount)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from urllib.parse import unquote_plus
 
 MAX_NAME_LENGTH = 255
@@ -47,6 +49,7 @@ class Operation:
     reference: str | None = None
     actions: frozenset[str] = frozenset()
     mount_from: str | None = None
+    params: Mapping[str, str] = field(default_factory=dict, compare=False)  # the decoded query
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,7 @@ def parse_request(method: str, target: str) -> Operation | RouteError:
             reference=groups.get("ref"),
             actions=actions,
             mount_from=mount_from,
+            params=MappingProxyType(params),
         )
 
     if _LOOSE_NAME.match(path):

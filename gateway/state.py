@@ -31,9 +31,12 @@ class Snapshot:
 
 
 class StateError(ValueError):
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
+    """Users and rules that cannot be used; each problem is tagged with its setting (htpasswd, policy)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.by_key = problems
+        self.problems = [message for _key, message in problems]
+        super().__init__("; ".join(self.problems))
 
 
 def _signature(path: Path | None) -> Signature:
@@ -54,27 +57,32 @@ def _typical_bcrypt_cost(users: Mapping[str, htpasswd.StoredHash]) -> int:
 def build(
     htpasswd_path: Path, policy_path: Path | None
 ) -> tuple[dict[str, htpasswd.StoredHash], policyfile.Policy | None, list[str]]:
-    """Load both files and check them together. Raises StateError naming every problem."""
-    problems: list[str] = []
+    """Load both files and check them together. Raises StateError naming every problem.
+
+    The one place users and rules are loaded: at start-up, on reload, and by `check-config`.
+    """
+    problems: list[tuple[str, str]] = []
     warnings: list[str] = []
     users: dict[str, htpasswd.StoredHash] = {}
     try:
         parsed = htpasswd.parse(htpasswd_path.read_text(encoding="utf-8"))
         users.update(parsed.users)
         warnings.extend(f"{htpasswd_path}: {w}" for w in parsed.warnings)
+    except FileNotFoundError:
+        problems.append(("htpasswd", f"no such file: {htpasswd_path}"))
     except (OSError, UnicodeDecodeError, htpasswd.HtpasswdError) as exc:
-        problems.append(f"{htpasswd_path}: {exc}")
+        problems.append(("htpasswd", f"{htpasswd_path}: {exc}"))
     policy = None
     if policy_path is not None:
         try:
             policy = policyfile.load(policy_path)
             warnings.extend(f"{policy_path}: {w}" for w in policy.warnings)
         except policyfile.PolicyError as exc:
-            problems.extend(f"{policy_path}: {p}" for p in exc.problems)
+            problems.extend(("policy", f"{policy_path}: {p}") for p in exc.problems)
     if policy is not None:
         for name, stored in policy.users.items():
             if name in users:
-                problems.append(f"{policy_path}: users.{name}: also in {htpasswd_path}; keep one")
+                problems.append(("policy", f"{policy_path}: users.{name}: also in {htpasswd_path}; keep one"))
             users[name] = stored
     if problems:
         raise StateError(problems)

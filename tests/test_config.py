@@ -124,3 +124,14 @@ def test_example_config_is_valid(users: Path) -> None:
     example = Path(__file__).parent.parent / "config" / "gateway.yml"
     settings = config.load(example, {}, {"htpasswd": str(users)})
     assert settings.listen_port == 8080
+
+
+def test_user_defined_in_both_files_is_a_config_error(tmp_path: Path, users: Path) -> None:
+    policy = tmp_path / "policy.yml"
+    policy.write_text(
+        "users:\n  admin: {password: '$2y$05$" + "a" * 53 + "'}\nacl:\n  - match: {account: admin}\n"
+        "    actions: ['*']\n"
+    )
+    result = _cli("check-config", "--htpasswd", str(users), "--policy", str(policy))
+    assert result.returncode == 1
+    assert "policy (--policy): " in result.stderr and "users.admin: also in" in result.stderr

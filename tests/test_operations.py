@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -263,6 +264,7 @@ def test_tls_push_pull_and_certificate_renewal(tmp_path: Path, registry: Registr
     pki.mkdir()
     make_ca(pki)
     issue_cert(pki, "server", "1001")
+    redirect_port = free_port()
     gw = start_gateway(
         tmp_path,
         registry.url,
@@ -272,9 +274,13 @@ def test_tls_push_pull_and_certificate_renewal(tmp_path: Path, registry: Registr
         "--tls-key",
         str(pki / "server.key"),
         scheme="https",
-        env={"GATEWAY_HSTS_MAX_AGE": "600"},
+        env={"GATEWAY_HSTS_MAX_AGE": "600", "GATEWAY_REDIRECT_LISTEN": f"127.0.0.1:{redirect_port}"},
     )
     try:
+        # Plain HTTP on the redirect port sends clients to the same path over HTTPS.
+        status, headers, _ = http_request(f"127.0.0.1:{redirect_port}", "GET", "/v2/tls/app/tags/list?n=1")
+        assert status == 301
+        assert headers["Location"] == f"https://127.0.0.1:{gw.host.split(':')[1]}/v2/tls/app/tags/list?n=1"
         certs = tmp_path / "certs"
         certs.mkdir()
         (certs / "ca.crt").write_bytes((pki / "ca.crt").read_bytes())
@@ -452,3 +458,23 @@ def test_json_diagnostic_log(tmp_path: Path, registry: Registry, users_file: Pat
     assert {"time", "level", "logger", "message"} <= set(entries[0])
     assert any("failed login for user 'alice'" in e["message"] for e in entries)
     assert all("wrong" not in e["message"] for e in entries)
+
+
+def test_audit_log_reopened_on_sighup(tmp_path: Path, registry: Registry, users_file: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    gw = start_gateway(tmp_path, registry.url, users_file, "--audit-log", str(audit))
+    try:
+        assert call(gw, "GET", "/v2/", "alice")[0] == 200
+        audit.rename(tmp_path / "audit.jsonl.1")  # what logrotate does
+        gw.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not audit.exists():
+            assert time.monotonic() < deadline, "audit log not reopened"
+            time.sleep(0.05)
+        assert call(gw, "GET", "/v2/_catalog", "alice")[0] == 200
+    finally:
+        stop(gw.process)
+    rotated = [json.loads(line) for line in (tmp_path / "audit.jsonl.1").read_text().splitlines()]
+    fresh = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert {r["operation"] for r in rotated} == {"login"}  # the start-up probe and alice's login
+    assert [r["operation"] for r in fresh] == ["catalog"]

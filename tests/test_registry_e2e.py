@@ -246,3 +246,41 @@ def test_malformed_requests_never_500(gateway: Gateway, data: bytes) -> None:
     # The gateway is still serving.
     assert request(gateway, "GET", "/v2/", "alice")[0] == 200
     assert "Traceback" not in gateway.log.read_text()
+
+
+def test_location_urls_follow_trusted_proxies_only(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    forwarded = {
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "registry.example.com",
+        "X-Forwarded-For": "203.0.113.5",
+    }
+    plain = start_gateway(tmp_path, registry.url, users_file)
+    try:
+        # An untrusted client cannot make the registry send the next PATCH elsewhere.
+        status, headers, _ = request(
+            plain, "POST", "/v2/loc/app/blobs/uploads/", "admin", body=b"", headers=forwarded
+        )
+        assert status == 202
+        assert headers["Location"].startswith(f"http://{plain.host}/v2/loc/app/blobs/uploads/")
+    finally:
+        stop(plain.process)
+    audit = tmp_path / "audit.jsonl"
+    behind = start_gateway(
+        tmp_path,
+        registry.url,
+        users_file,
+        "--audit-log",
+        str(audit),
+        env={"GATEWAY_TRUSTED_PROXIES": "127.0.0.0/8"},
+    )
+    try:
+        status, headers, _ = request(
+            behind, "POST", "/v2/loc/app/blobs/uploads/", "admin", body=b"", headers=forwarded
+        )
+        assert status == 202
+        assert headers["Location"].startswith("https://registry.example.com/v2/loc/app/blobs/uploads/")
+    finally:
+        stop(behind.process)
+    assert json.loads(audit.read_text().splitlines()[-1])["client"] == "203.0.113.5"
