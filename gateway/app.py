@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import catalog, forwarding
@@ -30,12 +31,12 @@ from gateway.authn import (
     parse_basic_authorization,
 )
 from gateway.config import Settings
-from gateway.errors import API_VERSION, API_VERSION_HEADER, error_response
+from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_response
 from gateway.lockout import Lockout
 from gateway.metrics import Metrics
 from gateway.policy import Decision, Outcome, acl_policy, default_policy, may_pull
-from gateway.routes import Operation, RouteError, parse_request, without_query_keys
-from gateway.server import request_head_received
+from gateway.routes import MOUNT_KEYS, Operation, Route, RouteError, without_query_keys
+from gateway.screening import Admitted, Refusal, screen
 from gateway.state import AccessStore, Snapshot
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 # The nginx recipe's filter for docker clients older than 1.6, which speak only the v1 protocol.
 OLD_DOCKER_CLIENT = re.compile(r"^(docker/1\.(3|4|5(?!\.[0-9]-dev))|Go ).*$")
 CHUNK_SIZE = 256 * 1024
-MOUNT_KEYS = frozenset({"mount", "from"})
+# How much of a registry error body we read to log it before answering with our own.
+UPSTREAM_ERROR_LOG_BYTES = 4096
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 AUTHENTICATOR_KEY = web.AppKey("authenticator", Authenticator)
@@ -52,6 +54,7 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 AUDIT_KEY = web.AppKey("audit", AuditLog)
 LOCKOUT_KEY = web.AppKey("lockout", Lockout)
 AUDIT_RECORD = web.RequestKey("audit_record", AuditRecord)
+CLOSE_AFTER = web.RequestKey("close_after", bool)
 
 
 class UpstreamAborted(ConnectionResetError):
@@ -62,8 +65,8 @@ def _challenge_headers(settings: Settings) -> dict[str, str]:
     return {"WWW-Authenticate": f'Basic realm="{settings.realm}"'}
 
 
-def _detail(operation: Operation) -> list[dict[str, str]] | None:
-    if operation.repository is None:
+def _detail(operation: Operation | None) -> list[dict[str, str]] | None:
+    if operation is None or operation.repository is None:
         return None
     return [
         {"Type": "repository", "Name": operation.repository, "Action": action}
@@ -71,16 +74,58 @@ def _detail(operation: Operation) -> list[dict[str, str]] | None:
     ]
 
 
-async def _request_body(request: web.Request, record: AuditRecord) -> AsyncIterator[bytes]:
-    while True:
-        chunk = await request.content.readany()
-        if not chunk:
-            return
-        record.bytes_in += len(chunk)
-        yield chunk
+class BodyFailed(Exception):
+    """The client's request body cannot be forwarded whole: answered with `status`, connection closed."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
-def _unauthorized(settings: Settings, operation: Operation, message: str) -> web.Response:
+class RequestBody:
+    """The client's body as the registry gets it: the bytes as sent (never decompressed), exactly
+    the declared length, and a limit on how long the client may pause between bytes."""
+
+    def __init__(
+        self, request: web.Request, record: AuditRecord, declared_length: int | None, idle_timeout: float
+    ) -> None:
+        self._request = request
+        self._record = record
+        self._declared = declared_length
+        self._idle_timeout = idle_timeout
+        self.failure: BodyFailed | None = None
+
+    def _fail(self, status: int, code: str, message: str) -> BodyFailed:
+        self.failure = BodyFailed(status, code, message)
+        return self.failure
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        content = self._request.content
+        received = 0
+        while True:
+            try:
+                async with asyncio.timeout(self._idle_timeout):
+                    chunk = await content.readany()
+            except TimeoutError:
+                message = f"no request body bytes for {self._idle_timeout:g} s"
+                raise self._fail(408, "REQUEST_TIMEOUT", message) from None
+            except ConnectionError:
+                raise  # the client went away: nothing to answer
+            except Exception as exc:  # aiohttp's payload errors: bad chunking, a cut body
+                if self._request.transport is None or self._request.transport.is_closing():
+                    raise ConnectionResetError("client went away during the upload") from exc
+                raise self._fail(400, "UNSUPPORTED", "malformed request body") from exc
+            if not chunk:
+                if self._declared is not None and received != self._declared:
+                    # aiohttp enforces Content-Length; never send the registry fewer bytes than declared.
+                    raise self._fail(400, "UNSUPPORTED", "request body shorter than its Content-Length")
+                return
+            received += len(chunk)
+            self._record.bytes_in += len(chunk)
+            yield chunk
+
+
+def _unauthorized(settings: Settings, operation: Operation | None, message: str) -> web.Response:
     return error_response(401, "UNAUTHORIZED", message, _detail(operation), _challenge_headers(settings))
 
 
@@ -100,13 +145,18 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if settings.block_old_clients and OLD_DOCKER_CLIENT.match(request.headers.get("User-Agent", "")):
         return error_response(404, "UNSUPPORTED", "this docker client is too old")
 
-    parsed = parse_request(request.method, request.raw_path)
-    if isinstance(parsed, RouteError):
-        return error_response(parsed.status, parsed.code, parsed.message)
-    operation = parsed
-    record.operation = operation_name(operation)
-    record.repository = operation.repository
-    record.reference = operation.reference
+    # Everything the registry would read from this request, decided in one place.
+    screened = screen(request.method, request.raw_path, request.headers)
+    if isinstance(screened, Refusal):
+        return error_response(screened.status, screened.code, screened.message)
+    if screened.close_after:
+        request[CLOSE_AFTER] = True
+    route_error = screened.operation if isinstance(screened.operation, RouteError) else None
+    operation = screened.operation if isinstance(screened.operation, Operation) else None
+    if operation is not None:
+        record.operation = operation_name(operation)
+        record.repository = operation.repository
+        record.reference = operation.reference
 
     host = request.headers.get("Host", "")
     if not forwarding.valid_host(host):
@@ -152,6 +202,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
             metrics.auth_failures.labels("expired").inc()
             return _unauthorized(settings, operation, "account expired")
 
+    if route_error is not None or operation is None:
+        # A request that names no operation: answered, like any other, only after authentication.
+        anonymous_allowed = snapshot.policy is not None and snapshot.policy.anonymous
+        if user is None and not anonymous_allowed:
+            return _unauthorized(settings, None, "authentication required")
+        error = route_error or RouteError(404, "NOT_FOUND", "unknown registry API endpoint")
+        return error_response(error.status, error.code, error.message)
+
     decision = _decide(snapshot, settings, user, operation, view.address)
     record.rule = decision.rule
     if decision.outcome is Outcome.CHALLENGE:
@@ -173,11 +231,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await catalog_response(
             request, operation, view, lambda name: may_pull(policy, user, name, view.address)
         )
-    target = request.raw_path
+    target = operation.target
     if decision.drop_mount:
         log.info("mount from %s refused to %r: forwarded as an ordinary upload", operation.mount_from, user)
         target = without_query_keys(target, MOUNT_KEYS)
-    return await forward(request, settings, view, target)
+    if screened.expect_continue and request.version >= (1, 1):
+        # Only now that the request is authorized may the client start sending its body.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    return await forward(request, settings, view, target, screened)
 
 
 async def catalog_response(
@@ -189,7 +250,8 @@ async def catalog_response(
     settings = request.app[SETTINGS_KEY]
     try:
         n, last = catalog.parse_paging(operation.params)
-        headers = forwarding.upstream_request_headers(request.headers, view)
+        # The catalog's own body-less GETs carry none of the client's headers, framing least of all.
+        headers = forwarding.upstream_request_headers(CIMultiDict(), view)
         page = await catalog.filtered_page(
             request.app[SESSION_KEY], settings.upstream, headers, visible, n, last
         )
@@ -209,15 +271,27 @@ async def catalog_response(
 
 
 async def forward(
-    request: web.Request, settings: Settings, view: forwarding.ClientView, target: str
+    request: web.Request,
+    settings: Settings,
+    view: forwarding.ClientView,
+    target: str,
+    screened: Admitted,
 ) -> web.StreamResponse:
     session = request.app[SESSION_KEY]
     head = request.method == "HEAD"
     headers = forwarding.upstream_request_headers(request.headers, view)
+    # Framing we forward is framing we set: the length we will send, or chunked (aiohttp's client
+    # chunks a streamed body without a Content-Length), never the client's header as it was.
+    if screened.has_body and screened.content_length is not None:
+        headers["Content-Length"] = str(screened.content_length)
     # encoded=True: forward the exact bytes we authorized; yarl would otherwise normalise them.
     url = URL(str(settings.upstream) + target, encoded=True)
     record = request[AUDIT_RECORD]
-    body = _request_body(request, record) if request.body_exists else None
+    body = (
+        RequestBody(request, record, screened.content_length, settings.body_timeout)
+        if screened.has_body
+        else None
+    )
 
     started = time.monotonic()
     try:
@@ -225,7 +299,7 @@ async def forward(
             request.method,
             url,
             headers=headers,
-            data=body,
+            data=body.chunks() if body is not None else None,
             allow_redirects=False,
             auto_decompress=False,
         )
@@ -235,6 +309,9 @@ async def forward(
         return error_response(504, "UNAVAILABLE", "the registry did not answer in time")
     except aiohttp.ClientError as exc:
         record.decision = "error"
+        if body is not None and body.failure is not None:
+            log.info("request body refused: %s %s: %s", request.method, request.path, body.failure.message)
+            return error_response(body.failure.status, body.failure.code, body.failure.message)
         if request.transport is None or request.transport.is_closing():
             raise ConnectionResetError("client went away during the upload") from exc
         log.warning("upstream failed: %s %s: %s", request.method, request.path, exc)
@@ -245,6 +322,17 @@ async def forward(
     record.digest = upstream.headers.get("Docker-Content-Digest")
 
     async with upstream:
+        if _needs_own_error_body(upstream.status, upstream.headers.get("Content-Type", "")):
+            operation = screened.operation
+            if (
+                upstream.status == 500
+                and isinstance(operation, Operation)
+                and await _is_plain_blob(session, settings, headers, operation)
+            ):
+                # distribution 2.8 answers 500 when a manifest is asked for by the digest of a
+                # layer or config blob (it fails to parse it); the truth is "no such manifest".
+                return error_response(404, "MANIFEST_UNKNOWN", "manifest unknown: the digest names a blob")
+            return await _replace_error(request, upstream)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(forwarding.downstream_response_headers(upstream.headers))
         if API_VERSION_HEADER not in response.headers:
@@ -272,13 +360,73 @@ async def forward(
         return response
 
 
+async def _is_plain_blob(
+    session: aiohttp.ClientSession, settings: Settings, headers: CIMultiDict[str], operation: Operation
+) -> bool:
+    """Whether a manifest reference by digest names a blob of the repository (a layer or config):
+    the registry links those, never manifests, under blobs/."""
+    if operation.route is not Route.MANIFEST or operation.method not in ("GET", "HEAD"):
+        return False
+    if operation.reference is None or ":" not in operation.reference:
+        return False
+    probe_headers = CIMultiDict(
+        (name, value) for name, value in headers.items() if name.lower() not in forwarding.CONTENT_HEADERS
+    )
+    url = URL(f"{settings.upstream}/v2/{operation.repository}/blobs/{operation.reference}", encoded=True)
+    try:
+        async with session.head(url, headers=probe_headers, allow_redirects=False) as probe:
+            return probe.status == 200
+    except (TimeoutError, aiohttp.ClientError):
+        return False
+
+
+def _needs_own_error_body(status: int, content_type: str) -> bool:
+    """Registry answers a client must not see as they are: 5xx bodies (they carry storage paths and
+    driver names) and errors that are not in the JSON error format (Go's `404 page not found`)."""
+    if status >= 500:
+        return True
+    return status >= 400 and content_type.split(";", 1)[0].strip().lower() != "application/json"
+
+
+async def _replace_error(request: web.Request, upstream: aiohttp.ClientResponse) -> web.Response:
+    """The registry's status, with an error body of our own; the original goes to the log."""
+    original = b""
+    if request.method != "HEAD":
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+            original = await upstream.content.read(UPSTREAM_ERROR_LOG_BYTES)
+    if upstream.status >= 500:
+        log.warning(
+            "registry answered %d to %s %s: %s",
+            upstream.status,
+            request.method,
+            request.path,
+            original.decode("utf-8", "replace"),
+        )
+        retry = upstream.headers.get("Retry-After")
+        return error_response(
+            upstream.status,
+            "UNKNOWN",
+            "the registry failed to handle the request",
+            headers={"Retry-After": retry} if retry else None,
+        )
+    kept = {
+        name: value
+        for name, value in forwarding.downstream_response_headers(upstream.headers).items()
+        if name.lower() not in forwarding.CONTENT_HEADERS
+    }
+    if upstream.status == 404:
+        return error_response(404, "NOT_FOUND", "the registry does not serve this endpoint", headers=kept)
+    return error_response(
+        upstream.status, "UNSUPPORTED", f"the registry answered {upstream.status}", headers=kept
+    )
+
+
 @web.middleware
 async def observe(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """Every request: timed, counted, written to the audit log; anything unexpected becomes a
     logged 500 in registry format, never a bare traceback page."""
-    request_head_received(request.protocol)
     record = new_record(request.remote or "", request.method, request.raw_path)
     request[AUDIT_RECORD] = record
     metrics = request.app[METRICS_KEY]
@@ -314,13 +462,21 @@ async def observe(
 
 
 def _edge_headers(settings: Settings) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    """No software versions for fingerprinting; HSTS when serving TLS and asked to."""
+    """No software versions for fingerprinting; HSTS when serving TLS and asked to; and the connection
+    closed after any answer that leaves a request body unread (the client may be waiting to send it,
+    after `Expect: 100-continue`, or still sending it) or that follows an upgrade request."""
     hsts = f"max-age={settings.hsts_max_age}" if settings.tls_cert and settings.hsts_max_age else None
 
-    async def add_headers(_request: web.Request, response: web.StreamResponse) -> None:
-        response.headers["Server"] = "registry-gateway"
+    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Server"] = SERVER_NAME
         if hsts is not None:
             response.headers["Strict-Transport-Security"] = hsts
+        unread_body = request.body_exists and (
+            not request.content.is_eof() or request.content.exception() is not None
+        )
+        if request.get(CLOSE_AFTER) or unread_body:
+            response.force_close()
+            response.headers["Connection"] = "close"
 
     return add_headers
 
@@ -366,6 +522,10 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     app[AUTHENTICATOR_KEY].close()
 
 
+async def _no_early_continue(_request: web.Request) -> None:
+    return None
+
+
 def create_app(
     settings: Settings, store: AccessStore | None = None, audit: AuditLog | None = None
 ) -> web.Application:
@@ -374,6 +534,9 @@ def create_app(
         handler_args={
             "max_line_size": settings.max_header_size,
             "max_field_size": settings.max_header_size,
+            # Request bodies cross as the bytes the client sent: the registry never decodes them.
+            "auto_decompress": False,
+            "keepalive_timeout": settings.keepalive_timeout,
         },
     )
     app[SETTINGS_KEY] = settings
@@ -386,5 +549,6 @@ def create_app(
     app.on_response_prepare.append(_edge_headers(settings))
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_reload_users)
-    app.router.add_route("*", "/{tail:.*}", handle)
+    # `Expect: 100-continue` is answered in `handle`, after authorization, not by the router.
+    app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_no_early_continue)
     return app

@@ -115,7 +115,7 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
 
     app = create_app(settings, store)
     tls = TlsContext(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
-    limits = ConnectionLimits(settings.max_connections, settings.header_timeout)
+    limits = ConnectionLimits(settings.max_connections, settings.header_timeout, settings.max_head_size)
     runner = GatewayRunner(app, limits, access_log=None, shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
     site = web.TCPSite(

@@ -57,6 +57,9 @@ class Settings:
     header_timeout: float
     log_format: str
     shutdown_grace: float
+    body_timeout: float
+    keepalive_timeout: float
+    max_head_size: int
 
 
 class ConfigError(Exception):
@@ -96,6 +99,9 @@ DEFAULTS: dict[str, Any] = {
     "header_timeout": 30.0,
     "log_format": "text",
     "shutdown_grace": 30.0,
+    "body_timeout": 60.0,
+    "keepalive_timeout": 75.0,
+    "max_head_size": 65536,
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -282,6 +288,9 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "header_timeout": _seconds,
     "log_format": _log_format,
     "shutdown_grace": _seconds,
+    "body_timeout": _positive_seconds,
+    "keepalive_timeout": _positive_seconds,
+    "max_head_size": _count(1024),
 }
 
 
@@ -360,6 +369,8 @@ def load(
                 )
         if cert is None and (values.get("hsts_max_age") or values.get("redirect_listen")):
             problems.append("hsts_max_age, redirect_listen: need tls_cert and tls_key")
+    if values.get("max_head_size", 0) and values.get("max_head_size", 0) < values.get("max_header_size", 0):
+        problems.append("max_head_size: must be at least max_header_size (one header line)")
     if values.get("workers", 1) > 1 and values.get("metrics_listen") is not None:
         problems.append("metrics_listen: not available with workers > 1 (each worker counts on its own)")
 

@@ -13,6 +13,7 @@ from aiohttp import web
 
 API_VERSION_HEADER = "Docker-Distribution-Api-Version"
 API_VERSION = "registry/2.0"
+SERVER_NAME = "registry-gateway"  # the Server header: no software versions to fingerprint
 
 
 def error_body(code: str, message: str, detail: Any = None) -> bytes:

@@ -45,7 +45,12 @@ CLIENT_HEADERS_DROPPED = HOP_BY_HOP | {
     "x-real-ip",
 }
 
-_HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+# The body's own description: replaced along with the body when we answer in its place.
+CONTENT_HEADERS = frozenset({"content-type", "content-length", "content-encoding", "content-language"})
+
+_HOST_RE = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?"
+)
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,12 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
 
 
 def valid_host(host: str) -> bool:
-    return bool(_HOST_RE.match(host))
+    """A host name or address, and a port the registry may safely put into `Location` URLs."""
+    match = _HOST_RE.fullmatch(host)
+    if match is None:
+        return False
+    port = match.group("port")
+    return port is None or 0 < int(port) <= 65535
 
 
 def client_view(

@@ -4,6 +4,11 @@ aiohttp answers unparsable requests (oversized headers, bad request lines) itsel
 and logs a traceback for each. On the internet edge that is noise an attacker controls, and the
 answer lacks the Api-Version header clients look for; so we answer those in the registry's error
 format and log one line.
+
+Every request head, not only a connection's first, must arrive whole within `header_timeout` of its
+first byte and within `max_head_size` bytes: a client that trickles the head of its second request
+otherwise holds a connection (and up to 128 x `max_header_size` bytes of buffered header lines) for
+as long as it likes. Idle keep-alive connections are closed after `keepalive_timeout`.
 """
 
 from __future__ import annotations
@@ -14,21 +19,30 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import ERROR, RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
-from gateway.errors import error_response
+from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_body, error_response
 
 log = logging.getLogger("gateway.server")
 
 
+class MalformedBody(HttpProcessingError):
+    """A request body whose framing could not be parsed."""
+
+
 @dataclass
 class ConnectionLimits:
-    """Shared by every connection of one server: how many may be open, how long a request head may take."""
+    """Shared by every connection of one server: how many may be open, how long and how large a
+    request head may be."""
 
     max_connections: int  # 0: no limit
     header_timeout: float  # 0: no limit
+    max_head_size: int = 65536  # request line and every header line together
     open: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -42,11 +56,28 @@ class ConnectionLimits:
             self.idle.set()
 
 
+def _head_too_large_response() -> bytes:
+    body = error_body("UNSUPPORTED", "request head too large")
+    head = (
+        "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+        "Content-Type: application/json; charset=utf-8\r\n"
+        f"{API_VERSION_HEADER}: {API_VERSION}\r\n"
+        f"Server: {SERVER_NAME}\r\n"
+        "Connection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 class _RegistryErrorRequestHandler(RequestHandler):
     def __init__(self, manager: web.Server, *, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._limits = limits
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        # The body of the last request whose head was parsed: while it is unfinished, bytes that
+        # arrive are body; once it is finished (or there is none), they begin the next head.
+        self._last_payload: StreamReader | None = None
         self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -58,28 +89,74 @@ class _RegistryErrorRequestHandler(RequestHandler):
         limits.opened()
         self._counted = True
         super().connection_made(transport)
-        if limits.header_timeout:
-            # Slowloris: a client that trickles its request head holds a connection forever;
-            # the first request must arrive whole in time (later ones: aiohttp's keep-alive timeout).
+        # The first head is due from the moment the connection opens (slowloris).
+        self._arm_head_deadline()
+
+    def _arm_head_deadline(self) -> None:
+        if self._limits.header_timeout and self._head_deadline is None:
             self._head_deadline = asyncio.get_running_loop().call_later(
-                limits.header_timeout, self._head_timed_out, transport
+                self._limits.header_timeout, self._head_timed_out
             )
 
-    def _head_timed_out(self, transport: asyncio.BaseTransport) -> None:
-        log.info("closed a connection that sent no complete request in %ss", self._limits.header_timeout)
-        transport.close()
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        log.info("closed a connection whose request head did not arrive in %ss", self._limits.header_timeout)
+        if self.transport is not None:
+            self.transport.abort()
 
-    def request_head_received(self) -> None:
+    def _head_done(self) -> None:
+        self._head_bytes = 0
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
+
+    def data_received(self, data: bytes) -> None:
+        awaiting_head = self._last_payload is None or self._last_payload.is_eof()
+        if data and awaiting_head:
+            self._arm_head_deadline()
+            self._head_bytes += len(data)
+        parsed_before = self._request_count
+        super().data_received(data)
+        if self._request_count != parsed_before:
+            self._head_done()
+            if self._messages:
+                message, payload = self._messages[-1]
+                if isinstance(message, _ErrInfo) and not awaiting_head and self._last_payload is not None:
+                    self._body_unparsable(message)
+                else:
+                    self._last_payload = payload
+        elif awaiting_head and self._head_bytes > self._limits.max_head_size:
+            self._refuse_large_head()
+
+    def _body_unparsable(self, error: _ErrInfo) -> None:
+        """The parser failed inside a request body (bad chunking). aiohttp would queue the failure
+        as a separate request and leave the body waiting for bytes that never come: the request
+        being forwarded would hang. Fail that body instead, so its request is answered with 400."""
+        self._messages.pop()
+        if self._last_payload is not None:
+            self._last_payload.set_exception(MalformedBody(message=error.message))
+            # Ended too, so that aiohttp's lingering read after the answer does not trip over it.
+            self._last_payload.feed_eof()
+            self._last_payload = None
+        self.close()  # nothing after this point of the stream can be read as a request
+
+    def _refuse_large_head(self) -> None:
+        log.info("refused a request head over %d bytes", self._limits.max_head_size)
+        self._head_done()
+        transport = self.transport
+        if transport is None:
+            return
+        if not self._request_in_progress and not self._messages:
+            transport.write(_head_too_large_response())
+        # Nothing after this point of the stream can be read as a request.
+        self.force_close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self._counted:
             return  # refused in connection_made: aiohttp never saw this connection
         self._limits.closed()
         self._counted = False
-        self.request_head_received()
+        self._head_done()
         super().connection_lost(exc)
 
     def handle_error(
@@ -105,6 +182,8 @@ class _RegistryErrorRequestHandler(RequestHandler):
         code = "UNSUPPORTED" if status < 500 else "UNKNOWN"
         text = "malformed request" if status < 500 else "internal gateway error"
         response = error_response(status, code, text)
+        # Requests aiohttp could not parse reach no app, so no response hook adds this header.
+        response.headers["Server"] = SERVER_NAME
         response.force_close()
         return response
 
@@ -126,10 +205,14 @@ class GatewayRunner(web.AppRunner):
         # aiohttp builds its Server inside Application; only the handler class differs.
         server.__class__ = _Server
         cast(_Server, server).limits = self.limits
+        make_request = server.request_factory
+
+        def request_factory(message: RawRequestMessage, *args: Any) -> BaseRequest:
+            # aiohttp answers requests it could not parse through a placeholder message of
+            # version 1.0; answer them as HTTP/1.1, the version every client here speaks.
+            if message is ERROR:
+                message = message._replace(version=HttpVersion11)
+            return make_request(message, *args)
+
+        server.request_factory = request_factory
         return server
-
-
-def request_head_received(protocol: object) -> None:
-    """Called once a request reached the app: its head arrived in time."""
-    if isinstance(protocol, _RegistryErrorRequestHandler):
-        protocol.request_head_received()
