@@ -107,12 +107,13 @@ def _class_body(body: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def compile_pattern(pattern: str) -> re.Pattern[str]:
     """The compiled form of a glob or /regex/ pattern (cached: substituted patterns repeat)."""
-    if is_regex(pattern):
-        with warnings.catch_warnings():
-            # "Possible nested set" and the like: valid today, only a note about future Pythons.
-            warnings.simplefilter("ignore", FutureWarning)
+    with warnings.catch_warnings():
+        # "Possible nested set", "possible set difference" (a glob class such as `[:--]`): valid
+        # today, only a note about future Pythons.
+        warnings.simplefilter("ignore", FutureWarning)
+        if is_regex(pattern):
             return re.compile(pattern[1:-1])
-    return re.compile(glob_to_regex(pattern), re.DOTALL)
+        return re.compile(glob_to_regex(pattern), re.DOTALL)
 
 
 def validate_pattern(pattern: str) -> str | None:

@@ -203,9 +203,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
             return _unauthorized(settings, operation, "account expired")
 
     if route_error is not None or operation is None:
-        # A request that names no operation: answered, like any other, only after authentication.
-        anonymous_allowed = snapshot.policy is not None and snapshot.policy.anonymous
-        if user is None and not anonymous_allowed:
+        # A request that names no operation: answered only after authentication, so that
+        # anonymous clients are challenged first, as for any request they may not make.
+        if user is None:
             return _unauthorized(settings, None, "authentication required")
         error = route_error or RouteError(404, "NOT_FOUND", "unknown registry API endpoint")
         return error_response(error.status, error.code, error.message)

@@ -16,8 +16,8 @@ it, set by us, or refused with a 4xx in the registry's JSON format:
   `mime.ParseMediaType`). One printable-ASCII value, forwarded; several are refused (400).
 - `Content-Encoding`. Ignored: Go never decodes a request body and the registry stores the bytes
   as sent. Forwarded, with the bytes as sent (the server's decompression is turned off).
-- `Transfer-Encoding`. Go accepts only `chunked` (else 501). Only `chunked`, else refused (501);
-  the body is framed anew by us.
+- `Transfer-Encoding`. Go accepts only `chunked` (else 501). Only `chunked`, else refused (400:
+  the client's request is at fault, not the gateway); the body is framed anew by us.
 - `Content-Length`. Set by us to the length we send. Bodies only on the routes that take one
   (`BODY_ROUTES`), else refused (400).
 - `Expect`. Go answers `100-continue` when the handler reads the body and any other value with
@@ -107,7 +107,7 @@ def screen(method: str, target: str, headers: Headers) -> Admitted | Refusal:
     transfer_encoding = headers.getall("Transfer-Encoding", [])
     chunked = bool(transfer_encoding)
     if chunked and [value.strip(" \t").lower() for value in transfer_encoding] != ["chunked"]:
-        return Refusal(501, "UNSUPPORTED", "only Transfer-Encoding: chunked is supported")
+        return Refusal(400, "UNSUPPORTED", "only Transfer-Encoding: chunked is supported")
     length_text = _one(headers, "Content-Length")
     if isinstance(length_text, Refusal):
         return length_text

@@ -120,7 +120,19 @@ def test_response_headers() -> None:
 
 
 def test_host_validation() -> None:
-    for good in ("localhost", "127.0.0.1:8080", "reg.example.com", "[::1]:5000", "a-b.c"):
+    for good in ("localhost", "127.0.0.1:8080", "reg.example.com", "[::1]:5000", "a-b.c", "a:65535", "a:1"):
         assert forwarding.valid_host(good), good
-    for bad in ("", "a b", "a/b", "a@b", "-a", "a:99999999", "a\r\nX-Injected: 1"):
+    for bad in (
+        "",
+        "a b",
+        "a/b",
+        "a@b",
+        "-a",
+        "a:99999999",
+        "a:99999",
+        "a:65536",
+        "a:0",
+        "a\r\nX-Injected: 1",
+        "a\n",
+    ):
         assert not forwarding.valid_host(bad), bad

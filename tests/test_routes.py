@@ -81,57 +81,100 @@ def test_mount_records_source_repository() -> None:
     assert isinstance(result, Operation)
     assert result.mount_from == "library/src"
     assert result.repository == "dst"
+    assert result.target == f"/v2/dst/blobs/uploads/?mount={DIGEST}&from=library%2Fsrc"
 
 
+@pytest.mark.parametrize(
+    "query",
+    [f"mount={DIGEST}", f"mount={DIGEST}&from=", "from=library%2Fsrc", "mount=&from=a", f"m%6Funt={DIGEST}"],
+)
+def test_mount_that_distribution_would_not_attempt_is_an_ordinary_upload(query: str) -> None:
+    """distribution mounts only when `mount` and `from` are both non-empty; otherwise it starts an
+    ordinary upload (202), and so do we, without the parameters that could not mount."""
+    result = parse_request("POST", f"/v2/dst/blobs/uploads/?{query}&x=1")
+    assert isinstance(result, Operation)
+    assert result.mount_from is None
+    assert result.target == "/v2/dst/blobs/uploads/?x=1"
+
+
+# A digest as go-digest's digest.Parse takes it, and what distribution 2.8 would do otherwise.
+SHA384 = "sha384:" + "b" * 96
+SHA512 = "sha512:" + "c" * 128
+
+
+@pytest.mark.parametrize("reference", [DIGEST, SHA384, SHA512])
+def test_digests_distribution_accepts(reference: str) -> None:
+    for route in ("manifests", "blobs"):
+        result = parse_request("GET", f"/v2/a/{route}/{reference}")
+        assert isinstance(result, Operation), result
+        assert result.reference == reference
+
+
+# method, target, status, code, answered after authentication
 REFUSED = [
-    # method, target, status, code
-    ("GET", "/v2/a/../b/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/a/%2e%2e/b/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/a/%2E%2E/b/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/a%2Fb/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/a%2fb/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/a/./b/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2//a/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/a//b/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/a\\b/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/Upper/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/" + "a" * 256 + "/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/" + "a/" * 150 + "b/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/-a/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/a-/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/a/manifests/.hidden", 400, "NAME_INVALID"),
-    ("GET", "/v2/a/manifests/" + "t" * 129, 400, "NAME_INVALID"),
-    ("GET", "/v2/a/blobs/notadigest", 400, "NAME_INVALID"),
-    ("GET", "/v2/a/manifests/x;y", 400, "NAME_INVALID"),
-    ("GET", "/v2/a b/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/caf\u00e9/manifests/x", 400, "NAME_INVALID"),
-    ("GET", "/v2/a/manifests/x/", 404, "NOT_FOUND"),
-    ("GET", "/v2/a/manifests/x%00", 400, "NAME_INVALID"),
-    ("GET", "/v2/a/unknown/x", 404, "NOT_FOUND"),
-    ("GET", "/v1/search", 404, "NOT_FOUND"),
-    ("GET", "/", 404, "NOT_FOUND"),
-    ("GET", "/debug/vars", 404, "NOT_FOUND"),
-    ("GET", "/v2x/", 404, "NOT_FOUND"),
-    ("POST", "/v2/a/manifests/latest", 405, "UNSUPPORTED"),
-    ("PATCH", "/v2/a/tags/list", 405, "UNSUPPORTED"),
-    ("PUT", "/v2/_catalog", 405, "UNSUPPORTED"),
-    ("FOO", "/v2/", 405, "UNSUPPORTED"),
-    ("TRACE", f"/v2/a/blobs/{DIGEST}", 405, "UNSUPPORTED"),
-    ("GET", "/v2/a/tags/list?n=1&n=2", 400, "UNSUPPORTED"),
-    ("GET", "/v2/a/tags/list?n=1;last=b", 400, "UNSUPPORTED"),
-    ("GET", "/v2/a/tags/list?n=%zz", 400, "UNSUPPORTED"),
-    ("POST", f"/v2/a/blobs/uploads/?mount={DIGEST}&from=../b", 400, "NAME_INVALID"),
-    ("POST", f"/v2/a/blobs/uploads/?mount={DIGEST}&from=B", 400, "NAME_INVALID"),
-    ("POST", f"/v2/a/blobs/uploads/?mount={DIGEST}", 400, "NAME_INVALID"),
-    ("GET", "/v2/" + "a" * 9000, 414, "UNSUPPORTED"),
+    # How the target would be read is in doubt: refused at once, before authentication.
+    ("GET", "/v2/a/../b/manifests/x", 400, "NAME_INVALID", False),
+    ("GET", "/v2/a/%2e%2e/b/manifests/x", 400, "NAME_INVALID", False),
+    ("GET", "/v2/a/%2E%2E/b/manifests/x", 400, "NAME_INVALID", False),
+    ("GET", "/v2/a%2Fb/manifests/x", 400, "NAME_INVALID", False),
+    ("GET", "/v2/a%2fb/manifests/x", 400, "NAME_INVALID", False),
+    ("GET", "/v2/a/./b/manifests/x", 400, "NAME_INVALID", False),
+    ("GET", "/v2//a/manifests/x", 400, "NAME_INVALID", False),
+    ("GET", "/v2/a//b/manifests/x", 400, "NAME_INVALID", False),
+    ("GET", "/v2/a\\b/manifests/x", 400, "NAME_INVALID", False),
+    ("GET", "/v2/a/manifests/x;y", 400, "NAME_INVALID", False),
+    ("GET", "/v2/a b/manifests/x", 400, "NAME_INVALID", False),
+    ("GET", "/v2/caf\u00e9/manifests/x", 400, "NAME_INVALID", False),
+    ("GET", "/v2/a/manifests/x\n", 400, "NAME_INVALID", False),
+    ("GET", "/v2/a/manifests/x%00", 400, "NAME_INVALID", False),
+    ("GET", "/v2/a/tags/list?n=1&n=2", 400, "UNSUPPORTED", False),
+    ("GET", "/v2/a/tags/list?n=1;last=b", 400, "UNSUPPORTED", False),
+    ("GET", "/v2/a/tags/list?n=%zz", 400, "UNSUPPORTED", False),
+    ("GET", "/v2/" + "a" * 9000, 414, "UNSUPPORTED", False),
+    # Well-formed requests that name no operation: answered only to a client that authenticated.
+    ("GET", "/v2/Upper/manifests/x", 400, "NAME_INVALID", True),
+    ("GET", "/v2/" + "a" * 256 + "/manifests/x", 400, "NAME_INVALID", True),
+    ("GET", "/v2/" + "a/" * 150 + "b/manifests/x", 400, "NAME_INVALID", True),
+    ("GET", "/v2/-a/manifests/x", 400, "NAME_INVALID", True),
+    ("GET", "/v2/a-/manifests/x", 400, "NAME_INVALID", True),
+    ("GET", "/v2/a/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN", True),
+    ("HEAD", "/v2/a/manifests/.hidden", 404, "MANIFEST_UNKNOWN", True),
+    ("GET", "/v2/a/manifests/" + "t" * 129, 404, "MANIFEST_UNKNOWN", True),
+    ("GET", "/v2/a/blobs/notadigest", 404, "BLOB_UNKNOWN", True),
+    ("GET", "/v2/a/blobs/uploads/a:b", 404, "BLOB_UPLOAD_UNKNOWN", True),
+    ("GET", "/v2/a/manifests/x/", 404, "NOT_FOUND", True),
+    ("GET", "/v2/a/unknown/x", 404, "NOT_FOUND", True),
+    ("GET", "/v1/search", 404, "NOT_FOUND", True),
+    ("GET", "/", 404, "NOT_FOUND", True),
+    ("GET", "/debug/vars", 404, "NOT_FOUND", True),
+    ("GET", "/v2x/", 404, "NOT_FOUND", True),
+    ("POST", "/v2/a/manifests/latest", 405, "UNSUPPORTED", True),
+    ("PATCH", "/v2/a/tags/list", 405, "UNSUPPORTED", True),
+    ("PUT", "/v2/_catalog", 405, "UNSUPPORTED", True),
+    ("FOO", "/v2/", 405, "UNSUPPORTED", True),
+    ("TRACE", f"/v2/a/blobs/{DIGEST}", 405, "UNSUPPORTED", True),
+    ("POST", f"/v2/a/blobs/uploads/?mount={DIGEST}&from=../b", 400, "NAME_INVALID", True),
+    ("POST", f"/v2/a/blobs/uploads/?mount={DIGEST}&from=B", 400, "NAME_INVALID", True),
+    ("POST", f"/v2/a/blobs/uploads/?mount={DIGEST}&from=b%0A", 400, "NAME_INVALID", True),
+    # Digest-shaped references distribution 2.8 would not parse as digests. For manifests it reads
+    # them as tags and its storage driver answers 500 with its internal path; for blobs 400.
+    ("GET", "/v2/a/manifests/sha256:" + "a" * 32, 400, "DIGEST_INVALID", True),
+    ("GET", "/v2/a/manifests/foo:" + "a" * 64, 400, "DIGEST_INVALID", True),
+    ("GET", "/v2/a/manifests/sha256+b64:" + "a" * 64, 400, "DIGEST_INVALID", True),
+    ("GET", "/v2/a/manifests/sha256:" + "A" * 64, 400, "DIGEST_INVALID", True),
+    ("GET", "/v2/a/manifests/sha256:" + "a" * 65, 400, "DIGEST_INVALID", True),
+    ("GET", "/v2/a/manifests/sha512:" + "a" * 64, 400, "DIGEST_INVALID", True),
+    ("DELETE", "/v2/a/manifests/md5:" + "a" * 32, 400, "DIGEST_INVALID", True),
+    ("GET", "/v2/a/blobs/sha256:" + "a" * 63, 400, "DIGEST_INVALID", True),
+    ("GET", "/v2/a/referrers/sha256:xyz", 400, "DIGEST_INVALID", True),
 ]
 
 
-@pytest.mark.parametrize(("method", "target", "status", "code"), REFUSED)
-def test_refused(method: str, target: str, status: int, code: str) -> None:
+@pytest.mark.parametrize(("method", "target", "status", "code", "after_authentication"), REFUSED)
+def test_refused(method: str, target: str, status: int, code: str, after_authentication: bool) -> None:
     result = parse_request(method, target)
     assert isinstance(result, RouteError), result
-    assert (result.status, result.code) == (status, code)
+    assert (result.status, result.code, result.after_authentication) == (status, code, after_authentication)
 
 
 def test_longest_valid_name_is_accepted() -> None:
