@@ -84,7 +84,8 @@ def glob_to_regex(pattern: str) -> str:
         else:
             out.append(re.escape(ch))
         i += 1
-    return "^" + "".join(out) + "$"
+    # \Z, not $: Python's $ also matches before a final newline, Go's does not.
+    return "^" + "".join(out) + r"\Z"
 
 
 def _class_body(body: str) -> str:

@@ -42,7 +42,7 @@ from gateway.state import AccessStore, Snapshot
 log = logging.getLogger(__name__)
 
 # The nginx recipe's filter for docker clients older than 1.6, which speak only the v1 protocol.
-OLD_DOCKER_CLIENT = re.compile(r"^(docker/1\.(3|4|5(?!\.[0-9]-dev))|Go ).*$")
+OLD_DOCKER_CLIENT = re.compile(r"(docker/1\.(3|4|5(?!\.[0-9]-dev))|Go ).*", re.DOTALL)
 CHUNK_SIZE = 256 * 1024
 # How much of a registry error body we read to log it before answering with our own.
 UPSTREAM_ERROR_LOG_BYTES = 4096
@@ -142,7 +142,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     record = request[AUDIT_RECORD]
     record.decision = "refused"
 
-    if settings.block_old_clients and OLD_DOCKER_CLIENT.match(request.headers.get("User-Agent", "")):
+    if settings.block_old_clients and OLD_DOCKER_CLIENT.fullmatch(request.headers.get("User-Agent", "")):
         return error_response(404, "UNSUPPORTED", "this docker client is too old")
 
     # Everything the registry would read from this request, decided in one place.

@@ -26,7 +26,7 @@ from gateway import htpasswd
 # `htpasswd -B` defaults to 5, which is too cheap to slow down an offline guesser.
 DEFAULT_COST = 10
 MIN_COST, MAX_COST = 4, 17  # the range Apache's htpasswd accepts
-_NAME = re.compile(r"^[^:\s\x00-\x1f\x7f#][^:\x00-\x1f\x7f]{0,254}$")
+_NAME = re.compile(r"[^:\s\x00-\x1f\x7f#][^:\x00-\x1f\x7f]{0,254}")
 
 
 class UserFileError(Exception):
@@ -34,7 +34,7 @@ class UserFileError(Exception):
 
 
 def check_name(name: str) -> None:
-    if not _NAME.match(name) or name != name.strip():
+    if not _NAME.fullmatch(name) or name != name.strip():
         raise UserFileError(
             f"invalid user name {name!r}: 1-255 characters, no colon, no control characters, "
             "no leading '#' or surrounding spaces"

@@ -429,6 +429,13 @@ def test_expect_continue_only_after_authorization(setup: Setup) -> None:
 
 def test_dos_shapes_do_not_starve_others(tmp_path: Path) -> None:
     registry = start_registry(tmp_path)
+    try:
+        dos_shapes_against(tmp_path, registry)
+    finally:
+        stop(registry.process)
+
+
+def dos_shapes_against(tmp_path: Path, registry: Registry) -> None:
     registry_host = registry.url.removeprefix("http://")
     _, manifest = push_image(registry_host, "public/app", "1")
     gw = gateway_with_policy(
@@ -529,13 +536,19 @@ def test_dos_shapes_do_not_starve_others(tmp_path: Path) -> None:
         for sock in held:
             sock.close()
         stop(gw.process)
-        stop(registry.process)
     assert "Traceback" not in gw.log.read_text()
 
 
 def test_head_size_is_capped_in_total(tmp_path: Path) -> None:
     """128 header lines of 16 KiB each pass the per-line limit; the head as a whole may not."""
     registry = start_registry(tmp_path)
+    try:
+        head_size_capped(tmp_path, registry)
+    finally:
+        stop(registry.process)
+
+
+def head_size_capped(tmp_path: Path, registry: Registry) -> None:
     gw = gateway_with_policy(tmp_path, registry)
     try:
         lines = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"a" * 8000) for i in range(100))
@@ -551,7 +564,6 @@ def test_head_size_is_capped_in_total(tmp_path: Path) -> None:
         assert http_request(gw.host, "GET", "/v2/", creds("reader"))[0] == 200
     finally:
         stop(gw.process)
-        stop(registry.process)
 
 
 # Acceptance 2: a corpus of hostile requests, as a read-only and as an anonymous user.
