@@ -676,3 +676,38 @@ def test_hostile_corpus_changes_nothing_and_never_answers_5xx(setup: Setup) -> N
     assert storage_state(setup.registry) == before
     log = setup.gateway.log.read_text()
     assert "Traceback" not in log and "internal error" not in log
+
+
+def test_parked_heads_hold_bounded_memory(tmp_path: Path) -> None:
+    """Each header line within max_header_size, 128 of them: about 1.5 MiB a head that aiohttp
+    would buffer per connection. The total cap refuses each at max_head_size instead."""
+    registry = start_registry(tmp_path)
+    try:
+        parked_heads_against(tmp_path, registry)
+    finally:
+        stop(registry.process)
+
+
+def parked_heads_against(tmp_path: Path, registry: Registry) -> None:
+    gw = gateway_with_policy(tmp_path, registry)
+    address, port = gw.host.split(":")
+    head = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-Line-%d: %s\r\n" % (i, b"a" * 12000) for i in range(127)
+    )
+    held = []
+    try:
+        before = gw.rss_kib()
+        for _ in range(100):
+            sock = socket.create_connection((address, int(port)), timeout=5)
+            held.append(sock)
+            with contextlib.suppress(OSError):
+                sock.sendall(head)  # never the blank line that would end it
+        time.sleep(1)
+        grown_mib = (gw.rss_kib() - before) / 1024
+        assert grown_mib < 40, f"RSS grew by {grown_mib:.0f} MiB for 100 parked heads"
+        assert all(closed_by_peer(sock, within=5) for sock in held)
+        assert http_request(gw.host, "GET", "/v2/", creds("reader"))[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+        stop(gw.process)
