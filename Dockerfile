@@ -6,24 +6,26 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-WORKDIR /opt/registry-gateway
-COPY setup.cfg pyproject.toml README.md ./
-COPY gateway ./gateway
-RUN pip install '.[speed]' \
-    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin gateway
+# Build from a copy that is removed afterwards: the image keeps the installed package only (no
+# source tree, build/ or *.egg-info). The group first: `useradd --user-group` would take the next
+# free system gid (999) while `USER 10001:10001` runs with gid 10001.
+COPY setup.cfg pyproject.toml README.md /tmp/src/
+COPY gateway /tmp/src/gateway
+RUN pip install '/tmp/src[speed]' \
+    && rm -rf /tmp/src \
+    && groupadd --system --gid 10001 gateway \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin gateway
 
+# The image's settings are a config file, so that a file of your own can replace them
+# (environment variables would override every file); see config/container.yml.
+COPY config/container.yml /opt/registry-gateway/gateway.yml
+ENV GATEWAY_CONFIG=/opt/registry-gateway/gateway.yml
 USER 10001:10001
-ENV GATEWAY_LISTEN=0.0.0.0:8080 \
-    GATEWAY_UPSTREAM=http://registry:5000 \
-    GATEWAY_HTPASSWD=/etc/registry-gateway/htpasswd \
-    GATEWAY_METRICS_LISTEN=0.0.0.0:9090 \
-    GATEWAY_AUDIT_LOG=-
 EXPOSE 8080 9090
 
-# /healthz on the metrics address: the process is up and serving (readiness, which also asks the
-# registry, is /readyz).
+# Probes /healthz on metrics_listen, or the listener itself, wherever the settings put them.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:9090/healthz', timeout=4)"]
+    CMD ["registry-gateway", "healthcheck"]
 
 ENTRYPOINT ["registry-gateway"]
 CMD ["serve"]

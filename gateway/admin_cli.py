@@ -75,12 +75,16 @@ def _read_password(args: argparse.Namespace, confirm: bool, stdin: TextIO) -> st
 
 def run_user(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
     try:
-        path = args.file or _configured(args).htpasswd
+        path = _users_file(args)
         command = args.user_command
         if command == "list":
             for name, stored in read_sorted(path):
                 cost = f" cost {stored.bcrypt_cost}" if stored.bcrypt_cost is not None else ""
-                weak = "  WEAK: re-create with bcrypt" if stored.weak else ""
+                weak = ""
+                if stored.weak:
+                    weak = "  WEAK: re-create with bcrypt (user passwd)"
+                elif stored.bcrypt_cost is not None and stored.bcrypt_cost < userfile.DEFAULT_COST:
+                    weak = f"  WEAK: cost below {userfile.DEFAULT_COST}, cheap to guess offline (user passwd)"
                 print(f"{name}\t{stored.scheme}{cost}{weak}")
             return 0
         userfile.check_name(args.name)
@@ -105,6 +109,25 @@ def run_user(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
     except (userfile.UserFileError, config.ConfigError, OSError) as exc:
         print(f"registry-gateway user: {exc}", file=sys.stderr)
         return 2
+
+
+def _users_file(args: argparse.Namespace) -> Path:
+    """The htpasswd file to work on; one that cannot exist is refused with a message saying where
+    the choice came from and how to choose another."""
+    if args.file is not None:
+        return Path(args.file)
+    settings = _configured(args)
+    origin = {"default": "the default", "file": "the config file", "env": "GATEWAY_HTPASSWD"}.get(
+        settings.origins.get("htpasswd", "default"), "the settings"
+    )
+    path = settings.htpasswd
+    if not path.parent.is_dir():
+        raise userfile.UserFileError(
+            f"{path} (the htpasswd file, from {origin}) cannot be used: its folder {path.parent} does not "
+            "exist. Choose the file with --file PATH, GATEWAY_HTPASSWD or htpasswd: in --config, or "
+            f"create the folder (mkdir -p {path.parent})"
+        )
+    return path
 
 
 def read_sorted(path: Path) -> list[tuple[str, htpasswd.StoredHash]]:

@@ -491,7 +491,7 @@ async def _reload_users(app: web.Application) -> AsyncIterator[None]:
             try:
                 await authenticator.reload_if_changed()
             except Exception:
-                log.exception("htpasswd reload failed; keeping the last good users")
+                log.exception("reload of the users and rules failed; keeping the last good ones")
 
     task = asyncio.create_task(watch())
     yield

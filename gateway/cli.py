@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import multiprocessing
@@ -62,6 +63,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_flags(serve, serve=True)
     check = commands.add_parser("check-config", help="validate the settings and exit")
     _add_config_flags(check, serve=True)
+    health = commands.add_parser(
+        "healthcheck", help="exit 0 if the gateway of these settings serves (the image's HEALTHCHECK)"
+    )
+    _add_config_flags(health, serve=False)
     admin_cli.add_parsers(commands)
     demo = commands.add_parser(
         "demo", help="run a local registry (Debian's docker-registry) and the gateway with demo users"
@@ -75,12 +80,16 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> config.Settings:
-    config_file = args.config
+def _config_file(args: argparse.Namespace) -> Path | None:
+    config_file: Path | None = getattr(args, "config", None)
     if config_file is None and os.environ.get(config.ENV_PREFIX + "CONFIG"):
         config_file = Path(os.environ[config.ENV_PREFIX + "CONFIG"])
+    return config_file
+
+
+def _settings(args: argparse.Namespace) -> config.Settings:
     flags: dict[str, Any] = {key: getattr(args, key, None) for key, _ in SETTING_FLAGS}
-    return config.load(config_file, os.environ, flags)
+    return config.load(_config_file(args), os.environ, flags)
 
 
 class JsonFormatter(logging.Formatter):
@@ -107,7 +116,23 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
+CANNOT_LISTEN = 3  # a worker's exit status when its address is taken
+
+
+class ListenError(Exception):
+    """An address the gateway is configured to listen on cannot be bound."""
+
+
+async def _start_site(site: web.TCPSite, key: str, host: str, port: int) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        hint = " (choose another address or stop what uses it)" if exc.errno == errno.EADDRINUSE else ""
+        raise ListenError(f"{key}: cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+
+
 async def run_server(settings: config.Settings, store: AccessStore) -> None:
+    """Serve until SIGTERM or SIGINT. Raises ListenError, after cleaning up, when an address is taken."""
     from gateway.app import AUDIT_KEY, AUTHENTICATOR_KEY, METRICS_KEY, SESSION_KEY, create_app
     from gateway.metrics import metrics_app
     from gateway.server import ConnectionLimits, GatewayRunner
@@ -118,28 +143,44 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
     limits = ConnectionLimits(settings.max_connections, settings.header_timeout, settings.max_head_size)
     runner = GatewayRunner(app, limits, access_log=None, shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
-    site = web.TCPSite(
-        runner,
-        settings.listen_host,
-        settings.listen_port,
-        backlog=1024,
-        reuse_port=settings.workers > 1,
-        ssl_context=tls.context if tls else None,
-    )
-    await site.start()
     extra_runners: list[web.BaseRunner] = []
-    if settings.metrics_listen is not None:
-        metrics_runner = web.AppRunner(
-            metrics_app(app[METRICS_KEY], app[SESSION_KEY], settings.upstream), access_log=None
+    try:
+        site = web.TCPSite(
+            runner,
+            settings.listen_host,
+            settings.listen_port,
+            backlog=1024,
+            reuse_port=settings.workers > 1,
+            ssl_context=tls.context if tls else None,
         )
-        await metrics_runner.setup()
-        await web.TCPSite(metrics_runner, *settings.metrics_listen).start()
-        extra_runners.append(metrics_runner)
-    if settings.redirect_listen is not None:
-        redirect_runner = web.AppRunner(_redirect_app(settings.listen_port), access_log=None)
-        await redirect_runner.setup()
-        await web.TCPSite(redirect_runner, *settings.redirect_listen).start()
-        extra_runners.append(redirect_runner)
+        await _start_site(site, "listen", settings.listen_host, settings.listen_port)
+        if settings.metrics_listen is not None:
+            metrics_runner = web.AppRunner(
+                metrics_app(app[METRICS_KEY], app[SESSION_KEY], settings.upstream), access_log=None
+            )
+            await metrics_runner.setup()
+            extra_runners.append(metrics_runner)
+            await _start_site(
+                web.TCPSite(metrics_runner, *settings.metrics_listen),
+                "metrics_listen",
+                *settings.metrics_listen,
+            )
+        if settings.redirect_listen is not None:
+            https_port = settings.redirect_to_port or settings.listen_port
+            redirect_runner = web.AppRunner(_redirect_app(https_port), access_log=None)
+            await redirect_runner.setup()
+            extra_runners.append(redirect_runner)
+            await _start_site(
+                web.TCPSite(redirect_runner, *settings.redirect_listen),
+                "redirect_listen",
+                *settings.redirect_listen,
+            )
+    except ListenError:
+        for extra in extra_runners:
+            await extra.cleanup()
+        await runner.cleanup()
+        app[AUDIT_KEY].close()
+        raise
     log.info(
         "registry-gateway %s listening on %s://%s:%d, upstream %s",
         __version__,
@@ -187,6 +228,7 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(limits.idle.wait(), remaining)
         app[AUDIT_KEY].close()
+        log.info("stopped after %.1f s of shutdown", time.monotonic() - started)
 
 
 def _redirect_app(https_port: int) -> web.Application:
@@ -232,14 +274,22 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if settings.workers > 1:
         return supervise(settings)
-    run_event_loop(run_server(settings, store))
+    try:
+        run_event_loop(run_server(settings, store))
+    except ListenError as exc:
+        log.error("%s", exc)
+        return 2
     return 0
 
 
 def _worker_main(settings: config.Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
-    run_event_loop(run_server(settings, AccessStore(settings.htpasswd, settings.policy)))
+    try:
+        run_event_loop(run_server(settings, AccessStore(settings.htpasswd, settings.policy)))
+    except ListenError as exc:
+        log.error("%s", exc)
+        sys.exit(CANNOT_LISTEN)
 
 
 def supervise(settings: config.Settings) -> int:
@@ -280,6 +330,12 @@ def supervise(settings: config.Settings) -> int:
             process.join(timeout=0.2)
             if process.is_alive() or stopping:
                 continue
+            if process.exitcode == CANNOT_LISTEN:
+                # Starting it again would fail the same way: stop them all, as a single process would.
+                on_stop(signal.SIGTERM, None)
+                for other in workers:
+                    other.join()
+                return 2
             log.error("worker %d exited with %s; starting another", process.pid, process.exitcode)
             time.sleep(1)
             workers[index] = start()
@@ -287,7 +343,18 @@ def supervise(settings: config.Settings) -> int:
             return 0
 
 
+def _origin(settings: config.Settings, key: str) -> str:
+    origin = settings.origins.get(key, "default")
+    if origin == "env":
+        return f"environment {config.env_name(key)}"
+    if origin == "flag":
+        return f"flag --{key.replace('_', '-')}"
+    return origin
+
+
 def _check_config(args: argparse.Namespace) -> int:
+    from gateway.probes import registry_problem
+
     try:
         settings = _settings(args)
     except config.ConfigError as exc:
@@ -295,11 +362,34 @@ def _check_config(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         print(f"configuration invalid: {len(exc.problems)} problem(s)", file=sys.stderr)
         return 1
-    print(
-        f"configuration OK: listen {settings.listen_host}:{settings.listen_port}, "
-        f"upstream {settings.upstream}, htpasswd {settings.htpasswd}"
-    )
+    print("configuration OK; effective settings:")
+    for key in config.DEFAULTS:
+        value: object = (
+            f"{settings.listen_host}:{settings.listen_port}" if key == "listen" else getattr(settings, key)
+        )
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+            value = f"{value[0]}:{value[1]}"
+        shown = "(none)" if value is None or value == () else str(value)
+        print(f"  {key:<22} {shown}  [{_origin(settings, key)}]")
+    unreachable = registry_problem(settings.upstream)
+    if unreachable is not None:
+        print(f"warning: the registry: {unreachable}", file=sys.stderr)
+    else:
+        print(f"the registry at {settings.upstream} answers")
     return 0
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    from gateway.probes import healthcheck
+
+    try:
+        settings = config.load(_config_file(args), os.environ, {}, check_files=False)
+    except config.ConfigError as exc:
+        print("unhealthy: invalid configuration: " + "; ".join(exc.problems), file=sys.stderr)
+        return 1
+    healthy, detail = healthcheck(settings)
+    print(("healthy: " if healthy else "unhealthy: ") + detail, file=sys.stdout if healthy else sys.stderr)
+    return 0 if healthy else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -308,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "check-config":
         return _check_config(args)
+    if args.command == "healthcheck":
+        return _healthcheck(args)
     if args.command == "user":
         return admin_cli.run_user(args)
     if args.command == "policy":

@@ -12,14 +12,16 @@ import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
 from yarl import URL
 
-from gateway import state, tls
+from gateway import state, tls, yaml_files
+from gateway.file_errors import describe_read_error
 
 ENV_PREFIX = "GATEWAY_"
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -60,6 +62,9 @@ class Settings:
     body_timeout: float
     keepalive_timeout: float
     max_head_size: int
+    redirect_to_port: int | None
+    # Where each key's value came from: default, file, env or flag (what check-config prints).
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 class ConfigError(Exception):
@@ -102,6 +107,7 @@ DEFAULTS: dict[str, Any] = {
     "body_timeout": 60.0,
     "keepalive_timeout": 75.0,
     "max_head_size": 65536,
+    "redirect_to_port": None,
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -163,6 +169,15 @@ def _optional_host_port(value: Any) -> tuple[str, int] | None:
     if value is None or value == "":
         return None
     return _host_port(value)
+
+
+def _optional_port(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    port = _count(1)(value)
+    if port > 65535:
+        raise ValueError("must be between 1 and 65535")
+    return port
 
 
 def _optional_text(value: Any) -> str | None:
@@ -291,6 +306,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "body_timeout": _positive_seconds,
     "keepalive_timeout": _positive_seconds,
     "max_head_size": _count(1024),
+    "redirect_to_port": _optional_port,
 }
 
 
@@ -299,9 +315,9 @@ def read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return {}, [f"config file {path}: cannot read: {exc}"]
+        return {}, [f"config file: {describe_read_error(path, exc)}"]
     try:
-        data = yaml.safe_load(text)
+        data = yaml_files.load(text, str(path))
     except yaml.YAMLError as exc:
         return {}, [f"config file {path}: invalid YAML: {exc}"]
     if data is None:
@@ -328,14 +344,19 @@ def load(
         problems.extend(file_problems)
         for key, value in file_values.items():
             if key not in DEFAULTS:
-                problems.append(f"{key}: unknown key in {config_file}")
+                problems.append(
+                    f"{key}: unknown key in {config_file}{yaml_files.did_you_mean(key, DEFAULTS)}"
+                )
                 continue
             merged[key] = (value, "file")
 
     known_env = {env_name(k) for k in DEFAULTS} | {ENV_PREFIX + "CONFIG"}
     for name in sorted(environ):
         if name.startswith(ENV_PREFIX) and name not in known_env:
-            problems.append(f"{name}: unknown environment variable")
+            known_names = sorted(known_env)
+            problems.append(
+                f"{name}: unknown environment variable{yaml_files.did_you_mean(name, known_names)}"
+            )
     for key in DEFAULTS:
         if env_name(key) in environ:
             merged[key] = (environ[env_name(key)], "env")
@@ -369,6 +390,8 @@ def load(
                 )
         if cert is None and (values.get("hsts_max_age") or values.get("redirect_listen")):
             problems.append("hsts_max_age, redirect_listen: need tls_cert and tls_key")
+        if values.get("redirect_to_port") and not values.get("redirect_listen"):
+            problems.append("redirect_to_port: only used with redirect_listen")
     if values.get("max_head_size", 0) and values.get("max_head_size", 0) < values.get("max_header_size", 0):
         problems.append("max_head_size: must be at least max_header_size (one header line)")
     if values.get("workers", 1) > 1 and values.get("metrics_listen") is not None:
@@ -378,4 +401,5 @@ def load(
         raise ConfigError(problems)
 
     host, port = values.pop("listen")
-    return Settings(listen_host=host, listen_port=port, **values)
+    origins = {key: origin for key, (_, origin) in merged.items()}
+    return Settings(listen_host=host, listen_port=port, origins=MappingProxyType(origins), **values)

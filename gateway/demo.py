@@ -7,6 +7,7 @@ installed system-wide. The demo passwords are printed on purpose: they are docum
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import bcrypt
 
 from gateway import config
-from gateway.cli import configure_logging, run_event_loop, run_server
+from gateway.cli import ListenError, configure_logging, run_event_loop, run_server
 from gateway.sample_image import write_image
 from gateway.state import AccessStore
 
@@ -43,22 +44,47 @@ def write_htpasswd(path: Path, users: tuple[tuple[str, str], ...], cost: int = 1
     path.chmod(0o600)
 
 
+class DemoError(Exception):
+    """The demo cannot run; the message says why and what to do."""
+
+
+def _port_taken(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host.strip("[]"), int(port)))
+        except OSError:
+            return True
+    return False
+
+
 def start_registry(binary: str, data: Path, listen: str) -> subprocess.Popen[bytes]:
     registry_config = data / "registry.yml"
     registry_config.write_text(REGISTRY_CONFIG.format(root=data / "storage", listen=listen))
-    log_file = (data / "registry.log").open("ab")
-    process = subprocess.Popen([binary, "serve", str(registry_config)], stdout=log_file, stderr=log_file)
+    with (data / "registry.log").open("ab") as log_file:
+        process = subprocess.Popen([binary, "serve", str(registry_config)], stdout=log_file, stderr=log_file)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the registry exited; see {data / 'registry.log'}")
+            raise DemoError(
+                f"the registry exited with status {process.returncode}; see {data / 'registry.log'}"
+            )
         try:
             with urllib.request.urlopen(f"http://{listen}/v2/", timeout=1):
-                return process
+                pass
         except (urllib.error.URLError, OSError):
             time.sleep(0.1)
+            continue
+        # Something answered: make sure it is the registry we started, not another on that port.
+        time.sleep(0.3)
+        if process.poll() is not None:
+            raise DemoError(
+                f"the registry exited with status {process.returncode}; see {data / 'registry.log'}"
+            )
+        return process
     process.terminate()
-    raise RuntimeError(f"the registry did not start on {listen}; see {data / 'registry.log'}")
+    process.wait(timeout=10)
+    raise DemoError(f"the registry did not start on {listen}; see {data / 'registry.log'}")
 
 
 def run_demo(data: Path, listen: str, registry_listen: str, registry_bin: str) -> int:
@@ -81,10 +107,18 @@ def run_demo(data: Path, listen: str, registry_listen: str, registry_bin: str) -
     except config.ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2
+    for address, option in ((registry_listen, "--registry-listen"), (listen, "--listen")):
+        if _port_taken(address):
+            print(f"{address} is in use: choose another address with {option} HOST:PORT", file=sys.stderr)
+            return 2
     image = data / "hello-image"
     if not image.exists():
         write_image(image, "1")
-    registry = start_registry(registry_bin, data, registry_listen)
+    try:
+        registry = start_registry(registry_bin, data, registry_listen)
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
     configure_logging("info")
     print(
         f"registry on http://{registry_listen} (data in {data}), gateway on http://{listen}\n"
@@ -99,6 +133,9 @@ def run_demo(data: Path, listen: str, registry_listen: str, registry_bin: str) -
     )
     try:
         run_event_loop(run_server(settings, AccessStore(settings.htpasswd, settings.policy)))
+    except ListenError as exc:
+        print(f"demo: {exc}; choose another address with --listen HOST:PORT", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         pass
     finally:

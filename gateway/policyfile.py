@@ -31,8 +31,9 @@ from typing import Any
 
 import yaml
 
-from gateway import acl, htpasswd
+from gateway import acl, htpasswd, yaml_files
 from gateway.acl import Rules
+from gateway.file_errors import describe_read_error
 
 ACTIONS = frozenset({"pull", "push", "delete", "*"})
 MATCH_KEYS = ("account", "type", "name", "service", "ip", "labels")
@@ -88,7 +89,8 @@ class _Collector:
         if allowed is not None:
             for key in value:
                 if key not in allowed:
-                    self.bad(f"{path}.{key}", f"unknown key (expected one of: {', '.join(allowed)})")
+                    hint = yaml_files.did_you_mean(str(key), allowed)
+                    self.bad(f"{path}.{key}", f"unknown key{hint} (expected one of: {', '.join(allowed)})")
         return {str(k): v for k, v in value.items()}
 
     def string_list(self, value: Any, path: str) -> tuple[str, ...] | None:
@@ -280,9 +282,9 @@ def load(path: Path) -> Policy:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError([f"{path}: cannot read: {exc}"]) from None
+        raise PolicyError([describe_read_error(path, exc)]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml_files.load(text, str(path))
     except yaml.YAMLError as exc:
         raise PolicyError([f"{path}: invalid YAML: {exc}"]) from None
     return parse(data, str(path))

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from gateway import htpasswd, policyfile
+from gateway.file_errors import describe_read_error
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,9 @@ def build(
         parsed = htpasswd.parse(htpasswd_path.read_text(encoding="utf-8"))
         users.update(parsed.users)
         warnings.extend(f"{htpasswd_path}: {w}" for w in parsed.warnings)
-    except FileNotFoundError:
-        problems.append(("htpasswd", f"no such file: {htpasswd_path}"))
-    except (OSError, UnicodeDecodeError, htpasswd.HtpasswdError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(("htpasswd", describe_read_error(htpasswd_path, exc)))
+    except htpasswd.HtpasswdError as exc:
         problems.append(("htpasswd", f"{htpasswd_path}: {exc}"))
     policy = None
     if policy_path is not None:
@@ -130,6 +131,11 @@ class AccessStore:
             self.reloads_failed += 1
             for problem in exc.problems:
                 log.error("reload refused, keeping the last good users and rules: %s", problem)
+            return False
+        except Exception as exc:  # a parser bug must not end the watcher, nor go uncounted
+            self.reloads_failed += 1
+            files = str(self.htpasswd_path) + (f", {self.policy_path}" if self.policy_path else "")
+            log.exception("reload of %s failed, keeping the last good users and rules: %s", files, exc)
             return False
         self.snapshot = snapshot
         self.reloads_ok += 1

@@ -11,6 +11,8 @@ import logging
 import ssl
 from pathlib import Path
 
+from gateway.file_errors import describe_read_error
+
 log = logging.getLogger(__name__)
 
 # Mozilla's "intermediate" TLS 1.2 suites; TLS 1.3 suites are OpenSSL's defaults.
@@ -53,9 +55,23 @@ class TlsContext:
 
 
 def check_pair(cert: Path, key: Path) -> str | None:
-    """Why this certificate and key cannot be served, or None."""
+    """Why this certificate and key cannot be served, in words, or None."""
+    for path, marker, what in (
+        (cert, b"-----BEGIN CERTIFICATE-----", "certificate"),
+        (key, b"PRIVATE KEY-----", "private key"),
+    ):
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return describe_read_error(path, exc)
+        if marker not in data:
+            return f"{path} holds no PEM {what}"
     try:
         TlsContext(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        return str(exc)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return f"the private key in {key} does not belong to the certificate in {cert}"
+        return f"{cert}, {key}: cannot be loaded: {exc.reason or exc}"
+    except OSError as exc:
+        return f"{cert}, {key}: cannot be loaded: {exc.strerror or exc}"
     return None

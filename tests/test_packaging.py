@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,51 +18,64 @@ ROOT = Path(__file__).parent.parent
 KNOWN_ENV = {config.env_name(key) for key in config.DEFAULTS} | {config.ENV_PREFIX + "CONFIG"}
 
 
-class _ComposeLoader(yaml.SafeLoader):
-    """YAML with compose's `!override` and `!reset` tags."""
-
-
-def _sequence(loader: yaml.SafeLoader, node: yaml.Node) -> list[object]:
-    assert isinstance(node, yaml.SequenceNode)
-    return loader.construct_sequence(node)
-
-
-_ComposeLoader.add_constructor("!override", _sequence)
-
-
-def test_compose_and_dockerfile_use_real_settings() -> None:
+def test_compose_and_dockerfile_use_real_settings(users_file: Path) -> None:
+    # Plain YAML: docker-compose 1.29 (Debian's) reads neither `!override` nor `!reset`.
     compose = yaml.safe_load((ROOT / "compose.yml").read_text())
+    tls = yaml.safe_load((ROOT / "compose.tls.yml").read_text())
     gateway = compose["services"]["gateway"]
-    assert set(gateway["environment"]) <= KNOWN_ENV
-    htpasswd_dir = str(Path(gateway["environment"]["GATEWAY_HTPASSWD"]).parent)
-    assert any(volume.split(":")[1] == htpasswd_dir for volume in gateway["volumes"])
-    assert compose["services"]["registry"]["image"].startswith("registry:2")
-    tls = yaml.load((ROOT / "compose.tls.yml").read_text(), Loader=_ComposeLoader)
+    assert set(gateway.get("environment") or {}) <= KNOWN_ENV
     assert set(tls["services"]["gateway"]["environment"]) <= KNOWN_ENV
+    assert any(volume.split(":")[1] == "/etc/registry-gateway" for volume in gateway["volumes"])
+    assert compose["services"]["registry"]["image"].startswith("registry:2")
     assert "ports" not in compose["services"]["registry"]  # only the gateway is published
+    # docker stops a container after 10 s unless told otherwise: longer than shutdown_grace.
+    grace = gateway["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) > config.DEFAULTS["shutdown_grace"]
+    # TLS inside the container on unprivileged ports, published as 443 and 80.
+    assert tls["services"]["gateway"]["ports"] == ["443:8443", "80:8080"]
+
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert set(re.findall(r"GATEWAY_[A-Z_]+", dockerfile)) <= KNOWN_ENV
-    assert re.search(r"^USER 10001", dockerfile, re.M)
-    assert "/healthz" in dockerfile
+    assert re.search(r"^USER 10001:10001$", dockerfile, re.M)
+    assert "groupadd --system --gid 10001" in dockerfile
+    # The image's settings are a config file (which a file of the user's replaces), never ENV
+    # values that would beat every config file.
+    assert re.findall(r"GATEWAY_[A-Z_]+=", dockerfile) == ["GATEWAY_CONFIG="]
+    image_settings = config.load(
+        ROOT / "config" / "container.yml",
+        {"GATEWAY_HTPASSWD": str(users_file)},
+        check_files=True,
+    )
+    assert image_settings.metrics_listen == ("0.0.0.0", 9090)
+    ignored = [
+        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if not line.startswith("#")
+    ]
+    assert ignored[0] == "*" and "!gateway/" in ignored and "!config/container.yml" in ignored
 
 
-def test_dockerfile_healthcheck_command_detects_a_live_gateway(
+def test_healthcheck_command_probes_what_the_settings_say(
     tmp_path: Path, registry: Registry, users_file: Path
 ) -> None:
     dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     match = re.search(r"HEALTHCHECK .*? CMD (\[.*\])", dockerfile)
     assert match is not None
-    command = json.loads(match.group(1))
-    assert command[:2] == ["python", "-c"]
-    port = free_port()
-    gateway = start_gateway(tmp_path, registry.url, users_file, "--metrics-listen", f"127.0.0.1:{port}")
+    assert json.loads(match.group(1)) == ["registry-gateway", "healthcheck"]
+
+    def healthcheck(**env: str) -> int:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        environment.update({f"GATEWAY_{k.upper()}": v for k, v in env.items()})
+        command = [sys.executable, "-m", "gateway", "healthcheck"]
+        return subprocess.run(command, env=environment, capture_output=True, timeout=30).returncode
+
+    metrics = f"127.0.0.1:{free_port()}"
+    gateway = start_gateway(tmp_path, registry.url, users_file, "--metrics-listen", metrics)
     try:
-        script = command[2].replace("9090", str(port))
-        assert subprocess.run([sys.executable, "-c", script], timeout=30).returncode == 0
+        assert healthcheck(metrics_listen=metrics) == 0  # /healthz on the metrics listener
+        assert healthcheck(listen=gateway.host) == 0  # no metrics: the listener's 401 is an answer
     finally:
         stop(gateway.process)
-    dead = command[2].replace("9090", str(port))
-    assert subprocess.run([sys.executable, "-c", dead], capture_output=True, timeout=30).returncode != 0
+    assert healthcheck(metrics_listen=metrics) == 1
+    assert healthcheck(listen=gateway.host) == 1
 
 
 def test_example_policy_is_valid_and_warns_about_nothing() -> None:

@@ -1,0 +1,71 @@
+"""Probes run from the command line: `healthcheck` (the container's HEALTHCHECK) and the registry
+check of `check-config`. Blocking I/O with short timeouts: never used on the request path."""
+
+from __future__ import annotations
+
+import ssl
+import urllib.error
+import urllib.request
+
+from yarl import URL
+
+from gateway.config import Settings
+from gateway.errors import API_VERSION_HEADER
+
+TIMEOUT = 4.0
+
+
+def _local(host: str) -> str:
+    """The address to reach a listener on from the same host (or container)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def _get(url: str) -> int:
+    """The HTTP status of a GET; certificates are not checked (a probe of our own listener)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    request = urllib.request.Request(url, headers={"User-Agent": "registry-gateway-probe"})  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as response:  # noqa: S310
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def healthcheck(settings: Settings) -> tuple[bool, str]:
+    """Whether this gateway serves: /healthz on metrics_listen if set, else any HTTP answer below
+    500 on the listener itself (a 401 challenge is an answer)."""
+    on_metrics = settings.metrics_listen is not None
+    if settings.metrics_listen is not None:
+        host, port = settings.metrics_listen
+        url = f"http://{_local(host)}:{port}/healthz"
+    else:
+        scheme = "https" if settings.tls_cert else "http"
+        url = f"{scheme}://{_local(settings.listen_host)}:{settings.listen_port}/v2/"
+    try:
+        status = _get(url)
+    except (OSError, ValueError) as exc:
+        return False, f"{url}: {getattr(exc, 'reason', exc)}"
+    healthy = status == 200 if on_metrics else status < 500
+    return healthy, f"{url}: HTTP {status}"
+
+
+def registry_problem(upstream: URL) -> str | None:
+    """Why the registry at `upstream` does not answer like a registry, or None when it does."""
+    url = f"{upstream}/v2/"
+    request = urllib.request.Request(url, headers={"User-Agent": "registry-gateway-probe"})  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310
+            headers = response.headers
+    except urllib.error.HTTPError as exc:
+        headers = exc.headers
+    except (OSError, ValueError) as exc:
+        return f"{url} does not answer: {getattr(exc, 'reason', exc)}"
+    if headers.get(API_VERSION_HEADER) is None:
+        return f"{url} answers, but not as a registry (no {API_VERSION_HEADER} header)"
+    return None
