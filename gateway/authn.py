@@ -135,6 +135,12 @@ class Authenticator:
             self.cache.clear()
         return changed
 
+    def already_verified(self, credentials: Credentials, snapshot: Snapshot) -> str | None:
+        """The user name if these exact credentials were verified recently (the login cache), with
+        no password check: what a locked-out address may still use, since it teaches a guesser
+        nothing."""
+        return self.cache.get(self.cache.key(credentials), snapshot.generation)
+
     async def authenticate(self, credentials: Credentials, snapshot: Snapshot | None = None) -> str | None:
         """The user name when the credentials are right, else None (same cost for unknown users)."""
         snapshot = snapshot or self.store.snapshot
