@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 # The nginx recipe's filter for docker clients older than 1.6, which speak only the v1 protocol.
 OLD_DOCKER_CLIENT = re.compile(r"(docker/1\.(3|4|5(?!\.[0-9]-dev))|Go ).*", re.DOTALL)
 CHUNK_SIZE = 256 * 1024
+# The least a client must send of a request body in every body_timeout (a slow trickle is cut).
+MIN_BODY_BYTES = 16 * 1024
 # How much of a registry error body we read to log it before answering with our own.
 UPSTREAM_ERROR_LOG_BYTES = 4096
 
@@ -102,6 +104,8 @@ class RequestBody:
     async def chunks(self) -> AsyncIterator[bytes]:
         content = self._request.content
         received = 0
+        loop = asyncio.get_running_loop()
+        window_started, window_bytes = loop.time(), 0
         while True:
             try:
                 async with asyncio.timeout(self._idle_timeout):
@@ -122,6 +126,14 @@ class RequestBody:
                 return
             received += len(chunk)
             self._record.bytes_in += len(chunk)
+            # A byte now and then never trips the idle limit: ask for MIN_BODY_BYTES in every
+            # body_timeout as well, which a dead-slow but honest link still sends.
+            window_bytes += len(chunk)
+            if loop.time() - window_started >= self._idle_timeout:
+                if window_bytes < MIN_BODY_BYTES:
+                    message = f"request body slower than {MIN_BODY_BYTES} bytes in {self._idle_timeout:g} s"
+                    raise self._fail(408, "REQUEST_TIMEOUT", message)
+                window_started, window_bytes = loop.time(), 0
             yield chunk
 
 
@@ -309,6 +321,18 @@ async def forward(
             allow_redirects=False,
             auto_decompress=False,
         )
+    except aiohttp.ConnectionTimeoutError:
+        log.warning(
+            "no connection to the registry within %gs: %s %s",
+            settings.connect_timeout,
+            request.method,
+            request.path,
+        )
+        record.decision = "error"
+        message = (
+            "no connection to the registry in time: it is unreachable, or every connection to it is busy"
+        )
+        return error_response(504, "UNAVAILABLE", message)
     except (TimeoutError, aiohttp.ServerTimeoutError):
         log.warning("upstream timed out: %s %s", request.method, request.path)
         record.decision = "error"
@@ -353,7 +377,18 @@ async def forward(
                 if not chunk:
                     break
                 record.bytes_out += len(chunk)
-                await response.write(chunk)
+                try:
+                    # A client that stops reading holds a registry connection for as long as it
+                    # likes: each chunk must be taken within body_timeout (a minimum rate of about
+                    # CHUNK_SIZE per body_timeout, which any live link exceeds).
+                    async with asyncio.timeout(settings.body_timeout):
+                        await response.write(chunk)
+                except TimeoutError:
+                    record.decision = "error"
+                    log.info("client took no response bytes for %gs: cut off", settings.body_timeout)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise ConnectionResetError("client too slow") from None
         except (TimeoutError, aiohttp.ClientError) as exc:
             record.decision = "error"
             # Too late for an error status: cut the connection so the client sees a failed transfer,
@@ -511,8 +546,13 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(
         limit=settings.upstream_connections, limit_per_host=0, keepalive_timeout=60
     )
+    # `connect` bounds the wait for a free pooled connection too: when clients hold every one, a
+    # request gets 504 after connect_timeout instead of waiting forever.
     timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+        total=None,
+        connect=settings.connect_timeout,
+        sock_connect=settings.connect_timeout,
+        sock_read=settings.read_timeout,
     )
     session = aiohttp.ClientSession(
         connector=connector,

@@ -48,9 +48,8 @@ CLIENT_HEADERS_DROPPED = HOP_BY_HOP | {
 # The body's own description: replaced along with the body when we answer in its place.
 CONTENT_HEADERS = frozenset({"content-type", "content-length", "content-encoding", "content-language"})
 
-_HOST_RE = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?"
-)
+# Names as resolvers take them (compose service names have `_`; a final `.` is a rooted name).
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?")
 
 
 @dataclass(frozen=True)

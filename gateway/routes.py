@@ -196,7 +196,8 @@ def parse_query(query: str) -> dict[str, str] | RouteError:
     """
     if not query:
         return {}
-    if not _QUERY_CHARS.fullmatch(query):
+    if not _QUERY_CHARS.fullmatch(query) or "#" in query:
+        # `#` too: the client library we forward with would cut the query there, as a fragment.
         return _bad(400, "UNSUPPORTED", "the query string has characters that must be escaped")
     values: dict[str, str] = {}
     for pair in query.split("&"):

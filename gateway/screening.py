@@ -13,7 +13,8 @@ it, set by us, or refused with a 4xx in the registry's JSON format:
   `r.FormValue` reads the fields of such POST/PUT/PATCH bodies too, before the query: a `mount`
   and `from` there is a blob mount we never saw. Refused (415); no registry client sends forms.
 - `Content-Type`. The manifest's media type, and the form test above (first value, through
-  `mime.ParseMediaType`). One printable-ASCII value, forwarded; several are refused (400).
+  `mime.ParseMediaType`). One printable-ASCII value, forwarded; several are refused (400). On a
+  `PATCH` of an upload, distribution takes only `application/octet-stream` (else its 500): 415.
 - `Content-Encoding`. Ignored: Go never decodes a request body and the registry stores the bytes
   as sent. Forwarded, with the bytes as sent (the server's decompression is turned off).
 - `Transfer-Encoding`. Go accepts only `chunked` (else 501). Only `chunked`, else refused (400:
@@ -103,6 +104,9 @@ def screen(method: str, target: str, headers: Headers) -> Admitted | Refusal:
                 "UNSUPPORTED",
                 "form and multipart bodies are not accepted: the registry reads their fields as parameters",
             )
+        if method == "PATCH" and content_type != "application/octet-stream":
+            # distribution's PatchBlobData takes exactly this value (or none) and answers 500 otherwise.
+            return Refusal(415, "UNSUPPORTED", "a blob upload chunk must be application/octet-stream")
 
     transfer_encoding = headers.getall("Transfer-Encoding", [])
     chunked = bool(transfer_encoding)

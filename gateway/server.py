@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import StreamReader
+from aiohttp.streams import EmptyStreamReader, StreamReader
 from aiohttp.web_protocol import ERROR, RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
@@ -79,6 +79,7 @@ class _RegistryErrorRequestHandler(RequestHandler):
         # arrive are body; once it is finished (or there is none), they begin the next head.
         self._last_payload: StreamReader | None = None
         self._counted = False
+        self._draining = False  # the server is shutting down: finish the request in flight
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         limits = self._limits
@@ -110,7 +111,27 @@ class _RegistryErrorRequestHandler(RequestHandler):
             self._head_deadline.cancel()
             self._head_deadline = None
 
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 (aiohttp's signature)
+        self._draining = True
+        await super().shutdown(timeout)
+
     def data_received(self, data: bytes) -> None:
+        body_in_flight = self._last_payload is not None and not self._last_payload.is_eof()
+        if self._draining and body_in_flight and self.transport is not None:
+            # On shutdown aiohttp marks every connection closing and from then on drops every byte
+            # that arrives, so an upload in flight would stall until shutdown_grace ran out, then
+            # fail. Keep reading its body while the handler finishes; the connection still closes
+            # after this request, and nothing after the body is read as one.
+            closing = (self._close, self._force_close)
+            self._close = self._force_close = False
+            try:
+                self._receive(data)
+            finally:
+                self._close, self._force_close = closing
+            return
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
         awaiting_head = self._last_payload is None or self._last_payload.is_eof()
         if data and awaiting_head:
             self._arm_head_deadline()
@@ -125,8 +146,21 @@ class _RegistryErrorRequestHandler(RequestHandler):
                     self._body_unparsable(message)
                 else:
                     self._last_payload = payload
+                    self._time_pipelined_head(data, payload)
         elif awaiting_head and self._head_bytes > self._limits.max_head_size:
             self._refuse_large_head()
+
+    def _time_pipelined_head(self, data: bytes, payload: StreamReader) -> None:
+        """A read that completed a body-less request may also hold the start of the next head; that
+        head is due within header_timeout like any other. (After a request with a body the split is
+        not visible from here; such a head is bounded by keepalive_timeout and this one read.)"""
+        if not isinstance(payload, EmptyStreamReader):
+            return
+        end = data.rfind(b"\r\n\r\n")
+        trailing = len(data) - (end + 4) if end >= 0 else 0
+        if trailing > 0:
+            self._arm_head_deadline()
+            self._head_bytes = trailing
 
     def _body_unparsable(self, error: _ErrInfo) -> None:
         """The parser failed inside a request body (bad chunking). aiohttp would queue the failure

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -117,6 +118,40 @@ def test_sigterm_lets_transfers_in_flight_finish(
         # ... and the transfer in flight completes, byte for byte.
         assert len(received) == len(blob), (len(received), gw.process.poll(), gw.log.read_text()[-2000:])
         assert hashlib.sha256(received).hexdigest() == digest.removeprefix("sha256:")
+        assert gw.process.wait(timeout=30) == 0
+    finally:
+        stop(gw.process)
+
+
+def test_sigterm_lets_an_upload_in_flight_finish(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    """aiohttp drops the bytes that reach a connection once shutdown began: an upload whose body
+    was still arriving used to stall until shutdown_grace ran out and then fail with 502."""
+    gw = start_gateway(tmp_path, registry.url, users_file, env={"GATEWAY_SHUTDOWN_GRACE": "15"})
+    try:
+        conn = http.client.HTTPConnection(gw.host, timeout=30)
+        conn.request("POST", "/v2/drain/up/blobs/uploads/", body=b"", headers=basic("admin"))
+        response = conn.getresponse()
+        response.read()
+        location = (response.getheader("Location") or "").removeprefix(f"http://{gw.host}")
+        chunks = [os.urandom(64 * 1024) for _ in range(8)]
+
+        def body() -> Iterator[bytes]:
+            for index, chunk in enumerate(chunks):
+                if index == 2:
+                    gw.process.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                yield chunk
+
+        started = time.monotonic()
+        conn.request("PATCH", location, body=body(), headers=basic("admin"), encode_chunked=True)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 202, gw.log.read_text()[-2000:]
+        assert response.getheader("Range") == f"0-{8 * 64 * 1024 - 1}"
+        assert time.monotonic() - started < 10  # finished, not cut at the end of shutdown_grace
+        conn.close()
         assert gw.process.wait(timeout=30) == 0
     finally:
         stop(gw.process)

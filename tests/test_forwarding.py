@@ -120,7 +120,17 @@ def test_response_headers() -> None:
 
 
 def test_host_validation() -> None:
-    for good in ("localhost", "127.0.0.1:8080", "reg.example.com", "[::1]:5000", "a-b.c", "a:65535", "a:1"):
+    for good in (
+        "localhost",
+        "127.0.0.1:8080",
+        "reg.example.com",
+        "[::1]:5000",
+        "a-b.c",
+        "a:65535",
+        "a:1",
+        "my_registry:5000",
+        "example.com.",
+    ):
         assert forwarding.valid_host(good), good
     for bad in (
         "",

@@ -14,6 +14,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import os
 import re
 import socket
 import threading
@@ -623,6 +624,8 @@ CORPUS: list[bytes] = [
     b"GET /v2/_catalog?n=99999999999999999999999999 HTTP/1.1\r\nHost: H\r\nAUTH\r\n",
     b"GET /v2/_catalog?last=a%0A HTTP/1.1\r\nHost: H\r\nAUTH\r\n",
     b"GET /v2/public/app/tags/list?n=%zz HTTP/1.1\r\nHost: H\r\nAUTH\r\n",
+    b"GET /v2/public/app/tags/list?n=1#x HTTP/1.1\r\nHost: H\r\nAUTH\r\n",
+    b"PATCH /v2/public/app/blobs/uploads/abc HTTP/1.1\r\nHost: H\r\nAUTHContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nabc",
     # Bodies.
     b"POST UPLOADS HTTP/1.1\r\nHost: H\r\nAUTHContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 28\r\n\r\nmount=x&from=secret%2Fhidden",
     b"POST UPLOADS HTTP/1.1\r\nHost: H\r\nAUTHContent-Type: multipart/form-data; boundary=B\r\nContent-Length: 4\r\n\r\n--B-",
@@ -710,4 +713,88 @@ def parked_heads_against(tmp_path: Path, registry: Registry) -> None:
     finally:
         for sock in held:
             sock.close()
+        stop(gw.process)
+
+
+def test_slow_readers_and_trickled_uploads_cannot_hold_the_registry(tmp_path: Path) -> None:
+    """Clients that stop reading a big blob, or send a body a byte at a time, each hold a registry
+    connection; with them all taken, others would wait forever."""
+    registry = start_registry(tmp_path)
+    try:
+        slow_clients_against(tmp_path, registry)
+    finally:
+        stop(registry.process)
+
+
+def slow_clients_against(tmp_path: Path, registry: Registry) -> None:
+    registry_host = registry.url.removeprefix("http://")
+    big = push_blob(registry_host, "public/app", os.urandom(16 * 1024 * 1024))
+    gw = gateway_with_policy(
+        tmp_path,
+        registry,
+        env={
+            "GATEWAY_UPSTREAM_CONNECTIONS": "2",
+            "GATEWAY_BODY_TIMEOUT": "3",
+            "GATEWAY_CONNECT_TIMEOUT": "3",
+        },
+    )
+    address, port = gw.host.split(":")
+    held: list[socket.socket] = []
+    try:
+        # Two anonymous readers (public/* may be pulled by anyone) take both registry connections.
+        for _ in range(2):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((address, int(port)))
+            sock.sendall(f"GET /v2/public/app/blobs/{big} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            held.append(sock)
+        time.sleep(0.5)
+        # Meanwhile an admin is answered, not left waiting: 504 while no connection is free
+        # (connect_timeout), or served once the readers are cut (body_timeout).
+        status, _, body = http_request(gw.host, "GET", "/v2/admin/x/tags/list", creds("admin"))
+        assert status in (404, 504), (status, body)
+        assert all(closed_by_peer(sock, within=15) for sock in held)
+        status, _, _ = http_request(gw.host, "GET", f"/v2/public/app/blobs/{big}", creds("admin"))
+        assert status == 200
+
+        # An upload sent a byte every half second: never idle for body_timeout, yet cut.
+        _, headers, _ = http_request(gw.host, "POST", "/v2/alice/t/blobs/uploads/", creds("alice"))
+        location = headers["Location"][headers["Location"].index("/v2/") :]
+        trickle = socket.create_connection((address, int(port)), timeout=20)
+        held.append(trickle)
+        trickle.sendall(
+            f"PATCH {location} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('alice')}\r\n"
+            "Content-Length: 1000000\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+        )
+        answer = b""
+        trickle.setblocking(False)
+        for _ in range(30):
+            with contextlib.suppress(OSError):
+                trickle.sendall(b"x")
+            time.sleep(0.5)
+            with contextlib.suppress(BlockingIOError):
+                answer += trickle.recv(65536)
+            if answer:
+                break
+        assert statuses(answer) == [408], answer
+    finally:
+        for sock in held:
+            sock.close()
+        stop(gw.process)
+    assert "client took no response bytes" in gw.log.read_text()
+
+
+def test_a_partial_head_pipelined_after_a_request_is_timed_too(setup: Setup, tmp_path: Path) -> None:
+    gw = gateway_with_policy(tmp_path, setup.registry, env={"GATEWAY_HEADER_TIMEOUT": "2"})
+    try:
+        address, port = gw.host.split(":")
+        with socket.create_connection((address, int(port)), timeout=30) as sock:
+            sock.sendall(
+                b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\nGET /v2/ HTTP/1.1\r\nHost: x\r\n"
+                + b"".join(b"X-P%d: %s\r\n" % (i, b"a" * 8000) for i in range(5))
+            )
+            started = time.monotonic()
+            assert closed_by_peer(sock, within=20)
+            assert time.monotonic() - started < 15  # header_timeout, not keepalive_timeout (75 s)
+    finally:
         stop(gw.process)

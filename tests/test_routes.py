@@ -130,6 +130,7 @@ REFUSED = [
     ("GET", "/v2/a/tags/list?n=1&n=2", 400, "UNSUPPORTED", False),
     ("GET", "/v2/a/tags/list?n=1;last=b", 400, "UNSUPPORTED", False),
     ("GET", "/v2/a/tags/list?n=%zz", 400, "UNSUPPORTED", False),
+    ("GET", "/v2/a/tags/list?n=1#x", 400, "UNSUPPORTED", False),
     ("GET", "/v2/" + "a" * 9000, 414, "UNSUPPORTED", False),
     # Well-formed requests that name no operation: answered only to a client that authenticated.
     ("GET", "/v2/Upper/manifests/x", 400, "NAME_INVALID", True),

@@ -33,6 +33,9 @@ REFUSED = [
     ("POST", START, [("Content-Type", "a"), ("Content-Type", "application/x-www-form-urlencoded")], 400),
     ("POST", START, [("Content-Type", "application/x-www-form-urlencoded\x85")], 400),
     ("POST", START, [("Content-Type", "\u00a0application/x-www-form-urlencoded")], 400),
+    # distribution's PatchBlobData answers 500 to any other Content-Type than this one (or none).
+    ("PATCH", UPLOAD, [("Content-Type", "application/octet-stream; x=y"), ("Content-Length", "3")], 415),
+    ("PATCH", UPLOAD, [("Content-Type", "text/plain"), ("Content-Length", "3")], 415),
     # Framing: only chunked, one length, bodies only where a route takes them.
     ("PATCH", UPLOAD, [("Transfer-Encoding", "gzip, chunked")], 400),
     ("PATCH", UPLOAD, [("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")], 400),
