@@ -486,3 +486,24 @@ def test_audit_log_reopened_on_sighup(tmp_path: Path, registry: Registry, users_
     fresh = [json.loads(line) for line in audit.read_text().splitlines()]
     assert {r["operation"] for r in rotated} == {"login"}  # the start-up probe and alice's login
     assert [r["operation"] for r in fresh] == ["catalog"]
+
+
+def test_redirects_name_the_published_https_port(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    """compose.tls.yml: HTTPS on 8443 inside the container, published as 443."""
+    make_ca(tmp_path)
+    issue_cert(tmp_path, "server", "01")
+    redirect_port = free_port()
+    env = {
+        "GATEWAY_TLS_CERT": str(tmp_path / "server.crt"),
+        "GATEWAY_TLS_KEY": str(tmp_path / "server.key"),
+        "GATEWAY_REDIRECT_LISTEN": f"127.0.0.1:{redirect_port}",
+        "GATEWAY_REDIRECT_TO_PORT": "443",
+    }
+    gw = start_gateway(tmp_path, registry.url, users_file, env=env, scheme="https")
+    try:
+        status, headers, _ = http_request(f"127.0.0.1:{redirect_port}", "GET", "/v2/_catalog?n=1")
+        assert status == 301 and headers["Location"] == "https://127.0.0.1/v2/_catalog?n=1"
+    finally:
+        stop(gw.process)

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from gateway import config
-from tests.conftest import Registry, free_port, start_gateway, stop
+from tests.conftest import Registry, free_port, require, start_gateway, stop
 
 ROOT = Path(__file__).parent.parent
 KNOWN_ENV = {config.env_name(key) for key in config.DEFAULTS} | {config.ENV_PREFIX + "CONFIG"}
@@ -84,3 +84,19 @@ def test_example_policy_is_valid_and_warns_about_nothing() -> None:
     policy = policyfile.load(ROOT / "config" / "policy.example.yml")
     assert len(policy.acl) == 5
     assert policy.warnings == ()
+
+
+def test_docker_compose_reads_both_files() -> None:
+    """Debian's docker-compose 1.29 (no `!override`), as the README runs it."""
+    done = subprocess.run(
+        [require("docker-compose"), "-f", "compose.yml", "-f", "compose.tls.yml", "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    merged = yaml.safe_load(done.stdout)["services"]["gateway"]
+    published = {(str(p["published"]), str(p["target"])) for p in merged["ports"]}
+    assert {("443", "8443"), ("80", "8080")} <= published
+    assert merged["environment"]["GATEWAY_LISTEN"] == "0.0.0.0:8443"
