@@ -14,6 +14,7 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from urllib.parse import quote
 
 import aiohttp
@@ -26,7 +27,6 @@ from gateway.audit import AuditLog, AuditRecord, new_record, operation_name
 from gateway.authn import (
     Authenticator,
     CredentialCache,
-    Credentials,
     Malformed,
     parse_basic_authorization,
 )
@@ -35,9 +35,13 @@ from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_r
 from gateway.lockout import Lockout
 from gateway.metrics import Metrics
 from gateway.policy import Decision, Outcome, acl_policy, default_policy, may_pull
-from gateway.routes import MOUNT_KEYS, Operation, Route, RouteError, without_query_keys
+from gateway.routes import MOUNT_KEYS, PULL, Operation, Route, RouteError, without_query_keys
 from gateway.screening import Admitted, Refusal, screen
 from gateway.state import AccessStore, Snapshot
+from gateway.tokens.authority import TokenAuthority
+from gateway.tokens.endpoint import TOKEN_PATH, token_endpoint
+from gateway.tokens.jwt_tokens import InvalidToken
+from gateway.tokens.scopes import Scope, covers, needed
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +61,34 @@ AUDIT_KEY = web.AppKey("audit", AuditLog)
 LOCKOUT_KEY = web.AppKey("lockout", Lockout)
 AUDIT_RECORD = web.RequestKey("audit_record", AuditRecord)
 CLOSE_AFTER = web.RequestKey("close_after", bool)
+CLIENT_VIEW = web.RequestKey("client_view", forwarding.ClientView)
+AUTHORITY_KEY = web.AppKey("token_authority", TokenAuthority)
 
 
 class UpstreamAborted(ConnectionResetError):
     """The registry failed after the response started: the client connection is cut, not completed."""
 
 
-def _challenge_headers(settings: Settings) -> dict[str, str]:
-    return {"WWW-Authenticate": f'Basic realm="{settings.realm}"'}
+def _challenge_headers(
+    settings: Settings,
+    view: forwarding.ClientView | None,
+    operation: Operation | None,
+    error: str | None = None,
+    basic: bool = False,
+) -> dict[str, str]:
+    """Basic, or in bearer mode the token challenge: realm (absolute, as the client reached us),
+    service, the scope this operation needs, and why a token was refused. A client that sent
+    Basic credentials is answered in Basic (curl, scripts), as Harbor does."""
+    if settings.challenge == "basic" or basic or view is None:
+        return {"WWW-Authenticate": f'Basic realm="{settings.realm}"'}
+    realm = settings.token_realm or f"{view.scheme}://{view.host}{TOKEN_PATH}"
+    parts = [f'realm="{realm}"', f'service="{settings.token_service}"']
+    wanted = needed(operation) if operation is not None else []
+    if wanted:
+        parts.append('scope="' + " ".join(str(scope) for scope in wanted) + '"')
+    if error is not None:
+        parts.append(f'error="{error}"')
+    return {"WWW-Authenticate": "Bearer " + ",".join(parts)}
 
 
 def _detail(operation: Operation | None) -> list[dict[str, str]] | None:
@@ -137,8 +161,96 @@ class RequestBody:
             yield chunk
 
 
-def _unauthorized(settings: Settings, operation: Operation | None, message: str) -> web.Response:
-    return error_response(401, "UNAUTHORIZED", message, _detail(operation), _challenge_headers(settings))
+def _unauthorized(
+    request: web.Request,
+    operation: Operation | None,
+    message: str,
+    error: str | None = None,
+    basic: bool = False,
+) -> web.Response:
+    headers = _challenge_headers(request.app[SETTINGS_KEY], request.get(CLIENT_VIEW), operation, error, basic)
+    return error_response(401, "UNAUTHORIZED", message, _detail(operation), headers)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is asking: a user (None: anonymous) and, for a Bearer token, what the token grants."""
+
+    user: str | None
+    token_access: tuple[Scope, ...] | None = None
+    basic: bool = False  # Basic credentials were sent
+
+
+def _still_valid(snapshot: Snapshot, user: str) -> bool:
+    """A token's user still exists and has not expired (tokens outlive neither)."""
+    if user not in snapshot.users:
+        return False
+    return snapshot.policy is None or not snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC))
+
+
+async def _identify(
+    request: web.Request, operation: Operation | None, snapshot: Snapshot
+) -> Identity | web.Response:
+    """Authenticate the request: a Bearer token (bearer mode), Basic credentials, or nobody."""
+    record = request[AUDIT_RECORD]
+    view = request[CLIENT_VIEW]
+    metrics = request.app[METRICS_KEY]
+    authorization = request.headers.get("Authorization")
+    authority = request.app.get(AUTHORITY_KEY)
+    if authority is not None and authorization is not None and authorization[:7].lower() == "bearer ":
+        try:
+            claims = authority.verify(authorization[7:].strip())
+        except InvalidToken as exc:
+            log.info("refused a token from %s: %s", view.address, exc)
+            metrics.tokens.labels("rejected", "invalid").inc()
+            return _unauthorized(request, operation, str(exc), error="invalid_token")
+        user = claims.subject or None
+        record.user = user
+        if user is not None and not _still_valid(snapshot, user):
+            metrics.tokens.labels("rejected", "user").inc()
+            return _unauthorized(
+                request, operation, "the token's user is no longer valid", error="invalid_token"
+            )
+        return Identity(user, claims.access)
+
+    authenticator = request.app[AUTHENTICATOR_KEY]
+    credentials = parse_basic_authorization(authorization)
+    if isinstance(credentials, Malformed):
+        log.info("rejected authorization header from %s: %s", view.address, credentials.reason)
+        metrics.auth_failures.labels("malformed").inc()
+        return _unauthorized(request, operation, "authentication required")
+    if credentials is None:
+        return Identity(None)
+    record.user = credentials.username
+    lockout = request.app[LOCKOUT_KEY]
+    wait = lockout.retry_after(view.address, credentials.username, time.monotonic())
+    if wait is not None:
+        # Many clients may share one address (behind NAT, or docker's userland proxy, every
+        # client is the bridge's address): a guesser there must not lock out the user, so
+        # credentials verified before still work. They cost no bcrypt and teach nothing.
+        user = authenticator.already_verified(credentials, snapshot)
+        if user is None:
+            record.decision = "locked"
+            metrics.auth_failures.labels("locked").inc()
+            return error_response(
+                429,
+                "TOOMANYREQUESTS",
+                "too many failed logins; try again later",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
+    else:
+        user = await authenticator.authenticate(credentials, snapshot)
+        if user is None:
+            log.info("failed login for user %r from %s", credentials.username, view.address)
+            lockout.failed(view.address, credentials.username, time.monotonic())
+            metrics.auth_failures.labels("bad_credentials").inc()
+            return _unauthorized(request, operation, "authentication required", basic=True)
+        lockout.succeeded(view.address, credentials.username)
+    if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
+        log.info("refused expired account %r from %s", user, view.address)
+        metrics.auth_failures.labels("expired").inc()
+        return _unauthorized(request, operation, "account expired", basic=True)
+    return Identity(user, basic=True)
 
 
 def _decide(
@@ -156,6 +268,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
     if settings.block_old_clients and OLD_DOCKER_CLIENT.fullmatch(request.headers.get("User-Agent", "")):
         return error_response(404, "UNSUPPORTED", "this docker client is too old")
+
+    authority = request.app.get(AUTHORITY_KEY)
+    if authority is not None and request.raw_path.partition("?")[0] == TOKEN_PATH:
+        return await _token_request(request, authority)
 
     # Everything the registry would read from this request, decided in one place.
     screened = screen(request.method, request.raw_path, request.headers)
@@ -176,62 +292,45 @@ async def handle(request: web.Request) -> web.StreamResponse:
     view = forwarding.client_view(
         request.remote or "", request.scheme, host, request.headers, settings.trusted_proxies
     )
+    request[CLIENT_VIEW] = view
     record.client = view.address
-    metrics = request.app[METRICS_KEY]
     record.decision = "challenge"
 
     # One snapshot of users and rules for the whole request, whatever reloads meanwhile.
-    authenticator = request.app[AUTHENTICATOR_KEY]
-    snapshot = authenticator.store.snapshot
-    user: str | None = None
-    credentials = parse_basic_authorization(request.headers.get("Authorization"))
-    if isinstance(credentials, Malformed):
-        log.info("rejected authorization header from %s: %s", view.address, credentials.reason)
-        metrics.auth_failures.labels("malformed").inc()
-        return _unauthorized(settings, operation, "authentication required")
-    if isinstance(credentials, Credentials):
-        record.user = credentials.username
-        lockout = request.app[LOCKOUT_KEY]
-        wait = lockout.retry_after(view.address, credentials.username, time.monotonic())
-        if wait is not None:
-            # Many clients may share one address (behind NAT, or docker's userland proxy, every
-            # client is the bridge's address): a guesser there must not lock out the user, so
-            # credentials verified before still work. They cost no bcrypt and teach nothing.
-            user = authenticator.already_verified(credentials, snapshot)
-            if user is None:
-                record.decision = "locked"
-                metrics.auth_failures.labels("locked").inc()
-                return error_response(
-                    429,
-                    "TOOMANYREQUESTS",
-                    "too many failed logins; try again later",
-                    headers={"Retry-After": str(math.ceil(wait))},
-                )
-        else:
-            user = await authenticator.authenticate(credentials, snapshot)
-            if user is None:
-                log.info("failed login for user %r from %s", credentials.username, view.address)
-                lockout.failed(view.address, credentials.username, time.monotonic())
-                metrics.auth_failures.labels("bad_credentials").inc()
-                return _unauthorized(settings, operation, "authentication required")
-            lockout.succeeded(view.address, credentials.username)
-        if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
-            log.info("refused expired account %r from %s", user, view.address)
-            metrics.auth_failures.labels("expired").inc()
-            return _unauthorized(settings, operation, "account expired")
+    snapshot = request.app[AUTHENTICATOR_KEY].store.snapshot
+    identity = await _identify(request, operation, snapshot)
+    if isinstance(identity, web.StreamResponse):
+        return identity
+    user = identity.user
 
     if route_error is not None or operation is None:
         # A request that names no operation: answered only after authentication, so that
         # anonymous clients are challenged first, as for any request they may not make.
-        if user is None:
-            return _unauthorized(settings, None, "authentication required")
+        if user is None and identity.token_access is None:
+            return _unauthorized(request, None, "authentication required")
         error = route_error or RouteError(404, "NOT_FOUND", "unknown registry API endpoint")
         return error_response(error.status, error.code, error.message)
+
+    drop_mount = False
+    if identity.token_access is not None:
+        # A token must grant the operation, and the policy of now must still allow it.
+        for wanted in needed(operation):
+            if covers(identity.token_access, wanted):
+                continue
+            if wanted.name == operation.mount_from and wanted.actions == {PULL}:
+                drop_mount = True  # no pull on the source: an ordinary upload, as with Basic
+                continue
+            return _unauthorized(
+                request, operation, "the token does not grant this", error="insufficient_scope"
+            )
+        if operation.route is Route.BASE:
+            record.decision = "allow"
+            return await forward(request, settings, view, operation.target, screened)
 
     decision = _decide(snapshot, settings, user, operation, view.address)
     record.rule = decision.rule
     if decision.outcome is Outcome.CHALLENGE:
-        return _unauthorized(settings, operation, "authentication required")
+        return _unauthorized(request, operation, "authentication required", basic=identity.basic)
     if decision.outcome is Outcome.DENY:
         record.decision = "deny"
         log.info(
@@ -250,13 +349,35 @@ async def handle(request: web.Request) -> web.StreamResponse:
             request, operation, view, lambda name: may_pull(policy, user, name, view.address)
         )
     target = operation.target
-    if decision.drop_mount:
+    if decision.drop_mount or drop_mount:
         log.info("mount from %s refused to %r: forwarded as an ordinary upload", operation.mount_from, user)
         target = without_query_keys(target, MOUNT_KEYS)
     if screened.expect_continue and request.version >= (1, 1):
         # Only now that the request is authorized may the client start sending its body.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     return await forward(request, settings, view, target, screened)
+
+
+async def _token_request(request: web.Request, authority: TokenAuthority) -> web.StreamResponse:
+    settings = request.app[SETTINGS_KEY]
+    host = request.headers.get("Host", "")
+    if not forwarding.valid_host(host):
+        return error_response(400, "UNSUPPORTED", "missing or invalid Host header")
+    view = forwarding.client_view(
+        request.remote or "", request.scheme, host, request.headers, settings.trusted_proxies
+    )
+    record = request[AUDIT_RECORD]
+    record.client = view.address
+    return await token_endpoint(
+        request,
+        settings,
+        authority,
+        request.app[AUTHENTICATOR_KEY],
+        request.app[LOCKOUT_KEY],
+        request.app[METRICS_KEY],
+        record,
+        view.address,
+    )
 
 
 async def catalog_response(
@@ -529,6 +650,9 @@ async def _reload_users(app: web.Application) -> AsyncIterator[None]:
     async def watch() -> None:
         while True:
             await asyncio.sleep(settings.reload_interval)
+            authority = app.get(AUTHORITY_KEY)
+            if authority is not None:
+                authority.reload_if_changed()
             try:
                 await authenticator.reload_if_changed()
             except Exception:
@@ -592,6 +716,8 @@ def create_app(
     app[METRICS_KEY] = Metrics(cache, access)
     app[AUDIT_KEY] = audit or AuditLog(settings.audit_log)
     app[LOCKOUT_KEY] = Lockout(settings.lockout_attempts, settings.lockout_window)
+    if settings.challenge == "bearer":
+        app[AUTHORITY_KEY] = TokenAuthority(settings)
     app.on_response_prepare.append(_edge_headers(settings))
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_reload_users)

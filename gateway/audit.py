@@ -38,6 +38,9 @@ class AuditRecord:
     duration_ms: float = 0.0
     decision: str = "error"
     rule: int | None = None
+    scopes_requested: list[str] | None = None  # token requests only
+    scopes_granted: list[str] | None = None
+    client_id: str | None = None
 
 
 def operation_name(operation: Operation) -> str:
@@ -79,7 +82,11 @@ class AuditLog:
         if self._stream is None:
             return
         try:
-            self._stream.write(json.dumps(asdict(record), separators=(",", ":")) + "\n")
+            entry = asdict(record)
+            for key in ("scopes_requested", "scopes_granted", "client_id"):
+                if entry[key] is None:
+                    del entry[key]  # token requests only
+            self._stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
         except OSError as exc:
             log.error("audit log write failed: %s", exc)
 

@@ -81,6 +81,7 @@ class CredentialCache:
         self.ttl = ttl_seconds
         self.hits = 0
         self.misses = 0
+        self.verifications = 0  # password hashes actually checked (what the cache saves)
 
     def key(self, credentials: Credentials) -> bytes:
         message = credentials.username.encode() + b"\0" + credentials.password.encode()
@@ -175,6 +176,7 @@ class Authenticator:
         known = stored is not None
         target = stored if stored is not None else snapshot.dummy
         loop = asyncio.get_running_loop()
+        self.cache.verifications += 1
         ok = await loop.run_in_executor(self._executor, htpasswd.verify, credentials.password, target)
         return credentials.username if ok and known else None
 

@@ -63,6 +63,16 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_flags(serve, serve=True)
     check = commands.add_parser("check-config", help="validate the settings and exit")
     _add_config_flags(check, serve=True)
+    token = commands.add_parser("token", help="token signing keys")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    keygen = token_commands.add_parser(
+        "keygen", help="write a signing key (mode 0600) and a self-signed certificate for the registry"
+    )
+    keygen.add_argument("--key", type=Path, required=True, help="private key file to write (PEM)")
+    keygen.add_argument("--cert", type=Path, default=None, help="certificate file (default: KEY with .crt)")
+    keygen.add_argument("--rsa", action="store_true", help="RSA 3072 instead of EC P-256")
+    keygen.add_argument("--name", default="registry-gateway token signer", help="certificate common name")
+    keygen.add_argument("--force", action="store_true", help="replace existing files")
     health = commands.add_parser(
         "healthcheck", help="exit 0 if the gateway of these settings serves (the image's HEALTHCHECK)"
     )
@@ -379,6 +389,25 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    from gateway.tokens import keys
+
+    key_path: Path = args.key
+    cert_path: Path = args.cert or key_path.with_suffix(".crt")
+    for path in (key_path, cert_path):
+        if path.exists() and not args.force:
+            print(f"{path} exists: pass --force to replace it", file=sys.stderr)
+            return 2
+        if not path.parent.is_dir():
+            print(f"{path.parent} does not exist", file=sys.stderr)
+            return 2
+    key = keys.generate("rsa" if args.rsa else "ec")
+    keys.write_private(key, key_path)
+    cert_path.write_bytes(keys.self_signed_certificate(key, args.name))
+    print(f"wrote {key_path} (mode 0600, {key.algorithm}, kid {key.kid}) and {cert_path}")
+    return 0
+
+
 def _healthcheck(args: argparse.Namespace) -> int:
     from gateway.probes import healthcheck
 
@@ -400,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args)
     if args.command == "healthcheck":
         return _healthcheck(args)
+    if args.command == "token":
+        return _keygen(args)
     if args.command == "user":
         return admin_cli.run_user(args)
     if args.command == "policy":

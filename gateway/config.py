@@ -63,6 +63,12 @@ class Settings:
     keepalive_timeout: float
     max_head_size: int
     redirect_to_port: int | None
+    challenge: str
+    token_key: Path | None
+    token_issuer: str
+    token_service: str
+    token_lifetime: int
+    token_realm: str | None
     # Where each key's value came from: default, file, env or flag (what check-config prints).
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -108,6 +114,12 @@ DEFAULTS: dict[str, Any] = {
     "keepalive_timeout": 75.0,
     "max_head_size": 65536,
     "redirect_to_port": None,
+    "challenge": "basic",
+    "token_key": None,
+    "token_issuer": "registry-gateway",
+    "token_service": "registry-gateway",
+    "token_lifetime": 300,
+    "token_realm": None,
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -259,6 +271,29 @@ def _count(minimum: int) -> Callable[[Any], int]:
     return parse
 
 
+def _challenge(value: Any) -> str:
+    text = _text(value).lower()
+    if text not in ("basic", "bearer"):
+        raise ValueError("expected basic or bearer")
+    return text
+
+
+def _token_text(value: Any) -> str:
+    text = _text(value)
+    if not text or not text.isprintable() or any(ch in text for ch in '"\\ '):
+        raise ValueError("must be non-empty printable text without spaces, quotes or backslashes")
+    return text
+
+
+def _optional_realm_url(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    url = URL(_text(value))
+    if url.scheme not in ("http", "https") or not url.host or '"' in str(url):
+        raise ValueError("expected an absolute http:// or https:// URL (clients need an absolute realm)")
+    return str(url)
+
+
 def _log_level(value: Any) -> str:
     text = _text(value).lower()
     if text not in LOG_LEVELS:
@@ -307,6 +342,12 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "keepalive_timeout": _positive_seconds,
     "max_head_size": _count(1024),
     "redirect_to_port": _optional_port,
+    "challenge": _challenge,
+    "token_key": _optional_path,
+    "token_issuer": _token_text,
+    "token_service": _token_text,
+    "token_lifetime": _count(60),
+    "token_realm": _optional_realm_url,
 }
 
 
@@ -394,6 +435,21 @@ def load(
             problems.append("redirect_to_port: only used with redirect_listen")
     if values.get("max_head_size", 0) and values.get("max_head_size", 0) < values.get("max_header_size", 0):
         problems.append("max_head_size: must be at least max_header_size (one header line)")
+    if (
+        values.get("challenge") == "bearer"
+        and values.get("workers", 1) > 1
+        and values.get("token_key") is None
+    ):
+        problems.append(
+            "token_key: needed with workers > 1 (each worker would sign with its own ephemeral key)"
+        )
+    if check_files and values.get("token_key") is not None:
+        from gateway.tokens import keys
+
+        try:
+            keys.load(values["token_key"])
+        except keys.KeyError_ as exc:
+            problems.append(f"{_where('token_key', merged['token_key'][1])}: {exc}")
     if values.get("workers", 1) > 1 and values.get("metrics_listen") is not None:
         problems.append("metrics_listen: not available with workers > 1 (each worker counts on its own)")
 

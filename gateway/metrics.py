@@ -33,6 +33,11 @@ class _StateCollector(Collector):
         cache.add_metric(["hit"], self.cache.hits)
         cache.add_metric(["miss"], self.cache.misses)
         yield cache
+        checks = CounterMetricFamily(
+            "registry_gateway_password_checks", "Password hash verifications (bcrypt and the like) run"
+        )
+        checks.add_metric([], self.cache.verifications)
+        yield checks
         reloads = CounterMetricFamily(
             "registry_gateway_reloads", "Reloads of the htpasswd and policy files", labels=["result"]
         )
@@ -62,6 +67,12 @@ class Metrics:
             ["operation"],
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.tokens = Counter(
+            "registry_gateway_tokens",
+            "Tokens issued, and tokens refused by reason",
+            ["result", "reason"],
+            registry=self.registry,
         )
         self.in_flight = Gauge(
             "registry_gateway_in_flight_requests", "Requests being handled", registry=self.registry

@@ -1,0 +1,75 @@
+"""The gateway as a token issuer: its signing key (from `token_key`, reloaded when the file
+changes, or ephemeral), the keys it still accepts, and the verifier over them.
+
+Rotation: when the key file changes, new tokens are signed with the new key and tokens signed by
+the previous one stay valid until they expire, so nobody is logged out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from gateway.config import Settings
+from gateway.tokens import keys
+from gateway.tokens.jwt_tokens import LEEWAY, Claims, Verifier, issue
+from gateway.tokens.scopes import Scope
+
+log = logging.getLogger(__name__)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class TokenAuthority:
+    def __init__(self, settings: Settings) -> None:
+        self.issuer = settings.token_issuer
+        self.service = settings.token_service
+        self.lifetime = settings.token_lifetime
+        self.realm = settings.token_realm
+        self.path = settings.token_key
+        if self.path is None:
+            self.key = keys.generate()
+            log.warning(
+                "token_key not set: signing tokens with an ephemeral key; they end with this process "
+                "(set token_key, made by `registry-gateway token keygen`, to keep them across restarts)"
+            )
+        else:
+            self.key = keys.load(self.path)
+        self._signature = _signature(self.path) if self.path else None
+        self._retired: list[tuple[keys.SigningKey, float]] = []  # (key, accepted until)
+        self.verifier = Verifier([self.key], self.issuer, self.service)
+
+    def issue(self, subject: str, access: list[Scope]) -> tuple[str, int]:
+        return issue(self.key, self.issuer, self.service, subject, access, self.lifetime)
+
+    def verify(self, token: str) -> Claims:
+        return self.verifier.verify(token)
+
+    def reload_if_changed(self) -> bool:
+        if self.path is None:
+            return False
+        signature = _signature(self.path)
+        now = time.time()
+        self._retired = [(key, until) for key, until in self._retired if until > now]
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        try:
+            new = keys.load(self.path)
+        except keys.KeyError_ as exc:
+            log.error("token key not reloaded, keeping the current one: %s", exc)
+            return False
+        if new.kid == self.key.kid:
+            return False
+        self._retired.append((self.key, now + self.lifetime + LEEWAY))
+        self.key = new
+        self.verifier = Verifier([new, *(key for key, _ in self._retired)], self.issuer, self.service)
+        log.info("token key reloaded from %s (kid %s)", self.path, new.kid)
+        return True

@@ -1,0 +1,135 @@
+"""The token endpoint, as the distribution token spec and its clients use it.
+
+GET with Basic credentials (or none: an anonymous token), repeated `scope`, `service`, `account`,
+`client_id`; POST with a form (`grant_type=password`). Answers `token` and `access_token` (the
+same), `expires_in` and `issued_at` (RFC 3339). Wrong credentials are a 401, never an anonymous
+token; missing rights are not an error: the token grants what the policy allows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import time
+from urllib.parse import parse_qs
+
+from aiohttp import web
+from multidict import MultiDict, MultiMapping
+
+from gateway.audit import AuditRecord
+from gateway.authn import Authenticator, Credentials, Malformed, parse_basic_authorization
+from gateway.config import Settings
+from gateway.errors import error_response
+from gateway.lockout import Lockout
+from gateway.metrics import Metrics
+from gateway.tokens.authority import TokenAuthority
+from gateway.tokens.grants import grant
+from gateway.tokens.scopes import merge, parse_scopes
+
+TOKEN_PATH = "/token"
+MAX_FORM_BYTES = 64 * 1024
+
+
+def _oauth_error(status: int, error: str, description: str) -> web.Response:
+    body = json.dumps({"error": error, "error_description": description})
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+async def _form(request: web.Request) -> MultiDict[str] | None:
+    media_type = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/x-www-form-urlencoded":
+        return None
+    body = await request.content.read(MAX_FORM_BYTES + 1)
+    if len(body) > MAX_FORM_BYTES:
+        return None
+    try:
+        parsed = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return MultiDict((key, value) for key, values in parsed.items() for value in values)
+
+
+async def token_endpoint(
+    request: web.Request,
+    settings: Settings,
+    authority: TokenAuthority,
+    authenticator: Authenticator,
+    lockout: Lockout,
+    metrics: Metrics,
+    record: AuditRecord,
+    client: str,
+) -> web.StreamResponse:
+    record.operation = "token"
+    params: MultiMapping[str]
+    credentials: Credentials | Malformed | None
+    if request.method == "GET":
+        params = request.query
+        credentials = parse_basic_authorization(request.headers.get("Authorization"))
+    elif request.method == "POST":
+        form = await _form(request)
+        if form is None:
+            return _oauth_error(400, "invalid_request", "expected a form of at most 64 KiB")
+        params = form
+        grant_type = form.get("grant_type", "")
+        if grant_type != "password":
+            # containerd then asks again with GET and Basic credentials.
+            return _oauth_error(400, "unsupported_grant_type", "use grant_type=password, or GET")
+        credentials = Credentials(form.get("username", ""), form.get("password", ""))
+        if not credentials.username:
+            return _oauth_error(400, "invalid_request", "username is required")
+    else:
+        return error_response(405, "UNSUPPORTED", "the token endpoint takes GET and POST")
+
+    service = params.get("service")
+    if service is not None and service != authority.service:
+        metrics.tokens.labels("rejected", "service").inc()
+        return error_response(400, "UNSUPPORTED", f"unknown service {service!r}")
+    record.client_id = params.get("client_id")
+    scopes = merge(parse_scopes(params.getall("scope", [])))
+    record.scopes_requested = [str(scope) for scope in scopes]
+
+    snapshot = authenticator.store.snapshot
+    user: str | None = None
+    challenge = {"WWW-Authenticate": f'Basic realm="{settings.realm}"'}
+    if isinstance(credentials, Malformed):
+        metrics.tokens.labels("rejected", "malformed").inc()
+        return error_response(401, "UNAUTHORIZED", "malformed credentials", headers=challenge)
+    if credentials is not None:
+        record.user = credentials.username
+        account = params.get("account")
+        if account and account != credentials.username:
+            return error_response(400, "UNSUPPORTED", "account does not match the credentials")
+        wait = lockout.retry_after(client, credentials.username, time.monotonic())
+        if wait is not None:
+            user = authenticator.already_verified(credentials, snapshot)
+            if user is None:
+                record.decision = "locked"
+                metrics.tokens.labels("rejected", "locked").inc()
+                return error_response(
+                    429,
+                    "TOOMANYREQUESTS",
+                    "too many failed logins; try again later",
+                    headers={"Retry-After": str(math.ceil(wait))},
+                )
+        else:
+            user = await authenticator.authenticate(credentials, snapshot)
+            if user is None:
+                lockout.failed(client, credentials.username, time.monotonic())
+                metrics.tokens.labels("rejected", "bad_credentials").inc()
+                return error_response(401, "UNAUTHORIZED", "authentication required", headers=challenge)
+            lockout.succeeded(client, credentials.username)
+        if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
+            metrics.tokens.labels("rejected", "expired").inc()
+            return error_response(401, "UNAUTHORIZED", "account expired", headers=challenge)
+
+    granted = grant(scopes, user, snapshot.policy, settings.admin_prefix, client)
+    record.scopes_granted = [str(scope) for scope in granted]
+    token, issued = authority.issue(user or "", granted)
+    metrics.tokens.labels("issued", "").inc()
+    record.decision = "allow"
+    issued_at = dt.datetime.fromtimestamp(issued, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return web.json_response(
+        {"token": token, "access_token": token, "expires_in": authority.lifetime, "issued_at": issued_at},
+        headers={"Cache-Control": "no-store"},
+    )

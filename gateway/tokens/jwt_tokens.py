@@ -1,0 +1,114 @@
+"""Signing and checking the gateway's tokens (JWTs, as distribution reads them).
+
+Checking trusts nothing the token says about its own key: the algorithm must be the one of a key
+the gateway holds (no `none`, no HMAC, whatever the header says), the key is chosen by `kid`
+among the gateway's own (current and previous, for rotation), and `iss`, `aud`, `exp` and `nbf`
+are required to hold with a small leeway. A verified token is remembered until it expires.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jwt
+
+from gateway.tokens.keys import SigningKey
+from gateway.tokens.scopes import Scope
+
+LEEWAY = 60  # seconds of clock skew, as distribution allows
+CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class Claims:
+    subject: str  # "" for an anonymous token
+    access: tuple[Scope, ...]
+    expires: float
+
+
+class InvalidToken(Exception):
+    """Why a token is refused (never containing the token)."""
+
+
+def issue(
+    key: SigningKey, issuer: str, service: str, subject: str, access: Sequence[Scope], lifetime: int
+) -> tuple[str, int]:
+    """A signed token and its issue time (epoch seconds)."""
+    now = int(time.time())
+    claims = {
+        "iss": issuer,
+        "sub": subject,
+        "aud": service,
+        "exp": now + lifetime,
+        "nbf": now - 1,
+        "iat": now,
+        "jti": secrets.token_urlsafe(16),
+        "access": [scope.claim() for scope in access],
+    }
+    token = jwt.encode(claims, key.private, algorithm=key.algorithm, headers={"kid": key.kid, "typ": "JWT"})
+    return token, now
+
+
+class Verifier:
+    def __init__(self, keys: Sequence[SigningKey], issuer: str, service: str) -> None:
+        self.keys = {key.kid: key for key in keys}
+        self.issuer = issuer
+        self.service = service
+        self._cache: OrderedDict[str, Claims] = OrderedDict()
+
+    def verify(self, token: str) -> Claims:
+        cached = self._cache.get(token)
+        if cached is not None:
+            if cached.expires + LEEWAY > time.time():
+                self._cache.move_to_end(token)
+                return cached
+            del self._cache[token]
+        claims = self._check(token)
+        self._cache[token] = claims
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return claims
+
+    def _check(self, token: str) -> Claims:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise InvalidToken("malformed token") from None
+        key = self.keys.get(str(header.get("kid", "")))
+        if key is None:
+            raise InvalidToken("signed by a key this gateway does not hold")
+        try:
+            payload = jwt.decode(
+                token,
+                key.public,
+                algorithms=[key.algorithm],
+                audience=self.service,
+                issuer=self.issuer,
+                leeway=LEEWAY,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise InvalidToken("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise InvalidToken("token not yet valid") from None
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"token refused: {type(exc).__name__}") from None
+        access = payload.get("access", [])
+        if not isinstance(access, list):
+            raise InvalidToken("malformed access claim")
+        scopes: list[Scope] = []
+        for entry in access:
+            if not isinstance(entry, dict):
+                raise InvalidToken("malformed access claim")
+            kind, name, actions = entry.get("type"), entry.get("name"), entry.get("actions")
+            if not (isinstance(kind, str) and isinstance(name, str) and isinstance(actions, list)):
+                raise InvalidToken("malformed access claim")
+            scopes.append(Scope(kind, name, frozenset(str(a) for a in actions)))
+        subject = payload.get("sub")
+        if not isinstance(subject, str):
+            raise InvalidToken("malformed subject")
+        return Claims(subject, tuple(scopes), float(payload["exp"]))

@@ -1,0 +1,138 @@
+"""Tokens the gateway must refuse, made the ways an attacker would make them, and key rotation."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from gateway import config
+from gateway.tokens import keys
+from gateway.tokens.authority import TokenAuthority
+from gateway.tokens.jwt_tokens import InvalidToken, Verifier, issue
+from gateway.tokens.scopes import Scope
+from tests.conftest import htpasswd_add
+
+ISSUER, SERVICE = "registry-gateway", "registry-gateway"
+ACCESS = [Scope("repository", "a/b", frozenset({"pull"}))]
+
+
+@pytest.fixture(scope="module")
+def key() -> keys.SigningKey:
+    return keys.generate()
+
+
+def claims(**overrides: object) -> dict[str, object]:
+    now = int(time.time())
+    base: dict[str, object] = {
+        "iss": ISSUER,
+        "sub": "alice",
+        "aud": SERVICE,
+        "exp": now + 300,
+        "nbf": now,
+        "iat": now,
+        "access": [s.claim() for s in ACCESS],
+    }
+    base.update(overrides)
+    return base
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def test_a_good_token_is_accepted(key: keys.SigningKey) -> None:
+    token, _ = issue(key, ISSUER, SERVICE, "alice", ACCESS, 300)
+    verified = Verifier([key], ISSUER, SERVICE).verify(token)
+    assert verified.subject == "alice" and verified.access == tuple(ACCESS)
+
+
+def refused(key: keys.SigningKey, token: str) -> str:
+    with pytest.raises(InvalidToken) as caught:
+        Verifier([key], ISSUER, SERVICE).verify(token)
+    return str(caught.value)
+
+
+def test_expired_not_yet_valid_other_audience_or_issuer(key: keys.SigningKey) -> None:
+    def sign(body: dict[str, object]) -> str:
+        return jwt.encode(body, key.private, algorithm="ES256", headers={"kid": key.kid})
+
+    now = int(time.time())
+    assert "expired" in refused(key, sign(claims(exp=now - 120)))
+    assert "not yet valid" in refused(key, sign(claims(nbf=now + 120)))
+    refused(key, sign(claims(aud="another-service")))
+    refused(key, sign(claims(aud=["another-service"])))
+    refused(key, sign(claims(iss="someone-else")))
+    missing_exp = claims()
+    del missing_exp["exp"]
+    refused(key, sign(missing_exp))
+
+
+def test_another_key_none_and_hmac_with_the_public_key(key: keys.SigningKey) -> None:
+    other = keys.generate()
+    # Signed by another key, claiming ours.
+    refused(key, jwt.encode(claims(), other.private, algorithm="ES256", headers={"kid": key.kid}))
+    # Signed by another key, with its own kid (and its public key handed over in the header).
+    public = other.public
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(public))
+    headers = {"kid": other.kid, "jwk": jwk}
+    refused(key, jwt.encode(claims(), other.private, algorithm="ES256", headers=headers))
+    # alg none.
+    header = b64(json.dumps({"alg": "none", "kid": key.kid, "typ": "JWT"}).encode())
+    refused(key, f"{header}.{b64(json.dumps(claims()).encode())}.")
+    # HS256 with our public key as the shared secret (the classic confusion).
+    public_pem = key.public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    header = b64(json.dumps({"alg": "HS256", "kid": key.kid, "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims()).encode())
+    signature = b64(hmac.new(public_pem, f"{header}.{body}".encode(), hashlib.sha256).digest())
+    refused(key, f"{header}.{body}.{signature}")
+
+
+def test_a_modified_access_claim_breaks_the_signature(key: keys.SigningKey) -> None:
+    token, _ = issue(key, ISSUER, SERVICE, "alice", ACCESS, 300)
+    header, body, signature = token.split(".")
+    payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    payload["access"] = [{"type": "repository", "name": "*", "actions": ["*"]}]
+    forged = f"{header}.{b64(json.dumps(payload).encode())}.{signature}"
+    refused(key, forged)
+    refused(key, "not.a.token")
+    refused(key, "")
+
+
+def test_rotation_keeps_old_tokens_valid_until_they_expire(tmp_path: Path) -> None:
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, "alice", "pw")
+    first = keys.generate()
+    key_file = tmp_path / "token.pem"
+    keys.write_private(first, key_file)
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    settings = config.load(
+        None, {}, {"htpasswd": str(users), "challenge": "bearer", "token_key": str(key_file)}
+    )
+    authority = TokenAuthority(settings)
+    old_token, _ = authority.issue("alice", ACCESS)
+    second = keys.generate()
+    keys.write_private(second, key_file)
+    assert authority.reload_if_changed()
+    new_token, _ = authority.issue("alice", ACCESS)
+    assert jwt.get_unverified_header(new_token)["kid"] == second.kid != first.kid
+    assert authority.verify(old_token).subject == "alice"  # nobody is logged out
+    assert authority.verify(new_token).subject == "alice"
+    key_file.write_text("garbage")
+    assert not authority.reload_if_changed()  # a broken file keeps the current key
+    assert jwt.get_unverified_header(authority.issue("alice", ACCESS)[0])["kid"] == second.kid
+
+
+def test_libtrust_key_id_shape(key: keys.SigningKey) -> None:
+    groups = key.kid.split(":")
+    assert len(groups) == 12 and all((len(g) == 4 and g.isupper()) or g.isdigit() for g in groups)

@@ -1,0 +1,120 @@
+"""Token decisions as tables, no I/O: scopes as clients send them, grants under both policies,
+what an operation needs, and what a token covers."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway import policyfile
+from gateway.routes import Operation, parse_request
+from gateway.tokens.grants import grant
+from gateway.tokens.scopes import Scope, covers, merge, needed, parse_scopes
+
+DIGEST = "sha256:" + "a" * 64
+
+
+def scope(text: str) -> Scope:
+    parsed = parse_scopes([text])
+    assert len(parsed) == 1, text
+    return parsed[0]
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (["repository:alice/app:pull,push"], ["repository:alice/app:pull,push"]),
+        (["repository:a:pull repository:b:push"], ["repository:a:pull", "repository:b:push"]),  # moby
+        (["repository:a:pull", "repository:b:push"], ["repository:a:pull", "repository:b:push"]),  # skopeo
+        (["repository(plugin):a:pull"], ["repository:a:pull"]),
+        (["registry:catalog:*"], ["registry:catalog:*"]),
+        (["repository:host:5000/a:pull"], ["repository:host:5000/a:pull"]),  # actions after the last colon
+        (["repository:a:"], []),
+        (["repository::pull"], []),
+        (["bogus"], []),
+        (["other:a:pull"], []),
+        ([""], []),
+    ],
+)
+def test_parse_scopes(values: list[str], expected: list[str]) -> None:
+    assert [str(s) for s in parse_scopes(values)] == expected
+
+
+def test_merge_unites_actions_per_repository() -> None:
+    merged = merge(parse_scopes(["repository:a:pull", "repository:a:push repository:b:pull"]))
+    assert [str(s) for s in merged] == ["repository:a:pull,push", "repository:b:pull"]
+
+
+def test_scope_count_is_bounded() -> None:
+    assert len(parse_scopes(["repository:a:pull " * 1000])) == 64
+
+
+POLICY = policyfile.parse(
+    {
+        "acl": [
+            {"match": {"account": "admin"}, "actions": ["*"]},
+            {"match": {"account": "alice", "name": "alice/*"}, "actions": ["pull", "push"]},
+            {"match": {"account": "alice", "type": "registry", "name": "catalog"}, "actions": ["*"]},
+            {"match": {"account": "", "name": "public/*"}, "actions": ["pull"]},
+        ]
+    },
+    "test",
+)
+
+GRANTS = [
+    # user, asked, policy?, granted
+    ("alice", "repository:alice/app:pull,push", True, ["repository:alice/app:pull,push"]),
+    ("alice", "repository:bob/app:pull,push", True, []),
+    ("alice", "repository:alice/app:pull,push,delete", True, ["repository:alice/app:pull,push"]),
+    ("admin", "repository:bob/app:pull,push,delete", True, ["repository:bob/app:delete,pull,push"]),
+    (None, "repository:public/app:pull,push", True, ["repository:public/app:pull"]),
+    (None, "repository:alice/app:pull", True, []),
+    ("alice", "registry:catalog:*", True, ["registry:catalog:*"]),
+    (None, "registry:catalog:*", True, ["registry:catalog:*"]),  # filtered to public/* when served
+    ("alice", "repository:Alice/App:pull", True, []),  # not a valid name: nothing
+    # The default policy: names starting with admin may do anything, others pull, anonymous nothing.
+    ("admin2", "repository:x/y:pull,push,delete", False, ["repository:x/y:delete,pull,push"]),
+    ("alice", "repository:x/y:pull,push", False, ["repository:x/y:pull"]),
+    (None, "repository:x/y:pull", False, []),
+    (None, "registry:catalog:*", False, []),
+    ("alice", "registry:catalog:*", False, ["registry:catalog:*"]),
+]
+
+
+@pytest.mark.parametrize(("user", "asked", "with_policy", "granted"), GRANTS)
+def test_grants(user: str | None, asked: str, with_policy: bool, granted: list[str]) -> None:
+    result = grant([scope(asked)], user, POLICY if with_policy else None, "admin", "127.0.0.1")
+    assert [str(s) for s in result] == granted
+
+
+def operation(method: str, target: str) -> Operation:
+    parsed = parse_request(method, target)
+    assert isinstance(parsed, Operation)
+    return parsed
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "scopes"),
+    [
+        ("GET", "/v2/", []),
+        ("GET", "/v2/_catalog", ["registry:catalog:*"]),
+        ("HEAD", "/v2/a/b/manifests/1", ["repository:a/b:pull"]),
+        ("PUT", "/v2/a/b/manifests/1", ["repository:a/b:pull,push"]),
+        ("DELETE", f"/v2/a/b/manifests/{DIGEST}", ["repository:a/b:delete"]),
+        (
+            "POST",
+            f"/v2/a/b/blobs/uploads/?mount={DIGEST}&from=c%2Fd",
+            ["repository:a/b:pull,push", "repository:c/d:pull"],
+        ),
+    ],
+)
+def test_needed(method: str, target: str, scopes: list[str]) -> None:
+    assert [str(s) for s in needed(operation(method, target))] == scopes
+
+
+def test_covers() -> None:
+    token = [scope("repository:a/b:pull"), scope("repository:a/b:push"), scope("repository:x:*")]
+    assert covers(token, scope("repository:a/b:pull,push"))
+    assert not covers(token, scope("repository:a/c:pull"))  # a token for a/b is not one for a/c
+    assert not covers(token, scope("repository:a/b:delete"))
+    assert covers(token, scope("repository:x:delete"))
+    assert not covers(token, scope("registry:a/b:pull"))  # the type must match too
