@@ -1,0 +1,230 @@
+"""Bearer mode end to end: the gateway issues and checks tokens, in front of the real registry,
+with the docker CLI (a private dockerd) and skopeo."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.sample_image import write_image
+from tests.conftest import (
+    USERS,
+    Gateway,
+    Registry,
+    free_port,
+    htpasswd_add,
+    http_request,
+    skopeo_copy,
+    start_gateway,
+    start_registry,
+    stop,
+    write_authfile,
+)
+from tests.dockerd import Docker, dockerd
+
+__all__ = ["dockerd"]
+
+POLICY = """\
+acl:
+  - match: {account: "admin"}
+    actions: ["*"]
+  - match: {account: "alice", name: "alice/*"}
+    actions: ["pull", "push"]
+  - match: {account: "", name: "public/*"}
+    actions: ["pull"]
+"""
+
+
+@dataclass
+class TokenStack:
+    registry: Registry
+    gateway: Gateway
+    users: Path
+    metrics: str
+    tmp: Path
+
+    def token(self, scope: str = "", user: str | None = None) -> tuple[int, dict[str, object]]:
+        query = urllib.parse.urlencode({"service": "registry-gateway", **({"scope": scope} if scope else {})})
+        credentials = (user, USERS[user]) if user else None
+        status, _, body = http_request(self.gateway.host, "GET", f"/token?{query}", credentials)
+        return status, json.loads(body)
+
+    def password_checks(self) -> float:
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics") as response:
+            text = response.read().decode()
+        match = re.search(r"^registry_gateway_password_checks_total (\S+)$", text, re.M)
+        assert match is not None, text
+        return float(match.group(1))
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[TokenStack]:
+    registry = start_registry(tmp_path)
+    gateway = None
+    try:
+        users = tmp_path / "htpasswd"
+        for user, password in USERS.items():
+            htpasswd_add(users, user, password, "-B")
+        policy = tmp_path / "policy.yml"
+        policy.write_text(POLICY)
+        metrics = f"127.0.0.1:{free_port()}"
+        gateway = start_gateway(
+            tmp_path,
+            registry.url,
+            users,
+            "--policy",
+            str(policy),
+            "--metrics-listen",
+            metrics,
+            env={"GATEWAY_CHALLENGE": "bearer"},
+        )
+        yield TokenStack(registry, gateway, users, metrics, tmp_path)
+    finally:
+        if gateway is not None:
+            stop(gateway.process)
+        stop(registry.process)
+
+
+def bearer(token: object) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_challenge_and_token_responses_as_clients_read_them(stack: TokenStack) -> None:
+    host = stack.gateway.host
+    status, headers, _ = http_request(host, "GET", "/v2/")
+    assert status == 401
+    assert headers["WWW-Authenticate"] == f'Bearer realm="http://{host}/token",service="registry-gateway"'
+    status, headers, _ = http_request(host, "POST", "/v2/alice/app/blobs/uploads/")
+    assert headers["WWW-Authenticate"].endswith(',scope="repository:alice/app:pull,push"')
+
+    status, answer = stack.token("repository:alice/app:pull,push repository:bob/app:pull", "alice")
+    assert status == 200
+    assert answer["token"] == answer["access_token"] and answer["expires_in"] == 300
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", str(answer["issued_at"]))
+    token = str(answer["token"])
+    payload = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert payload["access"] == [{"type": "repository", "name": "alice/app", "actions": ["pull", "push"]}]
+    assert payload["sub"] == "alice" and payload["aud"] == "registry-gateway"
+
+    # Wrong credentials: 401, never an anonymous token.
+    status, _, _ = http_request(host, "GET", "/token?service=registry-gateway", ("alice", "wrong"))
+    assert status == 401
+    # Anonymous: the anonymous grant.
+    status, answer = stack.token("repository:public/app:pull,push")
+    assert status == 200
+    anonymous = json.loads(base64.urlsafe_b64decode(str(answer["token"]).split(".")[1] + "=="))
+    assert anonymous["sub"] == "" and anonymous["access"][0]["actions"] == ["pull"]
+    # POST with a password grant (containerd); refresh tokens are not issued yet: containerd then GETs.
+    grant = {"grant_type": "password", "username": "alice", "password": USERS["alice"]}
+    grant.update(service="registry-gateway", scope="repository:alice/app:pull")
+    form = urllib.parse.urlencode(grant).encode()
+    form_type = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, _, body = http_request(host, "POST", "/token", None, form, form_type)
+    assert status == 200 and json.loads(body)["access_token"]
+    refresh = urllib.parse.urlencode({"grant_type": "refresh_token", "refresh_token": "x"}).encode()
+    status, _, body = http_request(host, "POST", "/token", None, refresh, form_type)
+    assert status == 400 and json.loads(body)["error"] == "unsupported_grant_type"
+
+
+def test_a_token_is_checked_against_the_operation_and_the_users_of_now(stack: TokenStack) -> None:
+    host = stack.gateway.host
+    _, answer = stack.token("repository:alice/app:pull,push", "alice")
+    token = str(answer["token"])
+    status, _, _ = http_request(host, "GET", "/v2/alice/app/tags/list", headers=bearer(token))
+    assert status == 404  # allowed: the repository does not exist yet
+    # A token for alice/app is not one for alice/other, though the policy would allow that.
+    status, headers, _ = http_request(host, "GET", "/v2/alice/other/tags/list", headers=bearer(token))
+    assert status == 401 and 'error="insufficient_scope"' in headers["WWW-Authenticate"]
+    assert 'scope="repository:alice/other:pull"' in headers["WWW-Authenticate"]
+    status, headers, _ = http_request(host, "GET", "/v2/alice/app/tags/list", headers=bearer(token + "x"))
+    assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"]
+    # Removed from the htpasswd file: the token stops working at once, not at its expiry.
+    stack.users.write_text(
+        "\n".join(line for line in stack.users.read_text().splitlines() if not line.startswith("alice:"))
+        + "\n"
+    )
+    for _ in range(50):
+        status, headers, _ = http_request(host, "GET", "/v2/alice/app/tags/list", headers=bearer(token))
+        if status == 401:
+            break
+        time.sleep(0.1)
+    assert status == 401 and 'error="invalid_token"' in headers["WWW-Authenticate"]
+
+
+def test_docker_cli_anonymous_pull_login_push_and_denials(stack: TokenStack, dockerd: Docker) -> None:
+    host = stack.gateway.host
+    config = stack.tmp / "docker-config"
+
+    def cli(*args: str, stdin: str | None = None) -> tuple[int, str]:
+        done = dockerd.run(config, *args, stdin=stdin)
+        return done.returncode, done.stdout + done.stderr
+
+    def login(user: str, password: str | None = None) -> tuple[int, str]:
+        return cli("login", "-u", user, "--password-stdin", host, stdin=(password or USERS[user]) + "\n")
+
+    assert login("admin")[0] == 0
+    public = f"{host}/public/app:1"
+    dockerd.build_image(config, public, {f"l{i}": os.urandom(30_000 + i) for i in range(3)})
+    status, output = cli("push", public)
+    assert status == 0, output
+    assert cli("logout", host)[0] == 0
+
+    # Anonymous, without docker login: pull what the policy lets anyone pull; push nothing.
+    assert cli("rmi", public)[0] == 0
+    status, output = cli("pull", public)
+    assert status == 0, output
+    mine = f"{host}/public/mine:1"
+    assert cli("tag", public, mine)[0] == 0
+    status, output = cli("push", mine)
+    assert status != 0 and ("denied" in output or "unauthorized" in output), output
+    assert "public/mine" not in stack.registry.repositories()
+
+    # A wrong password fails docker login; the right one works, and so does alice's push.
+    status, output = login("alice", "wrong password")
+    assert status != 0 and "unauthorized" in output
+    assert login("alice")[0] == 0
+    app = f"{host}/alice/app:1"
+    dockerd.build_image(config, app, {f"a{i}": os.urandom(20_000 + i) for i in range(20)})
+    checks_before = stack.password_checks()
+    status, output = cli("push", app)
+    assert status == 0, output
+    # A push of 20 layers: the password is checked at most twice (token requests hit the cache,
+    # the registry requests carry tokens).
+    assert stack.password_checks() - checks_before <= 2
+    bob = f"{host}/bob/app:1"
+    assert cli("tag", app, bob)[0] == 0
+    status, output = cli("push", bob)
+    assert status != 0 and "denied" in output
+    assert "bob/app" not in stack.registry.repositories()
+    assert cli("logout", host)[0] == 0
+
+
+def test_skopeo_anonymous_pull_and_user_push(stack: TokenStack) -> None:
+    host = stack.gateway.host
+    image = stack.tmp / "image"
+    write_image(image, "1", layers=2, layer_bytes=20_000)
+    admin = write_authfile(stack.tmp / "admin.json", host, ("admin", USERS["admin"]))
+    anonymous = write_authfile(stack.tmp / "anonymous.json", host, None)
+    alice = write_authfile(stack.tmp / "alice.json", host, ("alice", USERS["alice"]))
+    assert skopeo_copy(f"oci:{image}:1", f"docker://{host}/public/lib:1", admin).returncode == 0
+    pulled = skopeo_copy(f"docker://{host}/public/lib:1", f"oci:{stack.tmp / 'pulled'}:1", anonymous)
+    assert pulled.returncode == 0, pulled.stderr
+    refused = skopeo_copy(f"oci:{image}:1", f"docker://{host}/public/other:1", anonymous)
+    assert refused.returncode != 0
+    pushed = skopeo_copy(f"oci:{image}:1", f"docker://{host}/alice/lib:1", alice)
+    assert pushed.returncode == 0, pushed.stderr
+    denied = skopeo_copy(f"oci:{image}:1", f"docker://{host}/bob/lib:1", alice)
+    assert denied.returncode != 0 and "denied" in denied.stderr
+    assert (
+        "bob/lib" not in stack.registry.repositories() and "public/other" not in stack.registry.repositories()
+    )
