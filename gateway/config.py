@@ -69,6 +69,7 @@ class Settings:
     token_service: str
     token_lifetime: int
     token_realm: str | None
+    refresh_token_lifetime: int
     # Where each key's value came from: default, file, env or flag (what check-config prints).
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -120,6 +121,7 @@ DEFAULTS: dict[str, Any] = {
     "token_service": "registry-gateway",
     "token_lifetime": 300,
     "token_realm": None,
+    "refresh_token_lifetime": 0,
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -348,6 +350,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "token_service": _token_text,
     "token_lifetime": _count(60),
     "token_realm": _optional_realm_url,
+    "refresh_token_lifetime": _count(0),
 }
 
 

@@ -7,6 +7,8 @@ import base64
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -228,3 +230,93 @@ def test_skopeo_anonymous_pull_and_user_push(stack: TokenStack) -> None:
     assert (
         "bob/lib" not in stack.registry.repositories() and "public/other" not in stack.registry.repositories()
     )
+
+
+def test_docker_login_keeps_an_identity_token_that_outlives_restarts_not_passwords(
+    tmp_path: Path, dockerd: Docker
+) -> None:
+    registry = start_registry(tmp_path)
+    gateway = None
+    try:
+        users = tmp_path / "htpasswd"
+        for user, password in USERS.items():
+            htpasswd_add(users, user, password, "-B")
+        policy = tmp_path / "policy.yml"
+        policy.write_text(POLICY)
+        key = tmp_path / "token.pem"
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "token", "keygen", "--key", str(key)],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        env = {
+            "GATEWAY_CHALLENGE": "bearer",
+            "GATEWAY_TOKEN_KEY": str(key),
+            "GATEWAY_REFRESH_TOKEN_LIFETIME": "86400",
+        }
+
+        def start() -> Gateway:
+            return start_gateway(tmp_path, registry.url, users, "--policy", str(policy), env=env)
+
+        gateway = start()
+        host = gateway.host
+        config = tmp_path / "docker-config"
+
+        def cli(*args: str, stdin: str | None = None) -> tuple[int, str]:
+            ran = dockerd.run(config, *args, stdin=stdin)
+            return ran.returncode, ran.stdout + ran.stderr
+
+        assert cli("login", "-u", "alice", "--password-stdin", host, stdin=USERS["alice"] + "\n")[0] == 0
+        stored = json.loads((config / "config.json").read_text())["auths"][host]
+        # An identity token, and only the user name where the password would be ("alice:").
+        assert stored.get("identitytoken")
+        assert base64.b64decode(stored.get("auth", "")).decode() in ("", "alice:")
+        assert USERS["alice"] not in (config / "config.json").read_text()
+        app = f"{host}/alice/app:1"
+        dockerd.build_image(config, app, {"a": os.urandom(40_000)})
+        status, output = cli("push", app)
+        assert status == 0, output
+
+        # The gateway restarts with the same key: the identity token still works.
+        stop(gateway.process)
+        gateway = start()
+        host2 = gateway.host  # a new port: log in to it with the same identity token
+        stored_auths = json.loads((config / "config.json").read_text())
+        stored_auths["auths"][host2] = stored_auths["auths"][host]
+        (config / "config.json").write_text(json.dumps(stored_auths))
+        app2 = f"{host2}/alice/app:1"
+        assert cli("rmi", "-f", app)[0] == 0
+        status, output = cli("pull", app2)
+        assert status == 0, output
+
+        # A new password revokes it: docker must log in again.
+        changed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "user",
+                "passwd",
+                "alice",
+                "--file",
+                str(users),
+                "--password-stdin",
+            ],
+            input="a-new-password\n",
+            capture_output=True,
+            text=True,
+        )
+        assert changed.returncode == 0, changed.stderr
+        assert cli("rmi", "-f", app2)[0] == 0
+        for _ in range(50):
+            status, output = cli("pull", app2)
+            if status != 0:
+                break
+            assert cli("rmi", "-f", app2)[0] == 0
+            time.sleep(0.2)
+        assert status != 0 and ("unauthorized" in output or "denied" in output), output
+    finally:
+        if gateway is not None:
+            stop(gateway.process)
+        stop(registry.process)

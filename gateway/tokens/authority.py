@@ -7,13 +7,16 @@ the previous one stay valid until they expire, so nobody is logged out.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from gateway.config import Settings
+from gateway.htpasswd import StoredHash
 from gateway.tokens import keys
-from gateway.tokens.jwt_tokens import LEEWAY, Claims, Verifier, issue
+from gateway.tokens.jwt_tokens import LEEWAY, Claims, InvalidToken, Verifier, issue, issue_refresh
 from gateway.tokens.scopes import Scope
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ class TokenAuthority:
         self.service = settings.token_service
         self.lifetime = settings.token_lifetime
         self.realm = settings.token_realm
+        self.refresh_lifetime = settings.refresh_token_lifetime  # 0: no refresh tokens
         self.path = settings.token_key
         if self.path is None:
             self.key = keys.generate()
@@ -51,6 +55,22 @@ class TokenAuthority:
 
     def verify(self, token: str) -> Claims:
         return self.verifier.verify(token)
+
+    def issue_refresh(self, subject: str, stored: StoredHash) -> str:
+        return issue_refresh(
+            self.key, self.issuer, self.service, subject, password_fingerprint(stored), self.refresh_lifetime
+        )
+
+    def refresh_subject(self, token: str, users: Mapping[str, StoredHash]) -> str:
+        """The user a refresh token stands for, while it is valid: signed by our key, not expired,
+        the user still there with the same password. Raises InvalidToken."""
+        claims = self.verifier.verify_refresh(token)
+        stored = users.get(claims.subject)
+        if stored is None:
+            raise InvalidToken("the user is gone")
+        if password_fingerprint(stored) != claims.fingerprint:
+            raise InvalidToken("the password changed since this token was issued: log in again")
+        return claims.subject
 
     def reload_if_changed(self) -> bool:
         if self.path is None:
@@ -73,3 +93,8 @@ class TokenAuthority:
         self.verifier = Verifier([new, *(key for key, _ in self._retired)], self.issuer, self.service)
         log.info("token key reloaded from %s (kid %s)", self.path, new.kid)
         return True
+
+
+def password_fingerprint(stored: StoredHash) -> str:
+    """Changes whenever the user's password does, and tells nothing of it (a digest of the hash)."""
+    return hashlib.sha256(stored.value.encode()).hexdigest()[:32]

@@ -23,9 +23,11 @@ from gateway.config import Settings
 from gateway.errors import error_response
 from gateway.lockout import Lockout
 from gateway.metrics import Metrics
+from gateway.state import Snapshot
 from gateway.tokens.authority import TokenAuthority
 from gateway.tokens.grants import grant
-from gateway.tokens.scopes import merge, parse_scopes
+from gateway.tokens.jwt_tokens import InvalidToken
+from gateway.tokens.scopes import Scope, merge, parse_scopes
 
 TOKEN_PATH = "/token"
 MAX_FORM_BYTES = 64 * 1024
@@ -72,6 +74,8 @@ async def token_endpoint(
             return _oauth_error(400, "invalid_request", "expected a form of at most 64 KiB")
         params = form
         grant_type = form.get("grant_type", "")
+        if grant_type == "refresh_token" and authority.refresh_lifetime:
+            return await _refresh(form, settings, authority, authenticator, metrics, record, client)
         if grant_type != "password":
             # containerd then asks again with GET and Basic credentials.
             return _oauth_error(400, "unsupported_grant_type", "use grant_type=password, or GET")
@@ -123,13 +127,63 @@ async def token_endpoint(
             metrics.tokens.labels("rejected", "expired").inc()
             return error_response(401, "UNAUTHORIZED", "account expired", headers=challenge)
 
+    offline = params.get("offline_token", "").lower() == "true" or params.get("access_type") == "offline"
+    refresh = None
+    if offline and user is not None and authority.refresh_lifetime:
+        refresh = authority.issue_refresh(user, snapshot.users[user])
+    return _answer(authority, metrics, record, snapshot, settings, scopes, user, client, refresh)
+
+
+def _answer(
+    authority: TokenAuthority,
+    metrics: Metrics,
+    record: AuditRecord,
+    snapshot: Snapshot,
+    settings: Settings,
+    scopes: list[Scope],
+    user: str | None,
+    client: str,
+    refresh: str | None,
+) -> web.Response:
     granted = grant(scopes, user, snapshot.policy, settings.admin_prefix, client)
     record.scopes_granted = [str(scope) for scope in granted]
     token, issued = authority.issue(user or "", granted)
     metrics.tokens.labels("issued", "").inc()
     record.decision = "allow"
     issued_at = dt.datetime.fromtimestamp(issued, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return web.json_response(
-        {"token": token, "access_token": token, "expires_in": authority.lifetime, "issued_at": issued_at},
-        headers={"Cache-Control": "no-store"},
-    )
+    answer: dict[str, object] = {
+        "token": token,
+        "access_token": token,
+        "expires_in": authority.lifetime,
+        "issued_at": issued_at,
+    }
+    if refresh is not None:
+        # docker login then stores this as its identity token, and no password.
+        answer["refresh_token"] = refresh
+    return web.json_response(answer, headers={"Cache-Control": "no-store"})
+
+
+async def _refresh(
+    form: MultiDict[str],
+    settings: Settings,
+    authority: TokenAuthority,
+    authenticator: Authenticator,
+    metrics: Metrics,
+    record: AuditRecord,
+    client: str,
+) -> web.Response:
+    """grant_type=refresh_token: what moby, containerd and skopeo send once they hold one."""
+    snapshot = authenticator.store.snapshot
+    record.client_id = form.get("client_id")
+    scopes = merge(parse_scopes(form.getall("scope", [])))
+    record.scopes_requested = [str(scope) for scope in scopes]
+    try:
+        user = authority.refresh_subject(form.get("refresh_token", ""), snapshot.users)
+    except InvalidToken as exc:
+        metrics.tokens.labels("rejected", "refresh").inc()
+        return _oauth_error(401, "invalid_grant", str(exc))
+    record.user = user
+    if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
+        metrics.tokens.labels("rejected", "expired").inc()
+        return _oauth_error(401, "invalid_grant", "account expired")
+    return _answer(authority, metrics, record, snapshot, settings, scopes, user, client, None)

@@ -30,8 +30,18 @@ class Claims:
     expires: float
 
 
+@dataclass(frozen=True)
+class RefreshClaims:
+    subject: str
+    fingerprint: str  # of the user's stored password hash when it was issued
+    issued: float
+
+
 class InvalidToken(Exception):
     """Why a token is refused (never containing the token)."""
+
+
+REFRESH_USE = "refresh"  # the `token_use` claim of refresh tokens; access tokens have none
 
 
 def issue(
@@ -51,6 +61,24 @@ def issue(
     }
     token = jwt.encode(claims, key.private, algorithm=key.algorithm, headers={"kid": key.kid, "typ": "JWT"})
     return token, now
+
+
+def issue_refresh(
+    key: SigningKey, issuer: str, service: str, subject: str, fingerprint: str, lifetime: int
+) -> str:
+    """A refresh token (docker's identity token): who, and the fingerprint of their password."""
+    now = int(time.time())
+    claims = {
+        "iss": issuer,
+        "sub": subject,
+        "aud": service,
+        "exp": now + lifetime,
+        "iat": now,
+        "jti": secrets.token_urlsafe(16),
+        "token_use": REFRESH_USE,
+        "pwd": fingerprint,
+    }
+    return jwt.encode(claims, key.private, algorithm=key.algorithm, headers={"kid": key.kid, "typ": "JWT"})
 
 
 class Verifier:
@@ -73,7 +101,23 @@ class Verifier:
             self._cache.popitem(last=False)
         return claims
 
+    def verify_refresh(self, token: str) -> RefreshClaims:
+        payload = self._decode(token)
+        fingerprint = payload.get("pwd")
+        if payload.get("token_use") != REFRESH_USE or not isinstance(fingerprint, str):
+            raise InvalidToken("not a refresh token")
+        issued = payload.get("iat", 0)
+        return RefreshClaims(
+            str(payload["sub"]), fingerprint, float(issued) if isinstance(issued, int | float) else 0.0
+        )
+
     def _check(self, token: str) -> Claims:
+        payload = self._decode(token)
+        if "token_use" in payload:
+            raise InvalidToken("a refresh token is no access token")
+        return self._claims(payload)
+
+    def _decode(self, token: str) -> dict[str, object]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -97,6 +141,11 @@ class Verifier:
             raise InvalidToken("token not yet valid") from None
         except jwt.PyJWTError as exc:
             raise InvalidToken(f"token refused: {type(exc).__name__}") from None
+        if not isinstance(payload.get("sub"), str):
+            raise InvalidToken("malformed subject")
+        return dict(payload)
+
+    def _claims(self, payload: dict[str, object]) -> Claims:
         access = payload.get("access", [])
         if not isinstance(access, list):
             raise InvalidToken("malformed access claim")
@@ -108,7 +157,7 @@ class Verifier:
             if not (isinstance(kind, str) and isinstance(name, str) and isinstance(actions, list)):
                 raise InvalidToken("malformed access claim")
             scopes.append(Scope(kind, name, frozenset(str(a) for a in actions)))
-        subject = payload.get("sub")
-        if not isinstance(subject, str):
-            raise InvalidToken("malformed subject")
-        return Claims(subject, tuple(scopes), float(payload["exp"]))
+        expires = payload["exp"]
+        if not isinstance(expires, int | float):
+            raise InvalidToken("malformed expiry")
+        return Claims(str(payload["sub"]), tuple(scopes), float(expires))
