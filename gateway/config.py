@@ -65,6 +65,7 @@ class Settings:
     redirect_to_port: int | None
     challenge: str
     token_key: Path | None
+    token_cert: Path | None
     token_issuer: str
     token_service: str
     token_lifetime: int
@@ -117,6 +118,7 @@ DEFAULTS: dict[str, Any] = {
     "redirect_to_port": None,
     "challenge": "basic",
     "token_key": None,
+    "token_cert": None,
     "token_issuer": "registry-gateway",
     "token_service": "registry-gateway",
     "token_lifetime": 300,
@@ -346,6 +348,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "redirect_to_port": _optional_port,
     "challenge": _challenge,
     "token_key": _optional_path,
+    "token_cert": _optional_path,
     "token_issuer": _token_text,
     "token_service": _token_text,
     "token_lifetime": _count(60),
@@ -450,9 +453,13 @@ def load(
         from gateway.tokens import keys
 
         try:
-            keys.load(values["token_key"])
+            signing_key = keys.load(values["token_key"])
+            if values.get("token_cert") is not None:
+                keys.certificate_chain(values["token_cert"], signing_key)
         except keys.KeyError_ as exc:
             problems.append(f"{_where('token_key', merged['token_key'][1])}: {exc}")
+    if values.get("token_cert") is not None and values.get("token_key") is None:
+        problems.append("token_cert: needs token_key (the certificate is that key's)")
     if values.get("workers", 1) > 1 and values.get("metrics_listen") is not None:
         problems.append("metrics_listen: not available with workers > 1 (each worker counts on its own)")
 

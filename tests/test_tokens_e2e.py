@@ -320,3 +320,78 @@ def test_docker_login_keeps_an_identity_token_that_outlives_restarts_not_passwor
         if gateway is not None:
             stop(gateway.process)
         stop(registry.process)
+
+
+@pytest.mark.parametrize("x5c", [False, True], ids=["kid", "x5c"])
+def test_registry_in_token_mode_trusts_the_gateway(tmp_path: Path, dockerd: Docker, x5c: bool) -> None:
+    """docker_auth's job: the registry itself checks tokens the gateway issues (clients talk to the
+    registry directly); distribution 2.8 finds the key by its libtrust kid, or from x5c."""
+    users = tmp_path / "htpasswd"
+    for user, password in USERS.items():
+        htpasswd_add(users, user, password, "-B")
+    policy = tmp_path / "policy.yml"
+    policy.write_text(POLICY)
+    key, cert = tmp_path / "token.pem", tmp_path / "token.crt"
+    made = subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "keygen", "--key", str(key)], capture_output=True
+    )
+    assert made.returncode == 0
+    registry_port = free_port()
+    env = {"GATEWAY_CHALLENGE": "bearer", "GATEWAY_TOKEN_KEY": str(key)}
+    if x5c:
+        env["GATEWAY_TOKEN_CERT"] = str(cert)
+    gateway = start_gateway(
+        tmp_path, f"http://127.0.0.1:{registry_port}", users, "--policy", str(policy), env=env
+    )
+    registry = None
+    try:
+        (tmp_path / "tokenreg.yml").write_text(
+            "version: 0.1\nlog:\n  level: info\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'tokenreg-storage'}\n"
+            f"http:\n  addr: 127.0.0.1:{registry_port}\n"
+            "auth:\n  token:\n"
+            f"    realm: http://{gateway.host}/token\n"
+            "    service: registry-gateway\n    issuer: registry-gateway\n"
+            f"    rootcertbundle: {cert}\n"
+        )
+        registry = start_registry(tmp_path, name="tokenreg")
+        host = registry.url.removeprefix("http://")
+        status, headers, _ = http_request(host, "GET", "/v2/")
+        assert status == 401 and f'realm="http://{gateway.host}/token"' in headers["Www-Authenticate"]
+        config = tmp_path / "docker-config"
+
+        def cli(*args: str, stdin: str | None = None) -> tuple[int, str]:
+            ran = dockerd.run(config, *args, stdin=stdin)
+            return ran.returncode, ran.stdout + ran.stderr
+
+        status, output = cli("login", "-u", "alice", "--password-stdin", host, stdin="wrong\n")
+        assert status != 0
+        assert cli("login", "-u", "alice", "--password-stdin", host, stdin=USERS["alice"] + "\n")[0] == 0
+        app = f"{host}/alice/app:1"
+        dockerd.build_image(config, app, {f"l{i}": os.urandom(20_000 + i) for i in range(3)})
+        status, output = cli("push", app)
+        assert status == 0, output
+        assert cli("rmi", app)[0] == 0
+        status, output = cli("pull", app)
+        assert status == 0, output
+        bob = f"{host}/bob/app:1"
+        assert cli("tag", app, bob)[0] == 0
+        status, output = cli("push", bob)
+        assert status != 0 and "denied" in output
+        assert "bob/app" not in registry.repositories()
+        assert cli("logout", host)[0] == 0
+
+        image = tmp_path / "image"
+        write_image(image, "1", layers=2, layer_bytes=10_000)
+        admin = write_authfile(tmp_path / "admin.json", host, ("admin", USERS["admin"]))
+        anonymous = write_authfile(tmp_path / "anonymous.json", host, None)
+        pushed = skopeo_copy(f"oci:{image}:1", f"docker://{host}/public/lib:1", admin)
+        assert pushed.returncode == 0, pushed.stderr
+        pulled = skopeo_copy(f"docker://{host}/public/lib:1", f"oci:{tmp_path / 'pulled'}:1", anonymous)
+        assert pulled.returncode == 0, pulled.stderr
+        refused = skopeo_copy(f"oci:{image}:1", f"docker://{host}/public/other:1", anonymous)
+        assert refused.returncode != 0 and "public/other" not in registry.repositories()
+    finally:
+        stop(gateway.process)
+        if registry is not None:
+            stop(registry.process)

@@ -46,12 +46,14 @@ class TokenAuthority:
             )
         else:
             self.key = keys.load(self.path)
+        self.cert_path = settings.token_cert
+        self.x5c = keys.certificate_chain(self.cert_path, self.key) if self.cert_path else []
         self._signature = _signature(self.path) if self.path else None
         self._retired: list[tuple[keys.SigningKey, float]] = []  # (key, accepted until)
         self.verifier = Verifier([self.key], self.issuer, self.service)
 
     def issue(self, subject: str, access: list[Scope]) -> tuple[str, int]:
-        return issue(self.key, self.issuer, self.service, subject, access, self.lifetime)
+        return issue(self.key, self.issuer, self.service, subject, access, self.lifetime, self.x5c)
 
     def verify(self, token: str) -> Claims:
         return self.verifier.verify(token)
@@ -83,11 +85,13 @@ class TokenAuthority:
         self._signature = signature
         try:
             new = keys.load(self.path)
+            x5c = keys.certificate_chain(self.cert_path, new) if self.cert_path else []
         except keys.KeyError_ as exc:
             log.error("token key not reloaded, keeping the current one: %s", exc)
             return False
         if new.kid == self.key.kid:
             return False
+        self.x5c = x5c
         self._retired.append((self.key, now + self.lifetime + LEEWAY))
         self.key = new
         self.verifier = Verifier([new, *(key for key, _ in self._retired)], self.issuer, self.service)

@@ -45,9 +45,16 @@ REFRESH_USE = "refresh"  # the `token_use` claim of refresh tokens; access token
 
 
 def issue(
-    key: SigningKey, issuer: str, service: str, subject: str, access: Sequence[Scope], lifetime: int
+    key: SigningKey,
+    issuer: str,
+    service: str,
+    subject: str,
+    access: Sequence[Scope],
+    lifetime: int,
+    x5c: Sequence[str] = (),
 ) -> tuple[str, int]:
-    """A signed token and its issue time (epoch seconds)."""
+    """A signed token and its issue time (epoch seconds). With `x5c` (base64 DER certificates,
+    the key's first) the header carries the chain, which distribution 3.x needs."""
     now = int(time.time())
     claims = {
         "iss": issuer,
@@ -59,7 +66,10 @@ def issue(
         "jti": secrets.token_urlsafe(16),
         "access": [scope.claim() for scope in access],
     }
-    token = jwt.encode(claims, key.private, algorithm=key.algorithm, headers={"kid": key.kid, "typ": "JWT"})
+    headers: dict[str, object] = {"kid": key.kid, "typ": "JWT"}
+    if x5c:
+        headers["x5c"] = list(x5c)
+    token = jwt.encode(claims, key.private, algorithm=key.algorithm, headers=headers)
     return token, now
 
 

@@ -111,3 +111,25 @@ def write_private(key: SigningKey, path: Path) -> None:
     with os.fdopen(fd, "wb") as out:
         out.write(pem)
     os.replace(temporary, path)
+
+
+def certificate_chain(path: Path, key: SigningKey) -> list[str]:
+    """The PEM certificates in `path` as `x5c` entries (standard base64 of DER), the first of
+    which must carry `key`."""
+    try:
+        certificates = x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as exc:
+        raise KeyError_(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise KeyError_(f"{path}: not a PEM certificate ({exc})") from None
+    first = (
+        certificates[0]
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    ours = key.public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if first != ours:
+        raise KeyError_(f"{path}: its first certificate is not for the token key")
+    return [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in certificates]
