@@ -135,3 +135,9 @@ def test_user_defined_in_both_files_is_a_config_error(tmp_path: Path, users: Pat
     result = _cli("check-config", "--htpasswd", str(users), "--policy", str(policy))
     assert result.returncode == 1
     assert "policy (--policy): " in result.stderr and "users.admin: also in" in result.stderr
+
+
+def test_example_config_names_every_setting() -> None:
+    example = (Path(__file__).parent.parent / "config" / "gateway.yml").read_text()
+    named = {line.lstrip("# ").split(":", 1)[0] for line in example.splitlines() if ":" in line}
+    assert set(config.DEFAULTS) <= named, set(config.DEFAULTS) - named

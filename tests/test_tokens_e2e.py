@@ -7,8 +7,10 @@ import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -26,6 +28,7 @@ from tests.conftest import (
     free_port,
     htpasswd_add,
     http_request,
+    require,
     skopeo_copy,
     start_gateway,
     start_registry,
@@ -395,3 +398,49 @@ def test_registry_in_token_mode_trusts_the_gateway(tmp_path: Path, dockerd: Dock
         stop(gateway.process)
         if registry is not None:
             stop(registry.process)
+
+
+def test_podman_anonymous_pull_login_push_and_denials(stack: TokenStack) -> None:
+    require("podman")
+    host = stack.gateway.host
+    image = stack.tmp / "image"
+    write_image(image, "1", layers=2, layer_bytes=20_000)
+    admin = write_authfile(stack.tmp / "admin.json", host, ("admin", USERS["admin"]))
+    assert skopeo_copy(f"oci:{image}:1", f"docker://{host}/public/lib:1", admin).returncode == 0
+    authfile = stack.tmp / "podman-auth.json"
+    authfile.write_text('{"auths": {}}')
+    storage = Path(tempfile.mkdtemp(prefix="pm-", dir="/tmp"))  # podman wants a short runroot
+
+    def podman(*args: str, stdin: str | None = None) -> tuple[int, str]:
+        ran = subprocess.run(
+            [
+                require("podman"),
+                "--root", str(storage / "root"), "--runroot", str(storage / "run"),
+                "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "file",
+                *args,
+            ],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )  # fmt: skip
+        return ran.returncode, ran.stdout + ran.stderr
+
+    common = ("--tls-verify=false", "--authfile", str(authfile))
+    status, output = podman("pull", *common, f"docker://{host}/public/lib:1")
+    assert status == 0, output  # anonymous, no login
+    status, output = podman("push", *common, f"{host}/public/lib:1", f"docker://{host}/public/mine:1")
+    assert status != 0 and "public/mine" not in stack.registry.repositories()
+    status, output = podman("login", *common, "-u", "alice", "--password-stdin", host, stdin="wrong\n")
+    assert status != 0
+    status, output = podman(
+        "login", *common, "-u", "alice", "--password-stdin", host, stdin=USERS["alice"] + "\n"
+    )
+    assert status == 0, output
+    status, output = podman("push", *common, f"{host}/public/lib:1", f"docker://{host}/alice/lib:1")
+    assert status == 0, output
+    status, output = podman("push", *common, f"{host}/public/lib:1", f"docker://{host}/bob/lib:1")
+    assert status != 0 and "denied" in output
+    assert "bob/lib" not in stack.registry.repositories()
+    podman("system", "reset", "--force")
+    shutil.rmtree(storage, ignore_errors=True)
