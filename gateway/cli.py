@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import __version__, admin_cli, config
+from gateway import __version__, admin_cli, config, docker_auth, policyfile
 from gateway.forwarding import valid_host
 from gateway.state import AccessStore, StateError
 
@@ -282,6 +282,11 @@ def _serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    try:
+        settings = docker_auth.apply(settings, store.snapshot.policy)
+    except docker_auth.DockerAuthError as exc:
+        print(f"registry-gateway: invalid configuration:\n  {exc}", file=sys.stderr)
+        return 2
     if settings.workers > 1:
         return supervise(settings)
     try:
@@ -372,6 +377,12 @@ def _check_config(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         print(f"configuration invalid: {len(exc.problems)} problem(s)", file=sys.stderr)
         return 1
+    if settings.policy is not None:
+        try:
+            settings = docker_auth.apply(settings, policyfile.load(settings.policy))
+        except (policyfile.PolicyError, docker_auth.DockerAuthError) as exc:
+            print(exc, file=sys.stderr)
+            return 1
     print("configuration OK; effective settings:")
     for key in config.DEFAULTS:
         value: object = (

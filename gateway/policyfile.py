@@ -50,6 +50,38 @@ class Account:
 
 
 @dataclass(frozen=True)
+class DockerAuthSections:
+    """docker_auth's `server:` and `token:` sections, as found (applied by gateway.docker_auth)."""
+
+    addr: str | None = None
+    server_certificate: str | None = None
+    server_key: str | None = None
+    issuer: str | None = None
+    expiration: int | None = None
+    token_certificate: str | None = None
+    token_key: str | None = None
+
+
+# docker_auth's other sections: identity and authorization sources this gateway does not have.
+DOCKER_AUTH_UNSUPPORTED = (
+    "ldap_auth",
+    "mongo_auth",
+    "xorm_auth",
+    "ext_auth",
+    "ext_authz",
+    "google_auth",
+    "github_auth",
+    "oidc_auth",
+    "gitlab_auth",
+    "plugin_authn",
+    "plugin_authz",
+    "acl_mongo",
+    "acl_xorm",
+    "casbin_authz",
+)
+
+
+@dataclass(frozen=True)
 class Policy:
     acl: tuple[acl.Entry, ...]
     rules: Rules
@@ -58,6 +90,7 @@ class Policy:
     anonymous: bool  # may requests without credentials be evaluated (as account "")?
     service: str = "registry"
     warnings: tuple[str, ...] = ()
+    docker_auth: DockerAuthSections | None = None  # a docker_auth auth_config.yml's server/token
 
     def account(self, name: str) -> Account:
         return self.accounts.get(name, _NO_ACCOUNT)
@@ -203,12 +236,57 @@ def _account(c: _Collector, raw: dict[str, Any], path: str) -> tuple[dict[str, t
     return labels, expires
 
 
+def _docker_auth_sections(c: _Collector, top: Mapping[str, Any]) -> DockerAuthSections:
+    server = c.mapping(top.get("server", {}), "server", ("addr", "certificate", "key")) or {}
+    token = c.mapping(top.get("token", {}), "token", ("issuer", "expiration", "certificate", "key")) or {}
+    texts: dict[str, str | None] = {}
+    for path, value in (
+        ("server.addr", server.get("addr")),
+        ("server.certificate", server.get("certificate")),
+        ("server.key", server.get("key")),
+        ("token.issuer", token.get("issuer")),
+        ("token.certificate", token.get("certificate")),
+        ("token.key", token.get("key")),
+    ):
+        if value is not None and (not isinstance(value, str) or not value):
+            c.bad(path, "expected a non-empty string")
+            value = None
+        texts[path] = value
+    expiration = token.get("expiration")
+    if expiration is not None and (
+        isinstance(expiration, bool) or not isinstance(expiration, int) or expiration < 60
+    ):
+        c.bad("token.expiration", "expected whole seconds, at least 60")
+        expiration = None
+    if "token" in top and texts["token.issuer"] is None:
+        c.bad("token.issuer", "required (the registry's auth.token.issuer)")
+    return DockerAuthSections(
+        addr=texts["server.addr"],
+        server_certificate=texts["server.certificate"],
+        server_key=texts["server.key"],
+        issuer=texts["token.issuer"],
+        expiration=expiration,
+        token_certificate=texts["token.certificate"],
+        token_key=texts["token.key"],
+    )
+
+
 def parse(data: Any, source: str = "policy") -> Policy:
     """Validate a loaded YAML document. Raises PolicyError listing every problem."""
     c = _Collector()
-    top = c.mapping(data, source, ("acl", "users", "accounts", "groups", "service"))
+    if isinstance(data, dict):
+        unsupported = [key for key in DOCKER_AUTH_UNSUPPORTED if key in data]
+        if unsupported:
+            c.bad(
+                ", ".join(unsupported),
+                "docker_auth sections this gateway does not support (its server, token, users and acl "
+                "sections work as they are): remove them and keep their users in an htpasswd file",
+            )
+            data = {k: v for k, v in data.items() if k not in unsupported}
+    top = c.mapping(data, source, ("acl", "users", "accounts", "groups", "service", "server", "token"))
     if top is None:
         raise PolicyError(c.problems)
+    docker_auth = _docker_auth_sections(c, top) if "server" in top or "token" in top else None
 
     entries = _entries(c, top["acl"]) if "acl" in top else ()
     if "acl" not in top:
@@ -275,6 +353,7 @@ def parse(data: Any, source: str = "policy") -> Policy:
         anonymous=anonymous,
         service=service,
         warnings=tuple(c.warnings),
+        docker_auth=docker_auth,
     )
 
 

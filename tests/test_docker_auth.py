@@ -1,0 +1,151 @@
+"""A docker_auth auth_config.yml, unchanged, as the policy file: users with labels, anonymous, ACL
+entries with ${labels:...} and ${account}, and its token section, against the real registry."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+
+import bcrypt
+
+from tests.conftest import Registry, htpasswd_add, http_request, start_gateway, stop
+
+PASSWORDS = {"admin": "badmin", "developer": "dev-pw", "username1": "user1-pw"}
+
+
+def hashed(password: str) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(5)).decode().replace("$2b$", "$2y$")
+
+
+def auth_config(key: Path, cert: Path) -> str:
+    return f"""\
+server:
+  addr: ":5001"
+
+token:
+  issuer: "Acme auth server"  # Must match issuer in the Registry config.
+  expiration: 900
+  certificate: "{cert}"
+  key: "{key}"
+
+users:
+  "admin":
+    password: "{hashed(PASSWORDS["admin"])}"
+  "developer":
+    password: "{hashed(PASSWORDS["developer"])}"
+    labels:
+      team: ["backend", "infra"]
+  "username1":
+    password: "{hashed(PASSWORDS["username1"])}"
+  "": {{}}  # Allow anonymous (no "docker login") access.
+
+acl:
+  - match: {{account: "admin"}}
+    actions: ["*"]
+    comment: "Admin has full access to everything."
+  - match: {{account: "developer", name: "dev-${{labels:team}}/*"}}
+    actions: ["pull", "push"]
+    comment: "Developers may push to their teams' repositories."
+  - match: {{account: "/.+/", name: "${{account}}/*"}}
+    actions: ["*"]
+    comment: "Logged in users have full access to images that are in their 'namespace'"
+  - match: {{account: "/.+/", type: "registry", name: "catalog"}}
+    actions: ["*"]
+    comment: "Logged in users can query the catalog."
+  - match: {{account: ""}}
+    actions: ["pull"]
+    comment: "Anonymous users can pull everything."
+"""
+
+
+def granted(host: str, scope: str, user: str | None) -> tuple[list[str], dict[str, object]]:
+    query = urllib.parse.urlencode({"service": "registry-gateway", "scope": scope})
+    credentials = (user, PASSWORDS[user]) if user else None
+    status, _, body = http_request(host, "GET", f"/token?{query}", credentials)
+    assert status == 200, body
+    answer = json.loads(body)
+    claims = json.loads(base64.urlsafe_b64decode(answer["token"].split(".")[1] + "=="))
+    return [a for entry in claims["access"] for a in entry["actions"]], {**claims, **answer}
+
+
+def test_docker_auth_config_loads_unchanged_and_grants_what_it_says(
+    tmp_path: Path, registry: Registry
+) -> None:
+    key, cert = tmp_path / "server.key", tmp_path / "server.pem"
+    made = subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "keygen", "--key", str(key), "--cert", str(cert)],
+        capture_output=True,
+    )
+    assert made.returncode == 0
+    config = tmp_path / "auth_config.yml"
+    config.write_text(auth_config(key, cert))
+    others = tmp_path / "htpasswd"
+    htpasswd_add(others, "someone", "else")
+    gateway = start_gateway(tmp_path, registry.url, others, "--policy", str(config))
+    try:
+        host = gateway.host
+        # The token section made the gateway a token server, with its issuer and expiration.
+        status, headers, _ = http_request(host, "GET", "/v2/")
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer realm=")
+        actions, claims = granted(host, "repository:dev-backend/app:pull,push", "developer")
+        assert sorted(actions) == ["pull", "push"]
+        assert claims["iss"] == "Acme auth server" and claims["expires_in"] == 900
+        assert granted(host, "repository:dev-infra/tools:push", "developer")[0] == ["push"]
+        assert granted(host, "repository:dev-frontend/app:pull,push", "developer")[0] == []
+        assert sorted(granted(host, "repository:username1/x:pull,push,delete", "username1")[0]) == [
+            "delete",
+            "pull",
+            "push",
+        ]
+        assert granted(host, "repository:developer/x:push", "developer")[0] == ["push"]
+        assert granted(host, "registry:catalog:*", "username1")[0] == ["*"]
+        assert granted(host, "repository:anything/at-all:pull,push", None)[0] == ["pull"]
+        assert sorted(granted(host, "repository:x/y:pull,push,delete", "admin")[0]) == [
+            "delete",
+            "pull",
+            "push",
+        ]
+        # check-config says where the token settings came from.
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "check-config",
+                "--htpasswd",
+                str(others),
+                "--policy",
+                str(config),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        assert (
+            "token_issuer           Acme auth server  [docker_auth section of the policy file]" in done.stdout
+        )
+    finally:
+        stop(gateway.process)
+
+
+def test_docker_auth_sections_it_cannot_serve_are_named_in_one_error(tmp_path: Path) -> None:
+    others = tmp_path / "htpasswd"
+    htpasswd_add(others, "someone", "else")
+    config = tmp_path / "auth_config.yml"
+    config.write_text(
+        'ldap_auth:\n  addr: "ldap.example.com:636"\next_auth:\n  command: "/usr/local/bin/my_auth"\n'
+        'acl:\n  - match: {account: "admin"}\n    actions: ["*"]\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--htpasswd", str(others), "--policy", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "ldap_auth, ext_auth: docker_auth sections this gateway does not support" in done.stderr
+    assert "Traceback" not in done.stderr
