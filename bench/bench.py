@@ -101,10 +101,19 @@ class Bench:
     workers: int
     services: list[Service] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str], url: str, auth: bool, cwd: Path | None = None) -> Service:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        url: str,
+        auth: bool,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Service:
         log = self.work / f"{name}.log"
+        environment = {**os.environ, **(env or {})}
         with log.open("ab") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=out, cwd=cwd)
+            process = subprocess.Popen(argv, stdout=out, stderr=out, cwd=cwd, env=environment)
         wait_http(url + "/v2/", process, log)
         service = Service(name, url, process, auth)
         self.services.append(service)
@@ -190,7 +199,13 @@ http {{
         )
 
     def gateway(
-        self, upstream: str, htpasswd: Path, tag: str, policy: Path | None = None, workers: int | None = None
+        self,
+        upstream: str,
+        htpasswd: Path,
+        tag: str,
+        policy: Path | None = None,
+        workers: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> Service:
         port = free_port()
         argv = [
@@ -208,7 +223,7 @@ http {{
         if policy is not None:
             argv += ["--policy", str(policy)]
         argv += ["--workers", str(workers or self.workers)]
-        service = self.start(f"gateway-{tag}", argv, f"http://127.0.0.1:{port}", auth=True, cwd=ROOT)
+        service = self.start(f"gateway-{tag}", argv, f"http://127.0.0.1:{port}", auth=True, cwd=ROOT, env=env)
         return service
 
 
@@ -322,7 +337,7 @@ class HeyResult:
     errors: int
 
 
-def hey(url: str, auth: bool, conns: int, seconds: float) -> HeyResult:
+def hey(url: str, auth: bool, conns: int, seconds: float, authorization: str | None = None) -> HeyResult:
     argv = [
         need("hey"),
         "-z",
@@ -335,7 +350,7 @@ def hey(url: str, auth: bool, conns: int, seconds: float) -> HeyResult:
         f"Accept: {MANIFEST_TYPE}",
     ]
     if auth:
-        argv += ["-H", f"Authorization: {basic()}"]
+        argv += ["-H", f"Authorization: {authorization or basic()}"]
     out = subprocess.run([*argv, url], capture_output=True, text=True, timeout=seconds + 120).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = re.search(r"50% in ([\d.]+) secs", out)
@@ -525,6 +540,42 @@ def bench_head(b: Bench, registry: Service, rounds: int, seconds: float) -> dict
     return results
 
 
+def bench_token(b: Bench, registry: Service, rounds: int, seconds: float) -> dict[str, Any]:
+    """HEAD manifest at 2 connections: Basic credentials (login cache warm) beside a Bearer token
+    the gateway issued (token cache warm), with the gateway's CPU per request."""
+    htpasswd = b.work / "htpasswd-token"
+    write_htpasswd(htpasswd, 10)
+    url_path = "/v2/bench/app/manifests/1"
+    basic_gateway = b.gateway(registry.url, htpasswd, "basic", workers=1)
+    bearer_gateway = b.gateway(
+        registry.url, htpasswd, "bearer", workers=1, env={"GATEWAY_CHALLENGE": "bearer"}
+    )
+    request = urllib.request.Request(
+        f"{bearer_gateway.url}/token?service=registry-gateway&scope=repository:bench/app:pull",
+        headers={"Authorization": basic()},
+    )
+    with urllib.request.urlopen(request) as response:
+        token = json.loads(response.read())["token"]
+    modes = {"basic": (basic_gateway, basic()), "bearer": (bearer_gateway, f"Bearer {token}")}
+    runs: dict[str, list[HeyResult]] = {mode: [] for mode in modes}
+    cpu: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode, (target, authorization) in modes.items():
+            before = cpu_seconds(target.process.pid)
+            result = hey(target.url + url_path, True, 2, seconds, authorization)
+            used = cpu_seconds(target.process.pid) - before
+            runs[mode].append(result)
+            cpu[mode].append(used / max(1.0, result.rps * seconds) * 1e6)
+    summary: dict[str, Any] = {}
+    for mode in modes:
+        summary[mode] = {**median_of(runs[mode]), "cpu_us_per_request": statistics.median(cpu[mode])}
+    summary["bearer_vs_basic_rps"] = summary["bearer"]["rps"] / summary["basic"]["rps"]
+    for target, _ in modes.values():
+        target.stop()
+        b.services.remove(target)
+    return summary
+
+
 def bench_transfer(b: Bench, registry: Service, mib: int, rounds: int, use_skopeo: bool) -> dict[str, Any]:
     htpasswd = b.work / "htpasswd-transfer"
     write_htpasswd(htpasswd, 5)
@@ -694,6 +745,13 @@ def table(results: dict[str, Any]) -> str:
             f"{s['registry']['p50_ms']:>9.2f}/{s['nginx']['p50_ms']:.2f}/{s['gateway']['p50_ms']:.2f}"
             f"{s['gateway']['p99_ms']:>11.2f}"
         )
+    k = results["token"]
+    lines.append("\n== HEAD manifest at 2 connections: Basic vs a Bearer token (gateway, 1 worker) ==")
+    for mode in ("basic", "bearer"):
+        lines.append(
+            f"{mode:<8}{k[mode]['rps']:>9.0f} req/s  p50 {k[mode]['p50_ms']:.2f} ms  "
+            f"gateway CPU {k[mode]['cpu_us_per_request']:.0f} us/request"
+        )
     t = results["transfer"]
     lines.append(f"\n== {t['blob_mib']} MiB blob, MB/s (direct / nginx / gateway) ==")
     for key in ("pull_MBps", "push_MBps", "skopeo_push_MBps", "skopeo_pull_MBps"):
@@ -765,6 +823,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         results["head"] = bench_head(bench, registry, rounds, seconds)
+        results["token"] = bench_token(bench, registry, rounds, seconds)
         results["transfer"] = bench_transfer(bench, registry, blob_mib, rounds, use_skopeo=not args.no_skopeo)
         results["memory"] = bench_memory(bench, registry, big_mib, max(1, min(64, big_mib // 4)))
         results["scaling"] = bench_scaling(bench, registry, user_counts, rule_counts, rounds, seconds)

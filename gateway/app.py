@@ -242,7 +242,8 @@ async def _identify(
         user = await authenticator.authenticate(credentials, snapshot)
         if user is None:
             log.info("failed login for user %r from %s", credentials.username, view.address)
-            lockout.failed(view.address, credentials.username, time.monotonic())
+            attempt = authenticator.cache.key(credentials)
+            lockout.failed(view.address, credentials.username, time.monotonic(), attempt)
             metrics.auth_failures.labels("bad_credentials").inc()
             return _unauthorized(request, operation, "authentication required", basic=True)
         lockout.succeeded(view.address, credentials.username)

@@ -73,6 +73,14 @@ def _build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--rsa", action="store_true", help="RSA 3072 instead of EC P-256")
     keygen.add_argument("--name", default="registry-gateway token signer", help="certificate common name")
     keygen.add_argument("--force", action="store_true", help="replace existing files")
+    revoke = token_commands.add_parser(
+        "revoke", help="void every token issued to USER until now (refresh tokens included)"
+    )
+    revoke.add_argument("user")
+    revoke.add_argument(
+        "--file", type=Path, default=None, help="revocations file (default: token_revocations)"
+    )
+    _add_config_flags(revoke, serve=False)
     health = commands.add_parser(
         "healthcheck", help="exit 0 if the gateway of these settings serves (the image's HEALTHCHECK)"
     )
@@ -143,7 +151,7 @@ async def _start_site(site: web.TCPSite, key: str, host: str, port: int) -> None
 
 async def run_server(settings: config.Settings, store: AccessStore) -> None:
     """Serve until SIGTERM or SIGINT. Raises ListenError, after cleaning up, when an address is taken."""
-    from gateway.app import AUDIT_KEY, AUTHENTICATOR_KEY, METRICS_KEY, SESSION_KEY, create_app
+    from gateway.app import AUDIT_KEY, AUTHENTICATOR_KEY, AUTHORITY_KEY, METRICS_KEY, SESSION_KEY, create_app
     from gateway.metrics import metrics_app
     from gateway.server import ConnectionLimits, GatewayRunner
     from gateway.tls import TlsContext
@@ -213,6 +221,9 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
         app[AUDIT_KEY].reopen()
         if tls is not None:
             tls.reload_if_changed()
+        authority = app.get(AUTHORITY_KEY)
+        if authority is not None:
+            authority.reload_if_changed()
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 
@@ -400,6 +411,32 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _revoke(args: argparse.Namespace) -> int:
+    from gateway.tokens import revocations
+
+    path: Path | None = args.file
+    if path is None:
+        try:
+            path = config.load(_config_file(args), os.environ, {}, check_files=False).token_revocations
+        except config.ConfigError as exc:
+            print("\n".join(exc.problems), file=sys.stderr)
+            return 2
+    if path is None:
+        print(
+            "no revocations file: pass --file or set token_revocations (GATEWAY_TOKEN_REVOCATIONS)",
+            file=sys.stderr,
+        )
+        return 2
+    if not path.parent.is_dir():
+        print(f"{path.parent} does not exist", file=sys.stderr)
+        return 2
+    revocations.revoke(path, args.user)
+    print(
+        f"tokens issued to {args.user} until now are revoked ({path}); gateways notice within reload_interval"
+    )
+    return 0
+
+
 def _keygen(args: argparse.Namespace) -> int:
     from gateway.tokens import keys
 
@@ -441,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "healthcheck":
         return _healthcheck(args)
     if args.command == "token":
-        return _keygen(args)
+        return _keygen(args) if args.token_command == "keygen" else _revoke(args)
     if args.command == "user":
         return admin_cli.run_user(args)
     if args.command == "policy":

@@ -71,6 +71,7 @@ class Settings:
     token_lifetime: int
     token_realm: str | None
     refresh_token_lifetime: int
+    token_revocations: Path | None
     # Where each key's value came from: default, file, env or flag (what check-config prints).
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -124,6 +125,7 @@ DEFAULTS: dict[str, Any] = {
     "token_lifetime": 300,
     "token_realm": None,
     "refresh_token_lifetime": 0,
+    "token_revocations": None,
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -354,6 +356,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "token_lifetime": _count(60),
     "token_realm": _optional_realm_url,
     "refresh_token_lifetime": _count(0),
+    "token_revocations": _optional_path,
 }
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+REPEAT_WINDOW = 10.0  # seconds within which the same wrong password is one attempt
+
 
 class Lockout:
     def __init__(self, attempts: int, window: float, max_entries: int = 100_000) -> None:
@@ -17,6 +19,9 @@ class Lockout:
         self.window = window
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
+        # The last failed attempt of each pair (a keyed hash of the password tried, and when):
+        # containerd sends one wrong password twice (POST, then GET); that is one guess.
+        self._last_attempt: dict[tuple[str, str], tuple[bytes, float]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -35,10 +40,19 @@ class Lockout:
             return None
         return started + self.window - now if failures >= self.attempts else None
 
-    def failed(self, address: str, user: str, now: float) -> None:
+    def failed(self, address: str, user: str, now: float, attempt: bytes | None = None) -> None:
+        """Count a failed login; the same `attempt` (a keyed hash of the password) again within
+        REPEAT_WINDOW seconds is the same guess, not counted twice."""
         if not self.enabled:
             return
         key = (address, user)
+        if attempt is not None:
+            last = self._last_attempt.get(key)
+            self._last_attempt[key] = (attempt, now)
+            if len(self._last_attempt) > self.max_entries:
+                self._last_attempt.pop(next(iter(self._last_attempt)))
+            if last is not None and last[0] == attempt and now - last[1] < REPEAT_WINDOW:
+                return
         started, failures = self._entries.get(key, (now, 0))
         if now >= started + self.window:
             started, failures = now, 0
@@ -49,6 +63,7 @@ class Lockout:
 
     def succeeded(self, address: str, user: str) -> None:
         self._entries.pop((address, user), None)
+        self._last_attempt.pop((address, user), None)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -25,6 +25,9 @@ def test_quick_benchmark_produces_complete_results(tmp_path: Path) -> None:
         for target in ("registry", "nginx", "gateway"):
             assert results["head"][case][target]["rps"] > 0
             assert results["head"][case][target]["errors"] == 0, (case, target)
+    for mode in ("basic", "bearer"):
+        assert results["token"][mode]["rps"] > 0 and results["token"][mode]["errors"] == 0, mode
+        assert results["token"][mode]["cpu_us_per_request"] > 0
     transfer = results["transfer"]
     for key in ("pull_MBps", "push_MBps", "skopeo_push_MBps", "skopeo_pull_MBps"):
         assert set(transfer[key]) == {"registry", "nginx", "gateway"}

@@ -164,8 +164,13 @@ def test_lockout_after_failed_logins_spares_other_users(
 ) -> None:
     gw = start_gateway(tmp_path, registry.url, users_file, env={"GATEWAY_LOCKOUT_ATTEMPTS": "5"})
     try:
+        # The same wrong password again is one guess (clients retry, containerd asks twice) ...
         for _ in range(5):
             assert call(gw, "GET", "/v2/", "alice", "guess")[0] == 401
+        assert call(gw, "GET", "/v2/", "alice", "guess")[0] == 401
+        # ... different ones are counted: the fifth locks the pair.
+        for attempt in range(4):
+            assert call(gw, "GET", "/v2/", "alice", f"guess-{attempt}")[0] == 401
         for _ in range(1000):  # answered without bcrypt: cheap for us, useless for the guesser
             status, headers, body = call(gw, "GET", "/v2/", "alice", "guess")
             assert status == 429
@@ -176,8 +181,8 @@ def test_lockout_after_failed_logins_spares_other_users(
         # ... unless the gateway verified it before: behind NAT or docker's userland proxy every
         # client shares one address, and a guesser there must not lock out a working user.
         assert call(gw, "GET", "/v2/", "admin")[0] == 200
-        for _ in range(5):
-            assert call(gw, "GET", "/v2/", "admin", "guess")[0] == 401
+        for attempt in range(5):
+            assert call(gw, "GET", "/v2/", "admin", f"guess-{attempt}")[0] == 401
         assert call(gw, "GET", "/v2/", "admin", "guess")[0] == 429
         assert call(gw, "GET", "/v2/", "admin")[0] == 200
         assert call(gw, "GET", "/v2/", "admin", "guess")[0] == 429  # still locked for guesses
@@ -507,3 +512,15 @@ def test_redirects_name_the_published_https_port(
         assert status == 301 and headers["Location"] == "https://127.0.0.1/v2/_catalog?n=1"
     finally:
         stop(gw.process)
+
+
+def test_the_same_wrong_password_is_one_guess() -> None:
+    from gateway.lockout import REPEAT_WINDOW, Lockout
+
+    lockout = Lockout(attempts=3, window=300)
+    for _ in range(10):
+        lockout.failed("10.0.0.1", "alice", 100.0, b"same")
+    assert lockout.retry_after("10.0.0.1", "alice", 101.0) is None
+    lockout.failed("10.0.0.1", "alice", 101.0, b"other")
+    lockout.failed("10.0.0.1", "alice", 101.0 + REPEAT_WINDOW, b"other")  # again, but later: counted
+    assert lockout.retry_after("10.0.0.1", "alice", 120.0) is not None

@@ -6,6 +6,8 @@ import base64
 import hashlib
 import hmac
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -137,3 +139,41 @@ def test_rotation_keeps_old_tokens_valid_until_they_expire(tmp_path: Path) -> No
 def test_libtrust_key_id_shape(key: keys.SigningKey) -> None:
     groups = key.kid.split(":")
     assert len(groups) == 12 and all((len(g) == 4 and g.isupper()) or g.isdigit() for g in groups)
+
+
+def test_explicit_revocation_voids_earlier_tokens(tmp_path: Path) -> None:
+    from gateway.htpasswd import StoredHash
+    from gateway.tokens import revocations
+
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, "alice", "pw")
+    key_file = tmp_path / "token.pem"
+    keys.write_private(keys.generate(), key_file)
+    revoked_file = tmp_path / "revoked"
+    flags = {
+        "htpasswd": str(users),
+        "challenge": "bearer",
+        "token_key": str(key_file),
+        "token_revocations": str(revoked_file),
+        "refresh_token_lifetime": "86400",
+    }
+    authority = TokenAuthority(config.load(None, {}, flags))
+    stored = {"alice": StoredHash("bcrypt", "$2y$05$" + "a" * 53)}
+    access, _ = authority.issue("alice", ACCESS)
+    refresh = authority.issue_refresh("alice", stored["alice"])
+    assert authority.refresh_subject(refresh, stored) == "alice"
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "revoke", "alice", "--file", str(revoked_file)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    authority.reload_if_changed()
+    with pytest.raises(InvalidToken):
+        authority.verify(access)
+    with pytest.raises(InvalidToken):
+        authority.refresh_subject(refresh, stored)
+    time.sleep(1.1)  # tokens carry whole seconds: those of the revocation's second are void too
+    fresh, _ = authority.issue("alice", ACCESS)
+    assert authority.verify(fresh).subject == "alice"
+    assert revocations.read(revoked_file).keys() == {"alice"}

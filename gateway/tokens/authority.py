@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gateway.config import Settings
 from gateway.htpasswd import StoredHash
-from gateway.tokens import keys
+from gateway.tokens import keys, revocations
 from gateway.tokens.jwt_tokens import LEEWAY, Claims, InvalidToken, Verifier, issue, issue_refresh
 from gateway.tokens.scopes import Scope
 
@@ -50,13 +50,19 @@ class TokenAuthority:
         self.x5c = keys.certificate_chain(self.cert_path, self.key) if self.cert_path else []
         self._signature = _signature(self.path) if self.path else None
         self._retired: list[tuple[keys.SigningKey, float]] = []  # (key, accepted until)
+        self.revocations_path = settings.token_revocations
+        self.revoked = revocations.read(self.revocations_path)
+        self._revocations_signature = _signature(self.revocations_path) if self.revocations_path else None
         self.verifier = Verifier([self.key], self.issuer, self.service)
 
     def issue(self, subject: str, access: list[Scope]) -> tuple[str, int]:
         return issue(self.key, self.issuer, self.service, subject, access, self.lifetime, self.x5c)
 
     def verify(self, token: str) -> Claims:
-        return self.verifier.verify(token)
+        claims = self.verifier.verify(token)
+        if claims.subject and revocations.is_revoked(self.revoked, claims.subject, claims.issued):
+            raise InvalidToken("revoked")
+        return claims
 
     def issue_refresh(self, subject: str, stored: StoredHash) -> str:
         return issue_refresh(
@@ -67,6 +73,8 @@ class TokenAuthority:
         """The user a refresh token stands for, while it is valid: signed by our key, not expired,
         the user still there with the same password. Raises InvalidToken."""
         claims = self.verifier.verify_refresh(token)
+        if revocations.is_revoked(self.revoked, claims.subject, claims.issued):
+            raise InvalidToken("revoked: log in again")
         stored = users.get(claims.subject)
         if stored is None:
             raise InvalidToken("the user is gone")
@@ -75,6 +83,12 @@ class TokenAuthority:
         return claims.subject
 
     def reload_if_changed(self) -> bool:
+        if self.revocations_path is not None:
+            signature = _signature(self.revocations_path)
+            if signature != self._revocations_signature:
+                self._revocations_signature = signature
+                self.revoked = revocations.read(self.revocations_path)
+                log.info("token revocations reloaded from %s", self.revocations_path)
         if self.path is None:
             return False
         signature = _signature(self.path)

@@ -119,7 +119,8 @@ async def token_endpoint(
         else:
             user = await authenticator.authenticate(credentials, snapshot)
             if user is None:
-                lockout.failed(client, credentials.username, time.monotonic())
+                attempt = authenticator.cache.key(credentials)
+                lockout.failed(client, credentials.username, time.monotonic(), attempt)
                 metrics.tokens.labels("rejected", "bad_credentials").inc()
                 return error_response(401, "UNAUTHORIZED", "authentication required", headers=challenge)
             lockout.succeeded(client, credentials.username)

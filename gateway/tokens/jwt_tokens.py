@@ -28,6 +28,7 @@ class Claims:
     subject: str  # "" for an anonymous token
     access: tuple[Scope, ...]
     expires: float
+    issued: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class Verifier:
             if not (isinstance(kind, str) and isinstance(name, str) and isinstance(actions, list)):
                 raise InvalidToken("malformed access claim")
             scopes.append(Scope(kind, name, frozenset(str(a) for a in actions)))
-        expires = payload["exp"]
-        if not isinstance(expires, int | float):
+        expires, issued = payload["exp"], payload.get("iat", 0)
+        if not isinstance(expires, int | float) or not isinstance(issued, int | float):
             raise InvalidToken("malformed expiry")
-        return Claims(str(payload["sub"]), tuple(scopes), float(expires))
+        return Claims(str(payload["sub"]), tuple(scopes), float(expires), float(issued))
