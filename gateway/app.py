@@ -62,6 +62,7 @@ LOCKOUT_KEY = web.AppKey("lockout", Lockout)
 AUDIT_RECORD = web.RequestKey("audit_record", AuditRecord)
 CLOSE_AFTER = web.RequestKey("close_after", bool)
 CLIENT_VIEW = web.RequestKey("client_view", forwarding.ClientView)
+UPSTREAM_TOKEN = web.RequestKey("upstream_token", str)
 AUTHORITY_KEY = web.AppKey("token_authority", TokenAuthority)
 
 
@@ -312,6 +313,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
         error = route_error or RouteError(404, "NOT_FOUND", "unknown registry API endpoint")
         return error_response(error.status, error.code, error.message)
 
+    authority = request.app.get(AUTHORITY_KEY)
+    if authority is not None:
+        # In bearer mode the registry behind may itself check tokens (auth: token, the same key):
+        # it gets the client's token, or one minted for exactly this operation.
+        presented = request.headers.get("Authorization", "")
+        if identity.token_access is not None:
+            request[UPSTREAM_TOKEN] = presented[7:].strip()
+        else:
+            request[UPSTREAM_TOKEN] = authority.token_for(user or "", needed(operation))
+
     drop_mount = False
     if identity.token_access is not None:
         # A token must grant the operation, and the policy of now must still allow it.
@@ -392,6 +403,9 @@ async def catalog_response(
         n, last = catalog.parse_paging(operation.params)
         # The catalog's own body-less GETs carry none of the client's headers, framing least of all.
         headers = forwarding.upstream_request_headers(CIMultiDict(), view)
+        upstream_token = request.get(UPSTREAM_TOKEN)
+        if upstream_token:
+            headers["Authorization"] = f"Bearer {upstream_token}"
         page = await catalog.filtered_page(
             request.app[SESSION_KEY], settings.upstream, headers, visible, n, last
         )
@@ -420,6 +434,9 @@ async def forward(
     session = request.app[SESSION_KEY]
     head = request.method == "HEAD"
     headers = forwarding.upstream_request_headers(request.headers, view)
+    upstream_token = request.get(UPSTREAM_TOKEN)
+    if upstream_token:
+        headers["Authorization"] = f"Bearer {upstream_token}"
     # Framing we forward is framing we set: the length we will send, or chunked (aiohttp's client
     # chunks a streamed body without a Content-Length), never the client's header as it was.
     if screened.has_body and screened.content_length is not None:

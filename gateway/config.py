@@ -463,6 +463,8 @@ def load(
             problems.append(f"{_where('token_key', merged['token_key'][1])}: {exc}")
     if values.get("token_cert") is not None and values.get("token_key") is None:
         problems.append("token_cert: needs token_key (the certificate is that key's)")
+    if values.get("refresh_token_lifetime") and values.get("token_key") is None:
+        problems.append("refresh_token_lifetime: needs token_key (refresh tokens must outlive the process)")
     if values.get("workers", 1) > 1 and values.get("metrics_listen") is not None:
         problems.append("metrics_listen: not available with workers > 1 (each worker counts on its own)")
 

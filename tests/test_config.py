@@ -141,3 +141,20 @@ def test_example_config_names_every_setting() -> None:
     example = (Path(__file__).parent.parent / "config" / "gateway.yml").read_text()
     named = {line.lstrip("# ").split(":", 1)[0] for line in example.splitlines() if ":" in line}
     assert set(config.DEFAULTS) <= named, set(config.DEFAULTS) - named
+
+
+def test_token_settings_are_checked(tmp_path: Path, users: Path) -> None:
+    with pytest.raises(config.ConfigError) as refused:
+        config.load(None, {}, {"htpasswd": str(users), "challenge": "bearer", "workers": "2"})
+    assert any(p.startswith("token_key: needed with workers > 1") for p in refused.value.problems)
+    key = tmp_path / "not-a-key.pem"
+    key.write_text("nothing here")
+    with pytest.raises(config.ConfigError) as refused:
+        config.load(None, {}, {"htpasswd": str(users), "token_key": str(key), "refresh_token_lifetime": "60"})
+    assert any("not an unencrypted PEM private key" in p for p in refused.value.problems)
+    with pytest.raises(config.ConfigError) as refused:
+        config.load(
+            None, {}, {"htpasswd": str(users), "refresh_token_lifetime": "60", "token_realm": "/token"}
+        )
+    problems = "\n".join(refused.value.problems)
+    assert "refresh_token_lifetime: needs token_key" in problems and "token_realm" in problems

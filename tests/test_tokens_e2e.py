@@ -91,7 +91,11 @@ def stack(tmp_path: Path) -> Iterator[TokenStack]:
             str(policy),
             "--metrics-listen",
             metrics,
-            env={"GATEWAY_CHALLENGE": "bearer"},
+            env={
+                "GATEWAY_CHALLENGE": "bearer",
+                "GATEWAY_AUDIT_LOG": str(tmp_path / "audit.log"),
+                "GATEWAY_TRUSTED_PROXIES": "127.0.0.2",
+            },
         )
         yield TokenStack(registry, gateway, users, metrics, tmp_path)
     finally:
@@ -139,6 +143,38 @@ def test_challenge_and_token_responses_as_clients_read_them(stack: TokenStack) -
     refresh = urllib.parse.urlencode({"grant_type": "refresh_token", "refresh_token": "x"}).encode()
     status, _, body = http_request(host, "POST", "/token", None, refresh, form_type)
     assert status == 400 and json.loads(body)["error"] == "unsupported_grant_type"
+
+    # The audit log records token requests, never a token; metrics count them.
+    records = [json.loads(line) for line in (stack.tmp / "audit.log").read_text().splitlines()]
+    tokens = [r for r in records if r.get("operation") == "token"]
+    alice = next(r for r in tokens if r["user"] == "alice" and r.get("scopes_requested"))
+    assert alice["scopes_requested"] == ["repository:alice/app:pull,push", "repository:bob/app:pull"]
+    assert alice["scopes_granted"] == ["repository:alice/app:pull,push"]
+    assert "eyJ" not in (stack.tmp / "audit.log").read_text()  # no JWT anywhere
+    with urllib.request.urlopen(f"http://{stack.metrics}/metrics") as response:
+        text = response.read().decode()
+    assert 'registry_gateway_tokens_total{reason="",result="issued"} 3.0' in text  # alice, anonymous, POST
+    assert 'registry_gateway_tokens_total{reason="bad_credentials",result="rejected"} 1.0' in text
+
+
+def test_realm_follows_the_client_view_behind_a_trusted_proxy(stack: TokenStack) -> None:
+    address, port = stack.gateway.host.split(":")
+    import socket
+
+    with socket.create_connection((address, int(port)), timeout=10, source_address=("127.0.0.2", 0)) as sock:
+        sock.sendall(
+            b"GET /v2/ HTTP/1.1\r\nHost: internal:5000\r\nX-Forwarded-Proto: https\r\n"
+            b"X-Forwarded-Host: registry.example.com\r\nConnection: close\r\n\r\n"
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert b'Bearer realm="https://registry.example.com/token",service="registry-gateway"' in answer
+    # An untrusted client's forwarding headers are ignored.
+    status, headers, _ = http_request(
+        stack.gateway.host, "GET", "/v2/", headers={"X-Forwarded-Host": "evil.example"}
+    )
+    assert status == 401 and "evil.example" not in headers["WWW-Authenticate"]
 
 
 def test_a_token_is_checked_against_the_operation_and_the_users_of_now(stack: TokenStack) -> None:
@@ -226,6 +262,9 @@ def test_skopeo_anonymous_pull_and_user_push(stack: TokenStack) -> None:
     assert pulled.returncode == 0, pulled.stderr
     refused = skopeo_copy(f"oci:{image}:1", f"docker://{host}/public/other:1", anonymous)
     assert refused.returncode != 0
+    wrong = write_authfile(stack.tmp / "wrong.json", host, ("alice", "wrong password"))
+    failed = skopeo_copy(f"oci:{image}:1", f"docker://{host}/alice/lib:1", wrong)
+    assert failed.returncode != 0 and "alice/lib" not in stack.registry.repositories()
     pushed = skopeo_copy(f"oci:{image}:1", f"docker://{host}/alice/lib:1", alice)
     assert pushed.returncode == 0, pushed.stderr
     denied = skopeo_copy(f"oci:{image}:1", f"docker://{host}/bob/lib:1", alice)
@@ -394,6 +433,21 @@ def test_registry_in_token_mode_trusts_the_gateway(tmp_path: Path, dockerd: Dock
         assert pulled.returncode == 0, pulled.stderr
         refused = skopeo_copy(f"oci:{image}:1", f"docker://{host}/public/other:1", anonymous)
         assert refused.returncode != 0 and "public/other" not in registry.repositories()
+
+        # The gateway in front of that registry: it passes clients' tokens through, and mints one
+        # for requests it authenticated with Basic credentials.
+        status, _, body = http_request(
+            gateway.host, "GET", "/v2/alice/app/tags/list", ("alice", USERS["alice"])
+        )
+        assert status == 200 and json.loads(body)["tags"] == ["1"]
+        status, _, body = http_request(gateway.host, "GET", "/v2/_catalog", ("alice", USERS["alice"]))
+        assert status == 200 and "alice/app" in json.loads(body)["repositories"]
+        through = f"{gateway.host}/alice/app:1"
+        assert (
+            cli("login", "-u", "alice", "--password-stdin", gateway.host, stdin=USERS["alice"] + "\n")[0] == 0
+        )
+        status, output = cli("pull", through)
+        assert status == 0, output
     finally:
         stop(gateway.process)
         if registry is not None:

@@ -21,6 +21,8 @@ from gateway.tokens.scopes import Scope
 
 log = logging.getLogger(__name__)
 
+MINTED_CACHE_SIZE = 10_000
+
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
     try:
@@ -54,9 +56,24 @@ class TokenAuthority:
         self.revoked = revocations.read(self.revocations_path)
         self._revocations_signature = _signature(self.revocations_path) if self.revocations_path else None
         self.verifier = Verifier([self.key], self.issuer, self.service)
+        self._minted: dict[tuple[str, str], tuple[str, float]] = {}
 
     def issue(self, subject: str, access: list[Scope]) -> tuple[str, int]:
         return issue(self.key, self.issuer, self.service, subject, access, self.lifetime, self.x5c)
+
+    def token_for(self, subject: str, access: list[Scope]) -> str:
+        """A token for a request the gateway already authorized (for a registry that checks tokens
+        itself), reused while it has more than half its life left."""
+        cache_key = (subject, " ".join(sorted(str(scope) for scope in access)))
+        now = time.time()
+        cached = self._minted.get(cache_key)
+        if cached is not None and cached[1] - now > self.lifetime / 2:
+            return cached[0]
+        token, issued = self.issue(subject, access)
+        if len(self._minted) >= MINTED_CACHE_SIZE:
+            self._minted.clear()
+        self._minted[cache_key] = (token, issued + self.lifetime)
+        return token
 
     def verify(self, token: str) -> Claims:
         claims = self.verifier.verify(token)
@@ -108,6 +125,7 @@ class TokenAuthority:
         self.x5c = x5c
         self._retired.append((self.key, now + self.lifetime + LEEWAY))
         self.key = new
+        self._minted.clear()
         self.verifier = Verifier([new, *(key for key, _ in self._retired)], self.issuer, self.service)
         log.info("token key reloaded from %s (kid %s)", self.path, new.kid)
         return True
