@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -182,6 +183,19 @@ class Identity:
     basic: bool = False  # Basic credentials were sent
 
 
+def _upstream_token(request: web.Request, identity: Identity, operation: Operation) -> None:
+    """In bearer mode the registry behind may check tokens itself (`auth: token`, the same key):
+    once a request is authorized it gets the client's token, or one minted for exactly what is
+    forwarded."""
+    authority = request.app.get(AUTHORITY_KEY)
+    if authority is None:
+        return
+    if identity.token_access is not None:
+        request[UPSTREAM_TOKEN] = request.headers.get("Authorization", "")[7:].strip()
+    else:
+        request[UPSTREAM_TOKEN] = authority.token_for(identity.user or "", needed(operation))
+
+
 def _still_valid(snapshot: Snapshot, user: str) -> bool:
     """A token's user still exists and has not expired (tokens outlive neither)."""
     if user not in snapshot.users:
@@ -313,22 +327,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         error = route_error or RouteError(404, "NOT_FOUND", "unknown registry API endpoint")
         return error_response(error.status, error.code, error.message)
 
-    authority = request.app.get(AUTHORITY_KEY)
-    if authority is not None:
-        # In bearer mode the registry behind may itself check tokens (auth: token, the same key):
-        # it gets the client's token, or one minted for exactly this operation.
-        presented = request.headers.get("Authorization", "")
-        if identity.token_access is not None:
-            request[UPSTREAM_TOKEN] = presented[7:].strip()
-        else:
-            request[UPSTREAM_TOKEN] = authority.token_for(user or "", needed(operation))
-
     drop_mount = False
     if identity.token_access is not None:
         # A token must grant the operation, and the policy of now must still allow it.
         for wanted in needed(operation):
-            if covers(identity.token_access, wanted):
-                continue
+            if covers(identity.token_access, wanted) or operation.route is Route.CATALOG:
+                continue  # the catalog is the policy's to filter, for any valid token
             if wanted.name == operation.mount_from and wanted.actions == {PULL}:
                 drop_mount = True  # no pull on the source: an ordinary upload, as with Basic
                 continue
@@ -337,6 +341,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             )
         if operation.route is Route.BASE:
             record.decision = "allow"
+            _upstream_token(request, identity, operation)
             return await forward(request, settings, view, operation.target, screened)
 
     decision = _decide(snapshot, settings, user, operation, view.address)
@@ -355,15 +360,18 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
         return error_response(403, "DENIED", "requested access to the resource is denied", _detail(operation))
     record.decision = "allow"
+    target = operation.target
+    forwarded = operation
+    if decision.drop_mount or drop_mount:
+        log.info("mount from %s refused to %r: forwarded as an ordinary upload", operation.mount_from, user)
+        target = without_query_keys(target, MOUNT_KEYS)
+        forwarded = dataclasses.replace(operation, mount_from=None)
+    _upstream_token(request, identity, forwarded)
     if decision.filter_catalog and snapshot.policy is not None:
         policy = snapshot.policy
         return await catalog_response(
             request, operation, view, lambda name: may_pull(policy, user, name, view.address)
         )
-    target = operation.target
-    if decision.drop_mount or drop_mount:
-        log.info("mount from %s refused to %r: forwarded as an ordinary upload", operation.mount_from, user)
-        target = without_query_keys(target, MOUNT_KEYS)
     if screened.expect_continue and request.version >= (1, 1):
         # Only now that the request is authorized may the client start sending its body.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -670,7 +678,10 @@ async def _reload_users(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(settings.reload_interval)
             authority = app.get(AUTHORITY_KEY)
             if authority is not None:
-                authority.reload_if_changed()
+                try:
+                    authority.reload_if_changed()
+                except Exception:  # the watcher must outlive any one file's problem
+                    log.exception("reload of the token key or revocations failed; keeping the last good ones")
             try:
                 await authenticator.reload_if_changed()
             except Exception:

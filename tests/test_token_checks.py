@@ -177,3 +177,61 @@ def test_explicit_revocation_voids_earlier_tokens(tmp_path: Path) -> None:
     fresh, _ = authority.issue("alice", ACCESS)
     assert authority.verify(fresh).subject == "alice"
     assert revocations.read(revoked_file).keys() == {"alice"}
+
+
+def test_oversized_non_ascii_and_overlong_tokens_are_refused(key: keys.SigningKey) -> None:
+    assert "malformed" in refused(key, "Bearer-ish \udcff")  # a raw non-UTF-8 byte, as aiohttp passes it
+    assert "malformed" in refused(key, "a" * 9000)
+    now = int(time.time())
+    long_lived = jwt.encode(
+        claims(exp=now + 10 * 86400), key.private, algorithm="ES256", headers={"kid": key.kid}
+    )
+    assert "longer" in refused(key, long_lived)  # what only a leaked key would sign
+
+
+def test_a_retired_key_is_dropped_once_its_tokens_expire(tmp_path: Path) -> None:
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, "alice", "pw")
+    first = keys.generate()
+    key_file = tmp_path / "token.pem"
+    keys.write_private(first, key_file)
+    flags = {
+        "htpasswd": str(users),
+        "challenge": "bearer",
+        "token_key": str(key_file),
+        "token_lifetime": "60",
+    }
+    authority = TokenAuthority(config.load(None, {}, flags))
+    keys.write_private(keys.generate(), key_file)
+    assert authority.reload_if_changed()
+    now = int(time.time())
+    # Signed with the retired key after its retirement: refused at once (a leaked old key).
+    late = jwt.encode(
+        claims(iat=now + 120, nbf=now, exp=now + 150),
+        first.private,
+        algorithm="ES256",
+        headers={"kid": first.kid},
+    )
+    with pytest.raises(InvalidToken):
+        authority.verify(late)
+    # Once every token it signed has expired, the retired key is not accepted at all.
+    authority._retired = [(k, 0.0) for k, _ in authority._retired]
+    authority.reload_if_changed()
+    assert first.kid not in authority.verifier.keys
+
+
+def test_an_unreadable_revocations_file_keeps_the_last_good_set(tmp_path: Path) -> None:
+    from gateway.tokens import revocations
+
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, "alice", "pw")
+    key_file = tmp_path / "token.pem"
+    keys.write_private(keys.generate(), key_file)
+    revoked_file = tmp_path / "revoked"
+    revocations.revoke(revoked_file, "alice")
+    flags = {"htpasswd": str(users), "token_key": str(key_file), "token_revocations": str(revoked_file)}
+    authority = TokenAuthority(config.load(None, {}, flags))
+    assert "alice" in authority.revoked
+    revoked_file.write_bytes(b"alice\t\xff\xfe\n")
+    authority.reload_if_changed()  # logs, does not raise
+    assert "alice" in authority.revoked

@@ -8,6 +8,7 @@ the previous one stay valid until they expire, so nobody is logged out.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Mapping
@@ -55,11 +56,17 @@ class TokenAuthority:
         self.revocations_path = settings.token_revocations
         self.revoked = revocations.read(self.revocations_path)
         self._revocations_signature = _signature(self.revocations_path) if self.revocations_path else None
-        self.verifier = Verifier([self.key], self.issuer, self.service)
+        self._retired_at: dict[str, float] = {}  # kid -> when it stopped signing
+        self.verifier = self._verifier()
         self._minted: dict[tuple[str, str], tuple[str, float]] = {}
 
     def issue(self, subject: str, access: list[Scope]) -> tuple[str, int]:
         return issue(self.key, self.issuer, self.service, subject, access, self.lifetime, self.x5c)
+
+    def _verifier(self) -> Verifier:
+        keys_ = [self.key, *(key for key, _ in self._retired)]
+        longest = max(self.lifetime, self.refresh_lifetime)
+        return Verifier(keys_, self.issuer, self.service, longest, dict(self._retired_at))
 
     def token_for(self, subject: str, access: list[Scope]) -> str:
         """A token for a request the gateway already authorized (for a registry that checks tokens
@@ -83,7 +90,12 @@ class TokenAuthority:
 
     def issue_refresh(self, subject: str, stored: StoredHash) -> str:
         return issue_refresh(
-            self.key, self.issuer, self.service, subject, password_fingerprint(stored), self.refresh_lifetime
+            self.key,
+            self.issuer,
+            self.service,
+            subject,
+            password_fingerprint(self.key, stored),
+            self.refresh_lifetime,
         )
 
     def refresh_subject(self, token: str, users: Mapping[str, StoredHash]) -> str:
@@ -95,7 +107,8 @@ class TokenAuthority:
         stored = users.get(claims.subject)
         if stored is None:
             raise InvalidToken("the user is gone")
-        if password_fingerprint(stored) != claims.fingerprint:
+        key = self.verifier.keys.get(claims.kid)
+        if key is None or not hmac.compare_digest(password_fingerprint(key, stored), claims.fingerprint):
             raise InvalidToken("the password changed since this token was issued: log in again")
         return claims.subject
 
@@ -104,13 +117,20 @@ class TokenAuthority:
             signature = _signature(self.revocations_path)
             if signature != self._revocations_signature:
                 self._revocations_signature = signature
-                self.revoked = revocations.read(self.revocations_path)
-                log.info("token revocations reloaded from %s", self.revocations_path)
+                try:
+                    self.revoked = revocations.read(self.revocations_path)
+                    log.info("token revocations reloaded from %s", self.revocations_path)
+                except revocations.RevocationsError as exc:
+                    log.error("token revocations not reloaded, keeping the last good ones: %s", exc)
         if self.path is None:
             return False
         signature = _signature(self.path)
         now = time.time()
-        self._retired = [(key, until) for key, until in self._retired if until > now]
+        kept = [(key, until) for key, until in self._retired if until > now]
+        if len(kept) != len(self._retired):
+            # A retired key whose tokens have all expired is no longer accepted at all.
+            self._retired = kept
+            self.verifier = self._verifier()
         if signature == self._signature:
             return False
         self._signature = signature
@@ -124,13 +144,16 @@ class TokenAuthority:
             return False
         self.x5c = x5c
         self._retired.append((self.key, now + self.lifetime + LEEWAY))
+        self._retired_at[self.key.kid] = now
         self.key = new
         self._minted.clear()
-        self.verifier = Verifier([new, *(key for key, _ in self._retired)], self.issuer, self.service)
+        self.verifier = self._verifier()
         log.info("token key reloaded from %s (kid %s)", self.path, new.kid)
         return True
 
 
-def password_fingerprint(stored: StoredHash) -> str:
-    """Changes whenever the user's password does, and tells nothing of it (a digest of the hash)."""
-    return hashlib.sha256(stored.value.encode()).hexdigest()[:32]
+def password_fingerprint(key: keys.SigningKey, stored: StoredHash) -> str:
+    """Changes whenever the user's password does, and tells nothing of it: keyed by a secret
+    derived from the signing key, so that even a weak stored hash cannot be guessed from it."""
+    secret = hashlib.sha256(b"registry-gateway refresh fingerprint\0" + keys.private_der(key)).digest()
+    return hmac.new(secret, stored.value.encode(), hashlib.sha256).hexdigest()[:32]

@@ -8,6 +8,7 @@ token; missing rights are not an error: the token grants what the policy allows.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import math
@@ -31,6 +32,7 @@ from gateway.tokens.scopes import Scope, merge, parse_scopes
 
 TOKEN_PATH = "/token"
 MAX_FORM_BYTES = 64 * 1024
+AUDIT_TEXT = 256  # what a client-chosen field may take of an audit record
 
 
 def _oauth_error(status: int, error: str, description: str) -> web.Response:
@@ -38,11 +40,23 @@ def _oauth_error(status: int, error: str, description: str) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
 
 
-async def _form(request: web.Request) -> MultiDict[str] | None:
+async def _form(request: web.Request, idle_timeout: float) -> MultiDict[str] | None:
     media_type = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/x-www-form-urlencoded":
         return None
-    body = await request.content.read(MAX_FORM_BYTES + 1)
+    if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
+        return None
+    body = b""
+    try:
+        # Whole, however it arrives (read(n) returns what is buffered), and never waited on forever.
+        async with asyncio.timeout(idle_timeout):
+            while len(body) <= MAX_FORM_BYTES:
+                chunk = await request.content.read(MAX_FORM_BYTES + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
+    except TimeoutError:
+        return None
     if len(body) > MAX_FORM_BYTES:
         return None
     try:
@@ -69,7 +83,7 @@ async def token_endpoint(
         params = request.query
         credentials = parse_basic_authorization(request.headers.get("Authorization"))
     elif request.method == "POST":
-        form = await _form(request)
+        form = await _form(request, settings.body_timeout)
         if form is None:
             return _oauth_error(400, "invalid_request", "expected a form of at most 64 KiB")
         params = form
@@ -89,7 +103,7 @@ async def token_endpoint(
     if service is not None and service != authority.service:
         metrics.tokens.labels("rejected", "service").inc()
         return error_response(400, "UNSUPPORTED", f"unknown service {service!r}")
-    record.client_id = params.get("client_id")
+    record.client_id = (params.get("client_id") or "")[:AUDIT_TEXT] or None
     scopes = merge(parse_scopes(params.getall("scope", [])))
     record.scopes_requested = [str(scope) for scope in scopes]
 
@@ -100,7 +114,7 @@ async def token_endpoint(
         metrics.tokens.labels("rejected", "malformed").inc()
         return error_response(401, "UNAUTHORIZED", "malformed credentials", headers=challenge)
     if credentials is not None:
-        record.user = credentials.username
+        record.user = credentials.username[:AUDIT_TEXT]
         account = params.get("account")
         if account and account != credentials.username:
             return error_response(400, "UNSUPPORTED", "account does not match the credentials")
@@ -175,7 +189,7 @@ async def _refresh(
 ) -> web.Response:
     """grant_type=refresh_token: what moby, containerd and skopeo send once they hold one."""
     snapshot = authenticator.store.snapshot
-    record.client_id = form.get("client_id")
+    record.client_id = (form.get("client_id") or "")[:AUDIT_TEXT] or None
     scopes = merge(parse_scopes(form.getall("scope", [])))
     record.scopes_requested = [str(scope) for scope in scopes]
     try:

@@ -9,8 +9,10 @@ from collections.abc import Iterable
 from gateway import acl
 from gateway.policy import acl_request
 from gateway.policyfile import Policy
-from gateway.routes import CATALOG, PULL, valid_name
+from gateway.routes import CATALOG, DELETE, PULL, PUSH, valid_name
 from gateway.tokens.scopes import Scope
+
+REPOSITORY_ACTIONS = frozenset({PULL, PUSH, DELETE})
 
 
 def grant(
@@ -31,18 +33,22 @@ def _allowed(
     if scope.type == "registry":
         if scope.name != "catalog":
             return frozenset()
-        # The catalog is always answered, filtered to what the user may pull; a token for it
-        # needs only a known user (or anonymous access in the policy).
-        if user is None and (policy is None or not policy.anonymous):
-            return frozenset()
-        return scope.actions & frozenset({CATALOG})
+        # What a registry checking tokens itself would serve whole. (The gateway's own catalog
+        # needs no such grant: it answers any valid token, filtered to what the user may pull.)
+        if policy is None:
+            return scope.actions & frozenset({CATALOG}) if user is not None else frozenset()
+        request = acl_request(policy, user, "registry", "catalog", scope.actions & frozenset({CATALOG}), ip)
+        return acl.evaluate(policy.rules, request).granted
     if not valid_name(scope.name):
         return frozenset()
+    # `*` is asked for as every repository action, so that an entry granting some actions and
+    # `*` beside them grants those actions, never a `*` a registry would read as everything.
+    wanted = (scope.actions - {"*"}) | (REPOSITORY_ACTIONS if "*" in scope.actions else frozenset())
     if policy is None:
         if user is None:
             return frozenset()
         if admin_prefix and user.startswith(admin_prefix):
-            return scope.actions
-        return scope.actions & frozenset({PULL})
-    request = acl_request(policy, user, "repository", scope.name, scope.actions, ip)
-    return acl.evaluate(policy.rules, request).granted
+            return wanted
+        return wanted & frozenset({PULL})
+    request = acl_request(policy, user, "repository", scope.name, wanted, ip)
+    return acl.evaluate(policy.rules, request).granted - {"*"}

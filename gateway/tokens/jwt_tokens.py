@@ -8,6 +8,7 @@ are required to hold with a small leeway. A verified token is remembered until i
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections import OrderedDict
@@ -21,6 +22,7 @@ from gateway.tokens.scopes import Scope
 
 LEEWAY = 60  # seconds of clock skew, as distribution allows
 CACHE_SIZE = 10_000
+MAX_TOKEN_LENGTH = 8192  # ours are well under 2 KiB
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class RefreshClaims:
     subject: str
     fingerprint: str  # of the user's stored password hash when it was issued
     issued: float
+    kid: str  # the key that signed it (its secret keys the fingerprint)
 
 
 class InvalidToken(Exception):
@@ -93,33 +96,53 @@ def issue_refresh(
 
 
 class Verifier:
-    def __init__(self, keys: Sequence[SigningKey], issuer: str, service: str) -> None:
+    def __init__(
+        self,
+        keys: Sequence[SigningKey],
+        issuer: str,
+        service: str,
+        longest_lifetime: int = 86400,
+        retired_at: dict[str, float] | None = None,
+    ) -> None:
         self.keys = {key.kid: key for key in keys}
         self.issuer = issuer
         self.service = service
-        self._cache: OrderedDict[str, Claims] = OrderedDict()
+        self.longest_lifetime = longest_lifetime  # no token of ours lives longer (a leaked key's would)
+        self.retired_at = retired_at or {}  # kid -> when it stopped signing: nothing newer is ours
+        self._cache: OrderedDict[bytes, Claims] = OrderedDict()
 
     def verify(self, token: str) -> Claims:
-        cached = self._cache.get(token)
+        self._screen(token)
+        cache_key = hashlib.sha256(token.encode()).digest()
+        cached = self._cache.get(cache_key)
         if cached is not None:
             if cached.expires + LEEWAY > time.time():
-                self._cache.move_to_end(token)
+                self._cache.move_to_end(cache_key)
                 return cached
-            del self._cache[token]
+            del self._cache[cache_key]
         claims = self._check(token)
-        self._cache[token] = claims
+        self._cache[cache_key] = claims
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
         return claims
 
+    @staticmethod
+    def _screen(token: str) -> None:
+        if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
+            raise InvalidToken("malformed token")
+
     def verify_refresh(self, token: str) -> RefreshClaims:
+        self._screen(token)
         payload = self._decode(token)
         fingerprint = payload.get("pwd")
         if payload.get("token_use") != REFRESH_USE or not isinstance(fingerprint, str):
             raise InvalidToken("not a refresh token")
         issued = payload.get("iat", 0)
         return RefreshClaims(
-            str(payload["sub"]), fingerprint, float(issued) if isinstance(issued, int | float) else 0.0
+            str(payload["sub"]),
+            fingerprint,
+            float(issued) if isinstance(issued, int | float) else 0.0,
+            str(payload.get("_kid", "")),
         )
 
     def _check(self, token: str) -> Claims:
@@ -150,11 +173,19 @@ class Verifier:
             raise InvalidToken("token expired") from None
         except jwt.ImmatureSignatureError:
             raise InvalidToken("token not yet valid") from None
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise InvalidToken(f"token refused: {type(exc).__name__}") from None
         if not isinstance(payload.get("sub"), str):
             raise InvalidToken("malformed subject")
-        return dict(payload)
+        issued, expires = payload.get("iat"), payload.get("exp")
+        if not isinstance(issued, int | float) or not isinstance(expires, int | float):
+            raise InvalidToken("malformed issue or expiry time")
+        if expires - issued > self.longest_lifetime + LEEWAY:
+            raise InvalidToken("token lives longer than this gateway's tokens do")
+        retired = self.retired_at.get(str(header.get("kid", "")))
+        if retired is not None and issued > retired + LEEWAY:
+            raise InvalidToken("signed by a retired key after it was retired")
+        return {**payload, "_kid": key.kid}
 
     def _claims(self, payload: dict[str, object]) -> Claims:
         access = payload.get("access", [])

@@ -133,3 +133,10 @@ def certificate_chain(path: Path, key: SigningKey) -> list[str]:
     if first != ours:
         raise KeyError_(f"{path}: its first certificate is not for the token key")
     return [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in certificates]
+
+
+def private_der(key: SigningKey) -> bytes:
+    """The private key's bytes, for deriving secrets that only its holder can compute."""
+    return key.private.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )

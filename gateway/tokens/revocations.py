@@ -14,6 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 
+class RevocationsError(Exception):
+    """The revocations file exists but cannot be read; the last good set stays in force."""
+
+
 def read(path: Path | None) -> dict[str, float]:
     if path is None:
         return {}
@@ -21,6 +25,8 @@ def read(path: Path | None) -> dict[str, float]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RevocationsError(f"{path}: cannot read: {exc}") from None
     revoked: dict[str, float] = {}
     for line in text.splitlines():
         user, sep, when = line.rpartition("\t")

@@ -28,7 +28,7 @@ class Scope:
         return f"{self.type}:{self.name}:{','.join(sorted(self.actions))}"
 
 
-MAX_SCOPES = 64  # a push asks for two or three; more is not a client
+MAX_SCOPES = 16  # a push asks for two or three (a mount's source); more is not a client
 
 
 def parse_scopes(values: Iterable[str]) -> list[Scope]:
