@@ -112,17 +112,20 @@ def test_a_modified_access_claim_breaks_the_signature(key: keys.SigningKey) -> N
     refused(key, "")
 
 
-def test_rotation_keeps_old_tokens_valid_until_they_expire(tmp_path: Path) -> None:
+def authority_with(tmp_path: Path, key: keys.SigningKey, **settings: str) -> tuple[TokenAuthority, Path]:
+    """A token authority on a key file (mode 0600) in tmp_path, with these settings."""
     users = tmp_path / "htpasswd"
     htpasswd_add(users, "alice", "pw")
-    first = keys.generate()
     key_file = tmp_path / "token.pem"
-    keys.write_private(first, key_file)
+    keys.write_private(key, key_file)
+    flags = {"htpasswd": str(users), "challenge": "bearer", "token_key": str(key_file), **settings}
+    return TokenAuthority(config.load(None, {}, flags)), key_file
+
+
+def test_rotation_keeps_old_tokens_valid_until_they_expire(tmp_path: Path) -> None:
+    first = keys.generate()
+    authority, key_file = authority_with(tmp_path, first)
     assert key_file.stat().st_mode & 0o777 == 0o600
-    settings = config.load(
-        None, {}, {"htpasswd": str(users), "challenge": "bearer", "token_key": str(key_file)}
-    )
-    authority = TokenAuthority(settings)
     old_token, _ = authority.issue("alice", ACCESS)
     second = keys.generate()
     keys.write_private(second, key_file)
@@ -145,19 +148,10 @@ def test_explicit_revocation_voids_earlier_tokens(tmp_path: Path) -> None:
     from gateway.htpasswd import StoredHash
     from gateway.tokens import revocations
 
-    users = tmp_path / "htpasswd"
-    htpasswd_add(users, "alice", "pw")
-    key_file = tmp_path / "token.pem"
-    keys.write_private(keys.generate(), key_file)
     revoked_file = tmp_path / "revoked"
-    flags = {
-        "htpasswd": str(users),
-        "challenge": "bearer",
-        "token_key": str(key_file),
-        "token_revocations": str(revoked_file),
-        "refresh_token_lifetime": "86400",
-    }
-    authority = TokenAuthority(config.load(None, {}, flags))
+    authority, _ = authority_with(
+        tmp_path, keys.generate(), token_revocations=str(revoked_file), refresh_token_lifetime="86400"
+    )
     stored = {"alice": StoredHash("bcrypt", "$2y$05$" + "a" * 53)}
     access, _ = authority.issue("alice", ACCESS)
     refresh = authority.issue_refresh("alice", stored["alice"])
@@ -190,18 +184,8 @@ def test_oversized_non_ascii_and_overlong_tokens_are_refused(key: keys.SigningKe
 
 
 def test_a_retired_key_is_dropped_once_its_tokens_expire(tmp_path: Path) -> None:
-    users = tmp_path / "htpasswd"
-    htpasswd_add(users, "alice", "pw")
     first = keys.generate()
-    key_file = tmp_path / "token.pem"
-    keys.write_private(first, key_file)
-    flags = {
-        "htpasswd": str(users),
-        "challenge": "bearer",
-        "token_key": str(key_file),
-        "token_lifetime": "60",
-    }
-    authority = TokenAuthority(config.load(None, {}, flags))
+    authority, key_file = authority_with(tmp_path, first, token_lifetime="60")
     keys.write_private(keys.generate(), key_file)
     assert authority.reload_if_changed()
     now = int(time.time())
@@ -223,14 +207,9 @@ def test_a_retired_key_is_dropped_once_its_tokens_expire(tmp_path: Path) -> None
 def test_an_unreadable_revocations_file_keeps_the_last_good_set(tmp_path: Path) -> None:
     from gateway.tokens import revocations
 
-    users = tmp_path / "htpasswd"
-    htpasswd_add(users, "alice", "pw")
-    key_file = tmp_path / "token.pem"
-    keys.write_private(keys.generate(), key_file)
     revoked_file = tmp_path / "revoked"
     revocations.revoke(revoked_file, "alice")
-    flags = {"htpasswd": str(users), "token_key": str(key_file), "token_revocations": str(revoked_file)}
-    authority = TokenAuthority(config.load(None, {}, flags))
+    authority, _ = authority_with(tmp_path, keys.generate(), token_revocations=str(revoked_file))
     assert "alice" in authority.revoked
     revoked_file.write_bytes(b"alice\t\xff\xfe\n")
     authority.reload_if_changed()  # logs, does not raise
