@@ -298,6 +298,7 @@ def _serve(args: argparse.Namespace) -> int:
     except docker_auth.DockerAuthError as exc:
         print(f"registry-gateway: invalid configuration:\n  {exc}", file=sys.stderr)
         return 2
+    store.use_docker_auth_service(settings.token_service)
     if settings.workers > 1:
         return supervise(settings)
     try:
@@ -312,7 +313,8 @@ def _worker_main(settings: config.Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
     try:
-        run_event_loop(run_server(settings, AccessStore(settings.htpasswd, settings.policy)))
+        store = AccessStore(settings.htpasswd, settings.policy, docker_auth_service=settings.token_service)
+        run_event_loop(run_server(settings, store))
     except ListenError as exc:
         log.error("%s", exc)
         sys.exit(CANNOT_LISTEN)

@@ -91,6 +91,7 @@ class Policy:
     service: str = "registry"
     warnings: tuple[str, ...] = ()
     docker_auth: DockerAuthSections | None = None  # a docker_auth auth_config.yml's server/token
+    service_explicit: bool = False  # the file has its own `service:` key
 
     def account(self, name: str) -> Account:
         return self.accounts.get(name, _NO_ACCOUNT)
@@ -354,6 +355,7 @@ def parse(data: Any, source: str = "policy") -> Policy:
         service=service,
         warnings=tuple(c.warnings),
         docker_auth=docker_auth,
+        service_explicit="service" in top,
     )
 
 

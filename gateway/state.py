@@ -6,6 +6,7 @@ and a change that fails to load keeps the last good snapshot (and says why in th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import Counter
@@ -93,9 +94,14 @@ def build(
 class AccessStore:
     """Holds the current Snapshot; `reload_if_changed` swaps in a new one when a file changed."""
 
-    def __init__(self, htpasswd_path: Path, policy_path: Path | None = None) -> None:
+    def __init__(
+        self, htpasswd_path: Path, policy_path: Path | None = None, docker_auth_service: str | None = None
+    ) -> None:
         self.htpasswd_path = htpasswd_path
         self.policy_path = policy_path
+        # docker_auth matches `service` against what the client asked for: the registry's service,
+        # which is token_service here. A docker_auth file without `service:` compares with that.
+        self.docker_auth_service = docker_auth_service
         self._signatures = self._current_signatures()
         self._generation = 0
         self.snapshot = self._load()  # raises at start-up: refuse to run on bad files
@@ -109,11 +115,24 @@ class AccessStore:
 
     def _load(self) -> Snapshot:
         users, policy, warnings = build(self.htpasswd_path, self.policy_path)
+        if (
+            policy is not None
+            and policy.docker_auth is not None
+            and not policy.service_explicit
+            and self.docker_auth_service is not None
+        ):
+            policy = dataclasses.replace(policy, service=self.docker_auth_service)
         for warning in warnings:
             log.warning("%s", warning)
         self._generation += 1
         dummy = htpasswd.make_dummy(_typical_bcrypt_cost(users))
         return Snapshot(MappingProxyType(users), policy, self._generation, dummy)
+
+    def use_docker_auth_service(self, service: str) -> None:
+        """Once the settings are known (they may come from the docker_auth file itself)."""
+        if self.docker_auth_service != service:
+            self.docker_auth_service = service
+            self.snapshot = self._load()
 
     def reload_if_changed(self, force: bool = False) -> bool:
         """Re-read the files if either changed (or when forced). True when a new snapshot is in place."""

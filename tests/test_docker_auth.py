@@ -149,3 +149,36 @@ def test_docker_auth_sections_it_cannot_serve_are_named_in_one_error(tmp_path: P
     assert done.returncode == 2
     assert "ldap_auth, ext_auth: docker_auth sections this gateway does not support" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_service_in_docker_auth_entries_is_the_registrys_service(tmp_path: Path, registry: Registry) -> None:
+    """docker_auth matches `service` against what the client asked for, the registry's service:
+    here token_service. A deny entry for it must hold in front of a broad allow."""
+    key = tmp_path / "token.pem"
+    made = subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "keygen", "--key", str(key)], capture_output=True
+    )
+    assert made.returncode == 0
+    config = tmp_path / "auth_config.yml"
+    config.write_text(
+        f'token:\n  issuer: "Acme auth server"\n  key: "{key}"\n'
+        f'users:\n  "username1":\n    password: "{hashed(PASSWORDS["username1"])}"\n'
+        "acl:\n"
+        '  - match: {account: "username1", service: "registry-gateway", name: "username1/private"}\n'
+        "    actions: []\n"
+        '  - match: {account: "/.+/", name: "${account}/*"}\n'
+        '    actions: ["*"]\n'
+    )
+    others = tmp_path / "htpasswd"
+    htpasswd_add(others, "someone", "else")
+    gateway = start_gateway(tmp_path, registry.url, others, "--policy", str(config))
+    try:
+        assert granted(gateway.host, "repository:username1/private:pull", "username1")[0] == []
+        assert granted(gateway.host, "repository:username1/public:pull", "username1")[0] == ["pull"]
+        # The same with the Basic path through the gateway: the deny entry decides.
+        status, _, _ = http_request(
+            gateway.host, "GET", "/v2/username1/private/tags/list", ("username1", PASSWORDS["username1"])
+        )
+        assert status == 403
+    finally:
+        stop(gateway.process)
