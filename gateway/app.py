@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
-import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,6 +33,7 @@ from gateway.authn import (
 from gateway.config import Settings
 from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_response
 from gateway.lockout import Lockout
+from gateway.login import Locked, Refused, check_login, locked_response
 from gateway.metrics import Metrics
 from gateway.policy import Decision, Outcome, acl_policy, default_policy, may_pull
 from gateway.routes import MOUNT_KEYS, PULL, Operation, Route, RouteError, without_query_keys
@@ -237,36 +237,20 @@ async def _identify(
     if credentials is None:
         return Identity(None)
     record.user = credentials.username
-    lockout = request.app[LOCKOUT_KEY]
-    wait = lockout.retry_after(view.address, credentials.username, time.monotonic())
-    if wait is not None:
-        # Many clients may share one address (behind NAT, or docker's userland proxy, every
-        # client is the bridge's address): a guesser there must not lock out the user, so
-        # credentials verified before still work. They cost no bcrypt and teach nothing.
-        user = authenticator.already_verified(credentials, snapshot)
-        if user is None:
-            record.decision = "locked"
-            metrics.auth_failures.labels("locked").inc()
-            return error_response(
-                429,
-                "TOOMANYREQUESTS",
-                "too many failed logins; try again later",
-                headers={"Retry-After": str(math.ceil(wait))},
-            )
-    else:
-        user = await authenticator.authenticate(credentials, snapshot)
-        if user is None:
+    login = await check_login(authenticator, request.app[LOCKOUT_KEY], credentials, view.address, snapshot)
+    if isinstance(login, Locked):
+        record.decision = "locked"
+        metrics.auth_failures.labels("locked").inc()
+        return locked_response(login)
+    if isinstance(login, Refused):
+        if login.reason == "expired":
+            log.info("refused expired account %r from %s", credentials.username, view.address)
+        else:
             log.info("failed login for user %r from %s", credentials.username, view.address)
-            attempt = authenticator.cache.key(credentials)
-            lockout.failed(view.address, credentials.username, time.monotonic(), attempt)
-            metrics.auth_failures.labels("bad_credentials").inc()
-            return _unauthorized(request, operation, "authentication required", basic=True)
-        lockout.succeeded(view.address, credentials.username)
-    if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
-        log.info("refused expired account %r from %s", user, view.address)
-        metrics.auth_failures.labels("expired").inc()
-        return _unauthorized(request, operation, "account expired", basic=True)
-    return Identity(user, basic=True)
+        metrics.auth_failures.labels(login.reason).inc()
+        message = "account expired" if login.reason == "expired" else "authentication required"
+        return _unauthorized(request, operation, message, basic=True)
+    return Identity(login.user, basic=True)
 
 
 def _decide(
@@ -302,14 +286,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         record.repository = operation.repository
         record.reference = operation.reference
 
-    host = request.headers.get("Host", "")
-    if not forwarding.valid_host(host):
+    view = _client_view(request)
+    if view is None:
         return error_response(400, "UNSUPPORTED", "missing or invalid Host header")
-    view = forwarding.client_view(
-        request.remote or "", request.scheme, host, request.headers, settings.trusted_proxies
-    )
-    request[CLIENT_VIEW] = view
-    record.client = view.address
     record.decision = "challenge"
 
     # One snapshot of users and rules for the whole request, whatever reloads meanwhile.
@@ -378,24 +357,30 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return await forward(request, settings, view, target, screened)
 
 
-async def _token_request(request: web.Request, authority: TokenAuthority) -> web.StreamResponse:
-    settings = request.app[SETTINGS_KEY]
+def _client_view(request: web.Request) -> forwarding.ClientView | None:
+    """How the client reached us (None: no valid Host), kept on the request and in its audit record."""
     host = request.headers.get("Host", "")
     if not forwarding.valid_host(host):
+        return None
+    trusted = request.app[SETTINGS_KEY].trusted_proxies
+    view = forwarding.client_view(request.remote or "", request.scheme, host, request.headers, trusted)
+    request[CLIENT_VIEW] = view
+    request[AUDIT_RECORD].client = view.address
+    return view
+
+
+async def _token_request(request: web.Request, authority: TokenAuthority) -> web.StreamResponse:
+    view = _client_view(request)
+    if view is None:
         return error_response(400, "UNSUPPORTED", "missing or invalid Host header")
-    view = forwarding.client_view(
-        request.remote or "", request.scheme, host, request.headers, settings.trusted_proxies
-    )
-    record = request[AUDIT_RECORD]
-    record.client = view.address
     return await token_endpoint(
         request,
-        settings,
+        request.app[SETTINGS_KEY],
         authority,
         request.app[AUTHENTICATOR_KEY],
         request.app[LOCKOUT_KEY],
         request.app[METRICS_KEY],
-        record,
+        request[AUDIT_RECORD],
         view.address,
     )
 

@@ -21,7 +21,7 @@ import yaml
 from yarl import URL
 
 from gateway import state, tls, yaml_files
-from gateway.file_errors import describe_read_error
+from gateway.files import describe_read_error
 
 ENV_PREFIX = "GATEWAY_"
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -33,7 +33,7 @@ import yaml
 
 from gateway import acl, htpasswd, yaml_files
 from gateway.acl import Rules
-from gateway.file_errors import describe_read_error
+from gateway.files import describe_read_error
 
 ACTIONS = frozenset({"pull", "push", "delete", "*"})
 MATCH_KEYS = ("account", "type", "name", "service", "ip", "labels")

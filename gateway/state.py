@@ -16,12 +16,11 @@ from pathlib import Path
 from types import MappingProxyType
 
 from gateway import htpasswd, policyfile
-from gateway.file_errors import describe_read_error
+from gateway.files import Signature, describe_read_error, signature
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DUMMY_COST = 10
-Signature = tuple[int, int, int, int] | None
 
 
 @dataclass(frozen=True)
@@ -39,16 +38,6 @@ class StateError(ValueError):
         self.by_key = problems
         self.problems = [message for _key, message in problems]
         super().__init__("; ".join(self.problems))
-
-
-def _signature(path: Path | None) -> Signature:
-    if path is None:
-        return None
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _typical_bcrypt_cost(users: Mapping[str, htpasswd.StoredHash]) -> int:
@@ -111,7 +100,7 @@ class AccessStore:
         self._reload_lock = threading.Lock()
 
     def _current_signatures(self) -> tuple[Signature, Signature]:
-        return (_signature(self.htpasswd_path), _signature(self.policy_path))
+        return (signature(self.htpasswd_path), signature(self.policy_path))
 
     def _load(self) -> Snapshot:
         users, policy, warnings = build(self.htpasswd_path, self.policy_path)

@@ -11,7 +11,7 @@ import logging
 import ssl
 from pathlib import Path
 
-from gateway.file_errors import describe_read_error
+from gateway.files import describe_read_error, signature
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +22,6 @@ TLS12_CIPHERS = (
 )
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class TlsContext:
     def __init__(self, cert: Path, key: Path) -> None:
         self.cert, self.key = cert, key
@@ -38,10 +30,10 @@ class TlsContext:
         self.context.set_ciphers(TLS12_CIPHERS)
         self.context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
         self.context.load_cert_chain(cert, key)  # at start-up a bad pair is fatal
-        self._signatures = (_signature(cert), _signature(key))
+        self._signatures = (signature(cert), signature(key))
 
     def reload_if_changed(self) -> bool:
-        signatures = (_signature(self.cert), _signature(self.key))
+        signatures = (signature(self.cert), signature(self.key))
         if signatures == self._signatures:
             return False
         self._signatures = signatures

@@ -12,9 +12,9 @@ import hmac
 import logging
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 from gateway.config import Settings
+from gateway.files import signature
 from gateway.htpasswd import StoredHash
 from gateway.tokens import keys, revocations
 from gateway.tokens.jwt_tokens import LEEWAY, Claims, InvalidToken, Verifier, issue, issue_refresh
@@ -23,14 +23,6 @@ from gateway.tokens.scopes import Scope
 log = logging.getLogger(__name__)
 
 MINTED_CACHE_SIZE = 10_000
-
-
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class TokenAuthority:
@@ -51,11 +43,11 @@ class TokenAuthority:
             self.key = keys.load(self.path)
         self.cert_path = settings.token_cert
         self.x5c = keys.certificate_chain(self.cert_path, self.key) if self.cert_path else []
-        self._signature = _signature(self.path) if self.path else None
+        self._signature = signature(self.path)
         self._retired: list[tuple[keys.SigningKey, float]] = []  # (key, accepted until)
         self.revocations_path = settings.token_revocations
         self.revoked = revocations.read(self.revocations_path)
-        self._revocations_signature = _signature(self.revocations_path) if self.revocations_path else None
+        self._revocations_signature = signature(self.revocations_path)
         self._retired_at: dict[str, float] = {}  # kid -> when it stopped signing
         self.verifier = self._verifier()
         self._minted: dict[tuple[str, str], tuple[str, float]] = {}
@@ -114,9 +106,9 @@ class TokenAuthority:
 
     def reload_if_changed(self) -> bool:
         if self.revocations_path is not None:
-            signature = _signature(self.revocations_path)
-            if signature != self._revocations_signature:
-                self._revocations_signature = signature
+            current = signature(self.revocations_path)
+            if current != self._revocations_signature:
+                self._revocations_signature = current
                 try:
                     self.revoked = revocations.read(self.revocations_path)
                     log.info("token revocations reloaded from %s", self.revocations_path)
@@ -124,16 +116,16 @@ class TokenAuthority:
                     log.error("token revocations not reloaded, keeping the last good ones: %s", exc)
         if self.path is None:
             return False
-        signature = _signature(self.path)
+        current = signature(self.path)
         now = time.time()
         kept = [(key, until) for key, until in self._retired if until > now]
         if len(kept) != len(self._retired):
             # A retired key whose tokens have all expired is no longer accepted at all.
             self._retired = kept
             self.verifier = self._verifier()
-        if signature == self._signature:
+        if current == self._signature:
             return False
-        self._signature = signature
+        self._signature = current
         try:
             new = keys.load(self.path)
             x5c = keys.certificate_chain(self.cert_path, new) if self.cert_path else []

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import math
-import time
 from urllib.parse import parse_qs
 
 from aiohttp import web
@@ -23,6 +21,7 @@ from gateway.authn import Authenticator, Credentials, Malformed, parse_basic_aut
 from gateway.config import Settings
 from gateway.errors import error_response
 from gateway.lockout import Lockout
+from gateway.login import Locked, Refused, check_login, locked_response
 from gateway.metrics import Metrics
 from gateway.state import Snapshot
 from gateway.tokens.authority import TokenAuthority
@@ -118,29 +117,16 @@ async def token_endpoint(
         account = params.get("account")
         if account and account != credentials.username:
             return error_response(400, "UNSUPPORTED", "account does not match the credentials")
-        wait = lockout.retry_after(client, credentials.username, time.monotonic())
-        if wait is not None:
-            user = authenticator.already_verified(credentials, snapshot)
-            if user is None:
-                record.decision = "locked"
-                metrics.tokens.labels("rejected", "locked").inc()
-                return error_response(
-                    429,
-                    "TOOMANYREQUESTS",
-                    "too many failed logins; try again later",
-                    headers={"Retry-After": str(math.ceil(wait))},
-                )
-        else:
-            user = await authenticator.authenticate(credentials, snapshot)
-            if user is None:
-                attempt = authenticator.cache.key(credentials)
-                lockout.failed(client, credentials.username, time.monotonic(), attempt)
-                metrics.tokens.labels("rejected", "bad_credentials").inc()
-                return error_response(401, "UNAUTHORIZED", "authentication required", headers=challenge)
-            lockout.succeeded(client, credentials.username)
-        if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
-            metrics.tokens.labels("rejected", "expired").inc()
-            return error_response(401, "UNAUTHORIZED", "account expired", headers=challenge)
+        login = await check_login(authenticator, lockout, credentials, client, snapshot)
+        if isinstance(login, Locked):
+            record.decision = "locked"
+            metrics.tokens.labels("rejected", "locked").inc()
+            return locked_response(login)
+        if isinstance(login, Refused):
+            metrics.tokens.labels("rejected", login.reason).inc()
+            message = "account expired" if login.reason == "expired" else "authentication required"
+            return error_response(401, "UNAUTHORIZED", message, headers=challenge)
+        user = login.user
 
     offline = params.get("offline_token", "").lower() == "true" or params.get("access_type") == "offline"
     refresh = None

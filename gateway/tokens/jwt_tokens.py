@@ -48,6 +48,24 @@ class InvalidToken(Exception):
 REFRESH_USE = "refresh"  # the `token_use` claim of refresh tokens; access tokens have none
 
 
+def _standard_claims(issuer: str, service: str, subject: str, now: int, lifetime: int) -> dict[str, object]:
+    return {
+        "iss": issuer,
+        "sub": subject,
+        "aud": service,
+        "exp": now + lifetime,
+        "iat": now,
+        "jti": secrets.token_urlsafe(16),
+    }
+
+
+def _sign(key: SigningKey, claims: dict[str, object], x5c: Sequence[str] = ()) -> str:
+    headers: dict[str, object] = {"kid": key.kid, "typ": "JWT"}
+    if x5c:
+        headers["x5c"] = list(x5c)
+    return jwt.encode(claims, key.private, algorithm=key.algorithm, headers=headers)
+
+
 def issue(
     key: SigningKey,
     issuer: str,
@@ -60,39 +78,18 @@ def issue(
     """A signed token and its issue time (epoch seconds). With `x5c` (base64 DER certificates,
     the key's first) the header carries the chain, which distribution 3.x needs."""
     now = int(time.time())
-    claims = {
-        "iss": issuer,
-        "sub": subject,
-        "aud": service,
-        "exp": now + lifetime,
-        "nbf": now - 1,
-        "iat": now,
-        "jti": secrets.token_urlsafe(16),
-        "access": [scope.claim() for scope in access],
-    }
-    headers: dict[str, object] = {"kid": key.kid, "typ": "JWT"}
-    if x5c:
-        headers["x5c"] = list(x5c)
-    token = jwt.encode(claims, key.private, algorithm=key.algorithm, headers=headers)
-    return token, now
+    claims = _standard_claims(issuer, service, subject, now, lifetime)
+    claims.update(nbf=now - 1, access=[scope.claim() for scope in access])
+    return _sign(key, claims, x5c), now
 
 
 def issue_refresh(
     key: SigningKey, issuer: str, service: str, subject: str, fingerprint: str, lifetime: int
 ) -> str:
     """A refresh token (docker's identity token): who, and the fingerprint of their password."""
-    now = int(time.time())
-    claims = {
-        "iss": issuer,
-        "sub": subject,
-        "aud": service,
-        "exp": now + lifetime,
-        "iat": now,
-        "jti": secrets.token_urlsafe(16),
-        "token_use": REFRESH_USE,
-        "pwd": fingerprint,
-    }
-    return jwt.encode(claims, key.private, algorithm=key.algorithm, headers={"kid": key.kid, "typ": "JWT"})
+    claims = _standard_claims(issuer, service, subject, int(time.time()), lifetime)
+    claims.update(token_use=REFRESH_USE, pwd=fingerprint)
+    return _sign(key, claims)
 
 
 class Verifier:

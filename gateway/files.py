@@ -1,4 +1,5 @@
-"""Why a configured file cannot be read, in words an operator can act on.
+"""The files the gateway reads: why one cannot be read, in words an operator can act on, and
+whether one changed since last looked at (every file it follows is polled this way).
 
 The container runs as uid 10001: an htpasswd file made under umask 077 (mode 0600, owned by
 root) is unreadable to it, and "[Errno 13] Permission denied" alone does not say who needs access.
@@ -9,6 +10,20 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+
+# Inode, size, modification and change times: an editor's rename, a rewrite in place and a
+# chmod all change it.
+Signature = tuple[int, int, int, int] | None
+
+
+def signature(path: Path | None) -> Signature:
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def describe_read_error(path: Path, exc: OSError | UnicodeDecodeError) -> str:
