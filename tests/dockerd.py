@@ -54,6 +54,11 @@ class Docker:
             timeout=timeout,
         )
 
+    def cli(self, config_dir: Path, *args: str, stdin: str | None = None) -> tuple[int, str]:
+        """The docker CLI's exit status and everything it printed."""
+        done = self.run(config_dir, *args, stdin=stdin)
+        return done.returncode, done.stdout + done.stderr
+
     def build_image(self, config_dir: Path, tag: str, layers: dict[str, bytes]) -> None:
         """An image `FROM scratch` with one layer per file, built without any registry."""
         context = Path(tempfile.mkdtemp(prefix="ctx-", dir=self.root))

@@ -158,3 +158,15 @@ def test_token_settings_are_checked(tmp_path: Path, users: Path) -> None:
         )
     problems = "\n".join(refused.value.problems)
     assert "refresh_token_lifetime: needs token_key" in problems and "token_realm" in problems
+
+
+def test_readme_documents_every_setting_and_serve_flag() -> None:
+    from gateway.cli import SETTING_FLAGS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("### Configuration") : readme.index("## What it does")]
+    missing = [key for key in config.DEFAULTS if f"`{key}`" not in table]
+    assert missing == [], f"settings missing from the README's table: {missing}"
+    commands = readme[readme.index("### Commands") : readme.index("### Configuration")]
+    flags = [f"--{key.replace('_', '-')}" for key, _ in SETTING_FLAGS]
+    assert [flag for flag in flags if flag not in commands] == []

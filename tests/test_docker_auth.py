@@ -11,6 +11,7 @@ import urllib.parse
 from pathlib import Path
 
 import bcrypt
+import pytest
 
 from tests.conftest import Registry, htpasswd_add, http_request, start_gateway, stop
 
@@ -182,3 +183,39 @@ def test_service_in_docker_auth_entries_is_the_registrys_service(tmp_path: Path,
         assert status == 403
     finally:
         stop(gateway.process)
+
+
+def test_server_and_token_sections_become_settings_where_left_at_defaults(tmp_path: Path) -> None:
+    from gateway import config, docker_auth, policyfile
+    from gateway.tokens import keys
+
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, "someone", "else")
+    key, cert = tmp_path / "server.key", tmp_path / "server.pem"
+    signing = keys.generate()
+    keys.write_private(signing, key)
+    cert.write_bytes(keys.self_signed_certificate(signing, "test"))
+    policy = policyfile.parse(
+        {
+            "server": {"addr": ":5001", "certificate": str(cert), "key": str(key)},
+            "token": {"issuer": "Acme auth server", "expiration": 900},
+            "acl": [{"match": {"account": "admin"}, "actions": ["*"]}],
+        }
+    )
+    applied = docker_auth.apply(config.load(None, {}, {"htpasswd": str(users)}), policy)
+    assert (applied.listen_host, applied.listen_port) == ("0.0.0.0", 5001)
+    assert (applied.tls_cert, applied.tls_key) == (cert, key)
+    assert (applied.challenge, applied.token_issuer, applied.token_lifetime) == (
+        "bearer",
+        "Acme auth server",
+        900,
+    )
+    assert (applied.token_key, applied.token_cert) == (key, cert)  # the server's, as in docker_auth
+    assert applied.origins["token_issuer"] == "docker_auth section of the policy file"
+    # An explicit setting wins over the section.
+    explicit = config.load(None, {}, {"htpasswd": str(users), "listen": "127.0.0.1:7000"})
+    applied = docker_auth.apply(explicit, policy)
+    assert (applied.listen_host, applied.listen_port) == ("127.0.0.1", 7000)
+    bad = policyfile.parse({"server": {"addr": "nowhere"}, "acl": [{"match": {}, "actions": []}]})
+    with pytest.raises(docker_auth.DockerAuthError):
+        docker_auth.apply(config.load(None, {}, {"htpasswd": str(users)}), bad)

@@ -36,8 +36,7 @@ class Stack:
     config: Path  # this test's DOCKER_CONFIG
 
     def docker_cli(self, *args: str, stdin: str | None = None) -> tuple[int, str]:
-        done = self.docker.run(self.config, *args, stdin=stdin)
-        return done.returncode, done.stdout + done.stderr
+        return self.docker.cli(self.config, *args, stdin=stdin)
 
     def login(self, user: str, password: str | None = None) -> tuple[int, str]:
         password = USERS[user] if password is None else password

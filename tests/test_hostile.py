@@ -428,12 +428,8 @@ def test_expect_continue_only_after_authorization(setup: Setup) -> None:
 # 2, 3a, 4: each DoS shape, held open, while an admin is still served.
 
 
-def test_dos_shapes_do_not_starve_others(tmp_path: Path) -> None:
-    registry = start_registry(tmp_path)
-    try:
-        dos_shapes_against(tmp_path, registry)
-    finally:
-        stop(registry.process)
+def test_dos_shapes_do_not_starve_others(tmp_path: Path, registry: Registry) -> None:
+    dos_shapes_against(tmp_path, registry)
 
 
 def dos_shapes_against(tmp_path: Path, registry: Registry) -> None:
@@ -540,13 +536,9 @@ def dos_shapes_against(tmp_path: Path, registry: Registry) -> None:
     assert "Traceback" not in gw.log.read_text()
 
 
-def test_head_size_is_capped_in_total(tmp_path: Path) -> None:
+def test_head_size_is_capped_in_total(tmp_path: Path, registry: Registry) -> None:
     """128 header lines of 16 KiB each pass the per-line limit; the head as a whole may not."""
-    registry = start_registry(tmp_path)
-    try:
-        head_size_capped(tmp_path, registry)
-    finally:
-        stop(registry.process)
+    head_size_capped(tmp_path, registry)
 
 
 def head_size_capped(tmp_path: Path, registry: Registry) -> None:
@@ -681,14 +673,10 @@ def test_hostile_corpus_changes_nothing_and_never_answers_5xx(setup: Setup) -> N
     assert "Traceback" not in log and "internal error" not in log
 
 
-def test_parked_heads_hold_bounded_memory(tmp_path: Path) -> None:
+def test_parked_heads_hold_bounded_memory(tmp_path: Path, registry: Registry) -> None:
     """Each header line within max_header_size, 128 of them: about 1.5 MiB a head that aiohttp
     would buffer per connection. The total cap refuses each at max_head_size instead."""
-    registry = start_registry(tmp_path)
-    try:
-        parked_heads_against(tmp_path, registry)
-    finally:
-        stop(registry.process)
+    parked_heads_against(tmp_path, registry)
 
 
 def parked_heads_against(tmp_path: Path, registry: Registry) -> None:
@@ -716,14 +704,12 @@ def parked_heads_against(tmp_path: Path, registry: Registry) -> None:
         stop(gw.process)
 
 
-def test_slow_readers_and_trickled_uploads_cannot_hold_the_registry(tmp_path: Path) -> None:
+def test_slow_readers_and_trickled_uploads_cannot_hold_the_registry(
+    tmp_path: Path, registry: Registry
+) -> None:
     """Clients that stop reading a big blob, or send a body a byte at a time, each hold a registry
     connection; with them all taken, others would wait forever."""
-    registry = start_registry(tmp_path)
-    try:
-        slow_clients_against(tmp_path, registry)
-    finally:
-        stop(registry.process)
+    slow_clients_against(tmp_path, registry)
 
 
 def slow_clients_against(tmp_path: Path, registry: Registry) -> None:
@@ -734,8 +720,8 @@ def slow_clients_against(tmp_path: Path, registry: Registry) -> None:
         registry,
         env={
             "GATEWAY_UPSTREAM_CONNECTIONS": "2",
-            "GATEWAY_BODY_TIMEOUT": "3",
-            "GATEWAY_CONNECT_TIMEOUT": "3",
+            "GATEWAY_BODY_TIMEOUT": "6",
+            "GATEWAY_CONNECT_TIMEOUT": "2",
         },
     )
     address, port = gw.host.split(":")
@@ -749,10 +735,13 @@ def slow_clients_against(tmp_path: Path, registry: Registry) -> None:
             sock.sendall(f"GET /v2/public/app/blobs/{big} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             held.append(sock)
         time.sleep(0.5)
-        # Meanwhile an admin is answered, not left waiting: 504 while no connection is free
-        # (connect_timeout), or served once the readers are cut (body_timeout).
+        # Meanwhile an admin is answered, not left waiting: 504 after connect_timeout (2 s) while
+        # the readers hold every registry connection (until body_timeout, 6 s, cuts them).
         status, _, body = http_request(gw.host, "GET", "/v2/admin/x/tags/list", creds("admin"))
-        assert status in (404, 504), (status, body)
+        assert status == 504, (status, body)
+        assert b"every connection to it is busy" in body
+        # Reading now would make them fast readers: stay silent past body_timeout first.
+        time.sleep(9)
         assert all(closed_by_peer(sock, within=15) for sock in held)
         status, _, _ = http_request(gw.host, "GET", f"/v2/public/app/blobs/{big}", creds("admin"))
         assert status == 200
@@ -796,5 +785,20 @@ def test_a_partial_head_pipelined_after_a_request_is_timed_too(setup: Setup, tmp
             started = time.monotonic()
             assert closed_by_peer(sock, within=20)
             assert time.monotonic() - started < 15  # header_timeout, not keepalive_timeout (75 s)
+    finally:
+        stop(gw.process)
+
+
+def test_idle_kept_alive_connections_are_closed(tmp_path: Path, registry: Registry) -> None:
+    """aiohttp's own default keeps an idle connection for an hour: keepalive_timeout does."""
+    gw = gateway_with_policy(tmp_path, registry, env={"GATEWAY_KEEPALIVE_TIMEOUT": "1"})
+    try:
+        address, port = gw.host.split(":")
+        with socket.create_connection((address, int(port)), timeout=30) as sock:
+            sock.sendall(f"GET /v2/ HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('reader')}\r\n\r\n".encode())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            assert closed_by_peer(sock, within=20)
+            assert time.monotonic() - started < 15  # keepalive_timeout, not aiohttp's hour
     finally:
         stop(gw.process)

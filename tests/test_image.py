@@ -8,6 +8,7 @@ stand-ins first (about a minute). Marked `image`: `pytest -m "not image"` leaves
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import secrets
@@ -221,9 +222,7 @@ def test_compose_stack_serves_push_and_pull_and_drains_on_down(image: Docker, tm
             raise AssertionError(f"the stack did not answer on {host}:\n{logs.stdout}")
 
         # The docker CLI through the published port: admin pushes, alice pulls, alice may not push.
-        def cli(*args: str, stdin: str | None = None) -> tuple[int, str]:
-            done = image.run(config, *args, stdin=stdin)
-            return done.returncode, done.stdout + done.stderr
+        cli = functools.partial(image.cli, config)
 
         assert cli("login", "-u", "admin", "--password-stdin", host, stdin=PASSWORDS["admin"])[0] == 0
         tag = f"{host}/library/app:1"

@@ -4,6 +4,7 @@ with the docker CLI (a private dockerd) and skopeo."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import re
@@ -206,9 +207,7 @@ def test_docker_cli_anonymous_pull_login_push_and_denials(stack: TokenStack, doc
     host = stack.gateway.host
     config = stack.tmp / "docker-config"
 
-    def cli(*args: str, stdin: str | None = None) -> tuple[int, str]:
-        done = dockerd.run(config, *args, stdin=stdin)
-        return done.returncode, done.stdout + done.stderr
+    cli = functools.partial(dockerd.cli, config)
 
     def login(user: str, password: str | None = None) -> tuple[int, str]:
         return cli("login", "-u", user, "--password-stdin", host, stdin=(password or USERS[user]) + "\n")
@@ -305,9 +304,7 @@ def test_docker_login_keeps_an_identity_token_that_outlives_restarts_not_passwor
         host = gateway.host
         config = tmp_path / "docker-config"
 
-        def cli(*args: str, stdin: str | None = None) -> tuple[int, str]:
-            ran = dockerd.run(config, *args, stdin=stdin)
-            return ran.returncode, ran.stdout + ran.stderr
+        cli = functools.partial(dockerd.cli, config)
 
         assert cli("login", "-u", "alice", "--password-stdin", host, stdin=USERS["alice"] + "\n")[0] == 0
         stored = json.loads((config / "config.json").read_text())["auths"][host]
@@ -402,9 +399,7 @@ def test_registry_in_token_mode_trusts_the_gateway(tmp_path: Path, dockerd: Dock
         assert status == 401 and f'realm="http://{gateway.host}/token"' in headers["Www-Authenticate"]
         config = tmp_path / "docker-config"
 
-        def cli(*args: str, stdin: str | None = None) -> tuple[int, str]:
-            ran = dockerd.run(config, *args, stdin=stdin)
-            return ran.returncode, ran.stdout + ran.stderr
+        cli = functools.partial(dockerd.cli, config)
 
         status, output = cli("login", "-u", "alice", "--password-stdin", host, stdin="wrong\n")
         assert status != 0
@@ -498,3 +493,16 @@ def test_podman_anonymous_pull_login_push_and_denials(stack: TokenStack) -> None
     assert "bob/lib" not in stack.registry.repositories()
     podman("system", "reset", "--force")
     shutil.rmtree(storage, ignore_errors=True)
+
+
+def test_a_configured_realm_is_announced(tmp_path: Path, registry: Registry) -> None:
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, "alice", USERS["alice"], "-B")
+    env = {"GATEWAY_CHALLENGE": "bearer", "GATEWAY_TOKEN_REALM": "https://auth.example.com/token"}
+    gateway = start_gateway(tmp_path, registry.url, users, env=env)
+    try:
+        status, headers, _ = http_request(gateway.host, "GET", "/v2/")
+        assert status == 401
+        assert headers["WWW-Authenticate"].startswith('Bearer realm="https://auth.example.com/token",')
+    finally:
+        stop(gateway.process)
