@@ -1,8 +1,9 @@
 """The container image and compose.yml, built and run as operators run them.
 
 Built into the tests' private dockerd. `python:3.11-slim` and `registry:2` are used when present
-or pullable; otherwise (no Docker Hub here) ../shared/tools/docker-standins.sh builds faithful
-stand-ins first (about a minute). Marked `image`: `pytest -m "not image"` leaves these out.
+or pullable; otherwise (no Docker Hub here) ../shared/tools/docker-standins.sh (or its copy in
+tests/tools) builds faithful stand-ins first (about a minute). Marked `image`:
+`pytest -m "not image"` leaves these out.
 """
 
 from __future__ import annotations
@@ -29,7 +30,19 @@ __all__ = ["dockerd"]
 pytestmark = pytest.mark.image
 
 ROOT = Path(__file__).parent.parent
-STANDINS = ROOT.parent / "shared" / "tools" / "docker-standins.sh"
+# The shared tools beside the clone are the reference (CI has them); the copy in tests/tools keeps
+# a clone that stands alone able to build the stand-ins too.
+STANDINS = next(
+    (
+        path
+        for path in (
+            ROOT.parent / "shared" / "tools" / "docker-standins.sh",
+            ROOT / "tests" / "tools" / "docker-standins.sh",
+        )
+        if path.exists()
+    ),
+    ROOT / "tests" / "tools" / "docker-standins.sh",
+)
 IMAGE = "registry-gateway:latest"  # the tag compose.yml names
 PASSWORDS = {"admin": "admin-secret-pw", "alice": "alice-secret-pw"}
 
