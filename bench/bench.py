@@ -507,69 +507,111 @@ def seed_manifest(registry: Service, work: Path) -> None:
     skopeo_time([f"oci:{layout}:1", f"docker://{registry.url.removeprefix('http://')}/bench/app:1"], auth)
 
 
+def write_plain_htpasswd(path: Path) -> None:
+    """nginx's cheapest password scheme, `{PLAIN}`: the floor of what the nginx recipe can cost."""
+    path.write_text(f"{USER}:{{PLAIN}}{PASSWORD}\n{READER}:{{PLAIN}}{PASSWORD}\n")
+
+
+def measured_hey(
+    target: Service, url_path: str, conns: int, seconds: float, authorization: str | None = None
+) -> tuple[HeyResult, float]:
+    """One hey run, and the CPU the target's process tree spent on it per request, in µs."""
+    before = cpu_seconds(target.process.pid)
+    result = hey(target.url + url_path, target.auth, conns, seconds, authorization)
+    used = cpu_seconds(target.process.pid) - before
+    return result, used / max(1.0, result.rps * seconds) * 1e6
+
+
 def bench_head(b: Bench, registry: Service, rounds: int, seconds: float) -> dict[str, Any]:
+    """Authenticated HEAD manifest: the registry direct, the nginx recipe with bcrypt (as deployed)
+    and with `{PLAIN}` passwords (nginx at its cheapest), and the gateway, interleaved in rounds,
+    with the CPU per request of each one's process tree."""
     results: dict[str, Any] = {}
     url_path = "/v2/bench/app/manifests/1"
+    plain = b.work / "htpasswd-plain"
+    write_plain_htpasswd(plain)
+    nginx_plain = b.nginx(registry.url, plain, "plain")
     for cost in (10, 5):
         htpasswd = b.work / f"htpasswd-cost{cost}"
         write_htpasswd(htpasswd, cost)
-        targets = [
-            registry,
-            b.nginx(registry.url, htpasswd, f"c{cost}"),
-            b.gateway(registry.url, htpasswd, f"c{cost}"),
-        ]
+        targets = {
+            "registry": registry,
+            "nginx": b.nginx(registry.url, htpasswd, f"c{cost}"),
+            "nginx_plain": nginx_plain,
+            "gateway": b.gateway(registry.url, htpasswd, f"c{cost}"),
+        }
         for conns in (2, 32):
-            runs: dict[str, list[HeyResult]] = {t.name.split("-")[0]: [] for t in targets}
+            runs: dict[str, list[HeyResult]] = {name: [] for name in targets}
+            cpu: dict[str, list[float]] = {name: [] for name in targets}
             for _ in range(rounds):
-                for target in targets:
-                    runs[target.name.split("-")[0]].append(
-                        hey(target.url + url_path, target.auth, conns, seconds)
-                    )
-            summary = {name: median_of(r) for name, r in runs.items()}
+                for name, target in targets.items():
+                    result, per_request = measured_hey(target, url_path, conns, seconds)
+                    runs[name].append(result)
+                    cpu[name].append(per_request)
+            summary: dict[str, Any] = {
+                name: {**median_of(runs[name]), "cpu_us_per_request": statistics.median(cpu[name])}
+                for name in targets
+            }
             summary["ratios"] = {
                 "gateway_vs_nginx": summary["gateway"]["rps"] / summary["nginx"]["rps"],
                 "gateway_vs_direct": summary["gateway"]["rps"] / summary["registry"]["rps"],
                 "nginx_vs_direct": summary["nginx"]["rps"] / summary["registry"]["rps"],
+                "nginx_plain_vs_direct": summary["nginx_plain"]["rps"] / summary["registry"]["rps"],
                 "gateway_added_p50_ms": summary["gateway"]["p50_ms"] - summary["registry"]["p50_ms"],
                 "nginx_added_p50_ms": summary["nginx"]["p50_ms"] - summary["registry"]["p50_ms"],
+                "nginx_plain_added_p50_ms": summary["nginx_plain"]["p50_ms"] - summary["registry"]["p50_ms"],
+                "gateway_cpu_vs_nginx_plain": summary["gateway"]["cpu_us_per_request"]
+                / summary["nginx_plain"]["cpu_us_per_request"],
             }
             results[f"cost{cost}_c{conns}"] = summary
-        for target in targets[1:]:
-            target.stop()
-            b.services.remove(target)
+        for name in ("nginx", "gateway"):
+            targets[name].stop()
+            b.services.remove(targets[name])
+    nginx_plain.stop()
+    b.services.remove(nginx_plain)
     return results
 
 
 def bench_token(b: Bench, registry: Service, rounds: int, seconds: float) -> dict[str, Any]:
     """HEAD manifest at 2 connections: Basic credentials (login cache warm) beside a Bearer token
-    the gateway issued (token cache warm), with the gateway's CPU per request."""
+    the gateway issued (token cache warm), both with one worker, and nginx with `{PLAIN}` passwords
+    as the reference, with CPU per request for each."""
     htpasswd = b.work / "htpasswd-token"
     write_htpasswd(htpasswd, 10)
+    plain = b.work / "htpasswd-token-plain"
+    write_plain_htpasswd(plain)
     url_path = "/v2/bench/app/manifests/1"
     basic_gateway = b.gateway(registry.url, htpasswd, "basic", workers=1)
     bearer_gateway = b.gateway(
         registry.url, htpasswd, "bearer", workers=1, env={"GATEWAY_CHALLENGE": "bearer"}
     )
+    nginx_plain = b.nginx(registry.url, plain, "token-plain")
     request = urllib.request.Request(
         f"{bearer_gateway.url}/token?service=registry-gateway&scope=repository:bench/app:pull",
         headers={"Authorization": basic()},
     )
     with urllib.request.urlopen(request) as response:
         token = json.loads(response.read())["token"]
-    modes = {"basic": (basic_gateway, basic()), "bearer": (bearer_gateway, f"Bearer {token}")}
+    modes = {
+        "basic": (basic_gateway, basic()),
+        "bearer": (bearer_gateway, f"Bearer {token}"),
+        "nginx_plain": (nginx_plain, basic()),
+    }
     runs: dict[str, list[HeyResult]] = {mode: [] for mode in modes}
     cpu: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(rounds):
         for mode, (target, authorization) in modes.items():
-            before = cpu_seconds(target.process.pid)
-            result = hey(target.url + url_path, True, 2, seconds, authorization)
-            used = cpu_seconds(target.process.pid) - before
+            result, per_request = measured_hey(target, url_path, 2, seconds, authorization)
             runs[mode].append(result)
-            cpu[mode].append(used / max(1.0, result.rps * seconds) * 1e6)
+            cpu[mode].append(per_request)
     summary: dict[str, Any] = {}
     for mode in modes:
         summary[mode] = {**median_of(runs[mode]), "cpu_us_per_request": statistics.median(cpu[mode])}
     summary["bearer_vs_basic_rps"] = summary["bearer"]["rps"] / summary["basic"]["rps"]
+    for mode in ("basic", "bearer"):
+        summary[f"{mode}_cpu_vs_nginx_plain"] = (
+            summary[mode]["cpu_us_per_request"] / summary["nginx_plain"]["cpu_us_per_request"]
+        )
     for target, _ in modes.values():
         target.stop()
         b.services.remove(target)
@@ -586,19 +628,30 @@ def bench_transfer(b: Bench, registry: Service, mib: int, rounds: int, use_skope
     curl_push(registry.url, "bench/blob", blob, digest, auth=False)
     pull: dict[str, list[float]] = {}
     push: dict[str, list[float]] = {}
+    pull_cpu: dict[str, list[float]] = {}
+    push_cpu: dict[str, list[float]] = {}
+    gigabytes = size / 1e9
     for _ in range(rounds):
         for target in targets:
             name = target.name.split("-")[0]
+            before = cpu_seconds(target.process.pid)
             pull.setdefault(name, []).append(
                 curl_pull(f"{target.url}/v2/bench/blob/blobs/{digest}", target.auth)
             )
+            middle = cpu_seconds(target.process.pid)
             push.setdefault(name, []).append(
                 curl_push(target.url, f"bench/push-{name}", blob, digest, target.auth)
             )
+            after = cpu_seconds(target.process.pid)
+            pull_cpu.setdefault(name, []).append((middle - before) / gigabytes)
+            push_cpu.setdefault(name, []).append((after - middle) / gigabytes)
     result: dict[str, Any] = {
         "blob_mib": mib,
         "pull_MBps": {k: statistics.median(v) / 1e6 for k, v in pull.items()},
         "push_MBps": {k: statistics.median(v) / 1e6 for k, v in push.items()},
+        # CPU seconds per GB moved, each process tree (the registry's own work included in its row)
+        "pull_cpu_s_per_GB": {k: statistics.median(v) for k, v in pull_cpu.items()},
+        "push_cpu_s_per_GB": {k: statistics.median(v) for k, v in push_cpu.items()},
     }
     result["ratios"] = {
         "pull_gateway_vs_nginx": result["pull_MBps"]["gateway"] / result["pull_MBps"]["nginx"],
@@ -733,31 +786,51 @@ def bench_scaling(
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["", "== authenticated HEAD manifest (median of rounds) =="]
+    lines = ["", "== authenticated HEAD manifest (median of rounds): req/s, p50 ms, CPU us/request =="]
+    names = (
+        ("registry", "direct"),
+        ("nginx", "nginx"),
+        ("nginx_plain", "nginx-plain"),
+        ("gateway", "gateway"),
+    )
     lines.append(
-        f"{'case':<14}{'direct rps':>12}{'nginx rps':>12}{'gateway rps':>13}{'gw/nginx':>10}"
-        f"{'gw/direct':>11}{'p50 d/n/g ms':>22}{'p99 gw ms':>11}"
+        f"{'case':<12}"
+        + "".join(f"{label:>24}" for _, label in names)
+        + f"{'gw/direct':>11}{'gw cpu/plain':>14}"
     )
     for case, s in results["head"].items():
+        cells = "".join(
+            f"{s[name]['rps']:>9.0f}{s[name]['p50_ms']:>6.2f}{s[name]['cpu_us_per_request']:>9.0f}"
+            for name, _ in names
+        )
         lines.append(
-            f"{case:<14}{s['registry']['rps']:>12.0f}{s['nginx']['rps']:>12.0f}{s['gateway']['rps']:>13.0f}"
-            f"{s['ratios']['gateway_vs_nginx']:>10.1f}{s['ratios']['gateway_vs_direct']:>11.2f}"
-            f"{s['registry']['p50_ms']:>9.2f}/{s['nginx']['p50_ms']:.2f}/{s['gateway']['p50_ms']:.2f}"
-            f"{s['gateway']['p99_ms']:>11.2f}"
+            f"{case:<12}{cells}{s['ratios']['gateway_vs_direct']:>11.2f}"
+            f"{s['ratios']['gateway_cpu_vs_nginx_plain']:>14.2f}"
         )
     k = results["token"]
     lines.append("\n== HEAD manifest at 2 connections: Basic vs a Bearer token (gateway, 1 worker) ==")
-    for mode in ("basic", "bearer"):
+    for mode in ("basic", "bearer", "nginx_plain"):
         lines.append(
-            f"{mode:<8}{k[mode]['rps']:>9.0f} req/s  p50 {k[mode]['p50_ms']:.2f} ms  "
-            f"gateway CPU {k[mode]['cpu_us_per_request']:.0f} us/request"
+            f"{mode:<12}{k[mode]['rps']:>9.0f} req/s  p50 {k[mode]['p50_ms']:.2f} ms  "
+            f"CPU {k[mode]['cpu_us_per_request']:.0f} us/request"
         )
+    lines.append(
+        f"gateway CPU vs nginx-plain: basic {k['basic_cpu_vs_nginx_plain']:.2f}, "
+        f"bearer {k['bearer_cpu_vs_nginx_plain']:.2f}"
+    )
     t = results["transfer"]
     lines.append(f"\n== {t['blob_mib']} MiB blob, MB/s (direct / nginx / gateway) ==")
-    for key in ("pull_MBps", "push_MBps", "skopeo_push_MBps", "skopeo_pull_MBps"):
+    for key in (
+        "pull_MBps",
+        "push_MBps",
+        "skopeo_push_MBps",
+        "skopeo_pull_MBps",
+        "pull_cpu_s_per_GB",
+        "push_cpu_s_per_GB",
+    ):
         if key in t:
             v = t[key]
-            lines.append(f"{key:<18}{v['registry']:>9.0f}{v['nginx']:>9.0f}{v['gateway']:>9.0f}")
+            lines.append(f"{key:<18}{v['registry']:>9.1f}{v['nginx']:>9.1f}{v['gateway']:>9.1f}")
     lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in t["ratios"].items()))
     m = results["memory"]
     lines.append("\n== gateway memory and CPU ==")

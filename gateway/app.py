@@ -13,14 +13,13 @@ import datetime as dt
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from gateway import catalog, forwarding
 from gateway.audit import AuditLog, AuditRecord, new_record, operation_name
@@ -43,12 +42,12 @@ from gateway.tokens.authority import TokenAuthority
 from gateway.tokens.endpoint import TOKEN_PATH, token_endpoint
 from gateway.tokens.jwt_tokens import InvalidToken
 from gateway.tokens.scopes import Scope, covers, needed
+from gateway.upstream import NoConnection, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
 # The nginx recipe's filter for docker clients older than 1.6, which speak only the v1 protocol.
 OLD_DOCKER_CLIENT = re.compile(r"(docker/1\.(3|4|5(?!\.[0-9]-dev))|Go ).*", re.DOTALL)
-CHUNK_SIZE = 256 * 1024
 # The least a client must send of a request body in every body_timeout (a slow trickle is cut).
 MIN_BODY_BYTES = 16 * 1024
 # How much of a registry error body we read to log it before answering with our own.
@@ -115,7 +114,7 @@ class RequestBody:
     the declared length, and a limit on how long the client may pause between bytes."""
 
     def __init__(
-        self, request: web.Request, record: AuditRecord, declared_length: int | None, idle_timeout: float
+        self, request: web.BaseRequest, record: AuditRecord, declared_length: int | None, idle_timeout: float
     ) -> None:
         self._request = request
         self._record = record
@@ -164,13 +163,13 @@ class RequestBody:
 
 
 def _unauthorized(
-    request: web.Request,
+    request: web.BaseRequest,
     operation: Operation | None,
     message: str,
     error: str | None = None,
     basic: bool = False,
 ) -> web.Response:
-    headers = _challenge_headers(request.app[SETTINGS_KEY], request.get(CLIENT_VIEW), operation, error, basic)
+    headers = _challenge_headers(request[GATEWAY].settings, request.get(CLIENT_VIEW), operation, error, basic)
     return error_response(401, "UNAUTHORIZED", message, _detail(operation), headers)
 
 
@@ -183,11 +182,11 @@ class Identity:
     basic: bool = False  # Basic credentials were sent
 
 
-def _upstream_token(request: web.Request, identity: Identity, operation: Operation) -> None:
+def _upstream_token(request: web.BaseRequest, identity: Identity, operation: Operation) -> None:
     """In bearer mode the registry behind may check tokens itself (`auth: token`, the same key):
     once a request is authorized it gets the client's token, or one minted for exactly what is
     forwarded."""
-    authority = request.app.get(AUTHORITY_KEY)
+    authority = request[GATEWAY].authority
     if authority is None:
         return
     if identity.token_access is not None:
@@ -204,14 +203,14 @@ def _still_valid(snapshot: Snapshot, user: str) -> bool:
 
 
 async def _identify(
-    request: web.Request, operation: Operation | None, snapshot: Snapshot
+    request: web.BaseRequest, operation: Operation | None, snapshot: Snapshot
 ) -> Identity | web.Response:
     """Authenticate the request: a Bearer token (bearer mode), Basic credentials, or nobody."""
     record = request[AUDIT_RECORD]
     view = request[CLIENT_VIEW]
-    metrics = request.app[METRICS_KEY]
+    metrics = request[GATEWAY].metrics
     authorization = request.headers.get("Authorization")
-    authority = request.app.get(AUTHORITY_KEY)
+    authority = request[GATEWAY].authority
     if authority is not None and authorization is not None and authorization[:7].lower() == "bearer ":
         try:
             claims = authority.verify(authorization[7:].strip())
@@ -228,7 +227,7 @@ async def _identify(
             )
         return Identity(user, claims.access)
 
-    authenticator = request.app[AUTHENTICATOR_KEY]
+    authenticator = request[GATEWAY].authenticator
     credentials = parse_basic_authorization(authorization)
     if isinstance(credentials, Malformed):
         log.info("rejected authorization header from %s: %s", view.address, credentials.reason)
@@ -237,7 +236,7 @@ async def _identify(
     if credentials is None:
         return Identity(None)
     record.user = credentials.username
-    login = await check_login(authenticator, request.app[LOCKOUT_KEY], credentials, view.address, snapshot)
+    login = await check_login(authenticator, request[GATEWAY].lockout, credentials, view.address, snapshot)
     if isinstance(login, Locked):
         record.decision = "locked"
         metrics.auth_failures.labels("locked").inc()
@@ -261,15 +260,15 @@ def _decide(
     return acl_policy(snapshot.policy, user, operation, ip)
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    settings = request.app[SETTINGS_KEY]
+async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    settings = request[GATEWAY].settings
     record = request[AUDIT_RECORD]
     record.decision = "refused"
 
     if settings.block_old_clients and OLD_DOCKER_CLIENT.fullmatch(request.headers.get("User-Agent", "")):
         return error_response(404, "UNSUPPORTED", "this docker client is too old")
 
-    authority = request.app.get(AUTHORITY_KEY)
+    authority = request[GATEWAY].authority
     if authority is not None and request.raw_path.partition("?")[0] == TOKEN_PATH:
         return await _token_request(request, authority)
 
@@ -292,7 +291,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     record.decision = "challenge"
 
     # One snapshot of users and rules for the whole request, whatever reloads meanwhile.
-    snapshot = request.app[AUTHENTICATOR_KEY].store.snapshot
+    snapshot = request[GATEWAY].authenticator.store.snapshot
     identity = await _identify(request, operation, snapshot)
     if isinstance(identity, web.StreamResponse):
         return identity
@@ -357,51 +356,52 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return await forward(request, settings, view, target, screened)
 
 
-def _client_view(request: web.Request) -> forwarding.ClientView | None:
+def _client_view(request: web.BaseRequest) -> forwarding.ClientView | None:
     """How the client reached us (None: no valid Host), kept on the request and in its audit record."""
     host = request.headers.get("Host", "")
     if not forwarding.valid_host(host):
         return None
-    trusted = request.app[SETTINGS_KEY].trusted_proxies
+    trusted = request[GATEWAY].settings.trusted_proxies
     view = forwarding.client_view(request.remote or "", request.scheme, host, request.headers, trusted)
     request[CLIENT_VIEW] = view
     request[AUDIT_RECORD].client = view.address
     return view
 
 
-async def _token_request(request: web.Request, authority: TokenAuthority) -> web.StreamResponse:
+async def _token_request(request: web.BaseRequest, authority: TokenAuthority) -> web.StreamResponse:
     view = _client_view(request)
     if view is None:
         return error_response(400, "UNSUPPORTED", "missing or invalid Host header")
     return await token_endpoint(
         request,
-        request.app[SETTINGS_KEY],
+        request[GATEWAY].settings,
         authority,
-        request.app[AUTHENTICATOR_KEY],
-        request.app[LOCKOUT_KEY],
-        request.app[METRICS_KEY],
+        request[GATEWAY].authenticator,
+        request[GATEWAY].lockout,
+        request[GATEWAY].metrics,
         request[AUDIT_RECORD],
         view.address,
     )
 
 
 async def catalog_response(
-    request: web.Request,
+    request: web.BaseRequest,
     operation: Operation,
     view: forwarding.ClientView,
     visible: Callable[[str], bool],
 ) -> web.StreamResponse:
-    settings = request.app[SETTINGS_KEY]
+    settings = request[GATEWAY].settings
     try:
         n, last = catalog.parse_paging(operation.params)
         # The catalog's own body-less GETs carry none of the client's headers, framing least of all.
-        headers = forwarding.upstream_request_headers(CIMultiDict(), view)
+        headers = CIMultiDict(forwarding.forwarding_headers(view))
         upstream_token = request.get(UPSTREAM_TOKEN)
         if upstream_token:
             headers["Authorization"] = f"Bearer {upstream_token}"
-        page = await catalog.filtered_page(
-            request.app[SESSION_KEY], settings.upstream, headers, visible, n, last
-        )
+        session = request[GATEWAY].session
+        if session is None:  # only before start-up or after shutdown
+            return error_response(503, "UNAVAILABLE", "the gateway is not running")
+        page = await catalog.filtered_page(session, settings.upstream, headers, visible, n, last)
     except catalog.CatalogError as exc:
         return error_response(exc.status, exc.code, exc.message)
     except (TimeoutError, aiohttp.ClientError) as exc:
@@ -418,24 +418,31 @@ async def catalog_response(
 
 
 async def forward(
-    request: web.Request,
+    request: web.BaseRequest,
     settings: Settings,
     view: forwarding.ClientView,
     target: str,
     screened: Admitted,
 ) -> web.StreamResponse:
-    session = request.app[SESSION_KEY]
-    head = request.method == "HEAD"
-    headers = forwarding.upstream_request_headers(request.headers, view)
+    gateway = request[GATEWAY]
+    upstream_pool = gateway.upstream
+    if upstream_pool is None:  # only before start-up or after shutdown
+        return error_response(503, "UNAVAILABLE", "the gateway is not running")
+    head_only = request.method == "HEAD"
     upstream_token = request.get(UPSTREAM_TOKEN)
-    if upstream_token:
-        headers["Authorization"] = f"Bearer {upstream_token}"
-    # Framing we forward is framing we set: the length we will send, or chunked (aiohttp's client
-    # chunks a streamed body without a Content-Length), never the client's header as it was.
-    if screened.has_body and screened.content_length is not None:
-        headers["Content-Length"] = str(screened.content_length)
-    # encoded=True: forward the exact bytes we authorized; yarl would otherwise normalise them.
-    url = URL(str(settings.upstream) + target, encoded=True)
+    authorization = f"Bearer {upstream_token}" if upstream_token else None
+    # Framing we forward is framing we set: the length we will send, or chunked, never the
+    # client's header as it was.
+    chunked = screened.has_body and screened.content_length is None
+    head = forwarding.upstream_request_head(
+        request.method,
+        target,
+        request.raw_headers,
+        view,
+        authorization,
+        screened.content_length,
+        chunked,
+    )
     record = request[AUDIT_RECORD]
     body = (
         RequestBody(request, record, screened.content_length, settings.body_timeout)
@@ -445,15 +452,17 @@ async def forward(
 
     started = time.monotonic()
     try:
-        upstream = await session.request(
-            request.method,
-            url,
-            headers=headers,
-            data=body.chunks() if body is not None else None,
-            allow_redirects=False,
-            auto_decompress=False,
+        upstream = await upstream_pool.request(
+            request.method, head, body.chunks() if body is not None else None, chunked
         )
-    except aiohttp.ConnectionTimeoutError:
+    except BodyFailed as failure:
+        record.decision = "error"
+        log.info("request body refused: %s %s: %s", request.method, request.path, failure.message)
+        return error_response(failure.status, failure.code, failure.message)
+    except ConnectionError:
+        record.decision = "error"
+        raise ConnectionResetError("client went away during the upload") from None
+    except NoConnection:
         log.warning(
             "no connection to the registry within %gs: %s %s",
             settings.connect_timeout,
@@ -465,54 +474,50 @@ async def forward(
             "no connection to the registry in time: it is unreachable, or every connection to it is busy"
         )
         return error_response(504, "UNAVAILABLE", message)
-    except (TimeoutError, aiohttp.ServerTimeoutError):
+    except UpstreamTimeout:
         log.warning("upstream timed out: %s %s", request.method, request.path)
         record.decision = "error"
         return error_response(504, "UNAVAILABLE", "the registry did not answer in time")
-    except aiohttp.ClientError as exc:
+    except UpstreamError as exc:
         record.decision = "error"
-        if body is not None and body.failure is not None:
-            log.info("request body refused: %s %s: %s", request.method, request.path, body.failure.message)
-            return error_response(body.failure.status, body.failure.code, body.failure.message)
         if request.transport is None or request.transport.is_closing():
             raise ConnectionResetError("client went away during the upload") from exc
         log.warning("upstream failed: %s %s: %s", request.method, request.path, exc)
         return error_response(502, "UNAVAILABLE", "the registry is unreachable")
-    request.app[METRICS_KEY].upstream_latency.labels(record.operation or "other").observe(
-        time.monotonic() - started
-    )
-    record.digest = upstream.headers.get("Docker-Content-Digest")
+    gateway.metrics.observe_upstream(record.operation or "other", time.monotonic() - started)
 
     async with upstream:
-        if _needs_own_error_body(upstream.status, upstream.headers.get("Content-Type", "")):
+        record.digest = upstream.header(b"docker-content-digest")
+        if _needs_own_error_body(upstream.status, upstream.header(b"content-type") or ""):
             operation = screened.operation
             if (
                 upstream.status == 500
                 and isinstance(operation, Operation)
-                and await _is_plain_blob(session, settings, headers, operation)
+                and await _is_plain_blob(upstream_pool, view, authorization, operation)
             ):
                 # distribution 2.8 answers 500 when a manifest is asked for by the digest of a
                 # layer or config blob (it fails to parse it); the truth is "no such manifest".
                 return error_response(404, "MANIFEST_UNKNOWN", "manifest unknown: the digest names a blob")
             return await _replace_error(request, upstream)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(forwarding.downstream_response_headers(upstream.headers))
-        if API_VERSION_HEADER not in response.headers:
-            response.headers[API_VERSION_HEADER] = API_VERSION
+        headers = forwarding.downstream_response_headers(upstream.raw_headers)
+        if API_VERSION_HEADER not in headers:
+            headers[API_VERSION_HEADER] = API_VERSION
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        gateway.finish_headers(request, response)
         await response.prepare(request)
-        if head:
+        if head_only:
             await response.write_eof()
             return response
         try:
             while True:
-                chunk = await upstream.content.readany()
+                chunk = await upstream.read()
                 if not chunk:
                     break
                 record.bytes_out += len(chunk)
                 try:
                     # A client that stops reading holds a registry connection for as long as it
                     # likes: each chunk must be taken within body_timeout (a minimum rate of about
-                    # CHUNK_SIZE per body_timeout, which any live link exceeds).
+                    # HIGH_WATER per body_timeout, which any live link exceeds).
                     async with asyncio.timeout(settings.body_timeout):
                         await response.write(chunk)
                 except TimeoutError:
@@ -521,7 +526,7 @@ async def forward(
                     if request.transport is not None:
                         request.transport.abort()
                     raise ConnectionResetError("client too slow") from None
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except UpstreamError as exc:
             record.decision = "error"
             # Too late for an error status: cut the connection so the client sees a failed transfer,
             # never a short body that looks complete.
@@ -534,7 +539,7 @@ async def forward(
 
 
 async def _is_plain_blob(
-    session: aiohttp.ClientSession, settings: Settings, headers: CIMultiDict[str], operation: Operation
+    pool: UpstreamPool, view: forwarding.ClientView, authorization: str | None, operation: Operation
 ) -> bool:
     """Whether a manifest reference by digest names a blob of the repository (a layer or config):
     the registry links those, never manifests, under blobs/."""
@@ -542,14 +547,12 @@ async def _is_plain_blob(
         return False
     if operation.reference is None or ":" not in operation.reference:
         return False
-    probe_headers = CIMultiDict(
-        (name, value) for name, value in headers.items() if name.lower() not in forwarding.CONTENT_HEADERS
-    )
-    url = URL(f"{settings.upstream}/v2/{operation.repository}/blobs/{operation.reference}", encoded=True)
+    target = f"/v2/{operation.repository}/blobs/{operation.reference}"
+    head = forwarding.upstream_request_head("HEAD", target, (), view, authorization)
     try:
-        async with session.head(url, headers=probe_headers, allow_redirects=False) as probe:
+        async with await pool.request("HEAD", head) as probe:
             return probe.status == 200
-    except (TimeoutError, aiohttp.ClientError):
+    except UpstreamError:
         return False
 
 
@@ -561,12 +564,12 @@ def _needs_own_error_body(status: int, content_type: str) -> bool:
     return status >= 400 and content_type.split(";", 1)[0].strip().lower() != "application/json"
 
 
-async def _replace_error(request: web.Request, upstream: aiohttp.ClientResponse) -> web.Response:
+async def _replace_error(request: web.BaseRequest, upstream: UpstreamResponse) -> web.Response:
     """The registry's status, with an error body of our own; the original goes to the log."""
     original = b""
     if request.method != "HEAD":
-        with contextlib.suppress(TimeoutError, aiohttp.ClientError):
-            original = await upstream.content.read(UPSTREAM_ERROR_LOG_BYTES)
+        with contextlib.suppress(UpstreamError):
+            original = await upstream.read_at_most(UPSTREAM_ERROR_LOG_BYTES)
     if upstream.status >= 500:
         log.warning(
             "registry answered %d to %s %s: %s",
@@ -575,7 +578,7 @@ async def _replace_error(request: web.Request, upstream: aiohttp.ClientResponse)
             request.path,
             original.decode("utf-8", "replace"),
         )
-        retry = upstream.headers.get("Retry-After")
+        retry = upstream.header(b"retry-after")
         return error_response(
             upstream.status,
             "UNKNOWN",
@@ -584,7 +587,7 @@ async def _replace_error(request: web.Request, upstream: aiohttp.ClientResponse)
         )
     kept = {
         name: value
-        for name, value in forwarding.downstream_response_headers(upstream.headers).items()
+        for name, value in forwarding.downstream_response_headers(upstream.raw_headers).items()
         if name.lower() not in forwarding.CONTENT_HEADERS
     }
     if upstream.status == 404:
@@ -594,56 +597,76 @@ async def _replace_error(request: web.Request, upstream: aiohttp.ClientResponse)
     )
 
 
-@web.middleware
-async def observe(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every request: timed, counted, written to the audit log; anything unexpected becomes a
-    logged 500 in registry format, never a bare traceback page."""
-    record = new_record(request.remote or "", request.method, request.raw_path)
-    request[AUDIT_RECORD] = record
-    metrics = request.app[METRICS_KEY]
-    metrics.in_flight.inc()
-    started = time.monotonic()
-    response: web.StreamResponse | None = None
-    try:
-        response = await handler(request)
-        return response
-    except (ConnectionError, asyncio.CancelledError):
-        record.decision = "error" if record.decision == "allow" else record.decision
-        raise
-    except web.HTTPException as exc:
-        response = error_response(exc.status, "UNSUPPORTED", exc.reason)
-        return response
-    except Exception:
-        log.exception("internal error handling %s %s", request.method, request.path)
-        record.decision = "error"
-        response = error_response(500, "UNKNOWN", "internal gateway error")
-        return response
-    finally:
-        metrics.in_flight.dec()
-        record.duration_ms = round((time.monotonic() - started) * 1000, 3)
-        if response is not None:
-            record.status = response.status
-            body = response.body if isinstance(response, web.Response) else None
-            if isinstance(body, bytes | bytearray) and not record.bytes_out and request.method != "HEAD":
-                record.bytes_out = len(body)
-        metrics.requests.labels(record.operation or "invalid", str(record.status), record.decision).inc()
-        metrics.bytes.labels("in").inc(record.bytes_in)
-        metrics.bytes.labels("out").inc(record.bytes_out)
-        request.app[AUDIT_KEY].write(record)
+class Gateway:
+    """One process's request path: the users and rules, the registry's connections, the counters.
 
+    `serve` is the whole of it, for every request: timed, counted and written to the audit log; any
+    unexpected failure a logged 500 in registry format, never a bare traceback page. The server
+    calls it directly (gateway.server), without aiohttp's router, middleware and signals, which
+    cost as much per request as all of our own decisions.
+    """
 
-def _edge_headers(settings: Settings) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    """No software versions for fingerprinting; HSTS when serving TLS and asked to; and the connection
-    closed after any answer that leaves a request body unread (the client may be waiting to send it,
-    after `Expect: 100-continue`, or still sending it) or that follows an upgrade request."""
-    hsts = f"max-age={settings.hsts_max_age}" if settings.tls_cert and settings.hsts_max_age else None
+    def __init__(self, settings: Settings, store: AccessStore | None, audit: AuditLog | None) -> None:
+        self.settings = settings
+        cache = CredentialCache(settings.cache_size, settings.cache_ttl)
+        access = store or AccessStore(settings.htpasswd, settings.policy)
+        self.authenticator = Authenticator(access, cache)
+        self.metrics = Metrics(cache, access)
+        self.audit = audit or AuditLog(settings.audit_log)
+        self.lockout = Lockout(settings.lockout_attempts, settings.lockout_window)
+        self.authority = TokenAuthority(settings) if settings.challenge == "bearer" else None
+        self.upstream: UpstreamPool | None = None
+        self.session: aiohttp.ClientSession | None = None  # the catalog's pages, readiness probes
+        self._hsts = (
+            f"max-age={settings.hsts_max_age}" if settings.tls_cert and settings.hsts_max_age else None
+        )
 
-    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+    async def serve(self, request: web.BaseRequest) -> web.StreamResponse:
+        record = new_record(request.remote or "", request.method, request.raw_path)
+        request[GATEWAY] = self
+        request[AUDIT_RECORD] = record
+        metrics = self.metrics
+        metrics.in_flight.inc()
+        started = time.monotonic()
+        response: web.StreamResponse | None = None
+        try:
+            try:
+                response = await handle(request)
+            except (ConnectionError, asyncio.CancelledError):
+                record.decision = "error" if record.decision == "allow" else record.decision
+                raise
+            except web.HTTPException as exc:
+                response = error_response(exc.status, "UNSUPPORTED", exc.reason)
+            except Exception:
+                log.exception("internal error handling %s %s", request.method, request.path)
+                record.decision = "error"
+                response = error_response(500, "UNKNOWN", "internal gateway error")
+            if not response.prepared:
+                self.finish_headers(request, response)
+            return response
+        finally:
+            metrics.in_flight.dec()
+            record.duration_ms = round((time.monotonic() - started) * 1000, 3)
+            if response is not None:
+                record.status = response.status
+                body = response.body if isinstance(response, web.Response) else None
+                if isinstance(body, bytes | bytearray) and not record.bytes_out and request.method != "HEAD":
+                    record.bytes_out = len(body)
+            metrics.count_request(record.operation or "invalid", record.status, record.decision)
+            if record.bytes_in:
+                metrics.bytes_in.inc(record.bytes_in)
+            if record.bytes_out:
+                metrics.bytes_out.inc(record.bytes_out)
+            self.audit.write(record)
+
+    def finish_headers(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """No software versions for fingerprinting; HSTS when serving TLS and asked to; and the
+        connection closed after any answer that leaves a request body unread (the client may be
+        waiting to send it, after `Expect: 100-continue`, or still sending it) or that follows an
+        upgrade request."""
         response.headers["Server"] = SERVER_NAME
-        if hsts is not None:
-            response.headers["Strict-Transport-Security"] = hsts
+        if self._hsts is not None:
+            response.headers["Strict-Transport-Security"] = self._hsts
         unread_body = request.body_exists and (
             not request.content.is_eof() or request.content.exception() is not None
         )
@@ -651,17 +674,46 @@ def _edge_headers(settings: Settings) -> Callable[[web.Request, web.StreamRespon
             response.force_close()
             response.headers["Connection"] = "close"
 
-    return add_headers
+    async def start(self) -> None:
+        settings = self.settings
+        self.upstream = UpstreamPool(
+            settings.upstream, settings.upstream_connections, settings.connect_timeout, settings.read_timeout
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.connect_timeout,
+            sock_connect=settings.connect_timeout,
+            sock_read=settings.read_timeout,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=8, keepalive_timeout=30),
+            timeout=timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        )
+
+    async def stop(self) -> None:
+        if self.upstream is not None:
+            await self.upstream.close()
+        if self.session is not None:
+            await self.session.close()
+        self.authenticator.close()
+
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+GATEWAY = web.RequestKey("gateway", Gateway)
 
 
 async def _reload_users(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS_KEY]
-    authenticator = app[AUTHENTICATOR_KEY]
+    gateway = app[GATEWAY_KEY]
+    settings = gateway.settings
+    authenticator = gateway.authenticator
 
     async def watch() -> None:
         while True:
             await asyncio.sleep(settings.reload_interval)
-            authority = app.get(AUTHORITY_KEY)
+            authority = gateway.authority
             if authority is not None:
                 try:
                     authority.reload_if_changed()
@@ -679,31 +731,13 @@ async def _reload_users(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS_KEY]
-    connector = aiohttp.TCPConnector(
-        limit=settings.upstream_connections, limit_per_host=0, keepalive_timeout=60
-    )
-    # `connect` bounds the wait for a free pooled connection too: when clients hold every one, a
-    # request gets 504 after connect_timeout instead of waiting forever.
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=settings.connect_timeout,
-        sock_connect=settings.connect_timeout,
-        sock_read=settings.read_timeout,
-    )
-    session = aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        read_bufsize=CHUNK_SIZE,
-    )
-    app[SESSION_KEY] = session
+async def _upstream_connections(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY_KEY]
+    await gateway.start()
+    assert gateway.session is not None
+    app[SESSION_KEY] = gateway.session
     yield
-    await session.close()
-    app[AUTHENTICATOR_KEY].close()
+    await gateway.stop()
 
 
 async def _no_early_continue(_request: web.Request) -> None:
@@ -713,8 +747,9 @@ async def _no_early_continue(_request: web.Request) -> None:
 def create_app(
     settings: Settings, store: AccessStore | None = None, audit: AuditLog | None = None
 ) -> web.Application:
+    """The gateway as an aiohttp application: its start-up and shutdown, and one route to
+    `Gateway.serve` (gateway.server's runner calls `serve` directly, without the router)."""
     app = web.Application(
-        middlewares=[observe],
         handler_args={
             "max_line_size": settings.max_header_size,
             "max_field_size": settings.max_header_size,
@@ -723,18 +758,17 @@ def create_app(
             "keepalive_timeout": settings.keepalive_timeout,
         },
     )
+    gateway = Gateway(settings, store, audit)
+    app[GATEWAY_KEY] = gateway
     app[SETTINGS_KEY] = settings
-    cache = CredentialCache(settings.cache_size, settings.cache_ttl)
-    access = store or AccessStore(settings.htpasswd, settings.policy)
-    app[AUTHENTICATOR_KEY] = Authenticator(access, cache)
-    app[METRICS_KEY] = Metrics(cache, access)
-    app[AUDIT_KEY] = audit or AuditLog(settings.audit_log)
-    app[LOCKOUT_KEY] = Lockout(settings.lockout_attempts, settings.lockout_window)
-    if settings.challenge == "bearer":
-        app[AUTHORITY_KEY] = TokenAuthority(settings)
-    app.on_response_prepare.append(_edge_headers(settings))
-    app.cleanup_ctx.append(_upstream_session)
+    app[AUTHENTICATOR_KEY] = gateway.authenticator
+    app[METRICS_KEY] = gateway.metrics
+    app[AUDIT_KEY] = gateway.audit
+    app[LOCKOUT_KEY] = gateway.lockout
+    if gateway.authority is not None:
+        app[AUTHORITY_KEY] = gateway.authority
+    app.cleanup_ctx.append(_upstream_connections)
     app.cleanup_ctx.append(_reload_users)
     # `Expect: 100-continue` is answered in `handle`, after authorization, not by the router.
-    app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_no_early_continue)
+    app.router.add_route("*", "/{tail:.*}", gateway.serve, expect_handler=_no_early_continue)
     return app

@@ -10,7 +10,8 @@ import datetime as dt
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TextIO
 
@@ -19,11 +20,11 @@ from gateway.routes import DELETE, PUSH, Operation, Route
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class AuditRecord:
     """Filled in as the request goes; written once it has finished."""
 
-    time: str
+    started: float  # seconds since the epoch; written as `time`, in ISO 8601
     client: str
     method: str
     path: str
@@ -56,8 +57,24 @@ def operation_name(operation: Operation) -> str:
 
 
 def new_record(client: str, method: str, raw_path: str) -> AuditRecord:
-    now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return AuditRecord(time=now, client=client, method=method, path=raw_path.partition("?")[0][:1024])
+    # The time is formatted only if the record is written (most gateways write none).
+    return AuditRecord(time.time(), client, method, raw_path.partition("?")[0][:1024])
+
+
+_FIELDS = tuple(field.name for field in fields(AuditRecord) if field.name != "started")
+_TOKEN_ONLY = frozenset({"scopes_requested", "scopes_granted", "client_id"})
+
+
+def record_entry(record: AuditRecord) -> dict[str, object]:
+    """The record as its JSON line holds it."""
+    started = dt.datetime.fromtimestamp(record.started, dt.UTC)
+    entry: dict[str, object] = {"time": started.isoformat(timespec="milliseconds").replace("+00:00", "Z")}
+    for name in _FIELDS:
+        value = getattr(record, name)
+        if value is None and name in _TOKEN_ONLY:
+            continue  # token requests only
+        entry[name] = value
+    return entry
 
 
 class AuditLog:
@@ -82,11 +99,7 @@ class AuditLog:
         if self._stream is None:
             return
         try:
-            entry = asdict(record)
-            for key in ("scopes_requested", "scopes_granted", "client_id"):
-                if entry[key] is None:
-                    del entry[key]  # token requests only
-            self._stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self._stream.write(json.dumps(record_entry(record), separators=(",", ":")) + "\n")
         except OSError as exc:
             log.error("audit log write failed: %s", exc)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -70,13 +70,6 @@ def _is_trusted(address: str, trusted: Iterable[IPNetwork]) -> bool:
     return any(ip in network for network in trusted)
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", []):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
-
-
 def valid_host(host: str) -> bool:
     """A host name or address, and a port the registry may safely put into `Location` URLs."""
     match = _HOST_RE.fullmatch(host)
@@ -116,28 +109,75 @@ def client_view(
     )
 
 
-def upstream_request_headers(
-    headers: CIMultiDictProxy[str] | CIMultiDict[str], view: ClientView
-) -> CIMultiDict[str]:
-    """The client's headers as the registry should see them."""
-    dropped = CLIENT_HEADERS_DROPPED | _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name.lower() not in dropped:
-            out.add(name, value)
-    out["Host"] = view.host
-    out["X-Forwarded-Host"] = view.host
-    out["X-Forwarded-Proto"] = view.scheme
-    out["X-Forwarded-For"] = ", ".join(view.forwarded_for)
-    out["X-Real-IP"] = view.address
-    return out
+def forwarding_headers(view: ClientView) -> list[tuple[str, str]]:
+    """What the registry is told of how the client reached us (it builds `Location` URLs from them)."""
+    return [
+        ("Host", view.host),
+        ("X-Forwarded-Host", view.host),
+        ("X-Forwarded-Proto", view.scheme),
+        ("X-Forwarded-For", ", ".join(view.forwarded_for)),
+        ("X-Real-IP", view.address),
+    ]
 
 
-def downstream_response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    """The registry's response headers as the client should see them."""
-    dropped = HOP_BY_HOP | _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+_REQUEST_DROPPED = frozenset(name.encode() for name in CLIENT_HEADERS_DROPPED | {"content-length"})
+_RESPONSE_DROPPED = frozenset(name.encode() for name in HOP_BY_HOP)
+
+
+def _raw_connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def _encode(text: str) -> bytes:
+    # aiohttp decodes what it parsed as UTF-8 with surrogateescape: this gives back the bytes sent.
+    return text.encode("utf-8", "surrogateescape")
+
+
+def upstream_request_head(
+    method: str,
+    target: str,
+    headers: Sequence[tuple[bytes, bytes]],
+    view: ClientView,
+    authorization: str | None = None,
+    content_length: int | None = None,
+    chunked: bool = False,
+) -> bytes:
+    """The request head the registry gets: the client's headers as sent (raw name and value bytes)
+    less hop-by-hop, credentials, forwarding and framing headers, then our forwarding headers, the
+    registry credentials (in bearer mode), and the framing we chose: `Content-Length` when a length
+    is known, `Transfer-Encoding: chunked` when the body is streamed without one."""
+    dropped = _REQUEST_DROPPED
+    if any(name.lower() == b"connection" for name, _ in headers):
+        dropped = dropped | _raw_connection_tokens(headers)
+    parts = [_encode(f"{method} {target} HTTP/1.1\r\n")]
+    for name, value in headers:
         if name.lower() not in dropped:
-            out.add(name, value)
+            parts += (name, b": ", value, b"\r\n")
+    added = forwarding_headers(view)
+    if authorization:
+        added.append(("Authorization", authorization))
+    if chunked:
+        added.append(("Transfer-Encoding", "chunked"))
+    elif content_length is not None:
+        added.append(("Content-Length", str(content_length)))
+    for added_name, text in added:
+        parts.append(_encode(f"{added_name}: {text}\r\n"))
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """The registry's response headers (raw, as parsed) as the client should see them."""
+    dropped = _RESPONSE_DROPPED
+    if any(name.lower() == b"connection" for name, _ in headers):
+        dropped = dropped | _raw_connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers:
+        if name.lower() not in dropped:
+            # The registry sends ASCII; anything else is replaced rather than failing the response.
+            out.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
     return out

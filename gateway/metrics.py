@@ -78,6 +78,25 @@ class Metrics:
             "registry_gateway_in_flight_requests", "Requests being handled", registry=self.registry
         )
         self.registry.register(_StateCollector(cache, store))
+        # Label children looked up once: prometheus_client's labels() costs a few microseconds a
+        # call, and every request would pay it four times.
+        self._requests: dict[tuple[str, str, str], Counter] = {}
+        self._latency: dict[str, Histogram] = {}
+        self.bytes_in = self.bytes.labels("in")
+        self.bytes_out = self.bytes.labels("out")
+
+    def count_request(self, operation: str, status: int, decision: str) -> None:
+        key = (operation, str(status), decision)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(*key)
+        child.inc()
+
+    def observe_upstream(self, operation: str, seconds: float) -> None:
+        child = self._latency.get(operation)
+        if child is None:
+            child = self._latency[operation] = self.upstream_latency.labels(operation)
+        child.observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -249,4 +249,9 @@ class GatewayRunner(web.AppRunner):
             return make_request(message, *args)
 
         server.request_factory = request_factory
+        # Straight to the gateway: aiohttp's router, middleware and signals would cost as much per
+        # request as all of the gateway's own decisions (the app has one catch-all route anyway).
+        from gateway.app import GATEWAY_KEY
+
+        server.request_handler = self.app[GATEWAY_KEY].serve
         return server

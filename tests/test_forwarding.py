@@ -15,6 +15,18 @@ def headers(*pairs: tuple[str, str]) -> CIMultiDict[str]:
     return CIMultiDict(pairs)
 
 
+def raw(sent: CIMultiDict[str]) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((name.encode(), value.encode()) for name, value in sent.items())
+
+
+def head_headers(head: bytes) -> tuple[str, CIMultiDict[str]]:
+    """The request line and headers of a serialised head (which must end with the blank line)."""
+    assert head.endswith(b"\r\n\r\n")
+    line, *rest = head[:-4].decode().split("\r\n")
+    pairs = [entry.partition(": ") for entry in rest]
+    return line, CIMultiDict((name, value) for name, _, value in pairs)
+
+
 def test_untrusted_client_cannot_spoof_forwarding() -> None:
     sent = headers(
         ("Host", "reg.example:8080"),
@@ -26,7 +38,8 @@ def test_untrusted_client_cannot_spoof_forwarding() -> None:
     )
     view = forwarding.client_view("192.0.2.7", "http", "reg.example:8080", sent, TRUSTED)
     assert view == forwarding.ClientView("192.0.2.7", ("192.0.2.7",), "http", "reg.example:8080")
-    out = forwarding.upstream_request_headers(sent, view)
+    line, out = head_headers(forwarding.upstream_request_head("GET", "/v2/", raw(sent), view))
+    assert line == "GET /v2/ HTTP/1.1"
     assert "Forwarded" not in out
     assert out["Host"] == "reg.example:8080"
     assert out["X-Forwarded-Host"] == "reg.example:8080"
@@ -80,7 +93,11 @@ def test_credentials_and_hop_by_hop_are_not_forwarded() -> None:
         ("User-Agent", "skopeo/1.9"),
     )
     view = forwarding.client_view("127.0.0.1", "http", "h:1", sent, ())
-    out = forwarding.upstream_request_headers(sent, view)
+    head = forwarding.upstream_request_head(
+        "PUT", "/v2/a/blobs/uploads/u?digest=sha256:1", raw(sent), view, content_length=7
+    )
+    line, out = head_headers(head)
+    assert line == "PUT /v2/a/blobs/uploads/u?digest=sha256:1 HTTP/1.1"
     for name in (
         "Authorization",
         "Proxy-Authorization",
@@ -97,7 +114,8 @@ def test_credentials_and_hop_by_hop_are_not_forwarded() -> None:
         "application/vnd.oci.image.manifest.v1+json",
         "application/vnd.docker.distribution.manifest.v2+json",
     ]
-    assert out["Content-Length"] == "10"
+    # Framing is ours: the length we send, never the client's header as it was.
+    assert out.getall("Content-Length") == ["7"]
     assert out["Range"] == "bytes=0-9"
     assert out["User-Agent"] == "skopeo/1.9"
 
@@ -112,11 +130,48 @@ def test_response_headers() -> None:
         ("Content-Encoding", "gzip"),
         ("Link", '</v2/_catalog?last=b&n=1>; rel="next"'),
     )
-    out = forwarding.downstream_response_headers(got)
+    out = forwarding.downstream_response_headers(raw(got))
     assert "Connection" not in out and "Transfer-Encoding" not in out
     assert out["Location"] == "http://h:1/v2/a/blobs/uploads/u?_state=x%3D"
     assert out["Content-Encoding"] == "gzip"
     assert out["Content-Length"] == "5"
+
+
+def test_request_framing_is_ours() -> None:
+    sent = headers(("Content-Length", "99"), ("Transfer-Encoding", "chunked"), ("Host", "h:1"))
+    view = forwarding.client_view("127.0.0.1", "http", "h:1", sent, ())
+    cases = [
+        ({"chunked": True}, [], ["chunked"]),
+        ({"content_length": 0}, ["0"], []),
+        ({"content_length": 12}, ["12"], []),
+        ({}, [], []),
+    ]
+    for framing, lengths, encodings in cases:
+        _, out = head_headers(forwarding.upstream_request_head("PATCH", "/v2/", raw(sent), view, **framing))  # type: ignore[arg-type]
+        assert out.getall("Content-Length", []) == lengths, framing
+        assert out.getall("Transfer-Encoding", []) == encodings, framing
+        assert out.getall("Host") == ["h:1"]
+
+
+def test_registry_credentials_replace_the_clients() -> None:
+    sent = headers(("Authorization", "Bearer client-token"), ("Host", "h:1"))
+    view = forwarding.client_view("127.0.0.1", "http", "h:1", sent, ())
+    _, out = head_headers(forwarding.upstream_request_head("GET", "/v2/", raw(sent), view, "Bearer minted"))
+    assert out.getall("Authorization") == ["Bearer minted"]
+    _, out = head_headers(forwarding.upstream_request_head("GET", "/v2/", raw(sent), view))
+    assert "Authorization" not in out
+
+
+def test_raw_header_bytes_cross_unchanged() -> None:
+    # Names keep their case and values their bytes (aiohttp decoded them with surrogateescape).
+    view = forwarding.client_view("127.0.0.1", "http", "h:1", headers(), ())
+    sent = ((b"x-Odd-CASE", b"caf\xc3\xa9 \xff"),)
+    head = forwarding.upstream_request_head("GET", "/v2/", sent, view)
+    assert b"\r\nx-Odd-CASE: caf\xc3\xa9 \xff\r\n" in head
+    out = forwarding.downstream_response_headers(
+        ((b"X-Odd", b"\xff"), (b"Docker-Content-Digest", b"sha256:1"))
+    )
+    assert out["X-Odd"] == "\ufffd" and out["Docker-Content-Digest"] == "sha256:1"
 
 
 def test_host_validation() -> None:

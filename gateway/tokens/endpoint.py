@@ -39,7 +39,7 @@ def _oauth_error(status: int, error: str, description: str) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
 
 
-async def _form(request: web.Request, idle_timeout: float) -> MultiDict[str] | None:
+async def _form(request: web.BaseRequest, idle_timeout: float) -> MultiDict[str] | None:
     media_type = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/x-www-form-urlencoded":
         return None
@@ -66,7 +66,7 @@ async def _form(request: web.Request, idle_timeout: float) -> MultiDict[str] | N
 
 
 async def token_endpoint(
-    request: web.Request,
+    request: web.BaseRequest,
     settings: Settings,
     authority: TokenAuthority,
     authenticator: Authenticator,

@@ -1,0 +1,473 @@
+"""The registry client: a pool of keep-alive HTTP/1.1 connections on asyncio protocols.
+
+The request path's own client, instead of aiohttp's ClientSession, because that was the largest
+single cost per proxied request (about a third of the gateway's CPU in the profile, README's
+"Where the time goes"): a session request builds URL objects, header multidicts, a request and a
+response object, timers and a task per request. Here a request is one pre-built head written to a
+pooled transport, and the response is parsed by llhttp (through httptools, the parser uvicorn
+uses) straight from `data_received`.
+
+What the registry sees is exactly what the caller built: the head bytes as given (see
+`forwarding.upstream_request_head`), then the body with the framing we chose: the declared length
+as sent, or chunked encoding made here. Responses are streamed: at most HIGH_WATER bytes wait in
+a connection before it stops reading from the registry.
+
+Failures are one of three exceptions: NoConnection (none within `connect_timeout`, whether the
+registry is unreachable or every pooled connection is busy), UpstreamTimeout (the registry went
+quiet for `read_timeout`), UpstreamError (refused, closed, or sent what llhttp cannot parse).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from collections.abc import AsyncIterator
+
+import httptools
+from yarl import URL
+
+# A connection stops reading from the registry when this much response body waits for the client.
+HIGH_WATER = 1024 * 1024
+LOW_WATER = 256 * 1024
+# An idle pooled connection older than this is closed rather than reused (the registry may have
+# dropped it already; Go's servers close idle connections after a while).
+IDLE_TIMEOUT = 30.0
+_HEAD_END = b"\r\n\r\n"
+
+
+class UpstreamError(Exception):
+    """The registry refused or closed the connection, or answered what is not HTTP/1.1."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The registry sent nothing for `read_timeout`."""
+
+
+class NoConnection(UpstreamTimeout):
+    """No connection to the registry within `connect_timeout`: unreachable, or every one busy."""
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to the registry, carrying one exchange at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser: httptools.HttpResponseParser | None = None
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reset(head_only=False)
+        self._expecting = False
+
+    def _reset(self, head_only: bool) -> None:
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_complete = False
+        self.complete = False
+        self.keep_alive = False
+        self.reusable = True
+        self._head_only = head_only
+        self._head_buffer = b""
+        self._interim = False
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._reading_paused = False
+        self._until_eof = False
+
+    # --- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._expecting and not self.complete:
+            if self.head_complete and self._until_eof and exc is None:
+                self.complete = True  # a body delimited by the end of the connection
+            elif self._error is None:
+                self._error = UpstreamError(
+                    "the registry closed the connection" + (f": {exc}" if exc else "")
+                )
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(UpstreamError("the registry closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._expecting or self.complete:
+            # Bytes nobody asked for: this connection cannot be trusted with another exchange.
+            self.reusable = False
+            if self.transport is not None:
+                self.transport.close()
+            return
+        parser = self._parser
+        if parser is None:
+            return
+        try:
+            if self._head_only and not self.head_complete:
+                # llhttp cannot be told that a response answers HEAD (it would wait for the body
+                # its Content-Length announces): give it the head alone.
+                buffered = self._head_buffer + data
+                end = buffered.find(_HEAD_END)
+                if end < 0:
+                    self._head_buffer = buffered
+                    if len(buffered) > 1024 * 1024:
+                        raise UpstreamError("the registry's response head is too large")
+                    return
+                self._head_buffer = b""
+                parser.feed_data(buffered[: end + 4])
+                if end + 4 != len(buffered):
+                    self.reusable = False  # more than the head answered a HEAD
+            else:
+                parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("the registry switched protocols"))
+        except (httptools.HttpParserError, UpstreamError) as exc:
+            self._fail(exc if isinstance(exc, UpstreamError) else UpstreamError(f"bad response: {exc}"))
+
+    # --- httptools callbacks ---------------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            # An interim answer (the registry never gets Expect from us, but may send one):
+            # skipped, the real answer follows on the same connection.
+            self._interim = True
+            self.headers = []
+            self.reason = b""
+            return
+        self.status = status
+        self.keep_alive = parser.should_keep_alive()
+        self.head_complete = True
+        if self._head_only or status in (204, 304):
+            self.complete = True
+        else:
+            names = {name.lower() for name, _ in self.headers}
+            self._until_eof = b"content-length" not in names and b"transfer-encoding" not in names
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if self._head_only:
+            self.reusable = False
+            return
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self.complete = True
+        self._wake()
+
+    # --- used by the pool ------------------------------------------------------------------------
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self, quiet_limit: float | None) -> None:
+        """Until the registry sends something (or fails); at most `quiet_limit` seconds."""
+        if self._error is not None:
+            raise self._error
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            async with asyncio.timeout(quiet_limit):
+                await waiter
+        except TimeoutError:
+            error = UpstreamTimeout(f"the registry sent nothing for {quiet_limit:g} s")
+            self._fail(error)
+            raise error from None
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+
+    def begin(self, head: bytes, head_only: bool) -> None:
+        self._reset(head_only)
+        self._expecting = True
+        self._parser = httptools.HttpResponseParser(self)
+        assert self.transport is not None
+        self.transport.write(head)
+
+    async def drain(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self.closed:
+            raise UpstreamError("the registry closed the connection")
+        if self._write_paused:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+
+    async def send_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+        transport = self.transport
+        assert transport is not None
+        async for chunk in body:
+            if self.closed or self._error is not None:
+                raise self._error or UpstreamError("the registry closed the connection")
+            if chunked:
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                transport.write(chunk)
+            await self.drain()
+        if chunked:
+            transport.write(b"0\r\n\r\n")
+        await self.drain()
+
+    async def read_head(self, quiet_limit: float | None) -> None:
+        while not self.head_complete:
+            await self._wait(quiet_limit)
+        # An error after the head belongs to the body: reported when the body is read.
+
+    async def read(self, quiet_limit: float) -> bytes:
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._reading_paused and self._buffered < LOW_WATER and self.transport is not None:
+                    self._reading_paused = False
+                    self.transport.resume_reading()
+                return chunk
+            if self.complete:
+                return b""
+            await self._wait(quiet_limit)
+
+    def finished(self) -> bool:
+        """Whether this connection may carry another exchange."""
+        self._expecting = False
+        return (
+            self.complete
+            and self.keep_alive
+            and self.reusable
+            and self._error is None
+            and not self.closed
+            and not self._chunks
+        )
+
+    def close(self) -> None:
+        self._expecting = False
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+
+class UpstreamResponse:
+    """The registry's answer: status and headers at once, the body as it arrives."""
+
+    def __init__(self, pool: UpstreamPool, connection: _Connection) -> None:
+        self._pool = pool
+        self._connection: _Connection | None = connection
+        self.status = connection.status
+        self.reason = connection.reason.decode("latin-1")
+        self.raw_headers = connection.headers
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of a header (name in lower case), decoded; None when absent."""
+        for key, value in self.raw_headers:
+            if key.lower() == name:
+                return value.decode("utf-8", "replace")
+        return None
+
+    async def read(self) -> bytes:
+        """The next piece of the body; b"" at its end. Raises UpstreamError, UpstreamTimeout."""
+        if self._connection is None:
+            return b""
+        return await self._connection.read(self._pool.read_timeout)
+
+    async def read_at_most(self, limit: int) -> bytes:
+        data = b""
+        while len(data) < limit:
+            chunk = await self.read()
+            if not chunk:
+                break
+            data += chunk
+        return data[:limit]
+
+    def release(self) -> None:
+        """Done with the response: its connection goes back to the pool if the exchange is whole."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._pool._release(connection)
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.release()
+
+
+class UpstreamPool:
+    """Keep-alive connections to one registry, at most `limit` of them in use at once."""
+
+    def __init__(
+        self,
+        upstream: URL,
+        limit: int,
+        connect_timeout: float,
+        read_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.host = upstream.host or "127.0.0.1"
+        self.port = upstream.port or (443 if upstream.scheme == "https" else 80)
+        self._ssl: ssl.SSLContext | None = None
+        if upstream.scheme == "https":
+            self._ssl = ssl_context or ssl.create_default_context()
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._slots = asyncio.Semaphore(limit) if limit > 0 else None
+        self._idle: list[_Connection] = []
+        self._closed = False
+
+    async def _connect(self, deadline: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(deadline):
+                _, connection = await loop.create_connection(_Connection, self.host, self.port, ssl=self._ssl)
+        except TimeoutError:
+            raise NoConnection("no connection to the registry in time") from None
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to the registry: {exc.strerror or exc}") from None
+        return connection
+
+    def _idle_connection(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed and now - connection.idle_since < IDLE_TIMEOUT:
+                return connection
+            connection.close()
+        return None
+
+    async def request(
+        self,
+        method: str,
+        head: bytes,
+        body: AsyncIterator[bytes] | None = None,
+        chunked: bool = False,
+    ) -> UpstreamResponse:
+        """Send one request (its head already serialised) and wait for the response head."""
+        if self._closed:
+            raise UpstreamError("the gateway is shutting down")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        if self._slots is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise NoConnection("every connection to the registry is busy") from None
+        try:
+            connection = self._idle_connection()
+            reused = connection is not None
+            if connection is None:
+                connection = await self._connect(deadline)
+            try:
+                await self._exchange(connection, method, head, body, chunked)
+            except UpstreamError as exc:
+                connection.close()
+                # A pooled connection the registry closed as we picked it up: a request without a
+                # body is sent again, once, on a new connection (nothing of it was processed).
+                if not reused or body is not None or isinstance(exc, UpstreamTimeout):
+                    raise
+                if connection.status or connection.headers:
+                    raise
+                connection = await self._connect(deadline)
+                try:
+                    await self._exchange(connection, method, head, None, False)
+                except BaseException:
+                    connection.close()
+                    raise
+            except BaseException:
+                connection.close()
+                raise
+        except BaseException:
+            if self._slots is not None:
+                self._slots.release()
+            raise
+        return UpstreamResponse(self, connection)
+
+    async def _exchange(
+        self,
+        connection: _Connection,
+        method: str,
+        head: bytes,
+        body: AsyncIterator[bytes] | None,
+        chunked: bool,
+    ) -> None:
+        connection.begin(head, head_only=method == "HEAD")
+        if body is None:
+            await connection.read_head(self.read_timeout)
+            return
+        sender = asyncio.ensure_future(connection.send_body(body, chunked))
+        head_task = asyncio.ensure_future(connection.read_head(None))
+        try:
+            await asyncio.wait((sender, head_task), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            sender.cancel()
+            head_task.cancel()
+            raise
+        if sender.done():
+            if sender.exception() is not None:
+                head_task.cancel()
+                sender.result()  # the client's body failed, or the registry went away: raised here
+            try:
+                async with asyncio.timeout(self.read_timeout):
+                    await head_task
+            except TimeoutError:
+                error = UpstreamTimeout(f"the registry sent nothing for {self.read_timeout:g} s")
+                connection._fail(error)
+                raise error from None
+            return
+        # The registry answered before the body was sent (an error, usually): the rest of the
+        # body is not sent, and this connection is not reused.
+        sender.cancel()
+        connection.reusable = False
+        head_task.result()
+
+    def _release(self, connection: _Connection) -> None:
+        if connection.finished() and not self._closed:
+            connection.idle_since = time.monotonic()
+            self._idle.append(connection)
+        else:
+            connection.close()
+        if self._slots is not None:
+            self._slots.release()
+
+    async def close(self) -> None:
+        self._closed = True
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
