@@ -862,7 +862,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None, help="length of one hey run")
-    parser.add_argument("--workers", type=int, default=2, help="gateway worker processes (default 2)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="gateway worker processes (default 1, as the gateway)"
+    )
     parser.add_argument("--blob-mib", type=int, default=None)
     parser.add_argument("--big-mib", type=int, default=None)
     parser.add_argument("--no-skopeo", action="store_true")

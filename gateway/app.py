@@ -626,7 +626,7 @@ class Gateway:
         request[GATEWAY] = self
         request[AUDIT_RECORD] = record
         metrics = self.metrics
-        metrics.in_flight.inc()
+        metrics.in_flight += 1
         started = time.monotonic()
         response: web.StreamResponse | None = None
         try:
@@ -645,7 +645,7 @@ class Gateway:
                 self.finish_headers(request, response)
             return response
         finally:
-            metrics.in_flight.dec()
+            metrics.in_flight -= 1
             record.duration_ms = round((time.monotonic() - started) * 1000, 3)
             if response is not None:
                 record.status = response.status

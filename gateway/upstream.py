@@ -204,18 +204,25 @@ class _Connection(asyncio.Protocol):
         """Until the registry sends something (or fails); at most `quiet_limit` seconds."""
         if self._error is not None:
             raise self._error
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._waiter = waiter
+        # A bare timer, not asyncio.timeout: this runs for every response, often twice.
+        timer = (
+            loop.call_later(quiet_limit, self._too_quiet, quiet_limit) if quiet_limit is not None else None
+        )
         try:
-            async with asyncio.timeout(quiet_limit):
-                await waiter
-        except TimeoutError:
-            error = UpstreamTimeout(f"the registry sent nothing for {quiet_limit:g} s")
-            self._fail(error)
-            raise error from None
+            await waiter
         finally:
+            if timer is not None:
+                timer.cancel()
             if self._waiter is waiter:
                 self._waiter = None
+        if self._error is not None and not self._chunks and not self.complete:
+            raise self._error
+
+    def _too_quiet(self, quiet_limit: float) -> None:
+        self._fail(UpstreamTimeout(f"the registry sent nothing for {quiet_limit:g} s"))
 
     def begin(self, head: bytes, head_only: bool) -> None:
         self._reset(head_only)
