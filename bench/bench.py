@@ -786,7 +786,7 @@ def bench_scaling(
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["", "== authenticated HEAD manifest (median of rounds): req/s, p50 ms, CPU us/request =="]
+    lines = ["", "== authenticated HEAD manifest (median of rounds): req/s / p50 ms / CPU us per request =="]
     names = (
         ("registry", "direct"),
         ("nginx", "nginx"),
@@ -795,12 +795,12 @@ def table(results: dict[str, Any]) -> str:
     )
     lines.append(
         f"{'case':<12}"
-        + "".join(f"{label:>24}" for _, label in names)
+        + "".join(f"{label:>22}" for _, label in names)
         + f"{'gw/direct':>11}{'gw cpu/plain':>14}"
     )
     for case, s in results["head"].items():
         cells = "".join(
-            f"{s[name]['rps']:>9.0f}{s[name]['p50_ms']:>6.2f}{s[name]['cpu_us_per_request']:>9.0f}"
+            f"{s[name]['rps']:>7.0f} /{s[name]['p50_ms']:>6.1f} /{s[name]['cpu_us_per_request']:>6.0f}"
             for name, _ in names
         )
         lines.append(
