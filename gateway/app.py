@@ -31,6 +31,7 @@ from gateway.authn import (
 )
 from gateway.config import Settings
 from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_response
+from gateway.identity import Labels, merge_labels
 from gateway.lockout import Lockout
 from gateway.login import Locked, Refused, check_login, locked_response
 from gateway.metrics import Metrics
@@ -180,6 +181,7 @@ class Identity:
     user: str | None
     token_access: tuple[Scope, ...] | None = None
     basic: bool = False  # Basic credentials were sent
+    labels: Labels | None = None  # the login's; None: the policy account's
 
 
 def _upstream_token(request: web.BaseRequest, identity: Identity, operation: Operation) -> None:
@@ -195,9 +197,10 @@ def _upstream_token(request: web.BaseRequest, identity: Identity, operation: Ope
         request[UPSTREAM_TOKEN] = authority.token_for(identity.user or "", needed(operation))
 
 
-def _still_valid(snapshot: Snapshot, user: str) -> bool:
-    """A token's user still exists and has not expired (tokens outlive neither)."""
-    if user not in snapshot.users:
+def _still_valid(snapshot: Snapshot, user: str, directory_labels: Labels | None) -> bool:
+    """A token's user still exists (in the files, or a directory verified it within cache_ttl)
+    and has not expired (tokens outlive neither)."""
+    if user not in snapshot.users and directory_labels is None:
         return False
     return snapshot.policy is None or not snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC))
 
@@ -220,12 +223,17 @@ async def _identify(
             return _unauthorized(request, operation, str(exc), error="invalid_token")
         user = claims.subject or None
         record.user = user
-        if user is not None and not _still_valid(snapshot, user):
+        directory_labels = request[GATEWAY].authenticator.directory_labels(user) if user else None
+        if user is not None and not _still_valid(snapshot, user, directory_labels):
             metrics.tokens.labels("rejected", "user").inc()
             return _unauthorized(
                 request, operation, "the token's user is no longer valid", error="invalid_token"
             )
-        return Identity(user, claims.access)
+        labels = None
+        if user is not None and directory_labels is not None:
+            account_labels = snapshot.policy.account(user).labels if snapshot.policy is not None else {}
+            labels = merge_labels(account_labels, directory_labels)
+        return Identity(user, claims.access, labels=labels)
 
     authenticator = request[GATEWAY].authenticator
     credentials = parse_basic_authorization(authorization)
@@ -249,15 +257,15 @@ async def _identify(
         metrics.auth_failures.labels(login.reason).inc()
         message = "account expired" if login.reason == "expired" else "authentication required"
         return _unauthorized(request, operation, message, basic=True)
-    return Identity(login.user, basic=True)
+    return Identity(login.user, basic=True, labels=login.labels)
 
 
 def _decide(
-    snapshot: Snapshot, settings: Settings, user: str | None, operation: Operation, ip: str
+    snapshot: Snapshot, settings: Settings, identity: Identity, operation: Operation, ip: str
 ) -> Decision:
     if snapshot.policy is None:
-        return default_policy(user, operation, settings.admin_prefix)
-    return acl_policy(snapshot.policy, user, operation, ip)
+        return default_policy(identity.user, operation, settings.admin_prefix)
+    return acl_policy(snapshot.policy, identity.user, operation, ip, identity.labels)
 
 
 async def handle(request: web.BaseRequest) -> web.StreamResponse:
@@ -322,7 +330,7 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
             _upstream_token(request, identity, operation)
             return await forward(request, settings, view, operation.target, screened)
 
-    decision = _decide(snapshot, settings, user, operation, view.address)
+    decision = _decide(snapshot, settings, identity, operation, view.address)
     record.rule = decision.rule
     if decision.outcome is Outcome.CHALLENGE:
         return _unauthorized(request, operation, "authentication required", basic=identity.basic)
@@ -348,7 +356,7 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
     if decision.filter_catalog and snapshot.policy is not None:
         policy = snapshot.policy
         return await catalog_response(
-            request, operation, view, lambda name: may_pull(policy, user, name, view.address)
+            request, operation, view, lambda name: may_pull(policy, user, name, view.address, identity.labels)
         )
     if screened.expect_continue and request.version >= (1, 1):
         # Only now that the request is authorized may the client start sending its body.

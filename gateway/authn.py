@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from gateway import htpasswd
+from gateway.identity import Labels, Rejected, Verdict, Verified
+from gateway.identity.ldap import LdapSettings, LdapSource
 from gateway.state import AccessStore, Snapshot
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ class CredentialCache:
 
     def __init__(self, max_entries: int, ttl_seconds: float) -> None:
         self._key = secrets.token_bytes(32)
-        self._entries: OrderedDict[bytes, tuple[str, int, float]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[Verified, int, float]] = OrderedDict()
         self.max_entries = max_entries
         self.ttl = ttl_seconds
         self.hits = 0
@@ -87,7 +89,7 @@ class CredentialCache:
         message = credentials.username.encode() + b"\0" + credentials.password.encode()
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
-    def get(self, key: bytes, generation: int) -> str | None:
+    def get(self, key: bytes, generation: int) -> Verified | None:
         entry = self._entries.get(key)
         if entry is None or entry[1] != generation or entry[2] < time.monotonic():
             if entry is not None:
@@ -98,10 +100,10 @@ class CredentialCache:
         self.hits += 1
         return entry[0]
 
-    def put(self, key: bytes, username: str, generation: int) -> None:
+    def put(self, key: bytes, verified: Verified, generation: int) -> None:
         if self.max_entries <= 0 or self.ttl <= 0:
             return
-        self._entries[key] = (username, generation, time.monotonic() + self.ttl)
+        self._entries[key] = (verified, generation, time.monotonic() + self.ttl)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -126,7 +128,11 @@ class Authenticator:
             max_workers=workers or min(4, (os.cpu_count() or 1) * 2),
             thread_name_prefix="bcrypt",
         )
-        self._in_flight: dict[tuple[bytes, int], asyncio.Future[str | None]] = {}
+        self._in_flight: dict[tuple[bytes, int], asyncio.Future[Verdict]] = {}
+        self._ldap: LdapSource | None = None
+        # Labels of users a directory verified, for requests that carry a token, not a password;
+        # kept as long as a cached login (cache_ttl).
+        self._directory_users: dict[str, tuple[Labels, float]] = {}
 
     async def reload_if_changed(self, force: bool = False) -> bool:
         """Re-read users and rules in a thread (parsing a big file must not stall streaming);
@@ -134,16 +140,39 @@ class Authenticator:
         changed = await asyncio.to_thread(self.store.reload_if_changed, force)
         if changed:
             self.cache.clear()
+            self._directory_users.clear()
         return changed
 
-    def already_verified(self, credentials: Credentials, snapshot: Snapshot) -> str | None:
-        """The user name if these exact credentials were verified recently (the login cache), with
+    def already_verified(self, credentials: Credentials, snapshot: Snapshot) -> Verified | None:
+        """The login if these exact credentials were verified recently (the login cache), with
         no password check: what a locked-out address may still use, since it teaches a guesser
         nothing."""
         return self.cache.get(self.cache.key(credentials), snapshot.generation)
 
+    def ldap_source(self, snapshot: Snapshot | None = None) -> LdapSource | None:
+        """The directory of the current rules (one source, kept while its settings stay)."""
+        snapshot = snapshot or self.store.snapshot
+        settings: LdapSettings | None = snapshot.policy.ldap if snapshot.policy is not None else None
+        if settings is None:
+            return None
+        if self._ldap is None or self._ldap.settings != settings:
+            self._ldap = LdapSource(settings)
+        return self._ldap
+
+    def directory_labels(self, user: str) -> Labels | None:
+        """A directory user's labels from a login within cache_ttl; None if there was none."""
+        entry = self._directory_users.get(user)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
     async def authenticate(self, credentials: Credentials, snapshot: Snapshot | None = None) -> str | None:
         """The user name when the credentials are right, else None (same cost for unknown users)."""
+        verdict = await self.login(credentials, snapshot)
+        return verdict.user if isinstance(verdict, Verified) else None
+
+    async def login(self, credentials: Credentials, snapshot: Snapshot | None = None) -> Verdict:
+        """Verified (user, labels, source), Rejected, or Unavailable (a source could not decide)."""
         snapshot = snapshot or self.store.snapshot
         key = self.cache.key(credentials)
         cached = self.cache.get(key, snapshot.generation)
@@ -153,12 +182,17 @@ class Authenticator:
         pending = self._in_flight.get(flight)
         if pending is not None:
             return await asyncio.shield(pending)
-        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
         self._in_flight[flight] = future
         try:
             result = await self._verify(credentials, snapshot)
-            if result is not None and self.store.snapshot is snapshot:
+            if isinstance(result, Verified) and self.store.snapshot is snapshot:
                 self.cache.put(key, result, snapshot.generation)
+                if result.source != "htpasswd":
+                    self._directory_users.pop(result.user, None)
+                    self._directory_users[result.user] = (result.labels, time.monotonic() + self.cache.ttl)
+                    while len(self._directory_users) > max(1, self.cache.max_entries):
+                        del self._directory_users[next(iter(self._directory_users))]
             future.set_result(result)
             return result
         except asyncio.CancelledError:
@@ -171,14 +205,20 @@ class Authenticator:
         finally:
             del self._in_flight[flight]
 
-    async def _verify(self, credentials: Credentials, snapshot: Snapshot) -> str | None:
+    async def _verify(self, credentials: Credentials, snapshot: Snapshot) -> Verdict:
+        # Each name is resolved by exactly one source: the htpasswd file and the policy's static
+        # users first; a name found there is never looked up in the directory.
         stored = snapshot.users.get(credentials.username)
+        if stored is None:
+            directory = self.ldap_source(snapshot)
+            if directory is not None:
+                return await directory.verify(credentials.username, credentials.password)
         known = stored is not None
         target = stored if stored is not None else snapshot.dummy
         loop = asyncio.get_running_loop()
         self.cache.verifications += 1
         ok = await loop.run_in_executor(self._executor, htpasswd.verify, credentials.password, target)
-        return credentials.username if ok and known else None
+        return Verified(credentials.username) if ok and known else Rejected()
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -5,6 +5,7 @@ then the password (cached, bcrypt off the event loop), then the account's expiry
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -13,13 +14,18 @@ from aiohttp import web
 
 from gateway.authn import Authenticator, Credentials
 from gateway.errors import error_response
+from gateway.identity import Labels, Unavailable, Verified, merge_labels
 from gateway.lockout import Lockout
 from gateway.state import Snapshot
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LoggedIn:
     user: str
+    labels: Labels  # from the identity source and the policy's accounts together
+    source: str
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class Locked:
 
 @dataclass(frozen=True)
 class Refused:
-    reason: str  # "bad_credentials" or "expired", as metrics label them
+    reason: str  # "bad_credentials", "expired" or "directory_unavailable", as metrics label them
 
 
 async def check_login(
@@ -40,19 +46,26 @@ async def check_login(
         # Many clients may share one address (behind NAT, or docker's userland proxy, every
         # client is the bridge's address): a guesser there must not lock out the user, so
         # credentials verified before still work. They cost no bcrypt and teach nothing.
-        user = authenticator.already_verified(credentials, snapshot)
-        if user is None:
+        verified = authenticator.already_verified(credentials, snapshot)
+        if verified is None:
             return Locked(wait)
     else:
-        user = await authenticator.authenticate(credentials, snapshot)
-        if user is None:
+        verdict = await authenticator.login(credentials, snapshot)
+        if isinstance(verdict, Unavailable):
+            # Fail closed, and count no failed attempt: the user may have done nothing wrong.
+            log.warning("login of %r refused: %s", credentials.username, verdict.reason)
+            return Refused("directory_unavailable")
+        if not isinstance(verdict, Verified):
             attempt = authenticator.cache.key(credentials)
             lockout.failed(client, credentials.username, time.monotonic(), attempt)
             return Refused("bad_credentials")
+        verified = verdict
         lockout.succeeded(client, credentials.username)
+    user = verified.user
     if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
         return Refused("expired")
-    return LoggedIn(user)
+    account_labels = snapshot.policy.account(user).labels if snapshot.policy is not None else {}
+    return LoggedIn(user, merge_labels(account_labels, verified.labels), verified.source)
 
 
 def locked_response(locked: Locked) -> web.Response:

@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass
 
 from gateway import acl
+from gateway.identity import Labels
 from gateway.policyfile import Policy
 from gateway.routes import PULL, Operation, Route
 
@@ -51,8 +52,15 @@ def default_policy(user: str | None, operation: Operation, admin_prefix: str) ->
 
 
 def acl_request(
-    policy: Policy, user: str | None, type_: str, name: str, actions: frozenset[str], ip: str | None
+    policy: Policy,
+    user: str | None,
+    type_: str,
+    name: str,
+    actions: frozenset[str],
+    ip: str | None,
+    labels: Labels | None = None,
 ) -> acl.Request:
+    """`labels`: the login's (an identity source's with the policy account's); None: the account's."""
     account = policy.account(user) if user is not None else None
     return acl.Request(
         account=user or "",
@@ -61,16 +69,20 @@ def acl_request(
         actions=actions,
         ip=ip,
         service=policy.service,
-        labels=account.labels if account is not None else {},
+        labels=labels if labels is not None else (account.labels if account is not None else {}),
     )
 
 
-def may_pull(policy: Policy, user: str | None, repository: str, ip: str | None) -> bool:
-    request = acl_request(policy, user, "repository", repository, frozenset({PULL}), ip)
+def may_pull(
+    policy: Policy, user: str | None, repository: str, ip: str | None, labels: Labels | None = None
+) -> bool:
+    request = acl_request(policy, user, "repository", repository, frozenset({PULL}), ip, labels)
     return acl.evaluate(policy.rules, request).allows({PULL})
 
 
-def acl_policy(policy: Policy, user: str | None, operation: Operation, ip: str | None) -> Decision:
+def acl_policy(
+    policy: Policy, user: str | None, operation: Operation, ip: str | None, labels: Labels | None = None
+) -> Decision:
     """Decide under the policy file's ACL. `user` is None for requests without credentials."""
     if user is None and not policy.anonymous:
         return Decision(Outcome.CHALLENGE, "authentication required")
@@ -81,7 +93,7 @@ def acl_policy(policy: Policy, user: str | None, operation: Operation, ip: str |
         return Decision(Outcome.ALLOW, "any authenticated user may check its login")
 
     if operation.route is Route.CATALOG:
-        request = acl_request(policy, user, "registry", "catalog", operation.actions, ip)
+        request = acl_request(policy, user, "registry", "catalog", operation.actions, ip, labels)
         verdict = acl.evaluate(policy.rules, request)
         if verdict.allows(operation.actions):
             return Decision(Outcome.ALLOW, "catalog granted", verdict.entry_index, verdict.comment)
@@ -89,11 +101,13 @@ def acl_policy(policy: Policy, user: str | None, operation: Operation, ip: str |
 
     if operation.repository is None:  # every other route names one; refuse if that ever changes
         return Decision(Outcome.DENY, "no repository in the request")
-    request = acl_request(policy, user, "repository", operation.repository, operation.actions, ip)
+    request = acl_request(policy, user, "repository", operation.repository, operation.actions, ip, labels)
     verdict = acl.evaluate(policy.rules, request)
     if not verdict.allows(operation.actions):
         reason = "no rule matched" if verdict.entry_index is None else "rule grants too little"
         outcome = Outcome.CHALLENGE if user is None else Outcome.DENY
         return Decision(outcome, reason, verdict.entry_index, verdict.comment)
-    drop_mount = operation.mount_from is not None and not may_pull(policy, user, operation.mount_from, ip)
+    drop_mount = operation.mount_from is not None and not may_pull(
+        policy, user, operation.mount_from, ip, labels
+    )
     return Decision(Outcome.ALLOW, "granted", verdict.entry_index, verdict.comment, drop_mount=drop_mount)

@@ -34,6 +34,8 @@ import yaml
 from gateway import acl, htpasswd, yaml_files
 from gateway.acl import Rules
 from gateway.files import describe_read_error
+from gateway.identity import ldap as ldap_identity
+from gateway.identity.ldap import LdapSettings
 
 ACTIONS = frozenset({"pull", "push", "delete", "*"})
 MATCH_KEYS = ("account", "type", "name", "service", "ip", "labels")
@@ -64,7 +66,6 @@ class DockerAuthSections:
 
 # docker_auth's other sections: identity and authorization sources this gateway does not have.
 DOCKER_AUTH_UNSUPPORTED = (
-    "ldap_auth",
     "mongo_auth",
     "xorm_auth",
     "ext_auth",
@@ -92,6 +93,7 @@ class Policy:
     warnings: tuple[str, ...] = ()
     docker_auth: DockerAuthSections | None = None  # a docker_auth auth_config.yml's server/token
     service_explicit: bool = False  # the file has its own `service:` key
+    ldap: LdapSettings | None = None  # docker_auth's ldap_auth section: logins against a directory
 
     def account(self, name: str) -> Account:
         return self.accounts.get(name, _NO_ACCOUNT)
@@ -284,10 +286,17 @@ def parse(data: Any, source: str = "policy") -> Policy:
                 "sections work as they are): remove them and keep their users in an htpasswd file",
             )
             data = {k: v for k, v in data.items() if k not in unsupported}
-    top = c.mapping(data, source, ("acl", "users", "accounts", "groups", "service", "server", "token"))
+    top = c.mapping(
+        data, source, ("acl", "users", "accounts", "groups", "service", "server", "token", "ldap_auth")
+    )
     if top is None:
         raise PolicyError(c.problems)
     docker_auth = _docker_auth_sections(c, top) if "server" in top or "token" in top else None
+    ldap = None
+    if "ldap_auth" in top:
+        raw_ldap = c.mapping(top["ldap_auth"], "ldap_auth", ldap_identity.SECTION_KEYS)
+        if raw_ldap is not None:
+            ldap = ldap_identity.parse_section(c, raw_ldap)
 
     entries = _entries(c, top["acl"]) if "acl" in top else ()
     if "acl" not in top:
@@ -356,6 +365,7 @@ def parse(data: Any, source: str = "policy") -> Policy:
         warnings=tuple(c.warnings),
         docker_auth=docker_auth,
         service_explicit="service" in top,
+        ldap=ldap,
     )
 
 

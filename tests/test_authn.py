@@ -13,6 +13,7 @@ import pytest
 
 from gateway import authn, htpasswd
 from gateway.authn import Authenticator, CredentialCache, Credentials, Malformed
+from gateway.identity import Verified
 from gateway.state import AccessStore
 
 
@@ -147,10 +148,10 @@ def test_cache_is_bounded_and_keyed_without_password() -> None:
     cache = CredentialCache(max_entries=3, ttl_seconds=60)
     keys = [cache.key(Credentials(f"u{i}", "pw")) for i in range(5)]
     for i, key in enumerate(keys):
-        cache.put(key, f"u{i}", 1)
+        cache.put(key, Verified(f"u{i}"), 1)
     assert len(cache) == 3
     assert cache.get(keys[0], 1) is None
-    assert cache.get(keys[4], 1) == "u4"
+    assert cache.get(keys[4], 1) == Verified("u4")
     assert cache.get(keys[4], 2) is None  # another generation of the user file
     assert all(b"pw" not in k for k in keys)
 

@@ -20,6 +20,7 @@ from gateway.audit import AuditRecord
 from gateway.authn import Authenticator, Credentials, Malformed, parse_basic_authorization
 from gateway.config import Settings
 from gateway.errors import error_response
+from gateway.identity import Labels
 from gateway.lockout import Lockout
 from gateway.login import Locked, Refused, check_login, locked_response
 from gateway.metrics import Metrics
@@ -108,6 +109,7 @@ async def token_endpoint(
 
     snapshot = authenticator.store.snapshot
     user: str | None = None
+    labels: Labels | None = None
     challenge = {"WWW-Authenticate": f'Basic realm="{settings.realm}"'}
     if isinstance(credentials, Malformed):
         metrics.tokens.labels("rejected", "malformed").inc()
@@ -127,12 +129,14 @@ async def token_endpoint(
             message = "account expired" if login.reason == "expired" else "authentication required"
             return error_response(401, "UNAUTHORIZED", message, headers=challenge)
         user = login.user
+        labels = login.labels
 
     offline = params.get("offline_token", "").lower() == "true" or params.get("access_type") == "offline"
     refresh = None
-    if offline and user is not None and authority.refresh_lifetime:
+    # Refresh tokens are tied to the user's entry in the files; directory users log in again.
+    if offline and user is not None and authority.refresh_lifetime and user in snapshot.users:
         refresh = authority.issue_refresh(user, snapshot.users[user])
-    return _answer(authority, metrics, record, snapshot, settings, scopes, user, client, refresh)
+    return _answer(authority, metrics, record, snapshot, settings, scopes, user, client, refresh, labels)
 
 
 def _answer(
@@ -145,8 +149,9 @@ def _answer(
     user: str | None,
     client: str,
     refresh: str | None,
+    labels: Labels | None = None,
 ) -> web.Response:
-    granted = grant(scopes, user, snapshot.policy, settings.admin_prefix, client)
+    granted = grant(scopes, user, snapshot.policy, settings.admin_prefix, client, labels)
     record.scopes_granted = [str(scope) for scope in granted]
     token, issued = authority.issue(user or "", granted)
     metrics.tokens.labels("issued", "").inc()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from gateway import acl
+from gateway.identity import Labels
 from gateway.policy import acl_request
 from gateway.policyfile import Policy
 from gateway.routes import CATALOG, DELETE, PULL, PUSH, valid_name
@@ -16,19 +17,29 @@ REPOSITORY_ACTIONS = frozenset({PULL, PUSH, DELETE})
 
 
 def grant(
-    scopes: Iterable[Scope], user: str | None, policy: Policy | None, admin_prefix: str, ip: str | None
+    scopes: Iterable[Scope],
+    user: str | None,
+    policy: Policy | None,
+    admin_prefix: str,
+    ip: str | None,
+    labels: Labels | None = None,
 ) -> list[Scope]:
     """The granted scopes, in the order asked; a scope with nothing granted is left out."""
     granted: list[Scope] = []
     for scope in scopes:
-        actions = _allowed(scope, user, policy, admin_prefix, ip)
+        actions = _allowed(scope, user, policy, admin_prefix, ip, labels)
         if actions:
             granted.append(Scope(scope.type, scope.name, actions))
     return granted
 
 
 def _allowed(
-    scope: Scope, user: str | None, policy: Policy | None, admin_prefix: str, ip: str | None
+    scope: Scope,
+    user: str | None,
+    policy: Policy | None,
+    admin_prefix: str,
+    ip: str | None,
+    labels: Labels | None,
 ) -> frozenset[str]:
     if scope.type == "registry":
         if scope.name != "catalog":
@@ -37,7 +48,9 @@ def _allowed(
         # needs no such grant: it answers any valid token, filtered to what the user may pull.)
         if policy is None:
             return scope.actions & frozenset({CATALOG}) if user is not None else frozenset()
-        request = acl_request(policy, user, "registry", "catalog", scope.actions & frozenset({CATALOG}), ip)
+        request = acl_request(
+            policy, user, "registry", "catalog", scope.actions & frozenset({CATALOG}), ip, labels
+        )
         return acl.evaluate(policy.rules, request).granted
     if not valid_name(scope.name):
         return frozenset()
@@ -50,5 +63,5 @@ def _allowed(
         if admin_prefix and user.startswith(admin_prefix):
             return wanted
         return wanted & frozenset({PULL})
-    request = acl_request(policy, user, "repository", scope.name, wanted, ip)
+    request = acl_request(policy, user, "repository", scope.name, wanted, ip, labels)
     return acl.evaluate(policy.rules, request).granted - {"*"}

@@ -1,0 +1,64 @@
+"""Identity sources: who a user is, and the labels the ACL sees, from a name and a password.
+
+The contract every source keeps (docker_auth's `api.Authenticator`, with Caddy's three outcomes):
+`verify(user, password)` answers exactly one of
+
+- `Verified(user, labels, source)`: the password is right; `labels` join the ACL's `${labels:...}`;
+- `Rejected()`: this source knows the user and the password is wrong, or it owns the name space
+  and has no such user (the answer must not tell the two apart);
+- `Unavailable(reason)`: the source could not decide (directory down, timeout). The login fails
+  closed: refused now, with a log line and a metric; nothing else is asked.
+
+Sources are asked in a documented order (the htpasswd file and the policy's static users first,
+then LDAP) and each user name is resolved by exactly one source: a name in the htpasswd file is
+never looked up in the directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Labels = Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Verified:
+    user: str
+    labels: Labels = field(default_factory=dict)
+    source: str = "htpasswd"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    pass
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    reason: str
+
+
+Verdict = Verified | Rejected | Unavailable
+
+
+class IdentitySource(Protocol):
+    name: str
+
+    async def verify(self, user: str, password: str) -> Verdict: ...
+
+    def state(self) -> str:
+        """A line for /readyz and `check-config`: reachable or why not."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def merge_labels(*sets: Labels) -> Labels:
+    """Labels of several origins together (the policy's accounts and groups, a directory's)."""
+    merged: dict[str, tuple[str, ...]] = {}
+    for labels in sets:
+        for key, values in labels.items():
+            merged[key] = tuple(dict.fromkeys(merged.get(key, ()) + tuple(values)))
+    return merged

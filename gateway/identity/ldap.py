@@ -1,0 +1,377 @@
+"""LDAP logins, configured as docker_auth's `ldap_auth` section (its keys, unchanged).
+
+A login: bind as the service account (`bind_dn`, `bind_password_file`; anonymous when there is
+none, or as the user with `initial_bind_as_user`), search `base` with `filter`, where `${account}`
+is the user name escaped per RFC 4515, for exactly one entry; then bind as that entry with the
+password, which is what verifies it. The entry's attributes named in `labels` become the user's
+labels (`parse_cn` keeps the first `CN` of a DN value, `lower_case` lowers it), so that
+`memberOf: cn=backend,ou=groups,dc=example,dc=org` is the label `group: backend` for ACL entries
+such as `name: "${labels:group}/*"`.
+
+The pure parts (filter escaping, DN parsing, labels, the section's validation) are here without
+I/O; `LdapSource` does the talking, with bonsai (an optional extra: it builds on libldap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from gateway.identity import Labels, Rejected, Unavailable, Verdict, Verified
+
+log = logging.getLogger(__name__)
+
+TLS_MODES = ("never", "always", "starttls")
+SECTION_KEYS = (
+    "addr",
+    "tls",
+    "insecure_tls_skip_verify",
+    "ca_certificate",
+    "base",
+    "filter",
+    "bind_dn",
+    "bind_password_file",
+    "labels",
+    "initial_bind_as_user",
+    "method",  # docker_auth's older name for tls: plain, simple_tls, starttls
+    # ours, beyond docker_auth's:
+    "connect_timeout",
+    "operation_timeout",
+    "max_connections",
+)
+LABEL_KEYS = ("attribute", "parse_cn", "lower_case")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    attribute: str
+    parse_cn: bool = False
+    lower_case: bool = False
+
+
+@dataclass(frozen=True)
+class LdapSettings:
+    addr: str  # host:port
+    base: str
+    filter: str
+    tls: str = "always"
+    insecure_tls_skip_verify: bool = False
+    ca_certificate: str | None = None
+    bind_dn: str | None = None
+    bind_password: str | None = field(default=None, repr=False)  # read from bind_password_file
+    labels: Mapping[str, LabelSpec] = field(default_factory=dict)
+    initial_bind_as_user: bool = False
+    connect_timeout: float = 5.0
+    operation_timeout: float = 5.0
+    max_connections: int = 8
+
+    @property
+    def url(self) -> str:
+        return ("ldaps" if self.tls == "always" else "ldap") + "://" + self.addr
+
+
+class Problems(Protocol):
+    def bad(self, path: str, message: str) -> None: ...
+
+
+# --- pure: escaping, DNs, labels, the section --------------------------------------------------
+
+_FILTER_SPECIALS = frozenset(b"\\*()")
+
+
+def escape_filter_value(value: str) -> str:
+    """An assertion value for an LDAP filter (RFC 4515): `\\`, `*`, `(`, `)`, NUL and every byte
+    outside printable ASCII as `\\XX`, so that no user name can change the filter's structure."""
+    out = []
+    for byte in value.encode("utf-8"):
+        if byte in _FILTER_SPECIALS or byte < 0x20 or byte >= 0x7F:
+            out.append(f"\\{byte:02x}")
+        else:
+            out.append(chr(byte))
+    return "".join(out)
+
+
+def user_filter(template: str, account: str) -> str:
+    return template.replace("${account}", escape_filter_value(account))
+
+
+def _split_unescaped(text: str, separator: str) -> list[str]:
+    parts, current, escaped = [], [], False
+    for ch in text:
+        if escaped:
+            current.append("\\" + ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == separator:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def _unescape_dn_value(value: str) -> str:
+    out = bytearray()
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "\\" and i + 1 < len(value):
+            pair = value[i + 1 : i + 3]
+            if len(pair) == 2 and all(c in "0123456789abcdefABCDEF" for c in pair):
+                out.append(int(pair, 16))
+                i += 3
+                continue
+            out += value[i + 1].encode()
+            i += 2
+            continue
+        out += ch.encode()
+        i += 1
+    return out.decode("utf-8", "replace")
+
+
+def first_cn(dn: str) -> str:
+    """The value of the first `CN` in a DN (docker_auth's `parse_cn`); the DN itself if it has none."""
+    for rdn in _split_unescaped(dn, ","):
+        for pair in _split_unescaped(rdn, "+"):
+            kind, sep, value = pair.partition("=")
+            if sep and kind.strip().lower() == "cn":
+                return _unescape_dn_value(value.strip())
+    return dn
+
+
+def entry_labels(entry: Mapping[str, Sequence[str]], specs: Mapping[str, LabelSpec]) -> Labels:
+    """The labels an entry's attributes give (attribute names compare without case, as in LDAP)."""
+    by_name = {name.lower(): values for name, values in entry.items()}
+    labels: dict[str, tuple[str, ...]] = {}
+    for label, spec in specs.items():
+        values = []
+        for raw in by_name.get(spec.attribute.lower(), ()):
+            value = first_cn(raw) if spec.parse_cn else raw
+            values.append(value.lower() if spec.lower_case else value)
+        if values:
+            labels[label] = tuple(dict.fromkeys(values))
+    return MappingProxyType(labels)
+
+
+def _text(c: Problems, raw: Mapping[str, Any], key: str, path: str, required: bool = False) -> str | None:
+    value = raw.get(key)
+    if value is None:
+        if required:
+            c.bad(f"{path}.{key}", "required")
+        return None
+    if not isinstance(value, str) or not value:
+        c.bad(f"{path}.{key}", "expected a non-empty string")
+        return None
+    return value
+
+
+def _flag(c: Problems, raw: Mapping[str, Any], key: str, path: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        c.bad(f"{path}.{key}", "expected true or false")
+        return False
+    return value
+
+
+def _seconds(c: Problems, raw: Mapping[str, Any], key: str, path: str, default: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 300:
+        c.bad(f"{path}.{key}", "expected seconds, more than 0 and at most 300")
+        return default
+    return float(value)
+
+
+def parse_section(c: Problems, raw: Mapping[str, Any], path: str = "ldap_auth") -> LdapSettings | None:
+    """Validate an `ldap_auth` mapping (unknown keys were reported by the caller); every problem is
+    reported with its key path. The bind password is read from its file here."""
+    problems_before = len(getattr(c, "problems", []))
+    addr = _text(c, raw, "addr", path, required=True)
+    if addr is not None:
+        host, sep, port = addr.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            c.bad(f"{path}.addr", f"expected HOST:PORT, not {addr!r}")
+    base = _text(c, raw, "base", path, required=True)
+    filter_ = _text(c, raw, "filter", path, required=True)
+    if filter_ is not None:
+        if "${account}" not in filter_:
+            c.bad(f"{path}.filter", "must contain ${account}")
+        elif filter_.count("(") != filter_.count(")") or not filter_.startswith("("):
+            c.bad(f"{path}.filter", "expected an LDAP filter in parentheses, such as (uid=${account})")
+    old_methods = {"plain": "never", "simple_tls": "always", "starttls": "starttls"}
+    if "method" in raw and "tls" in raw:
+        c.bad(f"{path}.method", "give tls or its older name method, not both")
+    if "method" in raw and raw["method"] not in old_methods:
+        c.bad(f"{path}.method", "expected one of: plain, simple_tls, starttls")
+    tls = old_methods.get(raw["method"], "always") if "method" in raw else raw.get("tls", "always")
+    if tls in ("", "none", None):
+        tls = "never"  # docker_auth's spellings of an unencrypted connection
+    if tls not in TLS_MODES:
+        c.bad(f"{path}.tls", f"expected one of: {', '.join(TLS_MODES)}")
+        tls = "always"
+    skip_verify = _flag(c, raw, "insecure_tls_skip_verify", path)
+    ca_certificate = _text(c, raw, "ca_certificate", path)
+    if ca_certificate is not None and not Path(ca_certificate).is_file():
+        c.bad(f"{path}.ca_certificate", f"{ca_certificate}: no such file")
+    bind_dn = _text(c, raw, "bind_dn", path)
+    password_file = _text(c, raw, "bind_password_file", path)
+    bind_password = None
+    if password_file is not None:
+        try:
+            bind_password = Path(password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            c.bad(f"{path}.bind_password_file", f"{password_file}: cannot read: {exc}")
+    if bind_dn is not None and password_file is None:
+        c.bad(f"{path}.bind_password_file", "required with bind_dn")
+    if password_file is not None and bind_dn is None:
+        c.bad(f"{path}.bind_dn", "required with bind_password_file")
+    initial_bind_as_user = _flag(c, raw, "initial_bind_as_user", path)
+    labels: dict[str, LabelSpec] = {}
+    raw_labels = raw.get("labels") or {}
+    if not isinstance(raw_labels, dict):
+        c.bad(f"{path}.labels", "expected a mapping of label names to {attribute, parse_cn, lower_case}")
+        raw_labels = {}
+    for name, spec in raw_labels.items():
+        where = f"{path}.labels.{name}"
+        if not isinstance(spec, dict):
+            c.bad(where, "expected a mapping with attribute, parse_cn, lower_case")
+            continue
+        for key in spec:
+            if key not in LABEL_KEYS:
+                c.bad(f"{where}.{key}", f"unknown key (expected one of: {', '.join(LABEL_KEYS)})")
+        attribute = _text(c, spec, "attribute", where, required=True)
+        if attribute is not None:
+            labels[str(name)] = LabelSpec(
+                attribute, _flag(c, spec, "parse_cn", where), _flag(c, spec, "lower_case", where)
+            )
+    connections = raw.get("max_connections", 8)
+    if isinstance(connections, bool) or not isinstance(connections, int) or not 1 <= connections <= 256:
+        c.bad(f"{path}.max_connections", "expected a whole number from 1 to 256")
+        connections = 8
+    settings = LdapSettings(
+        addr=addr or "",
+        base=base or "",
+        filter=filter_ or "",
+        tls=tls,
+        insecure_tls_skip_verify=skip_verify,
+        ca_certificate=ca_certificate,
+        bind_dn=bind_dn,
+        bind_password=bind_password,
+        labels=MappingProxyType(labels),
+        initial_bind_as_user=initial_bind_as_user,
+        connect_timeout=_seconds(c, raw, "connect_timeout", path, 5.0),
+        operation_timeout=_seconds(c, raw, "operation_timeout", path, 5.0),
+        max_connections=connections,
+    )
+    if len(getattr(c, "problems", [])) != problems_before:
+        return None
+    return settings
+
+
+# --- the directory ------------------------------------------------------------------------------
+
+
+class LdapSource:
+    """Logins against one directory. Never blocks the event loop (bonsai's asyncio connections),
+    at most `max_connections` at once, every connect and operation under its timeout."""
+
+    name = "ldap"
+
+    def __init__(self, settings: LdapSettings) -> None:
+        import bonsai  # an optional extra: imported only when a directory is configured
+
+        self._bonsai = bonsai
+        self.settings = settings
+        self._slots = asyncio.Semaphore(settings.max_connections)
+        self.last_problem: str | None = None
+        if settings.insecure_tls_skip_verify and settings.tls != "never":
+            log.warning(
+                "ldap_auth.insecure_tls_skip_verify is true: the directory's certificate is NOT verified; "
+                "anyone who can intercept the connection to %s can read every password",
+                settings.addr,
+            )
+
+    def _client(self, dn: str | None, password: str | None) -> Any:
+        bonsai = self._bonsai
+        settings = self.settings
+        client = bonsai.LDAPClient(settings.url, tls=settings.tls == "starttls")
+        if settings.tls != "never":
+            client.set_cert_policy("never" if settings.insecure_tls_skip_verify else "demand")
+            if settings.ca_certificate is not None:
+                client.set_ca_cert(settings.ca_certificate)
+        if dn is not None:
+            client.set_credentials("SIMPLE", user=dn, password=password or "")
+        return client
+
+    async def _connect(self, dn: str | None, password: str | None) -> Any:
+        client = self._client(dn, password)
+        return await client.connect(is_async=True, timeout=self.settings.connect_timeout)
+
+    async def verify(self, user: str, password: str) -> Verdict:
+        if not password:
+            # A simple bind with an empty password is an unauthenticated bind, which succeeds.
+            return Rejected()
+        bonsai = self._bonsai
+        settings = self.settings
+        async with self._slots:
+            try:
+                search_as: str | None = settings.bind_dn
+                search_password: str | None = settings.bind_password
+                if settings.initial_bind_as_user:
+                    search_as, search_password = user, password
+                try:
+                    connection = await self._connect(search_as, search_password)
+                except bonsai.AuthenticationError:
+                    if settings.initial_bind_as_user:
+                        return Rejected()
+                    raise
+                try:
+                    entries = await connection.search(
+                        settings.base,
+                        bonsai.LDAPSearchScope.SUBTREE,
+                        user_filter(settings.filter, user),
+                        attrlist=[spec.attribute for spec in settings.labels.values()] or ["1.1"],
+                        timeout=settings.operation_timeout,
+                    )
+                finally:
+                    connection.close()
+                if len(entries) != 1:
+                    if len(entries) > 1:
+                        log.warning("ldap_auth.filter matches %d entries for %r: refused", len(entries), user)
+                    self.last_problem = None
+                    return Rejected()
+                entry = entries[0]
+                dn = str(entry.dn)
+                try:
+                    user_connection = await self._connect(dn, password)
+                except bonsai.AuthenticationError:
+                    self.last_problem = None
+                    return Rejected()
+                user_connection.close()
+                attributes = {
+                    str(key): [str(v) for v in values] for key, values in entry.items() if key != "dn"
+                }
+                self.last_problem = None
+                return Verified(user, entry_labels(attributes, settings.labels), self.name)
+            except (bonsai.LDAPError, OSError, TimeoutError) as exc:
+                problem = f"{type(exc).__name__}: {exc}".strip()
+                self.last_problem = problem
+                return Unavailable(f"directory {settings.addr} unavailable: {problem}")
+
+    async def probe(self) -> str | None:
+        """None when the directory answers a bind as the service account (or anonymously)."""
+        try:
+            bind_dn = None if self.settings.initial_bind_as_user else self.settings.bind_dn
+            connection = await self._connect(bind_dn, self.settings.bind_password)
+            connection.close()
+            self.last_problem = None
+            return None
+        except Exception as exc:  # any failure is the answer here
+            self.last_problem = f"{type(exc).__name__}: {exc}"
+            return self.last_problem

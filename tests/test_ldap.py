@@ -1,0 +1,416 @@
+"""LDAP logins: the pure parts as tables, then a real slapd behind the gateway with real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway import policyfile
+from gateway.identity.ldap import LabelSpec, entry_labels, escape_filter_value, first_cn, user_filter
+from gateway.sample_image import write_image
+from tests import ldap_server
+from tests.conftest import (
+    Gateway,
+    Registry,
+    htpasswd_add,
+    http_request,
+    skopeo_copy,
+    start_gateway,
+    stop,
+    write_authfile,
+)
+from tests.dockerd import Docker, dockerd
+from tests.ldap_server import PASSWORDS, Directory
+
+__all__ = ["dockerd"]  # the session fixture, used by name below
+
+# --- pure --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("account", "escaped"),
+    [
+        ("alice", "alice"),
+        ("*", "\\2a"),
+        ("*)(uid=*", "\\2a\\29\\28uid=\\2a"),
+        ("alice)(|(uid=*", "alice\\29\\28|\\28uid=\\2a"),
+        ("a\x00b", "a\\00b"),
+        ("back\\slash", "back\\5cslash"),
+        ("zoë", "zo\\c3\\ab"),
+        ("tab\there", "tab\\09here"),
+    ],
+)
+def test_filter_values_are_escaped(account: str, escaped: str) -> None:
+    assert escape_filter_value(account) == escaped
+    built = user_filter("(&(uid=${account})(objectClass=person))", account)
+    assert built == f"(&(uid={escaped})(objectClass=person))"
+    # Whatever the name, the filter keeps its structure: parentheses come only from the template.
+    assert built.count("(") == 3 and built.count(")") == 3
+
+
+@pytest.mark.parametrize(
+    ("dn", "cn"),
+    [
+        ("cn=backend,ou=groups,dc=example,dc=org", "backend"),
+        ("CN=Backend Team,OU=Groups,DC=corp", "Backend Team"),
+        ("uid=x,cn=admins,dc=example", "admins"),
+        ("cn=a\\,b,ou=groups", "a,b"),
+        ("cn=caf\\c3\\a9,ou=g", "café"),
+        ("ou=no-cn,dc=example", "ou=no-cn,dc=example"),
+        ("cn=first+uid=x,dc=e", "first"),
+    ],
+)
+def test_first_cn(dn: str, cn: str) -> None:
+    assert first_cn(dn) == cn
+
+
+def test_entry_labels() -> None:
+    entry = {
+        "memberOf": ["cn=Backend,ou=groups,dc=e", "cn=ops,ou=groups,dc=e"],
+        "Title": ["Engineer"],
+    }
+    specs = {
+        "group": LabelSpec("memberof", parse_cn=True, lower_case=True),
+        "title": LabelSpec("title"),
+        "missing": LabelSpec("departmentNumber"),
+    }
+    assert dict(entry_labels(entry, specs)) == {"group": ("backend", "ops"), "title": ("Engineer",)}
+
+
+def _policy_problems(document: str) -> list[str]:
+    with pytest.raises(policyfile.PolicyError) as caught:
+        policyfile.parse(
+            json.loads(document) if document.startswith("{") else __import__("yaml").safe_load(document)
+        )
+    return caught.value.problems
+
+
+def test_ldap_section_problems_are_named_by_key(tmp_path: Path) -> None:
+    problems = _policy_problems(
+        textwrap.dedent("""\
+        acl: [{match: {account: "/.+/"}, actions: [pull]}]
+        ldap_auth:
+          addr: "ldap.example.com"
+          tls: sometimes
+          filter: "(uid=alice)"
+          bind_dn: "cn=x"
+          labels: {group: {attribute: memberOf, parse_cm: true}}
+          tiemout: 3
+        """)
+    )
+    text = "\n".join(problems)
+    assert "ldap_auth.tiemout: unknown key" in text
+    assert "ldap_auth.addr: expected HOST:PORT" in text
+    assert "ldap_auth.tls: expected one of: never, always, starttls" in text
+    assert "ldap_auth.base: required" in text
+    assert "ldap_auth.filter: must contain ${account}" in text
+    assert "ldap_auth.bind_password_file: required with bind_dn" in text
+    assert "ldap_auth.labels.group.parse_cm: unknown key" in text
+
+
+def test_ldap_section_parses(tmp_path: Path) -> None:
+    password = tmp_path / "pw"
+    password.write_text("secret\n")
+    policy = policyfile.parse(
+        {
+            "acl": [{"match": {"account": "/.+/"}, "actions": ["pull"]}],
+            "ldap_auth": {
+                "addr": "ldap.example.com:636",
+                "base": "dc=example,dc=com",
+                "filter": "(uid=${account})",
+                "bind_dn": "cn=svc,dc=example,dc=com",
+                "bind_password_file": str(password),
+                "labels": {"group": {"attribute": "memberOf", "parse_cn": True}},
+            },
+        }
+    )
+    assert policy.ldap is not None
+    assert policy.ldap.url == "ldaps://ldap.example.com:636"  # docker_auth's default tls: always
+    assert policy.ldap.bind_password == "secret"
+    assert "secret" not in repr(policy.ldap)
+
+
+# --- a real directory --------------------------------------------------------------------------
+
+ACL = """\
+acl:
+  - match: {account: "/^admin/"}
+    actions: ["*"]
+    comment: admins
+  - match: {account: "/.+/", name: "${labels:group}/*"}
+    actions: [pull, push]
+    comment: directory groups push to their own namespace
+  - match: {account: "/.+/"}
+    actions: [pull]
+    comment: every user pulls
+"""
+
+
+def ldap_section(directory: Directory, tmp: Path, **overrides: object) -> str:
+    password_file = tmp / "bind.pw"
+    password_file.write_text(ldap_server.SERVICE_PASSWORD + "\n")
+    section: dict[str, object] = {
+        "addr": directory.addr,
+        "tls": "never",
+        "base": ldap_server.PEOPLE,
+        "filter": "(&(uid=${account})(objectClass=inetOrgPerson))",
+        "bind_dn": ldap_server.SERVICE_DN,
+        "bind_password_file": str(password_file),
+        "labels": {"group": {"attribute": "memberOf", "parse_cn": True}},
+    }
+    section.update(overrides)
+    return "ldap_auth: " + json.dumps(section) + "\n"
+
+
+@dataclass
+class Setup:
+    directory: Directory
+    registry: Registry
+    gateway: Gateway
+    tmp: Path
+    image: Path
+
+
+def start(tmp: Path, registry: Registry, directory: Directory, **overrides: object) -> Gateway:
+    users = tmp / "htpasswd"
+    if not users.exists():
+        htpasswd_add(users, "admin", "admin-pw-1", "-B")
+    policy = tmp / "policy.yml"
+    policy.write_text(ACL + ldap_section(directory, tmp, **overrides))
+    return start_gateway(tmp, registry.url, users, "--policy", str(policy), env={"GATEWAY_CACHE_TTL": "2"})
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> Iterator[Directory]:
+    created = ldap_server.create(tmp_path / "slapd")
+    try:
+        yield created
+    finally:
+        created.stop()
+
+
+@pytest.fixture
+def setup(tmp_path: Path, registry: Registry, directory: Directory) -> Iterator[Setup]:
+    gateway = start(tmp_path, registry, directory)
+    image = tmp_path / "image"
+    write_image(image, "1", layers=1, layer_bytes=5000)
+    try:
+        yield Setup(directory, registry, gateway, tmp_path, image)
+    finally:
+        stop(gateway.process)
+
+
+def auth(setup: Setup, user: str, password: str | None = None) -> Path:
+    return write_authfile(
+        setup.tmp / f"auth-{user}.json", setup.gateway.host, (user, password or PASSWORDS.get(user, "x"))
+    )
+
+
+def tag_exists(registry: Registry, repository: str) -> bool:
+    tags = registry.storage / "docker/registry/v2/repositories" / repository / "_manifests/tags"
+    return tags.is_dir() and any(tags.iterdir())
+
+
+def test_directory_user_pushes_where_its_group_allows(setup: Setup) -> None:
+    host = setup.gateway.host
+    pushed = skopeo_copy(f"oci:{setup.image}:1", f"docker://{host}/backend/app:1", auth(setup, "alice"))
+    assert pushed.returncode == 0, pushed.stderr
+    assert tag_exists(setup.registry, "backend/app")
+    refused = skopeo_copy(f"oci:{setup.image}:1", f"docker://{host}/frontend/app:1", auth(setup, "alice"))
+    assert refused.returncode != 0
+    assert not tag_exists(setup.registry, "frontend/app")
+    # bob is in frontend: pushes there, pulls what alice pushed, cannot push to backend.
+    assert (
+        skopeo_copy(f"oci:{setup.image}:1", f"docker://{host}/frontend/app:1", auth(setup, "bob")).returncode
+        == 0
+    )
+    assert tag_exists(setup.registry, "frontend/app")
+    pulled = skopeo_copy(f"docker://{host}/backend/app:1", f"oci:{setup.tmp / 'out'}:1", auth(setup, "bob"))
+    assert pulled.returncode == 0, pulled.stderr
+
+
+def test_wrong_password_and_unknown_user_fail_alike(setup: Setup) -> None:
+    host = setup.gateway.host
+    answers = []
+    for credentials in (("alice", "wrong"), ("nobody-here", "whatever"), ("alice", "")):
+        status, headers, body = http_request(host, "GET", "/v2/", credentials)
+        errors = json.loads(body)["errors"]
+        answers.append((status, headers.get("WWW-Authenticate"), errors[0]["code"], errors[0]["message"]))
+    assert answers[0] == answers[1] == answers[2]
+    assert answers[0][0] == 401
+    assert http_request(host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
+
+
+@pytest.mark.parametrize(
+    "name", ["*", "*)(uid=*", "alice)(|(uid=*", "alice\x00", "al*", "\u0430lice", "alice*"]
+)
+def test_filter_injection_matches_nobody(setup: Setup, name: str) -> None:
+    for password in (PASSWORDS["alice"], "x", "*"):
+        status, _, _ = http_request(setup.gateway.host, "GET", "/v2/", (name, password))
+        assert status == 401, (name, password)
+    log = setup.gateway.log.read_text()
+    assert PASSWORDS["alice"] not in log
+
+
+def test_group_removal_takes_effect_within_cache_ttl(setup: Setup) -> None:
+    host = setup.gateway.host
+    alice = auth(setup, "alice")
+    assert skopeo_copy(f"oci:{setup.image}:1", f"docker://{host}/backend/one:1", alice).returncode == 0
+    setup.directory.modify(
+        f"dn: cn=backend,{ldap_server.GROUPS}\nchangetype: modify\ndelete: member\n"
+        f"member: uid=alice,{ldap_server.PEOPLE}\n"
+    )
+    time.sleep(2.5)  # cache_ttl is 2 s in these tests
+    refused = skopeo_copy(f"oci:{setup.image}:1", f"docker://{host}/backend/two:1", alice)
+    assert refused.returncode != 0
+    assert not tag_exists(setup.registry, "backend/two")
+
+
+def test_directory_down_cached_users_keep_working_and_nothing_5xx(
+    tmp_path: Path, registry: Registry, directory: Directory
+) -> None:
+    gateway = start(tmp_path, registry, directory, **{})
+    try:
+        host = gateway.host
+        admin = ("admin", "admin-pw-1")
+        assert http_request(host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
+        directory.stop()
+        # alice's login is cached (2 s): still in; bob's is not: refused, never a 5xx.
+        assert http_request(host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
+        status, _, body = http_request(host, "GET", "/v2/", ("bob", PASSWORDS["bob"]))
+        assert status == 401, body
+        assert http_request(host, "GET", "/v2/", admin)[0] == 200  # htpasswd users do not need it
+        deadline = time.monotonic() + 5
+        while "directory" not in gateway.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert re.search(
+            r"login of 'bob' refused: directory 127\.0\.0\.1:\d+ unavailable", gateway.log.read_text()
+        )
+        time.sleep(2.2)  # alice's cached login expires
+        assert http_request(host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 401
+        directory.start()
+        assert http_request(host, "GET", "/v2/", ("bob", PASSWORDS["bob"]))[0] == 200
+        assert http_request(host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
+    finally:
+        stop(gateway.process)
+
+
+@pytest.mark.parametrize("mode", ["always", "starttls"])
+def test_tls_verifies_the_directory(
+    tmp_path: Path, registry: Registry, directory: Directory, mode: str
+) -> None:
+    addr = directory.tls_addr if mode == "always" else directory.addr
+    gateway = start(tmp_path, registry, directory, addr=addr, tls=mode, ca_certificate=str(directory.ca))
+    try:
+        assert http_request(gateway.host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
+    finally:
+        stop(gateway.process)
+    # Without our CA the directory's certificate does not verify: refused, not trusted.
+    other = tmp_path / "other"
+    other.mkdir()
+    gateway = start(other, registry, directory, addr=addr, tls=mode)
+    try:
+        assert http_request(gateway.host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 401
+        assert "unavailable" in gateway.log.read_text()
+    finally:
+        stop(gateway.process)
+
+
+def test_docker_cli_login_push_and_denied(setup: Setup, dockerd: Docker) -> None:
+    host = setup.gateway.host
+    config = setup.tmp / "docker-config"
+
+    def cli(*args: str, stdin: str | None = None) -> tuple[int, str]:
+        return dockerd.cli(config, *args, stdin=stdin)
+
+    status, output = cli("login", "-u", "alice", "--password-stdin", host, stdin="wrong\n")
+    assert status != 0, output
+    status, output = cli("login", "-u", "alice", "--password-stdin", host, stdin=PASSWORDS["alice"] + "\n")
+    assert status == 0, output
+    allowed, denied = f"{host}/backend/cli:1", f"{host}/frontend/cli:1"
+    dockerd.build_image(config, allowed, {"layer.bin": os.urandom(40_000)})
+    status, output = cli("push", allowed)
+    assert status == 0, output
+    assert tag_exists(setup.registry, "backend/cli")
+    assert cli("tag", allowed, denied)[0] == 0
+    status, output = cli("push", denied)
+    assert status != 0 and "denied" in output.lower(), output
+    assert not tag_exists(setup.registry, "frontend/cli")
+    cli("rmi", "-f", allowed, denied)
+    assert cli("logout", host)[0] == 0
+
+
+# docker_auth's ldap_auth section as its examples/reference.yml documents it, with the keys later
+# versions added (ca_certificate, labels); and its older examples/ldap_auth.yml, with `method`.
+DOCKER_AUTH_LDAP_EXAMPLE = """\
+ldap_auth:
+  # Addr is the hostname:port or ip:port
+  addr: ldap.example.com:636
+  # Setup tls connection method to be
+  # "" or "none": the communication won't be encrypted
+  # "always": setup LDAP over SSL/TLS
+  # "starttls": sets StartTLS as the encryption method
+  tls: always
+  # set to true to allow insecure tls
+  insecure_tls_skip_verify: false
+  ca_certificate:
+  # In case bind DN and password is required for querying user information,
+  # specify them here. Plain text password is read from the file.
+  bind_dn:
+  bind_password_file:
+  # User query settings. ${account} is expanded from auth request
+  base: o=example.com
+  filter: (&(uid=${account})(objectClass=person))
+  labels:
+    title:
+      attribute: title
+    groups:
+      attribute: memberOf
+      parse_cn: true
+      lower_case: true
+acl:
+  - match: {account: "/.+/", name: "${labels:groups}/*"}
+    actions: ["*"]
+"""
+
+DOCKER_AUTH_OLD_LDAP_EXAMPLE = """\
+ldap_auth:
+  addr: ldap.example.com:636
+  # Setup connection method to be
+  # plain: the communication won't be encrypted, if method is not set, default is plain
+  # simple_tls
+  # starttls
+  method: simple_tls
+  bind_dn:
+  bind_password_file:
+  base: o=example.com
+  filter: (&(uid=${account})(objectClass=person))
+acl:
+  # This will allow authenticated users to pull/push
+  - match:
+      account: /.+/
+    actions: ['*']
+"""
+
+
+def test_docker_auth_ldap_sections_parse_unchanged() -> None:
+    import yaml
+
+    policy = policyfile.parse(yaml.safe_load(DOCKER_AUTH_LDAP_EXAMPLE))
+    assert policy.ldap is not None
+    assert policy.ldap.url == "ldaps://ldap.example.com:636"
+    assert policy.ldap.bind_dn is None and policy.ldap.ca_certificate is None
+    assert policy.ldap.labels["groups"] == LabelSpec("memberOf", parse_cn=True, lower_case=True)
+    assert policy.ldap.labels["title"] == LabelSpec("title")
+    old = policyfile.parse(yaml.safe_load(DOCKER_AUTH_OLD_LDAP_EXAMPLE))
+    assert old.ldap is not None and old.ldap.url == "ldaps://ldap.example.com:636"
+    plain = policyfile.parse(yaml.safe_load(DOCKER_AUTH_OLD_LDAP_EXAMPLE.replace("simple_tls", "plain")))
+    assert plain.ldap is not None and plain.ldap.url == "ldap://ldap.example.com:636"
