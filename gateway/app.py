@@ -620,6 +620,7 @@ class Gateway:
         access = store or AccessStore(settings.htpasswd, settings.policy)
         self.authenticator = Authenticator(access, cache)
         self.metrics = Metrics(cache, access)
+        self.metrics.directory_state = self._directory_problem
         self.audit = audit or AuditLog(settings.audit_log)
         self.lockout = Lockout(settings.lockout_attempts, settings.lockout_window)
         self.authority = TokenAuthority(settings) if settings.challenge == "bearer" else None
@@ -628,6 +629,18 @@ class Gateway:
         self._hsts = (
             f"max-age={settings.hsts_max_age}" if settings.tls_cert and settings.hsts_max_age else None
         )
+
+    def _directory_problem(self) -> str | None:
+        directory = self.authenticator.ldap_source()
+        return None if directory is None else directory.last_problem
+
+    async def directory_status(self) -> str | None:
+        """For /readyz: None without a directory, else "ok" or what is wrong with it."""
+        directory = self.authenticator.ldap_source()
+        if directory is None:
+            return None
+        problem = await directory.probe()
+        return "ok" if problem is None else f"unreachable: {problem}"
 
     async def serve(self, request: web.BaseRequest) -> web.StreamResponse:
         record = new_record(request.remote or "", request.method, request.raw_path)

@@ -151,7 +151,15 @@ async def _start_site(site: web.TCPSite, key: str, host: str, port: int) -> None
 
 async def run_server(settings: config.Settings, store: AccessStore) -> None:
     """Serve until SIGTERM or SIGINT. Raises ListenError, after cleaning up, when an address is taken."""
-    from gateway.app import AUDIT_KEY, AUTHENTICATOR_KEY, AUTHORITY_KEY, METRICS_KEY, SESSION_KEY, create_app
+    from gateway.app import (
+        AUDIT_KEY,
+        AUTHENTICATOR_KEY,
+        AUTHORITY_KEY,
+        GATEWAY_KEY,
+        METRICS_KEY,
+        SESSION_KEY,
+        create_app,
+    )
     from gateway.metrics import metrics_app
     from gateway.server import ConnectionLimits, GatewayRunner
     from gateway.tls import TlsContext
@@ -174,7 +182,10 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
         await _start_site(site, "listen", settings.listen_host, settings.listen_port)
         if settings.metrics_listen is not None:
             metrics_runner = web.AppRunner(
-                metrics_app(app[METRICS_KEY], app[SESSION_KEY], settings.upstream), access_log=None
+                metrics_app(
+                    app[METRICS_KEY], app[SESSION_KEY], settings.upstream, app[GATEWAY_KEY].directory_status
+                ),
+                access_log=None,
             )
             await metrics_runner.setup()
             extra_runners.append(metrics_runner)

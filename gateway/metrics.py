@@ -6,7 +6,7 @@ Each app gets its own registry, so several gateways in one process (the tests) d
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
 from aiohttp import web
@@ -31,6 +31,14 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "registry_gateway_in_flight_requests", "Requests being handled", value=self.metrics.in_flight
         )
+        directory = self.metrics.directory_state
+        if directory is not None:
+            problem = directory()
+            yield GaugeMetricFamily(
+                "registry_gateway_directory_up",
+                "1 when the last exchange with the LDAP directory succeeded, 0 when it failed",
+                value=0 if problem else 1,
+            )
         cache = CounterMetricFamily(
             "registry_gateway_credential_cache", "Verified-credential cache lookups", labels=["result"]
         )
@@ -80,6 +88,8 @@ class Metrics:
         )
         # A plain count read at scrape time: a Gauge takes a lock twice a request.
         self.in_flight = 0
+        # The directory's last problem (None: fine), when logins go to one.
+        self.directory_state: Callable[[], str | None] | None = None
         self.registry.register(_StateCollector(cache, store, self))
         # Label children looked up once: prometheus_client's labels() costs a few microseconds a
         # call, and every request would pay it four times.
@@ -105,7 +115,12 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def metrics_app(metrics: Metrics, session: aiohttp.ClientSession, upstream: URL) -> web.Application:
+def metrics_app(
+    metrics: Metrics,
+    session: aiohttp.ClientSession,
+    upstream: URL,
+    directory_status: Callable[[], Awaitable[str | None]] | None = None,
+) -> web.Application:
     async def metrics_page(_request: web.Request) -> web.Response:
         return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
@@ -123,9 +138,12 @@ def metrics_app(metrics: Metrics, session: aiohttp.ClientSession, upstream: URL)
                 detail = f"registry answered {response.status}"
         except (TimeoutError, aiohttp.ClientError) as exc:
             ok, detail = False, f"registry unreachable: {type(exc).__name__}"
-        return web.json_response(
-            {"status": "ok" if ok else "unavailable", "detail": detail}, status=200 if ok else 503
-        )
+        answer = {"status": "ok" if ok else "unavailable", "detail": detail}
+        directory = await directory_status() if directory_status is not None else None
+        if directory is not None:
+            # Reported, not failed on: users with a cached login keep working without it.
+            answer["directory"] = directory
+        return web.json_response(answer, status=200 if ok else 503)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_page)

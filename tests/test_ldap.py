@@ -20,6 +20,7 @@ from tests import ldap_server
 from tests.conftest import (
     Gateway,
     Registry,
+    free_port,
     htpasswd_add,
     http_request,
     skopeo_copy,
@@ -179,13 +180,15 @@ class Setup:
     image: Path
 
 
-def start(tmp: Path, registry: Registry, directory: Directory, **overrides: object) -> Gateway:
+def start(tmp: Path, registry: Registry, directory: Directory, *extra: str, **overrides: object) -> Gateway:
     users = tmp / "htpasswd"
     if not users.exists():
         htpasswd_add(users, "admin", "admin-pw-1", "-B")
     policy = tmp / "policy.yml"
     policy.write_text(ACL + ldap_section(directory, tmp, **overrides))
-    return start_gateway(tmp, registry.url, users, "--policy", str(policy), env={"GATEWAY_CACHE_TTL": "2"})
+    return start_gateway(
+        tmp, registry.url, users, "--policy", str(policy), *extra, env={"GATEWAY_CACHE_TTL": "2"}
+    )
 
 
 @pytest.fixture
@@ -277,11 +280,14 @@ def test_group_removal_takes_effect_within_cache_ttl(setup: Setup) -> None:
 def test_directory_down_cached_users_keep_working_and_nothing_5xx(
     tmp_path: Path, registry: Registry, directory: Directory
 ) -> None:
-    gateway = start(tmp_path, registry, directory, **{})
+    metrics_port = free_port()
+    gateway = start(tmp_path, registry, directory, "--metrics-listen", f"127.0.0.1:{metrics_port}")
+    metrics_host = f"127.0.0.1:{metrics_port}"
     try:
         host = gateway.host
         admin = ("admin", "admin-pw-1")
         assert http_request(host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
+        assert json.loads(http_request(metrics_host, "GET", "/readyz")[2])["directory"] == "ok"
         directory.stop()
         # alice's login is cached (2 s): still in; bob's is not: refused, never a 5xx.
         assert http_request(host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
@@ -291,14 +297,20 @@ def test_directory_down_cached_users_keep_working_and_nothing_5xx(
         deadline = time.monotonic() + 5
         while "directory" not in gateway.log.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert re.search(
-            r"login of 'bob' refused: directory 127\.0\.0\.1:\d+ unavailable", gateway.log.read_text()
-        )
+        log = gateway.log.read_text()
+        assert re.search(r"login of 'bob' refused: directory 127\.0\.0\.1:\d+ unavailable", log)
+        exposition = http_request(metrics_host, "GET", "/metrics")[2].decode()
+        assert "registry_gateway_directory_up 0.0" in exposition
+        assert 'registry_gateway_auth_failures_total{reason="directory_unavailable"} 1.0' in exposition
+        status, _, body = http_request(metrics_host, "GET", "/readyz")
+        assert status == 200 and json.loads(body)["directory"].startswith("unreachable: ")
         time.sleep(2.2)  # alice's cached login expires
         assert http_request(host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 401
         directory.start()
         assert http_request(host, "GET", "/v2/", ("bob", PASSWORDS["bob"]))[0] == 200
         assert http_request(host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
+        exposition = http_request(metrics_host, "GET", "/metrics")[2].decode()
+        assert "registry_gateway_directory_up 1.0" in exposition
     finally:
         stop(gateway.process)
 
