@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from gateway import htpasswd
-from gateway.identity import Labels, Rejected, Verdict, Verified
+from gateway.identity import IdentitySource, Labels, Rejected, Unknown, Verdict, Verified
+from gateway.identity.external import ExternalSource
 from gateway.identity.ldap import LdapSettings, LdapSource
 from gateway.state import AccessStore, Snapshot
 
@@ -130,6 +131,7 @@ class Authenticator:
         )
         self._in_flight: dict[tuple[bytes, int], asyncio.Future[Verdict]] = {}
         self._ldap: LdapSource | None = None
+        self._external: ExternalSource | None = None
         # Labels of users a directory verified, for requests that carry a token, not a password;
         # kept as long as a cached login (cache_ttl).
         self._directory_users: dict[str, tuple[Labels, float]] = {}
@@ -158,6 +160,19 @@ class Authenticator:
         if self._ldap is None or self._ldap.settings != settings:
             self._ldap = LdapSource(settings)
         return self._ldap
+
+    def sources(self, snapshot: Snapshot) -> list[IdentitySource]:
+        """The identity sources after the files, in the order they are asked: LDAP, then ext_auth."""
+        found: list[IdentitySource] = []
+        directory = self.ldap_source(snapshot)
+        if directory is not None:
+            found.append(directory)
+        settings = snapshot.policy.external if snapshot.policy is not None else None
+        if settings is not None:
+            if self._external is None or self._external.settings != settings:
+                self._external = ExternalSource(settings)
+            found.append(self._external)
+        return found
 
     def directory_labels(self, user: str) -> Labels | None:
         """A directory user's labels from a login within cache_ttl; None if there was none."""
@@ -210,9 +225,11 @@ class Authenticator:
         # users first; a name found there is never looked up in the directory.
         stored = snapshot.users.get(credentials.username)
         if stored is None:
-            directory = self.ldap_source(snapshot)
-            if directory is not None:
-                return await directory.verify(credentials.username, credentials.password)
+            for source in self.sources(snapshot):
+                verdict = await source.verify(credentials.username, credentials.password)
+                if not isinstance(verdict, Unknown):
+                    return verdict
+            # No source knows the name: the same bcrypt as for a wrong password, then refused.
         known = stored is not None
         target = stored if stored is not None else snapshot.dummy
         loop = asyncio.get_running_loop()

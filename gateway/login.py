@@ -35,7 +35,7 @@ class Locked:
 
 @dataclass(frozen=True)
 class Refused:
-    reason: str  # "bad_credentials", "expired" or "directory_unavailable", as metrics label them
+    reason: str  # "bad_credentials", "expired" or "source_unavailable", as metrics label them
 
 
 async def check_login(
@@ -54,7 +54,7 @@ async def check_login(
         if isinstance(verdict, Unavailable):
             # Fail closed, and count no failed attempt: the user may have done nothing wrong.
             log.warning("login of %r refused: %s", credentials.username, verdict.reason)
-            return Refused("directory_unavailable")
+            return Refused("source_unavailable")
         if not isinstance(verdict, Verified):
             attempt = authenticator.cache.key(credentials)
             lockout.failed(client, credentials.username, time.monotonic(), attempt)

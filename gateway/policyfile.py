@@ -34,7 +34,9 @@ import yaml
 from gateway import acl, htpasswd, yaml_files
 from gateway.acl import Rules
 from gateway.files import describe_read_error
+from gateway.identity import external as external_identity
 from gateway.identity import ldap as ldap_identity
+from gateway.identity.external import ExternalSettings
 from gateway.identity.ldap import LdapSettings
 
 ACTIONS = frozenset({"pull", "push", "delete", "*"})
@@ -68,7 +70,6 @@ class DockerAuthSections:
 DOCKER_AUTH_UNSUPPORTED = (
     "mongo_auth",
     "xorm_auth",
-    "ext_auth",
     "ext_authz",
     "google_auth",
     "github_auth",
@@ -94,6 +95,7 @@ class Policy:
     docker_auth: DockerAuthSections | None = None  # a docker_auth auth_config.yml's server/token
     service_explicit: bool = False  # the file has its own `service:` key
     ldap: LdapSettings | None = None  # docker_auth's ldap_auth section: logins against a directory
+    external: ExternalSettings | None = None  # docker_auth's ext_auth section: a login program
 
     def account(self, name: str) -> Account:
         return self.accounts.get(name, _NO_ACCOUNT)
@@ -287,7 +289,9 @@ def parse(data: Any, source: str = "policy") -> Policy:
             )
             data = {k: v for k, v in data.items() if k not in unsupported}
     top = c.mapping(
-        data, source, ("acl", "users", "accounts", "groups", "service", "server", "token", "ldap_auth")
+        data,
+        source,
+        ("acl", "users", "accounts", "groups", "service", "server", "token", "ldap_auth", "ext_auth"),
     )
     if top is None:
         raise PolicyError(c.problems)
@@ -297,6 +301,11 @@ def parse(data: Any, source: str = "policy") -> Policy:
         raw_ldap = c.mapping(top["ldap_auth"], "ldap_auth", ldap_identity.SECTION_KEYS)
         if raw_ldap is not None:
             ldap = ldap_identity.parse_section(c, raw_ldap)
+    external = None
+    if "ext_auth" in top:
+        raw_external = c.mapping(top["ext_auth"], "ext_auth", external_identity.SECTION_KEYS)
+        if raw_external is not None:
+            external = external_identity.parse_section(c, raw_external)
 
     entries = _entries(c, top["acl"]) if "acl" in top else ()
     if "acl" not in top:
@@ -366,6 +375,7 @@ def parse(data: Any, source: str = "policy") -> Policy:
         docker_auth=docker_auth,
         service_explicit="service" in top,
         ldap=ldap,
+        external=external,
     )
 
 

@@ -301,7 +301,7 @@ def test_directory_down_cached_users_keep_working_and_nothing_5xx(
         assert re.search(r"login of 'bob' refused: directory 127\.0\.0\.1:\d+ unavailable", log)
         exposition = http_request(metrics_host, "GET", "/metrics")[2].decode()
         assert "registry_gateway_directory_up 0.0" in exposition
-        assert 'registry_gateway_auth_failures_total{reason="directory_unavailable"} 1.0' in exposition
+        assert 'registry_gateway_auth_failures_total{reason="source_unavailable"} 1.0' in exposition
         status, _, body = http_request(metrics_host, "GET", "/readyz")
         assert status == 200 and json.loads(body)["directory"].startswith("unreachable: ")
         time.sleep(2.2)  # alice's cached login expires

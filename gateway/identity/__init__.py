@@ -4,14 +4,15 @@ The contract every source keeps (docker_auth's `api.Authenticator`, with Caddy's
 `verify(user, password)` answers exactly one of
 
 - `Verified(user, labels, source)`: the password is right; `labels` join the ACL's `${labels:...}`;
-- `Rejected()`: this source knows the user and the password is wrong, or it owns the name space
-  and has no such user (the answer must not tell the two apart);
+- `Rejected()`: this source knows the user and the password is wrong (or the name is ambiguous);
+- `Unknown()`: this source has no such user: the next source is asked, and when none knows the
+  name the login is rejected exactly as for a wrong password;
 - `Unavailable(reason)`: the source could not decide (directory down, timeout). The login fails
   closed: refused now, with a log line and a metric; nothing else is asked.
 
 Sources are asked in a documented order (the htpasswd file and the policy's static users first,
-then LDAP) and each user name is resolved by exactly one source: a name in the htpasswd file is
-never looked up in the directory.
+then LDAP, then an external program) and each user name is resolved by exactly one source, the
+first that knows it: a name in the htpasswd file is never looked up in the directory.
 """
 
 from __future__ import annotations
@@ -36,11 +37,16 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class Unknown:
+    pass
+
+
+@dataclass(frozen=True)
 class Unavailable:
     reason: str
 
 
-Verdict = Verified | Rejected | Unavailable
+Verdict = Verified | Rejected | Unknown | Unavailable
 
 
 class IdentitySource(Protocol):
@@ -48,11 +54,7 @@ class IdentitySource(Protocol):
 
     async def verify(self, user: str, password: str) -> Verdict: ...
 
-    def state(self) -> str:
-        """A line for /readyz and `check-config`: reachable or why not."""
-        ...
-
-    async def close(self) -> None: ...
+    last_problem: str | None  # why the last verification could not decide; None when it could
 
 
 def merge_labels(*sets: Labels) -> Labels:

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from gateway.identity import Labels, Rejected, Unavailable, Verdict, Verified
+from gateway.identity import Labels, Rejected, Unavailable, Unknown, Verdict, Verified
 
 log = logging.getLogger(__name__)
 
@@ -341,10 +341,11 @@ class LdapSource:
                     )
                 finally:
                     connection.close()
-                if len(entries) != 1:
-                    if len(entries) > 1:
-                        log.warning("ldap_auth.filter matches %d entries for %r: refused", len(entries), user)
-                    self.last_problem = None
+                self.last_problem = None
+                if not entries:
+                    return Unknown()
+                if len(entries) > 1:
+                    log.warning("ldap_auth.filter matches %d entries for %r: refused", len(entries), user)
                     return Rejected()
                 entry = entries[0]
                 dn = str(entry.dn)
