@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import getpass
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 from gateway import acl, config, htpasswd, policyfile, userfile
+from gateway.identity import Labels, Unavailable, Unknown, merge_labels
 from gateway.policy import acl_request
 
 
@@ -49,6 +51,13 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     explain.add_argument("repository", help='repository name, or "catalog"')
     explain.add_argument("action", choices=("pull", "push", "delete", "*"))
     explain.add_argument("--ip", default=None, help="client address to evaluate ip rules with")
+    explain.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label the user's identity source gives (for ext_auth users; repeatable)",
+    )
     for sub in (check, explain):
         sub.add_argument("--policy", type=Path, help="policy file (default: the configured one)")
         sub.add_argument("--config", type=Path, help="settings file to find the policy file in")
@@ -161,10 +170,70 @@ def run_policy(args: argparse.Namespace) -> int:
             f"{len(policy.accounts)} accounts with labels or expiry"
         )
         return 0
-    return _explain(policy, args.user, args.repository, args.action, args.ip)
+    extra: dict[str, tuple[str, ...]] = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"--label {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        extra[key] = (*extra.get(key, ()), value)
+    source, labels = _identity_of(policy, args, args.user)
+    labels = merge_labels(policy.account(args.user).labels, labels, extra)
+    status = _explain(policy, args.user, args.repository, args.action, args.ip, labels)
+    print(f"  source: {source}")
+    if labels:
+        print("  labels: " + ", ".join(f"{key}={'|'.join(values)}" for key, values in sorted(labels.items())))
+    return status
 
 
-def _explain(policy: policyfile.Policy, user: str, repository: str, action: str, ip: str | None) -> int:
+def _identity_of(policy: policyfile.Policy, args: argparse.Namespace, user: str) -> tuple[str, Labels]:
+    """Which source would resolve `user`, in the gateway's order, and the labels it gives (the
+    directory is searched as the service account; no password is checked)."""
+    if user == "":
+        return "anonymous", {}
+    if user in policy.users:
+        return "users: section of the policy file", {}
+    users_path: Path | None = None
+    try:
+        users_path = _configured(args).htpasswd
+        if users_path.is_file() and user in userfile.read_users(users_path).users:
+            return f"htpasswd file {users_path}", {}
+    except (config.ConfigError, userfile.UserFileError, OSError):
+        pass
+    if policy.ldap is not None:
+        from gateway.identity.ldap import LdapSource
+
+        async def find() -> tuple[str, Labels] | Unknown | Unavailable:
+            directory = LdapSource(policy.ldap) if policy.ldap is not None else None
+            if directory is None:
+                return Unknown()
+            try:
+                return await directory.lookup(user)
+            finally:
+                await directory.close()
+
+        found = asyncio.run(find())
+        if isinstance(found, tuple):
+            return f"ldap_auth entry {found[0]}", found[1]
+        if isinstance(found, Unavailable):
+            return f"ldap_auth, but {found.reason}", {}
+    if policy.external is not None:
+        return (
+            f"ext_auth program {policy.external.command} (labels come with a login: give them with --label)",
+            {},
+        )
+    where = f"the htpasswd file {users_path}" if users_path is not None else "the htpasswd file"
+    return f"not in the policy's users:, {where} or a directory: logins would be refused", {}
+
+
+def _explain(
+    policy: policyfile.Policy,
+    user: str,
+    repository: str,
+    action: str,
+    ip: str | None,
+    labels: Labels | None = None,
+) -> int:
     anonymous = user == ""
     who = "anonymous" if anonymous else user
     if anonymous and not policy.anonymous:
@@ -178,9 +247,14 @@ def _explain(policy: policyfile.Policy, user: str, repository: str, action: str,
         print(f"DENIED: {who}: account expired on {account.expires}")
         return 1
     type_ = "registry" if repository == "catalog" else "repository"
-    request = acl_request(policy, None if anonymous else user, type_, repository, frozenset({action}), ip)
+    request = acl_request(
+        policy, None if anonymous else user, type_, repository, frozenset({action}), ip, labels
+    )
     verdict = acl.evaluate(policy.rules, request)
     if verdict.entry_index is None:
+        if policy.ext_authz is not None and type_ == "repository":
+            print(f"UNDECIDED: {who} {action} {repository}: no rule matched; the ext_authz program decides")
+            return 1
         print(f"DENIED: {who} {action} {repository}: no rule matched")
         return 1
     rule = f"acl[{verdict.entry_index}]" + (f" ({verdict.comment})" if verdict.comment else "")

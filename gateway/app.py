@@ -31,11 +31,14 @@ from gateway.authn import (
 )
 from gateway.config import Settings
 from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_response
+from gateway.external_authz import ExternalAuthorizer
 from gateway.identity import Labels, merge_labels
+from gateway.identity.external import ExternalSettings
 from gateway.lockout import Lockout
 from gateway.login import Locked, Refused, check_login, locked_response
 from gateway.metrics import Metrics
-from gateway.policy import Decision, Outcome, acl_policy, default_policy, may_pull
+from gateway.policy import Decision, Outcome, acl_policy, acl_request, default_policy, may_pull
+from gateway.policyfile import Policy
 from gateway.routes import MOUNT_KEYS, PULL, Operation, Route, RouteError, without_query_keys
 from gateway.screening import Admitted, Refusal, screen
 from gateway.state import AccessStore, Snapshot
@@ -268,6 +271,33 @@ def _decide(
     return acl_policy(snapshot.policy, identity.user, operation, ip, identity.labels)
 
 
+async def _ask_ext_authz(
+    request: web.BaseRequest,
+    policy: Policy,
+    program: ExternalSettings,
+    repository: str,
+    identity: Identity,
+    operation: Operation,
+    ip: str,
+) -> Decision:
+    """No ACL entry matched: the ext_authz program decides, as in docker_auth (fail closed)."""
+    authorizer = request[GATEWAY].external_authorizer(program)
+    asked = acl_request(
+        policy, identity.user, "repository", repository, operation.actions, ip, identity.labels
+    )
+    granted = await authorizer.authorize(asked)
+    if granted is None:
+        request[GATEWAY].metrics.auth_failures.labels("ext_authz_failed").inc()
+        return Decision(Outcome.DENY, "ext_authz failed (denied)")
+    if not granted:
+        return Decision(Outcome.DENY, "denied by ext_authz")
+    # A mount needs pull on its source: by the ACL only (the program was asked about the target).
+    drop_mount = operation.mount_from is not None and not may_pull(
+        policy, identity.user, operation.mount_from, ip, identity.labels
+    )
+    return Decision(Outcome.ALLOW, "granted by ext_authz", drop_mount=drop_mount)
+
+
 async def handle(request: web.BaseRequest) -> web.StreamResponse:
     settings = request[GATEWAY].settings
     record = request[AUDIT_RECORD]
@@ -331,6 +361,22 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
             return await forward(request, settings, view, operation.target, screened)
 
     decision = _decide(snapshot, settings, identity, operation, view.address)
+    if (
+        decision.outcome is Outcome.DENY
+        and decision.rule is None
+        and snapshot.policy is not None
+        and snapshot.policy.ext_authz is not None
+        and operation.repository is not None
+    ):
+        decision = await _ask_ext_authz(
+            request,
+            snapshot.policy,
+            snapshot.policy.ext_authz,
+            operation.repository,
+            identity,
+            operation,
+            view.address,
+        )
     record.rule = decision.rule
     if decision.outcome is Outcome.CHALLENGE:
         return _unauthorized(request, operation, "authentication required", basic=identity.basic)
@@ -625,10 +671,17 @@ class Gateway:
         self.lockout = Lockout(settings.lockout_attempts, settings.lockout_window)
         self.authority = TokenAuthority(settings) if settings.challenge == "bearer" else None
         self.upstream: UpstreamPool | None = None
+        self._authorizer: ExternalAuthorizer | None = None
         self.session: aiohttp.ClientSession | None = None  # the catalog's pages, readiness probes
         self._hsts = (
             f"max-age={settings.hsts_max_age}" if settings.tls_cert and settings.hsts_max_age else None
         )
+
+    def external_authorizer(self, settings: ExternalSettings) -> ExternalAuthorizer:
+        """The ext_authz program's cached answers, kept while its settings stay."""
+        if self._authorizer is None or self._authorizer.settings != settings:
+            self._authorizer = ExternalAuthorizer(settings, self.settings.cache_ttl)
+        return self._authorizer
 
     def _directory_problem(self) -> str | None:
         directory = self.authenticator.ldap_source()

@@ -70,7 +70,6 @@ class DockerAuthSections:
 DOCKER_AUTH_UNSUPPORTED = (
     "mongo_auth",
     "xorm_auth",
-    "ext_authz",
     "google_auth",
     "github_auth",
     "oidc_auth",
@@ -96,6 +95,7 @@ class Policy:
     service_explicit: bool = False  # the file has its own `service:` key
     ldap: LdapSettings | None = None  # docker_auth's ldap_auth section: logins against a directory
     external: ExternalSettings | None = None  # docker_auth's ext_auth section: a login program
+    ext_authz: ExternalSettings | None = None  # docker_auth's ext_authz: a program for what no entry matches
 
     def account(self, name: str) -> Account:
         return self.accounts.get(name, _NO_ACCOUNT)
@@ -291,7 +291,18 @@ def parse(data: Any, source: str = "policy") -> Policy:
     top = c.mapping(
         data,
         source,
-        ("acl", "users", "accounts", "groups", "service", "server", "token", "ldap_auth", "ext_auth"),
+        (
+            "acl",
+            "users",
+            "accounts",
+            "groups",
+            "service",
+            "server",
+            "token",
+            "ldap_auth",
+            "ext_auth",
+            "ext_authz",
+        ),
     )
     if top is None:
         raise PolicyError(c.problems)
@@ -306,9 +317,14 @@ def parse(data: Any, source: str = "policy") -> Policy:
         raw_external = c.mapping(top["ext_auth"], "ext_auth", external_identity.SECTION_KEYS)
         if raw_external is not None:
             external = external_identity.parse_section(c, raw_external)
+    ext_authz = None
+    if "ext_authz" in top:
+        raw_authz = c.mapping(top["ext_authz"], "ext_authz", external_identity.SECTION_KEYS)
+        if raw_authz is not None:
+            ext_authz = external_identity.parse_section(c, raw_authz, "ext_authz")
 
     entries = _entries(c, top["acl"]) if "acl" in top else ()
-    if "acl" not in top:
+    if "acl" not in top and "ext_authz" not in top:
         c.bad("acl", "required (a policy without rules would deny everything)")
 
     service = top.get("service", "registry")
@@ -376,6 +392,7 @@ def parse(data: Any, source: str = "policy") -> Policy:
         service_explicit="service" in top,
         ldap=ldap,
         external=external,
+        ext_authz=ext_authz,
     )
 
 

@@ -138,7 +138,7 @@ def test_docker_auth_sections_it_cannot_serve_are_named_in_one_error(tmp_path: P
     htpasswd_add(others, "someone", "else")
     config = tmp_path / "auth_config.yml"
     config.write_text(
-        'mongo_auth:\n  dial_info: {addrs: ["db:27017"]}\next_authz:\n  command: "/usr/local/bin/my_authz"\n'
+        'mongo_auth:\n  dial_info: {addrs: ["db:27017"]}\ngoogle_auth:\n  domain: "example.com"\n'
         'acl:\n  - match: {account: "admin"}\n    actions: ["*"]\n'
     )
     done = subprocess.run(
@@ -148,7 +148,7 @@ def test_docker_auth_sections_it_cannot_serve_are_named_in_one_error(tmp_path: P
         timeout=60,
     )
     assert done.returncode == 2
-    assert "mongo_auth, ext_authz: docker_auth sections this gateway does not support" in done.stderr
+    assert "mongo_auth, google_auth: docker_auth sections this gateway does not support" in done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -222,3 +222,152 @@ def test_directory_first_then_program(tmp_path: Path, registry: Registry) -> Non
             stop(gateway.process)
     finally:
         directory.stop()
+
+
+# --- ext_authz: a program for what no ACL entry matches ----------------------------------------
+
+AUTHZ_ACL = """\
+acl:
+  - match: {account: "admin"}
+    actions: ["*"]
+  - match: {account: "reader", name: "public/*"}
+    actions: [pull]
+"""
+
+
+def authz_gateway(tmp_path: Path, registry: Registry, script: Path) -> Gateway:
+    """admin and reader in htpasswd, AUTHZ_ACL, and `script` as the ext_authz program."""
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, "admin", "admin-pw-1", "-B")
+    htpasswd_add(users, "reader", "reader-pw-1", "-B")
+    policy = tmp_path / "policy.yml"
+    policy.write_text(AUTHZ_ACL + f'ext_authz:\n  command: "{script}"\n')
+    return start_gateway(tmp_path, registry.url, users, "--policy", str(policy))
+
+
+def test_request_document_has_docker_auths_fields() -> None:
+    from gateway import acl
+    from gateway.external_authz import request_document
+
+    asked = acl.Request(
+        "reader",
+        "repository",
+        "granted/app",
+        frozenset({"push", "pull"}),
+        "10.0.0.1",
+        "registry",
+        {"team": ("x",)},
+    )
+    assert json.loads(request_document(asked)) == {
+        "Account": "reader",
+        "Type": "repository",
+        "Name": "granted/app",
+        "Email": "",
+        "Service": "registry",
+        "IP": "10.0.0.1",
+        "Actions": ["pull", "push"],
+        "Labels": {"team": ["x"]},
+    }
+
+
+def test_ext_authz_decides_what_no_entry_matches(tmp_path: Path, registry: Registry) -> None:
+    calls = tmp_path / "calls.jsonl"
+    script = program(
+        tmp_path,
+        "authz.py",
+        textwrap.dedent(f"""\
+        #!/usr/bin/env python3
+        import json, sys
+        asked = json.loads(sys.stdin.read())
+        with open({str(calls)!r}, "a") as out:
+            out.write(json.dumps(asked) + "\\n")
+        if asked["Name"].startswith("broken/"):
+            print("cannot decide", file=sys.stderr)
+            sys.exit(3)
+        sys.exit(0 if asked["Account"] == "reader" and asked["Name"].startswith("granted/") else 1)
+        """),
+    )
+    gateway = authz_gateway(tmp_path, registry, script)
+    try:
+        host = gateway.host
+        image = tmp_path / "image"
+        write_image(image, "1", layers=1, layer_bytes=3000)
+        admin = write_authfile(tmp_path / "admin.json", host, ("admin", "admin-pw-1"))
+        reader = write_authfile(tmp_path / "reader.json", host, ("reader", "reader-pw-1"))
+        assert skopeo_copy(f"oci:{image}:1", f"docker://{host}/public/app:1", admin).returncode == 0
+        assert not calls.exists()  # the ACL decided everything so far
+        # The program grants reader granted/*, push included, which no entry does.
+        pushed = skopeo_copy(f"oci:{image}:1", f"docker://{host}/granted/app:1", reader)
+        assert pushed.returncode == 0, pushed.stderr
+        assert (registry.storage / "docker/registry/v2/repositories/granted/app/_manifests/tags/1").exists()
+        first = json.loads(calls.read_text().splitlines()[0])
+        assert first["Account"] == "reader" and first["Type"] == "repository" and first["IP"] == "127.0.0.1"
+        # ... and denies the rest: nothing reaches the registry.
+        refused = skopeo_copy(f"oci:{image}:1", f"docker://{host}/other/app:1", reader)
+        assert refused.returncode != 0
+        assert not (registry.storage / "docker/registry/v2/repositories/other").exists()
+        # A failing program denies (fail closed), logged, never a 5xx.
+        status, _, body = http_request(host, "HEAD", "/v2/broken/app/manifests/1", ("reader", "reader-pw-1"))
+        assert status == 403, body
+        assert (
+            "ext_authz failed for reader broken/app: exited with 3: cannot decide" in gateway.log.read_text()
+        )
+        # Answers are cached: a new question runs the program once, its repeats not again.
+        before = len(calls.read_text().splitlines())
+        for _ in range(3):
+            assert (
+                http_request(host, "HEAD", "/v2/fresh/app/manifests/1", ("reader", "reader-pw-1"))[0] == 403
+            )
+        assert len(calls.read_text().splitlines()) == before + 1
+        # The ACL still decides first: reader pulls public/* without asking the program.
+        assert (
+            skopeo_copy(f"docker://{host}/public/app:1", f"oci:{tmp_path / 'out'}:1", reader).returncode == 0
+        )
+        assert all(
+            not json.loads(line)["Name"].startswith("public/") for line in calls.read_text().splitlines()
+        )
+    finally:
+        stop(gateway.process)
+
+
+# docker_auth's examples/my_authz.sh, as its documentation gives it: it denies everything.
+DOCKER_AUTH_MY_AUTHZ_SH = "#!/bin/sh\n#\n# Example external authz `ext_authz`.\n#\n\nread j;\n\n\nexit 1\n"
+
+
+def test_docker_auth_example_authz_program_works_unchanged(tmp_path: Path, registry: Registry) -> None:
+    script = program(tmp_path, "my_authz.sh", DOCKER_AUTH_MY_AUTHZ_SH)
+    gateway = authz_gateway(tmp_path, registry, script)
+    try:
+        status, _, _ = http_request(
+            gateway.host, "HEAD", "/v2/other/app/manifests/1", ("reader", "reader-pw-1")
+        )
+        assert status == 403
+        assert http_request(gateway.host, "GET", "/v2/", ("reader", "reader-pw-1"))[0] == 200
+    finally:
+        stop(gateway.process)
+
+
+def test_policy_explain_takes_a_programs_labels(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = program(tmp_path, "ext_auth.sh", DOCKER_AUTH_EXT_AUTH_SH)
+    policy = tmp_path / "policy.yml"
+    policy.write_text(ACL + f'ext_auth:\n  command: "{script}"\n')
+    base = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "policy",
+        "explain",
+        "bofh",
+        "vip/app",
+        "push",
+        "--policy",
+        str(policy),
+    ]
+    without = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert without.returncode == 1 and "source: ext_auth program" in without.stdout
+    given = subprocess.run([*base, "--label", "level=max"], capture_output=True, text=True, timeout=60)
+    assert given.returncode == 0 and given.stdout.startswith("ALLOWED: bofh push vip/app: by acl[0]")
+    assert "labels: level=max" in given.stdout

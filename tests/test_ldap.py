@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -288,9 +290,15 @@ def test_directory_down_cached_users_keep_working_and_nothing_5xx(
         admin = ("admin", "admin-pw-1")
         assert http_request(host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
         assert json.loads(http_request(metrics_host, "GET", "/readyz")[2])["directory"] == "ok"
+        image = tmp_path / "image"
+        write_image(image, "1", layers=1, layer_bytes=4000)
+        admin_auth = write_authfile(tmp_path / "admin.json", host, admin)
+        alice_auth = write_authfile(tmp_path / "alice.json", host, ("alice", PASSWORDS["alice"]))
+        assert skopeo_copy(f"oci:{image}:1", f"docker://{host}/backend/app:1", admin_auth).returncode == 0
         directory.stop()
-        # alice's login is cached (2 s): still in; bob's is not: refused, never a 5xx.
-        assert http_request(host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
+        # alice's login is cached (2 s): she keeps pulling; bob's is not: refused, never a 5xx.
+        pulled = skopeo_copy(f"docker://{host}/backend/app:1", f"oci:{tmp_path / 'out'}:1", alice_auth)
+        assert pulled.returncode == 0, pulled.stderr
         status, _, body = http_request(host, "GET", "/v2/", ("bob", PASSWORDS["bob"]))
         assert status == 401, body
         assert http_request(host, "GET", "/v2/", admin)[0] == 200  # htpasswd users do not need it
@@ -426,3 +434,33 @@ def test_docker_auth_ldap_sections_parse_unchanged() -> None:
     assert old.ldap is not None and old.ldap.url == "ldaps://ldap.example.com:636"
     plain = policyfile.parse(yaml.safe_load(DOCKER_AUTH_OLD_LDAP_EXAMPLE.replace("simple_tls", "plain")))
     assert plain.ldap is not None and plain.ldap.url == "ldap://ldap.example.com:636"
+
+
+def test_policy_explain_shows_the_directory_entry_and_its_labels(
+    tmp_path: Path, directory: Directory
+) -> None:
+    policy = tmp_path / "policy.yml"
+    policy.write_text(ACL + ldap_section(directory, tmp_path))
+
+    def explain(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", "policy", "explain", *args, "--policy", str(policy)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    alice = explain("alice", "backend/app", "push")
+    assert alice.returncode == 0, alice.stderr
+    assert alice.stdout.startswith("ALLOWED: alice push backend/app: by acl[1]")
+    assert f"source: ldap_auth entry uid=alice,{ldap_server.PEOPLE}" in alice.stdout
+    assert "labels: group=backend" in alice.stdout
+    bob = explain("bob", "backend/app", "push")
+    assert bob.returncode == 1 and "labels: group=frontend" in bob.stdout
+    assert "DENIED: bob push backend/app" in bob.stdout
+    nobody = explain("*)(uid=*", "backend/app", "pull")
+    assert "logins would be refused" in nobody.stdout
+    directory.stop()
+    down = explain("alice", "backend/app", "push")
+    assert "source: ldap_auth, but directory" in down.stdout and "unavailable" in down.stdout
+    assert "Traceback" not in down.stderr

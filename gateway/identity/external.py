@@ -37,7 +37,8 @@ class ExternalSettings:
 
 
 def parse_section(c: Any, raw: Mapping[str, Any], path: str = "ext_auth") -> ExternalSettings | None:
-    """Validate an `ext_auth` mapping (unknown keys were reported by the caller)."""
+    """Validate an `ext_auth` (or `ext_authz`: the same keys) mapping; unknown keys were reported
+    by the caller."""
     before = len(c.problems)
     command = raw.get("command")
     resolved = None
@@ -83,6 +84,35 @@ def _redacted(text: bytes, password: str) -> str:
     return shown.replace(password, "***") if password else shown
 
 
+class ProgramFailed(Exception):
+    """The program could not be run, or did not finish in time."""
+
+
+async def run_program(settings: ExternalSettings, data: bytes) -> tuple[int, bytes, bytes]:
+    """Run the program with `data` on standard input: (exit status, stdout, stderr). No shell; the
+    gateway's environment less GATEWAY_*; killed after `timeout`. Raises ProgramFailed."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
+    try:
+        process = await asyncio.create_subprocess_exec(
+            settings.command,
+            *settings.args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=environment,
+        )
+    except OSError as exc:
+        raise ProgramFailed(f"cannot run {settings.command}: {exc.strerror or exc}") from None
+    try:
+        async with asyncio.timeout(settings.timeout):
+            output, errors = await process.communicate(data)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise ProgramFailed(f"{settings.command} did not finish in {settings.timeout:g} s") from None
+    return process.returncode if process.returncode is not None else -1, output, errors
+
+
 class ExternalSource:
     """Runs the program once per login (logins are cached), at most 8 at a time."""
 
@@ -97,28 +127,12 @@ class ExternalSource:
         if not user or any(ch.isspace() for ch in user):
             # The program reads "USER PASSWORD": a space in the name would move the split.
             return Rejected()
-        environment = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
         settings = self.settings
         async with self._slots:
             try:
-                process = await asyncio.create_subprocess_exec(
-                    settings.command,
-                    *settings.args,
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    env=environment,
-                )
-            except OSError as exc:
-                return self._unavailable(f"cannot run {settings.command}: {exc.strerror or exc}")
-            try:
-                async with asyncio.timeout(settings.timeout):
-                    output, errors = await process.communicate(f"{user} {password}".encode())
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-                return self._unavailable(f"{settings.command} did not finish in {settings.timeout:g} s")
-        status = process.returncode
+                status, output, errors = await run_program(settings, f"{user} {password}".encode())
+            except ProgramFailed as exc:
+                return self._unavailable(str(exc))
         if status == ALLOWED:
             try:
                 labels = parse_labels(output[:MAX_OUTPUT])

@@ -289,6 +289,7 @@ class LdapSource:
         self._bonsai = bonsai
         self.settings = settings
         self._slots = asyncio.Semaphore(settings.max_connections)
+        self._idle: list[Any] = []  # service-account connections between searches
         self.last_problem: str | None = None
         if settings.insecure_tls_skip_verify and settings.tls != "never":
             log.warning(
@@ -313,6 +314,68 @@ class LdapSource:
         client = self._client(dn, password)
         return await client.connect(is_async=True, timeout=self.settings.connect_timeout)
 
+    async def _service_connection(self) -> Any:
+        """A connection bound as the service account (or anonymous): pooled, since every login
+        searches with the same identity."""
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed:
+                return connection
+        return await self._connect(self.settings.bind_dn, self.settings.bind_password)
+
+    def _return(self, connection: Any, healthy: bool) -> None:
+        if healthy and not connection.closed and len(self._idle) < self.settings.max_connections:
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    async def _find(self, user: str, search_as: tuple[str, str] | None) -> list[Any]:
+        """The entries the filter finds for `user`: searched as the service account (pooled), or
+        as `search_as` (initial_bind_as_user). Raises bonsai's errors."""
+        bonsai = self._bonsai
+        settings = self.settings
+
+        async def search(connection: Any) -> list[Any]:
+            found: list[Any] = await connection.search(
+                settings.base,
+                bonsai.LDAPSearchScope.SUBTREE,
+                user_filter(settings.filter, user),
+                attrlist=[spec.attribute for spec in settings.labels.values()] or ["1.1"],
+                timeout=settings.operation_timeout,
+            )
+            return found
+
+        if search_as is not None:
+            connection = await self._connect(*search_as)
+            try:
+                return await search(connection)
+            finally:
+                connection.close()
+        pooled = bool(self._idle)
+        connection = await self._service_connection()
+        try:
+            entries = await search(connection)
+        except bonsai.ConnectionError:
+            connection.close()
+            if not pooled:
+                raise
+            # A pooled connection the directory dropped (it restarted): once more, on a new one.
+            connection = await self._connect(settings.bind_dn, settings.bind_password)
+            try:
+                entries = await search(connection)
+            except BaseException:
+                connection.close()
+                raise
+        except BaseException:
+            connection.close()
+            raise
+        self._return(connection, healthy=True)
+        return entries
+
+    def _labels(self, entry: Any) -> Labels:
+        attributes = {str(key): [str(v) for v in values] for key, values in entry.items() if key != "dn"}
+        return entry_labels(attributes, self.settings.labels)
+
     async def verify(self, user: str, password: str) -> Verdict:
         if not password:
             # A simple bind with an empty password is an unauthenticated bind, which succeeds.
@@ -321,26 +384,14 @@ class LdapSource:
         settings = self.settings
         async with self._slots:
             try:
-                search_as: str | None = settings.bind_dn
-                search_password: str | None = settings.bind_password
-                if settings.initial_bind_as_user:
-                    search_as, search_password = user, password
                 try:
-                    connection = await self._connect(search_as, search_password)
+                    entries = await self._find(
+                        user, (user, password) if settings.initial_bind_as_user else None
+                    )
                 except bonsai.AuthenticationError:
                     if settings.initial_bind_as_user:
                         return Rejected()
                     raise
-                try:
-                    entries = await connection.search(
-                        settings.base,
-                        bonsai.LDAPSearchScope.SUBTREE,
-                        user_filter(settings.filter, user),
-                        attrlist=[spec.attribute for spec in settings.labels.values()] or ["1.1"],
-                        timeout=settings.operation_timeout,
-                    )
-                finally:
-                    connection.close()
                 self.last_problem = None
                 if not entries:
                     return Unknown()
@@ -348,22 +399,34 @@ class LdapSource:
                     log.warning("ldap_auth.filter matches %d entries for %r: refused", len(entries), user)
                     return Rejected()
                 entry = entries[0]
-                dn = str(entry.dn)
                 try:
-                    user_connection = await self._connect(dn, password)
+                    user_connection = await self._connect(str(entry.dn), password)
                 except bonsai.AuthenticationError:
-                    self.last_problem = None
                     return Rejected()
                 user_connection.close()
-                attributes = {
-                    str(key): [str(v) for v in values] for key, values in entry.items() if key != "dn"
-                }
-                self.last_problem = None
-                return Verified(user, entry_labels(attributes, settings.labels), self.name)
+                return Verified(user, self._labels(entry), self.name)
             except (bonsai.LDAPError, OSError, TimeoutError) as exc:
                 problem = f"{type(exc).__name__}: {exc}".strip()
                 self.last_problem = problem
                 return Unavailable(f"directory {settings.addr} unavailable: {problem}")
+
+    async def lookup(self, user: str) -> tuple[str, Labels] | Unknown | Unavailable:
+        """The entry's DN and labels, found as the service account, with no password check (for
+        `policy explain`)."""
+        bonsai = self._bonsai
+        if self.settings.initial_bind_as_user:
+            return Unavailable("initial_bind_as_user: the directory is searched only with a user's password")
+        try:
+            entries = await self._find(user, None)
+        except (bonsai.LDAPError, OSError, TimeoutError) as exc:
+            return Unavailable(f"directory {self.settings.addr} unavailable: {type(exc).__name__}: {exc}")
+        if len(entries) != 1:
+            return Unknown()
+        return str(entries[0].dn), self._labels(entries[0])
+
+    async def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
 
     async def probe(self) -> str | None:
         """None when the directory answers a bind as the service account (or anonymously)."""
