@@ -667,6 +667,9 @@ class Gateway:
         self.authenticator = Authenticator(access, cache)
         self.metrics = Metrics(cache, access)
         self.metrics.directory_state = self._directory_problem
+        # Made now, not at the first login, so that its warnings (an unverified certificate) are
+        # in the start-up log.
+        self.authenticator.ldap_source()
         self.audit = audit or AuditLog(settings.audit_log)
         self.lockout = Lockout(settings.lockout_attempts, settings.lockout_window)
         self.authority = TokenAuthority(settings) if settings.challenge == "bearer" else None

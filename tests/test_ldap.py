@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from gateway import policyfile
-from gateway.identity.ldap import LabelSpec, entry_labels, escape_filter_value, first_cn, user_filter
+from gateway.identity.ldap import (
+    LabelSpec,
+    entry_labels,
+    escape_dn_value,
+    escape_filter_value,
+    first_cn,
+    user_bind_dn,
+    user_filter,
+)
 from gateway.sample_image import write_image
 from tests import ldap_server
 from tests.conftest import (
@@ -73,6 +81,25 @@ def test_filter_values_are_escaped(account: str, escaped: str) -> None:
 )
 def test_first_cn(dn: str, cn: str) -> None:
     assert first_cn(dn) == cn
+
+
+@pytest.mark.parametrize(
+    ("account", "escaped"),
+    [
+        ("alice", "alice"),
+        ("x,ou=admins", "x\\,ou\\=admins"),
+        ("a+b", "a\\+b"),
+        (" lead", "\\ lead"),
+        ("trail ", "trail\\ "),
+        ("#hash", "\\#hash"),
+        ('q"<>;', 'q\\"\\<\\>\\;'),
+        ("nul\x00", "nul\\00"),
+    ],
+)
+def test_bind_dn_values_are_escaped(account: str, escaped: str) -> None:
+    assert escape_dn_value(account) == escaped
+    assert user_bind_dn("uid=${account},ou=people,dc=e", account) == f"uid={escaped},ou=people,dc=e"
+    assert user_bind_dn(None, account) == account
 
 
 def test_entry_labels() -> None:
@@ -170,6 +197,7 @@ def ldap_section(directory: Directory, tmp: Path, **overrides: object) -> str:
         "labels": {"group": {"attribute": "memberOf", "parse_cn": True}},
     }
     section.update(overrides)
+    section = {key: value for key, value in section.items() if value is not None}
     return "ldap_auth: " + json.dumps(section) + "\n"
 
 
@@ -464,3 +492,43 @@ def test_policy_explain_shows_the_directory_entry_and_its_labels(
     down = explain("alice", "backend/app", "push")
     assert "source: ldap_auth, but directory" in down.stdout and "unavailable" in down.stdout
     assert "Traceback" not in down.stderr
+
+
+def test_initial_bind_as_user_with_a_dn_template(
+    tmp_path: Path, registry: Registry, directory: Directory
+) -> None:
+    gateway = start(
+        tmp_path,
+        registry,
+        directory,
+        initial_bind_as_user=True,
+        bind_dn=f"uid=${{account}},{ldap_server.PEOPLE}",
+        bind_password_file=None,
+    )
+    try:
+        host = gateway.host
+        assert http_request(host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
+        assert http_request(host, "GET", "/v2/", ("alice", "wrong"))[0] == 401
+        # A name that would add DN parts binds as nobody.
+        assert (
+            http_request(host, "GET", "/v2/", (f"alice,{ldap_server.PEOPLE}", PASSWORDS["alice"]))[0] == 401
+        )
+    finally:
+        stop(gateway.process)
+
+
+def test_skipping_certificate_checks_works_and_is_said_loudly(
+    tmp_path: Path, registry: Registry, directory: Directory
+) -> None:
+    gateway = start(
+        tmp_path, registry, directory, addr=directory.tls_addr, tls="always", insecure_tls_skip_verify=True
+    )
+    try:
+        # Said at start-up, before any login.
+        assert (
+            "insecure_tls_skip_verify is true: the directory's certificate is NOT verified"
+            in gateway.log.read_text()
+        )
+        assert http_request(gateway.host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
+    finally:
+        stop(gateway.process)

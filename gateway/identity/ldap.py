@@ -1,12 +1,13 @@
 """LDAP logins, configured as docker_auth's `ldap_auth` section (its keys, unchanged).
 
 A login: bind as the service account (`bind_dn`, `bind_password_file`; anonymous when there is
-none, or as the user with `initial_bind_as_user`), search `base` with `filter`, where `${account}`
-is the user name escaped per RFC 4515, for exactly one entry; then bind as that entry with the
-password, which is what verifies it. The entry's attributes named in `labels` become the user's
-labels (`parse_cn` keeps the first `CN` of a DN value, `lower_case` lowers it), so that
-`memberOf: cn=backend,ou=groups,dc=example,dc=org` is the label `group: backend` for ACL entries
-such as `name: "${labels:group}/*"`.
+none; or, with `initial_bind_as_user`, as the user: `bind_dn` is then a template such as
+`uid=${account},ou=people,dc=example,dc=org` or `${account}@corp.example.com`), search `base`
+with `filter`, where `${account}` is the user name escaped per RFC 4515, for exactly one entry;
+then bind as that entry with the password, which is what verifies it. The entry's attributes
+named in `labels` become the user's labels (`parse_cn` keeps the first `CN` of a DN value,
+`lower_case` lowers it), so that `memberOf: cn=backend,ou=groups,dc=example,dc=org` is the label
+`group: backend` for ACL entries such as `name: "${labels:group}/*"`.
 
 The pure parts (filter escaping, DN parsing, labels, the section's validation) are here without
 I/O; `LdapSource` does the talking, with bonsai (an optional extra: it builds on libldap).
@@ -15,6 +16,7 @@ I/O; `LdapSource` does the talking, with bonsai (an optional extra: it builds on
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +100,27 @@ def escape_filter_value(value: str) -> str:
 
 def user_filter(template: str, account: str) -> str:
     return template.replace("${account}", escape_filter_value(account))
+
+
+def escape_dn_value(value: str) -> str:
+    """An attribute value for a DN (RFC 4514): `\\`, `,`, `+`, `"`, `<`, `>`, `;`, `=` and NUL
+    escaped, and a leading space or `#` and a trailing space, so a name cannot add DN parts."""
+    out = []
+    for index, ch in enumerate(value):
+        if ch in '\\,+"<>;=' or (ch == "#" and index == 0) or (ch == " " and index in (0, len(value) - 1)):
+            out.append("\\" + ch)
+        elif ch == "\x00":
+            out.append("\\00")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def user_bind_dn(template: str | None, account: str) -> str:
+    """The DN (or name) to bind as with initial_bind_as_user."""
+    if template is None:
+        return account
+    return template.replace("${account}", escape_dn_value(account))
 
 
 def _split_unescaped(text: str, separator: str) -> list[str]:
@@ -192,6 +215,10 @@ def parse_section(c: Problems, raw: Mapping[str, Any], path: str = "ldap_auth") 
     """Validate an `ldap_auth` mapping (unknown keys were reported by the caller); every problem is
     reported with its key path. The bind password is read from its file here."""
     problems_before = len(getattr(c, "problems", []))
+    if importlib.util.find_spec("bonsai") is None:
+        c.bad(
+            path, "needs the LDAP client: pip install 'registry-gateway[ldap]' (bonsai; Debian: libldap2-dev)"
+        )
     addr = _text(c, raw, "addr", path, required=True)
     if addr is not None:
         host, sep, port = addr.rpartition(":")
@@ -224,14 +251,23 @@ def parse_section(c: Problems, raw: Mapping[str, Any], path: str = "ldap_auth") 
     bind_password = None
     if password_file is not None:
         try:
-            bind_password = Path(password_file).read_text(encoding="utf-8").rstrip("\r\n")
+            # Trimmed as docker_auth trims it.
+            bind_password = Path(password_file).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             c.bad(f"{path}.bind_password_file", f"{password_file}: cannot read: {exc}")
-    if bind_dn is not None and password_file is None:
-        c.bad(f"{path}.bind_password_file", "required with bind_dn")
-    if password_file is not None and bind_dn is None:
-        c.bad(f"{path}.bind_dn", "required with bind_password_file")
     initial_bind_as_user = _flag(c, raw, "initial_bind_as_user", path)
+    if initial_bind_as_user:
+        if password_file is not None:
+            c.bad(
+                f"{path}.bind_password_file", "not used with initial_bind_as_user (the user's password binds)"
+            )
+        if bind_dn is not None and "${account}" not in bind_dn:
+            c.bad(f"{path}.bind_dn", "with initial_bind_as_user, a template containing ${account}")
+    else:
+        if bind_dn is not None and password_file is None:
+            c.bad(f"{path}.bind_password_file", "required with bind_dn")
+        if password_file is not None and bind_dn is None:
+            c.bad(f"{path}.bind_dn", "required with bind_password_file")
     labels: dict[str, LabelSpec] = {}
     raw_labels = raw.get("labels") or {}
     if not isinstance(raw_labels, dict):
@@ -386,7 +422,10 @@ class LdapSource:
             try:
                 try:
                     entries = await self._find(
-                        user, (user, password) if settings.initial_bind_as_user else None
+                        user,
+                        (user_bind_dn(settings.bind_dn, user), password)
+                        if settings.initial_bind_as_user
+                        else None,
                     )
                 except bonsai.AuthenticationError:
                     if settings.initial_bind_as_user:
