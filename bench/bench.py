@@ -507,6 +507,15 @@ def seed_manifest(registry: Service, work: Path) -> None:
     skopeo_time([f"oci:{layout}:1", f"docker://{registry.url.removeprefix('http://')}/bench/app:1"], auth)
 
 
+def ratio(value: float, reference: float) -> float | None:
+    """value / reference; None when the reference measured zero (a run shorter than one CPU tick)."""
+    return value / reference if reference > 0 else None
+
+
+def shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def write_plain_htpasswd(path: Path) -> None:
     """nginx's cheapest password scheme, `{PLAIN}`: the floor of what the nginx recipe can cost."""
     path.write_text(f"{USER}:{{PLAIN}}{PASSWORD}\n{READER}:{{PLAIN}}{PASSWORD}\n")
@@ -560,8 +569,9 @@ def bench_head(b: Bench, registry: Service, rounds: int, seconds: float) -> dict
                 "gateway_added_p50_ms": summary["gateway"]["p50_ms"] - summary["registry"]["p50_ms"],
                 "nginx_added_p50_ms": summary["nginx"]["p50_ms"] - summary["registry"]["p50_ms"],
                 "nginx_plain_added_p50_ms": summary["nginx_plain"]["p50_ms"] - summary["registry"]["p50_ms"],
-                "gateway_cpu_vs_nginx_plain": summary["gateway"]["cpu_us_per_request"]
-                / summary["nginx_plain"]["cpu_us_per_request"],
+                "gateway_cpu_vs_nginx_plain": ratio(
+                    summary["gateway"]["cpu_us_per_request"], summary["nginx_plain"]["cpu_us_per_request"]
+                ),
             }
             results[f"cost{cost}_c{conns}"] = summary
         for name in ("nginx", "gateway"):
@@ -609,8 +619,8 @@ def bench_token(b: Bench, registry: Service, rounds: int, seconds: float) -> dic
         summary[mode] = {**median_of(runs[mode]), "cpu_us_per_request": statistics.median(cpu[mode])}
     summary["bearer_vs_basic_rps"] = summary["bearer"]["rps"] / summary["basic"]["rps"]
     for mode in ("basic", "bearer"):
-        summary[f"{mode}_cpu_vs_nginx_plain"] = (
-            summary[mode]["cpu_us_per_request"] / summary["nginx_plain"]["cpu_us_per_request"]
+        summary[f"{mode}_cpu_vs_nginx_plain"] = ratio(
+            summary[mode]["cpu_us_per_request"], summary["nginx_plain"]["cpu_us_per_request"]
         )
     for target, _ in modes.values():
         target.stop()
@@ -805,7 +815,7 @@ def table(results: dict[str, Any]) -> str:
         )
         lines.append(
             f"{case:<12}{cells}{s['ratios']['gateway_vs_direct']:>11.2f}"
-            f"{s['ratios']['gateway_cpu_vs_nginx_plain']:>14.2f}"
+            f"{shown(s['ratios']['gateway_cpu_vs_nginx_plain']):>14}"
         )
     k = results["token"]
     lines.append("\n== HEAD manifest at 2 connections: Basic vs a Bearer token (gateway, 1 worker) ==")
@@ -815,8 +825,8 @@ def table(results: dict[str, Any]) -> str:
             f"CPU {k[mode]['cpu_us_per_request']:.0f} us/request"
         )
     lines.append(
-        f"gateway CPU vs nginx-plain: basic {k['basic_cpu_vs_nginx_plain']:.2f}, "
-        f"bearer {k['bearer_cpu_vs_nginx_plain']:.2f}"
+        f"gateway CPU vs nginx-plain: basic {shown(k['basic_cpu_vs_nginx_plain'])}, "
+        f"bearer {shown(k['bearer_cpu_vs_nginx_plain'])}"
     )
     t = results["transfer"]
     lines.append(f"\n== {t['blob_mib']} MiB blob, MB/s (direct / nginx / gateway) ==")

@@ -22,13 +22,20 @@ def test_quick_benchmark_produces_complete_results(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads(out.read_text())
     for case in ("cost10_c2", "cost10_c32", "cost5_c2", "cost5_c32"):
-        for target in ("registry", "nginx", "gateway"):
+        for target in ("registry", "nginx", "nginx_plain", "gateway"):
             assert results["head"][case][target]["rps"] > 0
             assert results["head"][case][target]["errors"] == 0, (case, target)
+            # Every target's CPU per request is reported (a sub-tick run may measure 0).
+            assert results["head"][case][target]["cpu_us_per_request"] >= 0, (case, target)
+        assert "gateway_cpu_vs_nginx_plain" in results["head"][case]["ratios"]
+    assert results["token"]["nginx_plain"]["rps"] > 0
     for mode in ("basic", "bearer"):
         assert results["token"][mode]["rps"] > 0 and results["token"][mode]["errors"] == 0, mode
         assert results["token"][mode]["cpu_us_per_request"] > 0
     transfer = results["transfer"]
+    for key in ("pull_cpu_s_per_GB", "push_cpu_s_per_GB"):  # reported; an 8 MiB run may measure 0
+        assert set(transfer[key]) == {"registry", "nginx", "gateway"}
+        assert all(value >= 0 for value in transfer[key].values())
     for key in ("pull_MBps", "push_MBps", "skopeo_push_MBps", "skopeo_pull_MBps"):
         assert set(transfer[key]) == {"registry", "nginx", "gateway"}
         assert all(value > 0 for value in transfer[key].values())
