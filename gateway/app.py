@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway import catalog, forwarding
+from gateway import acl, catalog, forwarding
 from gateway.audit import AuditLog, AuditRecord, new_record, operation_name
 from gateway.authn import (
     Authenticator,
@@ -435,6 +435,7 @@ async def _token_request(request: web.BaseRequest, authority: TokenAuthority) ->
         request[GATEWAY].metrics,
         request[AUDIT_RECORD],
         view.address,
+        request[GATEWAY].ask_ext_authz,
     )
 
 
@@ -685,6 +686,13 @@ class Gateway:
         if self._authorizer is None or self._authorizer.settings != settings:
             self._authorizer = ExternalAuthorizer(settings, self.settings.cache_ttl)
         return self._authorizer
+
+    async def ask_ext_authz(self, asked: acl.Request) -> bool | None:
+        """The current rules' ext_authz program on one request (False when there is none)."""
+        policy = self.authenticator.store.snapshot.policy
+        if policy is None or policy.ext_authz is None:
+            return False
+        return await self.external_authorizer(policy.ext_authz).authorize(asked)
 
     def _directory_problem(self) -> str | None:
         directory = self.authenticator.ldap_source()

@@ -371,3 +371,55 @@ def test_policy_explain_takes_a_programs_labels(tmp_path: Path) -> None:
     given = subprocess.run([*base, "--label", "level=max"], capture_output=True, text=True, timeout=60)
     assert given.returncode == 0 and given.stdout.startswith("ALLOWED: bofh push vip/app: by acl[0]")
     assert "labels: level=max" in given.stdout
+
+
+def test_ext_authz_grants_token_scopes_no_entry_matches(tmp_path: Path, registry: Registry) -> None:
+    import base64
+
+    script = program(
+        tmp_path,
+        "authz.py",
+        textwrap.dedent("""\
+        #!/usr/bin/env python3
+        import json, sys
+        asked = json.loads(sys.stdin.read())
+        sys.exit(0 if asked["Account"] == "reader" and asked["Name"].startswith("granted/") else 1)
+        """),
+    )
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, "reader", "reader-pw-1", "-B")
+    policy = tmp_path / "policy.yml"
+    policy.write_text(AUTHZ_ACL + f'ext_authz:\n  command: "{script}"\n')
+    gateway = start_gateway(
+        tmp_path, registry.url, users, "--policy", str(policy), env={"GATEWAY_CHALLENGE": "bearer"}
+    )
+    reader = ("reader", "reader-pw-1")
+
+    def token_for(scope: str) -> tuple[str, list[dict[str, object]]]:
+        status, _, body = http_request(
+            gateway.host, "GET", f"/token?service=registry-gateway&scope={scope}", reader
+        )
+        assert status == 200, body
+        token = json.loads(body)["token"]
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return token, claims["access"]
+
+    try:
+        token, access = token_for("repository:granted/app:pull,push")
+        assert access == [{"type": "repository", "name": "granted/app", "actions": ["pull", "push"]}]
+        _, denied = token_for("repository:other/app:pull")
+        assert denied == []
+        _, by_acl = token_for("repository:public/app:pull,push")  # an entry matched: the ACL alone
+        assert by_acl == [{"type": "repository", "name": "public/app", "actions": ["pull"]}]
+        # The token works on the registry API: the request reaches the registry (404, no manifest).
+        status, _, body = http_request(
+            gateway.host, "HEAD", "/v2/granted/app/manifests/1", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert status == 404, body
+        status, headers, _ = http_request(
+            gateway.host, "HEAD", "/v2/other/app/manifests/1", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert status == 401 and 'error="insufficient_scope"' in headers["WWW-Authenticate"]
+    finally:
+        stop(gateway.process)

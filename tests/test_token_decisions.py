@@ -125,3 +125,34 @@ def test_covers() -> None:
     assert not covers(token, scope("repository:a/b:delete"))
     assert covers(token, scope("repository:x:delete"))
     assert not covers(token, scope("registry:a/b:pull"))  # the type must match too
+
+
+UNMATCHED_POLICY = policyfile.parse(
+    {
+        "acl": [
+            {"match": {"account": "admin"}, "actions": ["*"]},
+            {"match": {"account": "reader", "name": "public/*"}, "actions": ["pull"]},
+            {"match": {"account": "reader", "name": "closed/*"}, "actions": []},
+        ]
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("user", "asked", "left"),
+    [
+        ("reader", "repository:public/a:pull,push", []),  # an entry matched (granting less): it decides
+        ("reader", "repository:closed/a:pull", []),  # an entry matched and denies
+        ("reader", "repository:other/a:pull,push", ["repository:other/a:pull,push"]),
+        ("reader", "repository:other/a:*", ["repository:other/a:delete,pull,push"]),
+        ("reader", "registry:catalog:*", []),  # only repositories go to the program
+        ("reader", "repository:Bad Name:pull", []),
+        (None, "repository:other/a:pull", []),  # anonymous: the ACL alone
+        ("admin", "repository:other/a:push", []),
+    ],
+)
+def test_scopes_no_entry_matches_go_to_the_program(user: str | None, asked: str, left: list[str]) -> None:
+    from gateway.tokens.grants import unmatched
+
+    scopes = parse_scopes([asked])
+    assert [str(scope) for scope in unmatched(scopes, user, UNMATCHED_POLICY, "10.0.0.1", None)] == left

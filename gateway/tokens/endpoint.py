@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
 from aiohttp import web
 from multidict import MultiDict, MultiMapping
 
+from gateway import acl
 from gateway.audit import AuditRecord
 from gateway.authn import Authenticator, Credentials, Malformed, parse_basic_authorization
 from gateway.config import Settings
@@ -24,9 +26,10 @@ from gateway.identity import Labels
 from gateway.lockout import Lockout
 from gateway.login import Locked, Refused, check_login, locked_response
 from gateway.metrics import Metrics
+from gateway.policy import acl_request
 from gateway.state import Snapshot
 from gateway.tokens.authority import TokenAuthority
-from gateway.tokens.grants import grant
+from gateway.tokens.grants import grant, unmatched
 from gateway.tokens.jwt_tokens import InvalidToken
 from gateway.tokens.scopes import Scope, merge, parse_scopes
 
@@ -66,6 +69,36 @@ async def _form(request: web.BaseRequest, idle_timeout: float) -> MultiDict[str]
     return MultiDict((key, value) for key, values in parsed.items() for value in values)
 
 
+# Asks the ext_authz program about one request: True granted, False denied, None failed.
+AskProgram = Callable[[acl.Request], Awaitable[bool | None]]
+
+
+async def _program_grants(
+    ask_program: AskProgram | None,
+    metrics: Metrics,
+    scopes: list[Scope],
+    user: str | None,
+    snapshot: Snapshot,
+    client: str,
+    labels: Labels | None,
+) -> list[Scope]:
+    """Scopes no ACL entry matches, granted by the ext_authz program (docker_auth asks its
+    authorizers in turn; the ACL first)."""
+    policy = snapshot.policy
+    if ask_program is None or policy is None or policy.ext_authz is None:
+        return []
+    granted = []
+    for scope in unmatched(scopes, user, policy, client, labels):
+        answer = await ask_program(
+            acl_request(policy, user, "repository", scope.name, scope.actions, client, labels)
+        )
+        if answer is None:
+            metrics.auth_failures.labels("ext_authz_failed").inc()
+        elif answer:
+            granted.append(scope)
+    return granted
+
+
 async def token_endpoint(
     request: web.BaseRequest,
     settings: Settings,
@@ -75,6 +108,7 @@ async def token_endpoint(
     metrics: Metrics,
     record: AuditRecord,
     client: str,
+    ask_program: AskProgram | None = None,
 ) -> web.StreamResponse:
     record.operation = "token"
     params: MultiMapping[str]
@@ -89,7 +123,9 @@ async def token_endpoint(
         params = form
         grant_type = form.get("grant_type", "")
         if grant_type == "refresh_token" and authority.refresh_lifetime:
-            return await _refresh(form, settings, authority, authenticator, metrics, record, client)
+            return await _refresh(
+                form, settings, authority, authenticator, metrics, record, client, ask_program
+            )
         if grant_type != "password":
             # containerd then asks again with GET and Basic credentials.
             return _oauth_error(400, "unsupported_grant_type", "use grant_type=password, or GET")
@@ -136,7 +172,10 @@ async def token_endpoint(
     # Refresh tokens are tied to the user's entry in the files; directory users log in again.
     if offline and user is not None and authority.refresh_lifetime and user in snapshot.users:
         refresh = authority.issue_refresh(user, snapshot.users[user])
-    return _answer(authority, metrics, record, snapshot, settings, scopes, user, client, refresh, labels)
+    extra = await _program_grants(ask_program, metrics, scopes, user, snapshot, client, labels)
+    return _answer(
+        authority, metrics, record, snapshot, settings, scopes, user, client, refresh, labels, extra
+    )
 
 
 def _answer(
@@ -150,8 +189,11 @@ def _answer(
     client: str,
     refresh: str | None,
     labels: Labels | None = None,
+    extra: list[Scope] | None = None,
 ) -> web.Response:
     granted = grant(scopes, user, snapshot.policy, settings.admin_prefix, client, labels)
+    if extra:
+        granted = merge(granted + extra)
     record.scopes_granted = [str(scope) for scope in granted]
     token, issued = authority.issue(user or "", granted)
     metrics.tokens.labels("issued", "").inc()
@@ -177,6 +219,7 @@ async def _refresh(
     metrics: Metrics,
     record: AuditRecord,
     client: str,
+    ask_program: AskProgram | None = None,
 ) -> web.Response:
     """grant_type=refresh_token: what moby, containerd and skopeo send once they hold one."""
     snapshot = authenticator.store.snapshot
@@ -192,4 +235,5 @@ async def _refresh(
     if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
         metrics.tokens.labels("rejected", "expired").inc()
         return _oauth_error(401, "invalid_grant", "account expired")
-    return _answer(authority, metrics, record, snapshot, settings, scopes, user, client, None)
+    extra = await _program_grants(ask_program, metrics, scopes, user, snapshot, client, None)
+    return _answer(authority, metrics, record, snapshot, settings, scopes, user, client, None, None, extra)

@@ -54,9 +54,7 @@ def _allowed(
         return acl.evaluate(policy.rules, request).granted
     if not valid_name(scope.name):
         return frozenset()
-    # `*` is asked for as every repository action, so that an entry granting some actions and
-    # `*` beside them grants those actions, never a `*` a registry would read as everything.
-    wanted = (scope.actions - {"*"}) | (REPOSITORY_ACTIONS if "*" in scope.actions else frozenset())
+    wanted = _wanted(scope)
     if policy is None:
         if user is None:
             return frozenset()
@@ -65,3 +63,26 @@ def _allowed(
         return wanted & frozenset({PULL})
     request = acl_request(policy, user, "repository", scope.name, wanted, ip, labels)
     return acl.evaluate(policy.rules, request).granted - {"*"}
+
+
+def _wanted(scope: Scope) -> frozenset[str]:
+    # `*` is asked for as every repository action, so that an entry granting some actions and
+    # `*` beside them grants those actions, never a `*` a registry would read as everything.
+    return (scope.actions - {"*"}) | (REPOSITORY_ACTIONS if "*" in scope.actions else frozenset())
+
+
+def unmatched(
+    scopes: Iterable[Scope], user: str | None, policy: Policy | None, ip: str | None, labels: Labels | None
+) -> list[Scope]:
+    """The repository scopes of a known user that no ACL entry matches (with `*` spelled out):
+    what an ext_authz program decides."""
+    if policy is None or user is None:
+        return []
+    found = []
+    for scope in scopes:
+        if scope.type != "repository" or not valid_name(scope.name):
+            continue
+        request = acl_request(policy, user, "repository", scope.name, _wanted(scope), ip, labels)
+        if acl.evaluate(policy.rules, request).entry_index is None:
+            found.append(Scope(scope.type, scope.name, _wanted(scope)))
+    return found
