@@ -18,10 +18,12 @@ import pytest
 from gateway import policyfile
 from gateway.identity.ldap import (
     LabelSpec,
+    account_attributes,
     entry_labels,
     escape_dn_value,
     escape_filter_value,
     first_cn,
+    names_entry,
     user_bind_dn,
     user_filter,
 )
@@ -100,6 +102,30 @@ def test_bind_dn_values_are_escaped(account: str, escaped: str) -> None:
     assert escape_dn_value(account) == escaped
     assert user_bind_dn("uid=${account},ou=people,dc=e", account) == f"uid={escaped},ou=people,dc=e"
     assert user_bind_dn(None, account) == account
+
+
+@pytest.mark.parametrize(
+    ("template", "attributes"),
+    [
+        ("(&(uid=${account})(objectClass=person))", ("uid",)),
+        ("(|(uid=${account})(mail=${account}))", ("uid", "mail")),
+        ("(sAMAccountName=${account})", ("sAMAccountName",)),
+        ("(uid=pre-${account})", ()),
+        ("( cn = ${account} )", ("cn",)),
+    ],
+)
+def test_account_attributes(template: str, attributes: tuple[str, ...]) -> None:
+    assert account_attributes(template) == attributes
+
+
+def test_only_the_directorys_spelling_of_a_name_logs_in() -> None:
+    entry = {"uid": ["alice"], "mail": ["Alice@example.org"]}
+    assert names_entry(entry, ("uid",), "alice")
+    assert not names_entry(entry, ("uid",), "ALICE")
+    assert not names_entry(entry, ("UID",), "Alice")
+    assert names_entry(entry, ("uid", "mail"), "Alice@example.org")
+    assert not names_entry(entry, ("uid", "mail"), "alice@example.org")
+    assert names_entry(entry, (), "anything")  # the filter does not compare the whole name
 
 
 def test_entry_labels() -> None:
@@ -273,11 +299,18 @@ def test_directory_user_pushes_where_its_group_allows(setup: Setup) -> None:
 def test_wrong_password_and_unknown_user_fail_alike(setup: Setup) -> None:
     host = setup.gateway.host
     answers = []
-    for credentials in (("alice", "wrong"), ("nobody-here", "whatever"), ("alice", "")):
+    # ALICE finds alice's entry (uid compares without case) but is not the directory's spelling:
+    # an ACL entry for alice would not match ALICE, so ALICE does not log in.
+    for credentials in (
+        ("alice", "wrong"),
+        ("nobody-here", "whatever"),
+        ("alice", ""),
+        ("ALICE", PASSWORDS["alice"]),
+    ):
         status, headers, body = http_request(host, "GET", "/v2/", credentials)
         errors = json.loads(body)["errors"]
         answers.append((status, headers.get("WWW-Authenticate"), errors[0]["code"], errors[0]["message"]))
-    assert answers[0] == answers[1] == answers[2]
+    assert answers[0] == answers[1] == answers[2] == answers[3]
     assert answers[0][0] == 401
     assert http_request(host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
 

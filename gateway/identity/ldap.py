@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,26 @@ def escape_filter_value(value: str) -> str:
         else:
             out.append(chr(byte))
     return "".join(out)
+
+
+_ACCOUNT_ASSERTION = re.compile(r"\(\s*([A-Za-z][A-Za-z0-9.;-]*)\s*=\s*\$\{account\}\s*\)")
+
+
+def account_attributes(template: str) -> tuple[str, ...]:
+    """The attributes the filter compares with the whole user name, as in `(uid=${account})`."""
+    return tuple(dict.fromkeys(match.group(1) for match in _ACCOUNT_ASSERTION.finditer(template)))
+
+
+def names_entry(entry: Mapping[str, Sequence[str]], attributes: Sequence[str], account: str) -> bool:
+    """Whether the user name is, exactly, a value of one of those attributes of the entry.
+
+    Directories compare names without case (`uid` is case-insensitive), so `ALICE` finds alice's
+    entry; the gateway would then know the user as `ALICE`, whom an ACL entry for `alice` does not
+    match, deny entries included. Only the name as the directory holds it logs in."""
+    if not attributes:
+        return True  # a filter that does not compare the whole name: nothing to hold it against
+    by_name = {name.lower(): values for name, values in entry.items()}
+    return any(account in by_name.get(attribute.lower(), ()) for attribute in attributes)
 
 
 def user_filter(template: str, account: str) -> str:
@@ -376,7 +397,11 @@ class LdapSource:
                 settings.base,
                 bonsai.LDAPSearchScope.SUBTREE,
                 user_filter(settings.filter, user),
-                attrlist=[spec.attribute for spec in settings.labels.values()] or ["1.1"],
+                attrlist=[
+                    *(spec.attribute for spec in settings.labels.values()),
+                    *account_attributes(settings.filter),
+                ]
+                or ["1.1"],
                 timeout=settings.operation_timeout,
             )
             return found
@@ -408,9 +433,12 @@ class LdapSource:
         self._return(connection, healthy=True)
         return entries
 
+    @staticmethod
+    def _attributes(entry: Any) -> dict[str, list[str]]:
+        return {str(key): [str(v) for v in values] for key, values in entry.items() if key != "dn"}
+
     def _labels(self, entry: Any) -> Labels:
-        attributes = {str(key): [str(v) for v in values] for key, values in entry.items() if key != "dn"}
-        return entry_labels(attributes, self.settings.labels)
+        return entry_labels(self._attributes(entry), self.settings.labels)
 
     async def verify(self, user: str, password: str) -> Verdict:
         if not password:
@@ -438,6 +466,9 @@ class LdapSource:
                     log.warning("ldap_auth.filter matches %d entries for %r: refused", len(entries), user)
                     return Rejected()
                 entry = entries[0]
+                if not names_entry(self._attributes(entry), account_attributes(settings.filter), user):
+                    log.info("ldap_auth: %r is not the directory's spelling of that name: refused", user)
+                    return Rejected()
                 try:
                     user_connection = await self._connect(str(entry.dn), password)
                 except bonsai.AuthenticationError:
@@ -460,6 +491,8 @@ class LdapSource:
         except (bonsai.LDAPError, OSError, TimeoutError) as exc:
             return Unavailable(f"directory {self.settings.addr} unavailable: {type(exc).__name__}: {exc}")
         if len(entries) != 1:
+            return Unknown()
+        if not names_entry(self._attributes(entries[0]), account_attributes(self.settings.filter), user):
             return Unknown()
         return str(entries[0].dn), self._labels(entries[0])
 
