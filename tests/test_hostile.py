@@ -490,15 +490,20 @@ def dos_shapes_against(tmp_path: Path, registry: Registry) -> None:
         # (4) Uploads that stall mid-body, and one whose chunking is malformed after a pause.
         stalled = []
         for _ in range(6):
+            # The upload is started before its socket opens: the POST may wait for a registry
+            # connection held by the uploads already stalled, longer than header_timeout, and a
+            # socket opened first would be closed as a slow head (a bare close, not a 408).
+            location = upload_location("alice")
             sock = connect()
             sock.sendall(
-                f"PATCH {upload_location('alice')} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('alice')}\r\n"
+                f"PATCH {location} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('alice')}\r\n"
                 "Content-Length: 100000\r\n\r\nabc".encode()
             )
             stalled.append(sock)
+        location = upload_location("alice")
         bad_chunk = connect()
         bad_chunk.sendall(
-            f"PATCH {upload_location('alice')} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('alice')}\r\n"
+            f"PATCH {location} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('alice')}\r\n"
             "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n".encode()
         )
         time.sleep(0.5)
