@@ -565,3 +565,57 @@ def test_skipping_certificate_checks_works_and_is_said_loudly(
         assert http_request(gateway.host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
     finally:
         stop(gateway.process)
+
+
+def test_tokens_for_directory_users_carry_their_group_grants(
+    tmp_path: Path, registry: Registry, directory: Directory
+) -> None:
+    import base64
+
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, "admin", "admin-pw-1", "-B")
+    policy = tmp_path / "policy.yml"
+    policy.write_text(ACL + ldap_section(directory, tmp_path))
+    gateway = start_gateway(
+        tmp_path,
+        registry.url,
+        users,
+        "--policy",
+        str(policy),
+        env={"GATEWAY_CHALLENGE": "bearer", "GATEWAY_CACHE_TTL": "30"},
+    )
+    alice = ("alice", PASSWORDS["alice"])
+
+    def token_for(scope: str) -> tuple[str, list[dict[str, object]]]:
+        status, _, body = http_request(
+            gateway.host, "GET", f"/token?service=registry-gateway&scope={scope}", alice
+        )
+        assert status == 200, body
+        token = json.loads(body)["token"]
+        payload = token.split(".")[1]
+        return token, json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["access"]
+
+    try:
+        token, access = token_for("repository:backend/app:pull,push")
+        assert access == [{"type": "repository", "name": "backend/app", "actions": ["pull", "push"]}]
+        _, other = token_for("repository:frontend/app:pull,push")  # not her group: pull only
+        assert other == [{"type": "repository", "name": "frontend/app", "actions": ["pull"]}]
+        # The token is honoured on the API for what it grants, and refused beyond it.
+        bearer = {"Authorization": f"Bearer {token}"}
+        status, _, body = http_request(gateway.host, "POST", "/v2/backend/app/blobs/uploads/", headers=bearer)
+        assert status == 202, body
+        status, headers, _ = http_request(
+            gateway.host, "POST", "/v2/frontend/app/blobs/uploads/", headers=bearer
+        )
+        assert status == 401 and 'error="insufficient_scope"' in headers["WWW-Authenticate"]
+        assert not (registry.storage / "docker/registry/v2/repositories/frontend").exists()
+        # A wrong directory password gets no token at all.
+        status, _, _ = http_request(
+            gateway.host,
+            "GET",
+            "/token?service=registry-gateway&scope=repository:backend/app:pull",
+            ("alice", "x"),
+        )
+        assert status == 401
+    finally:
+        stop(gateway.process)
