@@ -214,3 +214,13 @@ def test_an_unreadable_revocations_file_keeps_the_last_good_set(tmp_path: Path) 
     revoked_file.write_bytes(b"alice\t\xff\xfe\n")
     authority.reload_if_changed()  # logs, does not raise
     assert "alice" in authority.revoked
+
+
+def test_a_written_key_is_private_even_over_a_stale_temporary_file(tmp_path: Path) -> None:
+    target = tmp_path / "token.pem"
+    stale = tmp_path / "token.pem.tmp"
+    stale.write_text("left over")
+    stale.chmod(0o644)
+    keys.write_private(keys.generate(), target)
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert keys.load(target).kid

@@ -506,3 +506,36 @@ def test_a_configured_realm_is_announced(tmp_path: Path, registry: Registry) -> 
         assert headers["WWW-Authenticate"].startswith('Bearer realm="https://auth.example.com/token",')
     finally:
         stop(gateway.process)
+
+
+def test_bad_token_forms_get_a_400_never_a_500(stack: TokenStack) -> None:
+    import socket
+
+    host, port = stack.gateway.host.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\ngrant\r\nzz\r\n"
+        )
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for fields in (
+        {"grant_type": "password", "username": "alice\x01", "password": USERS["alice"]},
+        {"grant_type": "password", "username": "alice", "password": "x" * 5000},
+    ):
+        body = urllib.parse.urlencode({**fields, "service": "registry-gateway"}).encode()
+        status, _, answer = http_request(stack.gateway.host, "POST", "/token", body=body, headers=form)
+        assert status == 400, answer
+        assert json.loads(answer)["error"] == "invalid_request"
+    # The good form still works.
+    body = urllib.parse.urlencode(
+        {
+            "grant_type": "password",
+            "username": "alice",
+            "password": USERS["alice"],
+            "service": "registry-gateway",
+        }
+    ).encode()
+    assert http_request(stack.gateway.host, "POST", "/token", body=body, headers=form)[0] == 200
+    assert "Traceback" not in stack.gateway.log.read_text()

@@ -9,6 +9,7 @@ token; missing rights are not an error: the token grants what the policy allows.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import json
 from collections.abc import Awaitable, Callable
@@ -59,6 +60,10 @@ async def _form(request: web.BaseRequest, idle_timeout: float) -> MultiDict[str]
                     break
                 body += chunk
     except TimeoutError:
+        return None
+    except ConnectionError:
+        raise  # the client went away: nothing to answer
+    except Exception:  # aiohttp's payload errors (bad chunking, a cut body): a 400, never a 500
         return None
     if len(body) > MAX_FORM_BYTES:
         return None
@@ -129,9 +134,16 @@ async def token_endpoint(
         if grant_type != "password":
             # containerd then asks again with GET and Basic credentials.
             return _oauth_error(400, "unsupported_grant_type", "use grant_type=password, or GET")
-        credentials = Credentials(form.get("username", ""), form.get("password", ""))
-        if not credentials.username:
+        username, password = form.get("username", ""), form.get("password", "")
+        if not username:
             return _oauth_error(400, "invalid_request", "username is required")
+        # The same limits as Basic credentials: length, and no control characters.
+        checked = parse_basic_authorization(
+            "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+        )
+        if not isinstance(checked, Credentials) or checked.username != username:
+            return _oauth_error(400, "invalid_request", "malformed username or password")
+        credentials = checked
     else:
         return error_response(405, "UNSUPPORTED", "the token endpoint takes GET and POST")
 

@@ -108,6 +108,8 @@ def write_private(key: SigningKey, path: Path) -> None:
     )
     temporary = path.with_name(path.name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A stale temporary file keeps the mode it was created with: set ours before writing.
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(pem)
     os.replace(temporary, path)
