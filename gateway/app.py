@@ -545,6 +545,13 @@ async def forward(
         record.digest = upstream.header(b"docker-content-digest")
         if _needs_own_error_body(upstream.status, upstream.header(b"content-type") or ""):
             operation = screened.operation
+            original = b""
+            if request.method != "HEAD":
+                with contextlib.suppress(UpstreamError):
+                    original = await upstream.read_at_most(UPSTREAM_ERROR_LOG_BYTES)
+            # The probe below needs a registry connection of its own: this one goes back first,
+            # so that a full pool does not make the probe wait for itself.
+            upstream.release()
             if (
                 upstream.status == 500
                 and isinstance(operation, Operation)
@@ -553,7 +560,7 @@ async def forward(
                 # distribution 2.8 answers 500 when a manifest is asked for by the digest of a
                 # layer or config blob (it fails to parse it); the truth is "no such manifest".
                 return error_response(404, "MANIFEST_UNKNOWN", "manifest unknown: the digest names a blob")
-            return await _replace_error(request, upstream)
+            return _replace_error(request, upstream, original)
         headers = forwarding.downstream_response_headers(upstream.raw_headers)
         if API_VERSION_HEADER not in headers:
             headers[API_VERSION_HEADER] = API_VERSION
@@ -619,12 +626,9 @@ def _needs_own_error_body(status: int, content_type: str) -> bool:
     return status >= 400 and content_type.split(";", 1)[0].strip().lower() != "application/json"
 
 
-async def _replace_error(request: web.BaseRequest, upstream: UpstreamResponse) -> web.Response:
-    """The registry's status, with an error body of our own; the original goes to the log."""
-    original = b""
-    if request.method != "HEAD":
-        with contextlib.suppress(UpstreamError):
-            original = await upstream.read_at_most(UPSTREAM_ERROR_LOG_BYTES)
+def _replace_error(request: web.BaseRequest, upstream: UpstreamResponse, original: bytes) -> web.Response:
+    """The registry's status, with an error body of our own; the original (its first bytes) goes
+    to the log."""
     if upstream.status >= 500:
         log.warning(
             "registry answered %d to %s %s: %s",

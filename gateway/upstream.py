@@ -88,7 +88,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._expecting and not self.complete:
-            if self.head_complete and self._until_eof and exc is None:
+            if self.head_complete and self._until_eof and exc is None and self._error is None:
                 self.complete = True  # a body delimited by the end of the connection
             elif self._error is None:
                 self._error = UpstreamError(
@@ -231,16 +231,23 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(head)
 
-    async def drain(self) -> None:
+    async def drain(self, quiet_limit: float) -> None:
         if self._error is not None:
             raise self._error
         if self.closed:
             raise UpstreamError("the registry closed the connection")
         if self._write_paused:
             self._drain_waiter = asyncio.get_running_loop().create_future()
-            await self._drain_waiter
+            try:
+                async with asyncio.timeout(quiet_limit):
+                    await self._drain_waiter
+            except TimeoutError:
+                # The registry stopped reading the upload: the connection and its slot are freed.
+                error = UpstreamTimeout(f"the registry took no request bytes for {quiet_limit:g} s")
+                self._fail(error)
+                raise error from None
 
-    async def send_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+    async def send_body(self, body: AsyncIterator[bytes], chunked: bool, quiet_limit: float) -> None:
         transport = self.transport
         assert transport is not None
         async for chunk in body:
@@ -250,10 +257,10 @@ class _Connection(asyncio.Protocol):
                 transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
                 transport.write(chunk)
-            await self.drain()
+            await self.drain(quiet_limit)
         if chunked:
             transport.write(b"0\r\n\r\n")
-        await self.drain()
+        await self.drain(quiet_limit)
 
     async def read_head(self, quiet_limit: float | None) -> None:
         while not self.head_complete:
@@ -438,7 +445,7 @@ class UpstreamPool:
         if body is None:
             await connection.read_head(self.read_timeout)
             return
-        sender = asyncio.ensure_future(connection.send_body(body, chunked))
+        sender = asyncio.ensure_future(connection.send_body(body, chunked, self.read_timeout))
         head_task = asyncio.ensure_future(connection.read_head(None))
         try:
             await asyncio.wait((sender, head_task), return_when=asyncio.FIRST_COMPLETED)
@@ -446,7 +453,12 @@ class UpstreamPool:
             sender.cancel()
             head_task.cancel()
             raise
-        if sender.done():
+        body_sent = sender.done() and not sender.cancelled() and sender.exception() is None
+        head_ok = head_task.done() and not head_task.cancelled() and head_task.exception() is None
+        # An answer that came while the body was still going (or failing, as the registry closes
+        # after answering early) is the registry's answer: it wins over the sender's failure.
+        answered_early = head_ok and not body_sent
+        if sender.done() and not answered_early:
             if sender.exception() is not None:
                 head_task.cancel()
                 sender.result()  # the client's body failed, or the registry went away: raised here
@@ -460,6 +472,8 @@ class UpstreamPool:
             return
         # The registry answered before the body was sent (an error, usually): the rest of the
         # body is not sent, and this connection is not reused.
+        if sender.done() and not sender.cancelled():
+            sender.exception()  # retrieved: the answer is what counts
         sender.cancel()
         connection.reusable = False
         head_task.result()

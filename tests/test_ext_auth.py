@@ -134,7 +134,8 @@ def test_docker_auth_example_program_works_unchanged(setup: Setup) -> None:
     unknown = http_request(host, "GET", "/v2/", ("nobody", "pass"))
     assert wrong[0] == unknown[0] == 401 and wrong[2] == unknown[2]
     # A space in the name would move the program's split of "USER PASSWORD": refused unasked.
-    assert http_request(host, "GET", "/v2/", ("user pass", "x"))[0] == 401
+    # With password "" the program would read "user pass " and accept: only our check refuses.
+    assert http_request(host, "GET", "/v2/", ("user pass", ""))[0] == 401
     # Labels from the program reach the ACL: bofh (level=max) pushes, user only pulls.
     image = setup.tmp / "image"
     write_image(image, "1", layers=1, layer_bytes=3000)
@@ -218,6 +219,9 @@ def test_directory_first_then_program(tmp_path: Path, registry: Registry) -> Non
             assert http_request(host, "GET", "/v2/", ("alice", "pass"))[0] == 401
             # bofh is not: the program decides.
             assert http_request(host, "GET", "/v2/", ("bofh", "LART"))[0] == 200
+            # The directory down is no reason to ask the program about alice (fail closed).
+            directory.stop()
+            assert http_request(host, "GET", "/v2/", ("alice", "pass"))[0] == 401
         finally:
             stop(gateway.process)
     finally:

@@ -808,3 +808,27 @@ def test_idle_kept_alive_connections_are_closed(tmp_path: Path, registry: Regist
             assert time.monotonic() - started < 15  # keepalive_timeout, not aiohttp's hour
     finally:
         stop(gw.process)
+
+
+def test_a_layer_digest_asked_as_a_manifest_is_404_with_one_registry_connection(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """The blob probe behind that 404 needs a registry connection of its own: with the pool at one,
+    the answer it probes must not hold the only one (it would wait connect_timeout, then 500)."""
+    blob, _ = push_image(registry.url.removeprefix("http://"), "public/app", "1")
+    gw = gateway_with_policy(
+        tmp_path, registry, env={"GATEWAY_UPSTREAM_CONNECTIONS": "1", "GATEWAY_CONNECT_TIMEOUT": "3"}
+    )
+    try:
+        status, _, body = http_request(
+            gw.host,
+            "GET",
+            f"/v2/public/app/manifests/{blob}",
+            creds("admin"),
+            headers={"Accept": OCI_MANIFEST},
+        )
+        assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN", body
+        # The registry's own 500 body (its storage path) is not shown.
+        assert b"/docker/registry/v2" not in body
+    finally:
+        stop(gw.process)
