@@ -560,7 +560,7 @@ async def forward(
                 # distribution 2.8 answers 500 when a manifest is asked for by the digest of a
                 # layer or config blob (it fails to parse it); the truth is "no such manifest".
                 return error_response(404, "MANIFEST_UNKNOWN", "manifest unknown: the digest names a blob")
-            return _replace_error(request, upstream, original)
+            return _replace_error(request.method, request.path, upstream, original)
         headers = forwarding.downstream_response_headers(upstream.raw_headers)
         if API_VERSION_HEADER not in headers:
             headers[API_VERSION_HEADER] = API_VERSION
@@ -626,15 +626,15 @@ def _needs_own_error_body(status: int, content_type: str) -> bool:
     return status >= 400 and content_type.split(";", 1)[0].strip().lower() != "application/json"
 
 
-def _replace_error(request: web.BaseRequest, upstream: UpstreamResponse, original: bytes) -> web.Response:
+def _replace_error(method: str, path: str, upstream: UpstreamResponse, original: bytes) -> web.Response:
     """The registry's status, with an error body of our own; the original (its first bytes) goes
     to the log."""
     if upstream.status >= 500:
         log.warning(
             "registry answered %d to %s %s: %s",
             upstream.status,
-            request.method,
-            request.path,
+            method,
+            path,
             original.decode("utf-8", "replace"),
         )
         retry = upstream.header(b"retry-after")
@@ -681,7 +681,7 @@ class Gateway:
         self.upstream: UpstreamPool | None = None
         self._authorizer: ExternalAuthorizer | None = None
         self.session: aiohttp.ClientSession | None = None  # the catalog's pages, readiness probes
-        self._hsts = (
+        self.hsts = (
             f"max-age={settings.hsts_max_age}" if settings.tls_cert and settings.hsts_max_age else None
         )
 
@@ -754,8 +754,8 @@ class Gateway:
         waiting to send it, after `Expect: 100-continue`, or still sending it) or that follows an
         upgrade request."""
         response.headers["Server"] = SERVER_NAME
-        if self._hsts is not None:
-            response.headers["Strict-Transport-Security"] = self._hsts
+        if self.hsts is not None:
+            response.headers["Strict-Transport-Security"] = self.hsts
         unread_body = request.body_exists and (
             not request.content.is_eof() or request.content.exception() is not None
         )

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import gc
 import json
 import logging
 import multiprocessing
@@ -210,6 +211,10 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
         await runner.cleanup()
         app[AUDIT_KEY].close()
         raise
+    # What exists now (modules, settings, users, rules) lives as long as the process: moved out of
+    # the collector's sight, so that its full collections, triggered by the garbage requests leave,
+    # stop walking all of it (about a tenth of the CPU of a small request, measured).
+    gc.freeze()
     log.info(
         "registry-gateway %s listening on %s://%s:%d, upstream %s",
         __version__,

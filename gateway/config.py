@@ -72,6 +72,7 @@ class Settings:
     token_realm: str | None
     refresh_token_lifetime: int
     token_revocations: Path | None
+    fast_path: bool = True
     # Where each key's value came from: default, file, env or flag (what check-config prints).
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -126,6 +127,7 @@ DEFAULTS: dict[str, Any] = {
     "token_realm": None,
     "refresh_token_lifetime": 0,
     "token_revocations": None,
+    "fast_path": True,
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -357,6 +359,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "token_realm": _optional_realm_url,
     "refresh_token_lifetime": _count(0),
     "token_revocations": _optional_path,
+    "fast_path": _boolean,
 }
 
 

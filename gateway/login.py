@@ -61,6 +61,26 @@ async def check_login(
             return Refused("bad_credentials")
         verified = verdict
         lockout.succeeded(client, credentials.username)
+    return _logged_in(verified, snapshot)
+
+
+def login_if_cached(
+    authenticator: Authenticator, lockout: Lockout, credentials: Credentials, client: str, snapshot: Snapshot
+) -> LoggedIn | None:
+    """`check_login` without waiting: the login when these exact credentials are in the login
+    cache and pass every check; None whenever `check_login` is needed to answer (no cached login,
+    or a refusal), which it then does with the same outcome and side effects (a locked pair
+    stays locked; a success forgets the pair's failures, as check_login's own cache hit does)."""
+    verified = authenticator.already_verified(credentials, snapshot)
+    if verified is None:
+        return None
+    if lockout.retry_after(client, credentials.username, time.monotonic()) is None:
+        lockout.succeeded(client, credentials.username)
+    logged_in = _logged_in(verified, snapshot)
+    return logged_in if isinstance(logged_in, LoggedIn) else None
+
+
+def _logged_in(verified: Verified, snapshot: Snapshot) -> LoggedIn | Refused:
     user = verified.user
     if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
         return Refused("expired")

@@ -56,6 +56,14 @@ class _StateCollector(Collector):
         reloads.add_metric(["success"], self.store.reloads_ok)
         reloads.add_metric(["failure"], self.store.reloads_failed)
         yield reloads
+        fast = CounterMetricFamily(
+            "registry_gateway_fast_path",
+            "Requests served on the fast path, and connections it handed to the full path",
+            labels=["outcome"],
+        )
+        fast.add_metric(["served"], self.metrics.fast_served)
+        fast.add_metric(["handed_off"], self.metrics.fast_handed_off)
+        yield fast
 
 
 class Metrics:
@@ -88,6 +96,8 @@ class Metrics:
         )
         # A plain count read at scrape time: a Gauge takes a lock twice a request.
         self.in_flight = 0
+        self.fast_served = 0  # plain counts too, read at scrape time (gateway.fastpath)
+        self.fast_handed_off = 0
         # The directory's last problem (None: fine), when logins go to one.
         self.directory_state: Callable[[], str | None] | None = None
         self.registry.register(_StateCollector(cache, store, self))

@@ -16,7 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    cast,
+)
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
@@ -27,6 +31,10 @@ from aiohttp.web_protocol import ERROR, RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_body, error_response
+from gateway.fastpath import FastPathConnection
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
 
 log = logging.getLogger("gateway.server")
 
@@ -45,6 +53,15 @@ class ConnectionLimits:
     max_head_size: int = 65536  # request line and every header line together
     open: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Count a new connection in, or close it when max_connections are open."""
+        if self.max_connections and self.open >= self.max_connections:
+            log.warning("connection refused: %d connections open (max_connections)", self.open)
+            transport.close()
+            return False
+        self.opened()
+        return True
 
     def opened(self) -> None:
         self.open += 1
@@ -82,16 +99,22 @@ class _RegistryErrorRequestHandler(RequestHandler):
         self._draining = False  # the server is shutting down: finish the request in flight
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        limits = self._limits
-        if limits.max_connections and limits.open >= limits.max_connections:
-            log.warning("connection refused: %d connections open (max_connections)", limits.open)
-            transport.close()
+        if not self._limits.admit(transport):
             return
-        limits.opened()
         self._counted = True
         super().connection_made(transport)
         # The first head is due from the moment the connection opens (slowloris).
         self._arm_head_deadline()
+
+    def adopt(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Take over a connection from the fast path (gateway.fastpath), with the bytes it read and
+        did not answer; the connection is already counted, and its head deadline starts now."""
+        self._counted = True
+        transport.set_protocol(self)
+        super().connection_made(transport)
+        self._arm_head_deadline()
+        if data:
+            self.data_received(data)
 
     def _arm_head_deadline(self) -> None:
         if self._limits.header_timeout and self._head_deadline is None:
@@ -224,9 +247,18 @@ class _RegistryErrorRequestHandler(RequestHandler):
 
 class _Server(web.Server):
     limits: ConnectionLimits
+    gateway: Gateway | None  # None: every connection to aiohttp's handler (fast_path: false)
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
+        if self.gateway is not None:
+            return FastPathConnection(self.gateway, self.limits, self, self._hand_off)
+        return self._handler()
+
+    def _handler(self) -> _RegistryErrorRequestHandler:
         return _RegistryErrorRequestHandler(self, limits=self.limits, loop=self._loop, **self._kwargs)
+
+    def _hand_off(self, transport: asyncio.Transport, data: bytes) -> None:
+        self._handler().adopt(transport, data)
 
 
 class GatewayRunner(web.AppRunner):
@@ -253,5 +285,7 @@ class GatewayRunner(web.AppRunner):
         # request as all of the gateway's own decisions (the app has one catch-all route anyway).
         from gateway.app import GATEWAY_KEY
 
-        server.request_handler = self.app[GATEWAY_KEY].serve
+        gateway = self.app[GATEWAY_KEY]
+        server.request_handler = gateway.serve
+        cast(_Server, server).gateway = gateway if gateway.settings.fast_path else None
         return server

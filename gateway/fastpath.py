@@ -1,0 +1,646 @@
+"""The fast path: plain GET and HEAD requests the gateway allows, served on asyncio protocols.
+
+Pulls are mostly small GET/HEAD requests (manifests, blob checks), and aiohttp's request and
+response objects cost more per request than every decision of ours together (README, "Where the
+time goes"). So every client connection starts here, on a protocol that parses request heads with
+llhttp (httptools) and answers with bytes it builds itself.
+
+A request is served here only when its head is unambiguous and its answer is a plain "allowed":
+the whole head in what has arrived, one message to llhttp, HTTP/1.1, GET or HEAD, no body and no
+header that could announce one (Content-Length, Transfer-Encoding, Expect, Upgrade), one Host,
+printable ASCII throughout, within the size limits; then screening, authentication from what is
+already verified (a cached login, a valid token) and the policy allow it outright. Anything else
+(a partial head, a body, a challenge, a denial, a password still to check, ext_authz, the filtered
+catalog, the token endpoint, an old client) hands the connection with every byte read so far to
+aiohttp's RequestHandler (gateway.server), which answers exactly as it would have without this
+path; the connection stays there. So the fast path adds no answer of its own to what the gateway
+says: every refusal still comes from the proven path, and `fast_path: false` turns it off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httptools
+from aiohttp import web
+from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_remove_content_length
+from multidict import CIMultiDict
+
+from gateway import forwarding
+from gateway.audit import AuditRecord, new_record, operation_name
+from gateway.authn import Malformed, parse_basic_authorization
+from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_response
+from gateway.identity import merge_labels
+from gateway.login import login_if_cached
+from gateway.policy import Outcome
+from gateway.routes import Operation, Route
+from gateway.screening import Refusal, screen
+from gateway.tokens.endpoint import TOKEN_PATH
+from gateway.tokens.jwt_tokens import InvalidToken
+from gateway.tokens.scopes import covers, needed
+from gateway.upstream import NoConnection, UpstreamError, UpstreamResponse, UpstreamTimeout
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+    from gateway.server import ConnectionLimits
+
+log = logging.getLogger("gateway.fastpath")
+
+_METHODS = frozenset({b"GET", b"HEAD"})
+# Headers that announce a body, or change how the connection goes on: their requests take the
+# full path.
+_NOT_HERE = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer"})
+_ONCE = frozenset({b"host", b"authorization", b"user-agent"})
+_MAX_HEADERS = 100
+_PRINTABLE = bytes(range(0x20, 0x7F)) + b"\t"
+_DELETE_NONE = bytes.maketrans(b"", b"")
+
+
+def _printable(value: bytes) -> bool:
+    return not value.translate(_DELETE_NONE, _PRINTABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedHead:
+    """A request head the fast path may take: method, target, raw header pairs, str headers."""
+
+    method: str
+    target: str
+    raw_headers: tuple[tuple[bytes, bytes], ...]
+    headers: CIMultiDict[str]
+
+
+class _HeadCollector:
+    """llhttp's callbacks for one head."""
+
+    __slots__ = (
+        "begun",
+        "completed",
+        "headers",
+        "keep_alive",
+        "method",
+        "parser",
+        "upgrade",
+        "url",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.begun = 0
+        self.completed = 0
+        self.parser: httptools.HttpRequestParser | None = None
+        self.version = ""
+        self.keep_alive = False
+        self.upgrade = True
+        self.method = b""
+
+    def on_headers_complete(self) -> None:
+        # Read now: llhttp starts over on the next message once this one is complete.
+        parser = self.parser
+        if parser is not None:
+            self.version = parser.get_http_version()
+            self.keep_alive = parser.should_keep_alive()
+            self.upgrade = parser.should_upgrade()
+            self.method = parser.get_method()
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_message_complete(self) -> None:
+        self.completed += 1
+
+
+def parse_head(head: bytes, max_line: int, max_field: int) -> ParsedHead | None:
+    """The request in `head` (ending with its blank line) if the fast path may take it, else None.
+    Pure: the decision of what is plain enough, on the bytes alone."""
+    collector = _HeadCollector()
+    parser = httptools.HttpRequestParser(collector)
+    collector.parser = parser
+    try:
+        parser.feed_data(head)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return None
+    if collector.begun != 1 or collector.completed != 1 or collector.version != "1.1":
+        return None
+    method = collector.method
+    url = collector.url
+    if (
+        method not in _METHODS
+        or collector.upgrade
+        or not collector.keep_alive
+        or not head.startswith(b"%s %s HTTP/1.1\r\n" % (method, url))  # the one spelling
+        or not url.startswith(b"/")
+        or len(url) > max_line
+        or not _printable(url)
+        or b" " in url
+        or b"\t" in url
+        or len(collector.headers) > _MAX_HEADERS
+    ):
+        return None
+    seen: set[bytes] = set()
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in collector.headers:
+        lower = name.lower()
+        if lower in _NOT_HERE or len(name) + len(value) + 2 > max_field or not _printable(value):
+            return None
+        if lower in _ONCE:
+            if lower in seen:
+                return None
+            seen.add(lower)
+        headers.add(name.decode("ascii"), value.decode("ascii"))
+    if b"host" not in seen:
+        return None
+    return ParsedHead(method.decode("ascii"), url.decode("ascii"), tuple(collector.headers), headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """An allowed request, and what forwarding it needs."""
+
+    operation: Operation
+    view: forwarding.ClientView
+    user: str | None
+    rule: int | None
+    authorization: str | None  # for the registry, in bearer mode
+
+
+def allowed_outright(gateway: Gateway, head: ParsedHead, remote: str, scheme: str) -> Forward | None:
+    """The decision `app.handle` makes, for requests that need no waiting: a Forward when the
+    answer is "allowed", None when the full path must answer (it then decides the same way,
+    with every refusal, challenge and log line of its own). No side effects but one: a cached
+    login forgets its address's failed attempts, as a login does."""
+    from gateway.app import OLD_DOCKER_CLIENT, Identity, _decide, _still_valid
+
+    settings = gateway.settings
+    headers = head.headers
+    if settings.block_old_clients and OLD_DOCKER_CLIENT.fullmatch(headers.get("User-Agent", "")):
+        return None
+    authority = gateway.authority
+    if authority is not None and head.target.partition("?")[0] == TOKEN_PATH:
+        return None
+    screened = screen(head.method, head.target, headers)
+    if isinstance(screened, Refusal) or screened.has_body or screened.close_after or screened.expect_continue:
+        return None
+    operation = screened.operation
+    if not isinstance(operation, Operation):
+        return None
+    host = headers.get("Host", "")
+    if not forwarding.valid_host(host):
+        return None
+    view = forwarding.client_view(remote, scheme, host, headers, settings.trusted_proxies)
+    snapshot = gateway.authenticator.store.snapshot
+
+    authorization = headers.get("Authorization")
+    if authority is not None and authorization is not None and authorization[:7].lower() == "bearer ":
+        token = authorization[7:].strip()
+        try:
+            claims = authority.verify(token)
+        except InvalidToken:
+            return None
+        user = claims.subject or None
+        directory_labels = gateway.authenticator.directory_labels(user) if user else None
+        if user is not None and not _still_valid(snapshot, user, directory_labels):
+            return None
+        labels = None
+        if user is not None and directory_labels is not None:
+            account_labels = snapshot.policy.account(user).labels if snapshot.policy is not None else {}
+            labels = merge_labels(account_labels, directory_labels)
+        for wanted in needed(operation):
+            if not (covers(claims.access, wanted) or operation.route is Route.CATALOG):
+                return None
+        if operation.route is Route.BASE:
+            return Forward(operation, view, user, None, f"Bearer {token}")
+        identity = Identity(user, claims.access, labels=labels)
+    else:
+        credentials = parse_basic_authorization(authorization)
+        if isinstance(credentials, Malformed):
+            return None
+        if credentials is None:
+            identity = Identity(None)
+        else:
+            login = login_if_cached(
+                gateway.authenticator, gateway.lockout, credentials, view.address, snapshot
+            )
+            if login is None:
+                return None
+            identity = Identity(login.user, basic=True, labels=login.labels)
+
+    decision = _decide(snapshot, settings, identity, operation, view.address)
+    if decision.outcome is not Outcome.ALLOW or decision.drop_mount or decision.filter_catalog:
+        return None
+    upstream_authorization = None
+    if authority is not None:
+        if identity.token_access is not None:
+            upstream_authorization = f"Bearer {authorization[7:].strip()}" if authorization else None
+        else:
+            upstream_authorization = f"Bearer {authority.token_for(identity.user or '', needed(operation))}"
+    return Forward(operation, view, identity.user, decision.rule, upstream_authorization)
+
+
+def render_response(response: web.Response, head_only: bool, extra: list[tuple[str, str]]) -> bytes:
+    """An answer the gateway makes (built by errors.error_response) as the bytes aiohttp would
+    send for it."""
+    body = response.body if isinstance(response.body, bytes) else b""
+    lines = [f"HTTP/1.1 {response.status} {response.reason}\r\n"]
+    for name, value in response.headers.items():
+        if name.lower() not in ("content-length", "transfer-encoding"):
+            lines.append(f"{name}: {value}\r\n")
+    lines.append(f"Content-Length: {len(body)}\r\nDate: {rfc822_formatted_time()}\r\n")
+    lines += [f"{name}: {value}\r\n" for name, value in extra]
+    lines.append("\r\n")
+    head = "".join(lines).encode("utf-8")
+    return head if head_only else head + body
+
+
+class FastPathConnection(asyncio.Protocol):
+    """One client connection, while its requests are plain (see the module's docstring)."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        limits: ConnectionLimits,
+        manager: web.Server,
+        hand_off: Callable[[asyncio.Transport, bytes], None],
+    ) -> None:
+        self._gateway = gateway
+        self._limits = limits
+        self._manager = manager
+        self._hand_off_to = hand_off
+        settings = gateway.settings
+        self._max_line = settings.max_header_size
+        self._max_head = limits.max_head_size
+        self._keepalive = settings.keepalive_timeout
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._remote = ""
+        self._scheme = "http"
+        self._counted = False
+        self._busy = False
+        self._closing = False  # shutting down: close after the request in flight
+        self._reading_paused = False
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._task_handler = None  # aiohttp's Server.connection_lost looks for it
+        self._done: asyncio.Future[None] | None = None
+
+    # --- connection ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        limits = self._limits
+        if not limits.admit(transport):
+            return
+        self._counted = True
+        self._transport = transport  # type: ignore[assignment]
+        self._manager.connection_made(self, transport)  # type: ignore[arg-type]
+        peer = transport.get_extra_info("peername")
+        self._remote = peer[0] if isinstance(peer, tuple) and peer else ""
+        self._scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
+        # The first head is due from the moment the connection opens (slowloris).
+        self._arm(limits.header_timeout or self._keepalive, self._head_timed_out)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._counted:
+            return
+        self._counted = False
+        self._disarm()
+        self._transport = None
+        self._limits.closed()
+        self._manager.connection_lost(self, exc)  # type: ignore[arg-type]
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        if seconds:
+            self._timer = asyncio.get_running_loop().call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        log.info("closed a connection whose request head did not arrive in %ss", self._limits.header_timeout)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _idle_timed_out(self) -> None:
+        self._timer = None
+        if self._transport is not None:
+            self._transport.close()
+
+    # --- aiohttp's shutdown (web.Server keeps every connection's handler) ---------------------
+
+    def close(self) -> None:
+        """Stop taking requests; close once the one in flight is answered."""
+        self._closing = True
+        if not self._busy and self._transport is not None:
+            self._transport.close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 (aiohttp's signature)
+        self._closing = True
+        if self._busy and self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+        if self._busy and self._done is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._done), timeout)
+            except TimeoutError:
+                if self._task is not None:
+                    self._task.cancel()
+        if self._transport is not None:
+            self._transport.close()
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._busy:
+            # Pipelined: the next head waits for this answer; a flood of it stops reading.
+            if len(self._buffer) > self._max_head and not self._reading_paused and self._transport:
+                self._transport.pause_reading()
+                self._reading_paused = True
+            return
+        self._next()
+
+    def _next(self) -> None:
+        transport = self._transport
+        if transport is None or self._closing:
+            return
+        buffer = self._buffer
+        if not buffer:
+            return
+        self._disarm()
+        end = buffer.find(b"\r\n\r\n", 0, self._max_head)
+        if end < 0:
+            self._hand_off()
+            return
+        head = bytes(buffer[: end + 4])
+        try:
+            parsed = parse_head(head, self._max_line, self._max_line)
+            forward = (
+                allowed_outright(self._gateway, parsed, self._remote, self._scheme)
+                if parsed is not None
+                else None
+            )
+        except Exception:
+            # A fault of ours must not cost the request: the full path answers it (a 500 there).
+            log.exception("fast path failed on a request head; handed to the full path")
+            parsed = forward = None
+        if parsed is None or forward is None:
+            self._hand_off()
+            return
+        del buffer[: end + 4]
+        self._busy = True
+        self._task = asyncio.get_running_loop().create_task(self._serve(parsed, forward))
+
+    def _hand_off(self) -> None:
+        """The rest of this connection is aiohttp's, starting with every byte not yet answered."""
+        transport = self._transport
+        if transport is None:
+            return
+        self._disarm()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connection from %s handed to the full path", self._remote)
+        self._gateway.metrics.fast_handed_off += 1
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        self._counted = False  # the handler counts the connection from now on
+        self._transport = None
+        self._manager.connection_lost(self, None)  # type: ignore[arg-type]
+        if self._reading_paused:
+            transport.resume_reading()
+        self._hand_off_to(transport, data)
+
+    async def _serve(self, head: ParsedHead, forward: Forward) -> None:
+        gateway = self._gateway
+        metrics = gateway.metrics
+        operation = forward.operation
+        record = new_record(self._remote, head.method, head.target)
+        record.client = forward.view.address
+        record.user = forward.user
+        record.operation = operation_name(operation)
+        record.repository = operation.repository
+        record.reference = operation.reference
+        record.rule = forward.rule
+        record.decision = "allow"
+        metrics.in_flight += 1
+        metrics.fast_served += 1
+        started = time.monotonic()
+        try:
+            await self._proxy(head, forward, record)
+        except asyncio.CancelledError:
+            record.decision = "error"
+            if self._transport is not None:
+                self._transport.abort()
+        except Exception:
+            log.exception("internal error handling %s %s", head.method, record.path)
+            record.decision = "error"
+            if record.status == 0 and self._transport is not None:
+                response = error_response(500, "UNKNOWN", "internal gateway error")
+                record.status = 500
+                self._write(render_response(response, head.method == "HEAD", self._extra_headers()))
+            elif self._transport is not None:
+                self._transport.abort()
+        finally:
+            metrics.in_flight -= 1
+            record.duration_ms = round((time.monotonic() - started) * 1000, 3)
+            metrics.count_request(record.operation or "invalid", record.status, record.decision)
+            if record.bytes_out:
+                metrics.bytes_out.inc(record.bytes_out)
+            gateway.audit.write(record)
+            self._finished()
+
+    def _finished(self) -> None:
+        self._busy = False
+        self._task = None
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+        transport = self._transport
+        if transport is None:
+            return
+        if self._closing:
+            transport.close()
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if self._buffer:
+            self._next()
+        else:
+            self._arm(self._keepalive, self._idle_timed_out)
+
+    def _extra_headers(self) -> list[tuple[str, str]]:
+        extra = [("Server", SERVER_NAME)]
+        hsts = self._gateway.hsts
+        if hsts is not None:
+            extra.append(("Strict-Transport-Security", hsts))
+        if self._closing:
+            extra.append(("Connection", "close"))
+        return extra
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _answer(self, record: AuditRecord, response: web.Response, head_only: bool) -> None:
+        record.status = response.status
+        if not head_only and isinstance(response.body, bytes):
+            record.bytes_out = len(response.body)
+        self._write(render_response(response, head_only, self._extra_headers()))
+
+    async def _proxy(self, head: ParsedHead, forward: Forward, record: AuditRecord) -> None:
+        from gateway.app import _is_plain_blob, _needs_own_error_body, _replace_error
+
+        gateway = self._gateway
+        settings = gateway.settings
+        pool = gateway.upstream
+        head_only = head.method == "HEAD"
+        if pool is None:  # only before start-up or after shutdown
+            record.decision = "error"
+            self._answer(record, error_response(503, "UNAVAILABLE", "the gateway is not running"), head_only)
+            return
+        request_head = forwarding.upstream_request_head(
+            head.method, forward.operation.target, head.raw_headers, forward.view, forward.authorization
+        )
+        path = record.path
+        started = time.monotonic()
+        try:
+            upstream = await pool.request(head.method, request_head)
+        except NoConnection:
+            log.warning(
+                "no connection to the registry within %gs: %s %s", settings.connect_timeout, head.method, path
+            )
+            record.decision = "error"
+            message = (
+                "no connection to the registry in time: it is unreachable, or every connection to it is busy"
+            )
+            self._answer(record, error_response(504, "UNAVAILABLE", message), head_only)
+            return
+        except UpstreamTimeout:
+            log.warning("upstream timed out: %s %s", head.method, path)
+            record.decision = "error"
+            self._answer(
+                record, error_response(504, "UNAVAILABLE", "the registry did not answer in time"), head_only
+            )
+            return
+        except UpstreamError as exc:
+            log.warning("upstream failed: %s %s: %s", head.method, path, exc)
+            record.decision = "error"
+            self._answer(record, error_response(502, "UNAVAILABLE", "the registry is unreachable"), head_only)
+            return
+        gateway.metrics.observe_upstream(record.operation or "other", time.monotonic() - started)
+
+        async with upstream:
+            record.digest = upstream.header(b"docker-content-digest")
+            status = upstream.status
+            if _needs_own_error_body(status, upstream.header(b"content-type") or ""):
+                from gateway.app import UPSTREAM_ERROR_LOG_BYTES
+
+                original = b""
+                if not head_only:
+                    with contextlib.suppress(UpstreamError):
+                        original = await upstream.read_at_most(UPSTREAM_ERROR_LOG_BYTES)
+                upstream.release()
+                if status == 500 and await _is_plain_blob(
+                    pool, forward.view, forward.authorization, forward.operation
+                ):
+                    response = error_response(
+                        404, "MANIFEST_UNKNOWN", "manifest unknown: the digest names a blob"
+                    )
+                else:
+                    response = _replace_error(head.method, path, upstream, original)
+                self._answer(record, response, head_only)
+                return
+            headers = forwarding.downstream_response_headers(upstream.raw_headers)
+            if API_VERSION_HEADER not in headers:
+                headers[API_VERSION_HEADER] = API_VERSION
+            empty = must_be_empty_body(head.method, status)
+            chunked = False
+            if empty:
+                if should_remove_content_length(head.method, status):
+                    headers.popall("Content-Length", None)
+            elif "Content-Length" not in headers:
+                chunked = True
+                headers["Transfer-Encoding"] = "chunked"
+            if not empty and headers.get("Content-Length") != "0":
+                headers.setdefault("Content-Type", "application/octet-stream")
+            if "Date" not in headers:
+                headers["Date"] = rfc822_formatted_time()
+            lines = [f"HTTP/1.1 {status} {upstream.reason}\r\n"]
+            lines += [f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() != "server"]
+            lines += [f"{name}: {value}\r\n" for name, value in self._extra_headers()]
+            lines.append("\r\n")
+            record.status = status
+            self._write("".join(lines).encode("utf-8"))
+            if empty:
+                return
+            await self._stream_body(upstream, record, chunked, head.method, path)
+
+    async def _stream_body(
+        self, upstream: UpstreamResponse, record: AuditRecord, chunked: bool, method: str, path: str
+    ) -> None:
+        body_timeout = self._gateway.settings.body_timeout
+        try:
+            while True:
+                chunk = await upstream.read()
+                if self._transport is None or self._transport.is_closing():
+                    record.decision = "error"
+                    return  # the client went away: the registry connection is closed, not reused
+                if not chunk:
+                    break
+                record.bytes_out += len(chunk)
+                if chunked:
+                    self._transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                else:
+                    self._transport.write(chunk)
+                if self._write_paused:
+                    # A client that stops reading would hold a registry connection for as long as
+                    # it likes: each chunk must be taken within body_timeout.
+                    self._drained = asyncio.get_running_loop().create_future()
+                    try:
+                        await asyncio.wait_for(self._drained, body_timeout)
+                    except TimeoutError:
+                        record.decision = "error"
+                        log.info("client took no response bytes for %gs: cut off", body_timeout)
+                        if self._transport is not None:
+                            self._transport.abort()
+                        return
+                    finally:
+                        self._drained = None
+        except UpstreamError as exc:
+            record.decision = "error"
+            # Too late for an error status: cut the connection so the client sees a failed transfer,
+            # never a short body that looks complete.
+            log.warning("upstream failed mid-response: %s %s: %s", method, path, exc)
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        if chunked:
+            self._write(b"0\r\n\r\n")

@@ -1,0 +1,361 @@
+# ruff: noqa: E501  (raw requests are wire bytes, easier to read unsplit)
+"""The fast path (gateway.fastpath): which heads it takes, and that it answers exactly as the full
+path does, against the real registry.
+
+Fidelity is checked side by side: one registry, two gateways with the same users and rules, one
+with `fast_path: false`; the same requests on each, and the answers (status, headers but Date,
+body) and audit records (but time and duration) must be the same, while the metrics show which
+path served them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.fastpath import parse_head
+from tests.conftest import Gateway, Registry, free_port, start_registry, stop
+from tests.test_hostile import OCI_MANIFEST, auth, gateway_with_policy, push_blob, push_image
+
+# --- which heads the fast path takes (pure) ---------------------------------------------------
+
+PLAIN = b"GET /v2/a/manifests/1 HTTP/1.1\r\nHost: h:5000\r\nAuthorization: Basic eDp5\r\nAccept: a/b\r\nAccept: c/d\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "taken"),
+    [
+        (PLAIN, True),
+        (PLAIN.replace(b"GET", b"HEAD", 1), True),
+        (b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n", True),
+        (b"GET /v2/ HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\n\r\n", True),
+        # bodies, or headers that could announce one or change the connection: the full path
+        (PLAIN.replace(b"GET", b"POST", 1), False),
+        (PLAIN.replace(b"GET", b"DELETE", 1), False),
+        (PLAIN.replace(b"GET", b"OPTIONS", 1), False),
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\n\r\n"), False),
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n"), False),
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"), False),
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"), False),
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"), False),
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nTE: trailers\r\n\r\n"), False),
+        # versions other than 1.1
+        (PLAIN.replace(b"HTTP/1.1", b"HTTP/1.0"), False),
+        (PLAIN.replace(b"HTTP/1.1", b"HTTP/2.0"), False),
+        # Host: none, or two; a second Authorization
+        (b"GET /v2/ HTTP/1.1\r\nAccept: x\r\n\r\n", False),
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nHost: other\r\n\r\n"), False),
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nAuthorization: Basic YTpi\r\n\r\n"), False),
+        # bytes that are not printable ASCII, in a value or the target
+        (PLAIN.replace(b"a/b", b"a\x01b"), False),
+        (PLAIN.replace(b"a/b", "é".encode()), False),
+        (PLAIN.replace(b"/v2/a/", "/v2/é/".encode()), False),
+        # targets that are not origin-form
+        (PLAIN.replace(b"/v2/a/manifests/1", b"http://h/v2/a/manifests/1"), False),
+        (PLAIN.replace(b"/v2/a/manifests/1", b"*"), False),
+        # line endings and framing llhttp would read another way: never guessed at here
+        (b"GET /v2/ HTTP/1.1\nHost: h\n\nGET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n", False),
+        (b"GET /v2/ HTTP/1.1\r\nHost: h\r\n folded\r\n\r\n", False),
+        (b"GET /v2/ HTTP/1.1\r\nHost : h\r\n\r\n", False),
+        (b"GET /v2/ HTTP/1.1\r\nHo\x00st: h\r\n\r\n", False),
+        (b"GET  /v2/ HTTP/1.1\r\nHost: h\r\n\r\n", False),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", False),
+        # over the size limits: the full path answers them (400/431)
+        (b"GET /v2/" + b"a" * 200 + b" HTTP/1.1\r\nHost: h\r\n\r\n", False),
+        (b"GET /v2/ HTTP/1.1\r\nHost: h\r\nX: " + b"v" * 200 + b"\r\n\r\n", False),
+        (b"GET /v2/ HTTP/1.1\r\nHost: h\r\n" + b"X: v\r\n" * 101 + b"\r\n", False),
+    ],
+)
+def test_heads_the_fast_path_takes(head: bytes, taken: bool) -> None:
+    parsed = parse_head(head, 128, 128)
+    assert (parsed is not None) is taken, parsed
+
+
+def test_a_taken_head_keeps_the_bytes_sent() -> None:
+    parsed = parse_head(PLAIN, 16384, 16384)
+    assert parsed is not None
+    assert (parsed.method, parsed.target) == ("GET", "/v2/a/manifests/1")
+    assert parsed.raw_headers == (
+        (b"Host", b"h:5000"),
+        (b"Authorization", b"Basic eDp5"),
+        (b"Accept", b"a/b"),
+        (b"Accept", b"c/d"),
+    )
+    assert parsed.headers.getall("accept") == ["a/b", "c/d"]
+
+
+# --- side by side with the full path, against the real registry ---------------------------------
+
+
+@dataclass
+class Pair:
+    registry: Registry
+    fast: Gateway
+    full: Gateway
+    fast_metrics: str
+    full_metrics: str
+    fast_audit: Path
+    full_audit: Path
+    layer: str
+    manifest: str
+    blob: str
+    blob_data: bytes
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    registry = start_registry(tmp_path)
+    started: list[Gateway] = []
+    try:
+        registry_host = registry.url.removeprefix("http://")
+        layer, manifest = push_image(registry_host, "public/app", "1")
+        push_image(registry_host, "secret/hidden", "1")
+        blob_data = bytes(range(256)) * 4096  # 1 MiB
+        blob = push_blob(registry_host, "public/app", blob_data)
+        ports = free_port(), free_port()
+        audits = tmp_path / "fast-audit.jsonl", tmp_path / "full-audit.jsonl"
+        for fast_path, port, audit in zip(("true", "false"), ports, audits, strict=True):
+            started.append(
+                gateway_with_policy(
+                    tmp_path,
+                    registry,
+                    "--metrics-listen",
+                    f"127.0.0.1:{port}",
+                    "--audit-log",
+                    str(audit),
+                    env={"GATEWAY_FAST_PATH": fast_path},
+                )
+            )
+        yield Pair(
+            registry,
+            started[0],
+            started[1],
+            f"http://127.0.0.1:{ports[0]}/metrics",
+            f"http://127.0.0.1:{ports[1]}/metrics",
+            audits[0],
+            audits[1],
+            layer,
+            manifest,
+            blob,
+            blob_data,
+        )
+    finally:
+        for gateway in started:
+            stop(gateway.process)
+        stop(registry.process)
+
+
+def fast_path_counts(metrics_url: str) -> dict[str, float]:
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        match.group(1): float(match.group(2))
+        for match in re.finditer(r'^registry_gateway_fast_path_total\{outcome="(\w+)"\} (\S+)$', text, re.M)
+    }
+
+
+def read_answers(sock: socket.socket, count: int, heads_only: list[bool], timeout: float = 10) -> list[bytes]:
+    """`count` whole responses from a kept-alive connection (Content-Length or chunked bodies)."""
+    sock.settimeout(timeout)
+    data = b""
+    answers: list[bytes] = []
+    while len(answers) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            head = data[: end + 4]
+            rest = data[end + 4 :]
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if heads_only[len(answers)] or head.startswith((b"HTTP/1.1 204", b"HTTP/1.1 304")):
+                body_end: int | None = 0
+            elif length is not None:
+                body_end = int(length.group(1)) if len(rest) >= int(length.group(1)) else None
+            elif re.search(rb"(?im)^transfer-encoding:\s*chunked", head):
+                done = rest.find(b"\r\n0\r\n\r\n")
+                body_end = done + 7 if done >= 0 or rest.startswith(b"0\r\n\r\n") else None
+                if rest.startswith(b"0\r\n\r\n"):
+                    body_end = 5
+            else:
+                body_end = None
+            if body_end is not None:
+                answers.append(head + rest[:body_end])
+                data = rest[body_end:]
+                continue
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+    return answers
+
+
+def normalised(answer: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = sorted(
+        (name.lower(), value.strip())
+        for name, _, value in (line.partition(":") for line in lines[1:])
+        if name.lower() != "date"
+    )
+    return lines[0], headers, body
+
+
+def send_all(host: str, requests: list[bytes]) -> list[bytes]:
+    address, port = host.split(":")
+    with socket.create_connection((address, int(port)), timeout=10) as sock:
+        answers = []
+        for request in requests:  # one at a time: each answer is read before the next is sent
+            sock.sendall(request)
+            answers += read_answers(sock, 1, [request.startswith(b"HEAD")])
+        return answers
+
+
+def audit_records(path: Path, expected: int) -> list[dict[str, object]]:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= expected:
+            break
+        time.sleep(0.05)
+    records = [json.loads(line) for line in lines]
+    for record in records:
+        record.pop("time")
+        record.pop("duration_ms")
+    return records
+
+
+def test_the_fast_path_answers_as_the_full_path_does(pair: Pair) -> None:
+    def get(method: str, path: str, user: str | None = "reader", extra: str = "") -> bytes:
+        credentials = f"Authorization: {auth(user)}\r\n" if user else ""
+        return f"{method} {path} HTTP/1.1\r\nHost: registry.example:5000\r\n{credentials}{extra}\r\n".encode()
+
+    accept = f"Accept: {OCI_MANIFEST}\r\nAccept: application/vnd.docker.distribution.manifest.v2+json\r\n"
+    requests = [
+        get("GET", "/v2/"),  # logs in (the full path: the first login is checked with bcrypt)
+        get("GET", "/v2/"),
+        get("HEAD", "/v2/"),
+        get("GET", "/v2/public/app/manifests/1", extra=accept),
+        get("HEAD", "/v2/public/app/manifests/1", extra=accept),
+        get("GET", f"/v2/public/app/manifests/{pair.manifest}", extra=accept),
+        get("GET", "/v2/public/app/manifests/missing", extra=accept),
+        get("HEAD", "/v2/public/app/manifests/missing", extra=accept),
+        get("GET", f"/v2/public/app/blobs/{pair.layer}"),
+        get("HEAD", f"/v2/public/app/blobs/{pair.blob}"),
+        get("GET", f"/v2/public/app/blobs/{pair.blob}"),
+        get("GET", f"/v2/public/app/blobs/{pair.blob}", extra="Range: bytes=10-99\r\n"),
+        get("GET", "/v2/public/app/blobs/sha256:" + "0" * 64),
+        get("GET", f"/v2/public/app/manifests/{pair.layer}", extra=accept),  # registry 500 -> 404
+        get("HEAD", f"/v2/public/app/manifests/{pair.layer}", extra=accept),
+        get("GET", "/v2/public/app/tags/list"),
+        get("GET", "/v2/public/app/tags/list?n=1"),
+        get("GET", "/v2/public/app/manifests/1", user=None, extra=accept),  # anonymous, allowed by the ACL
+        get("GET", "/v2/secret/hidden/manifests/1", user="alice", extra=accept),  # a challenge or 403
+        get("GET", "/v2/alice/x/manifests/1", extra=accept),  # reader: denied
+        get("GET", "/v2/secret/hidden/manifests/1", user=None, extra=accept),  # anonymous: challenged
+        get("GET", "/v2/_catalog"),  # filtered by the ACL
+        get("GET", "/v2/public/app/nonsense"),
+        get("GET", "/v2/public/app/manifests/1", extra="User-Agent: containerd/1.7\r\n" + accept),
+    ]
+    # One connection per request, and all on one kept-alive connection.
+    fast_each = [send_all(pair.fast.host, [request])[0] for request in requests]
+    full_each = [send_all(pair.full.host, [request])[0] for request in requests]
+    fast_kept = send_all(pair.fast.host, requests)
+    full_kept = send_all(pair.full.host, requests)
+    for index, request in enumerate(requests):
+        for fast, full in ((fast_each[index], full_each[index]), (fast_kept[index], full_kept[index])):
+            assert normalised(fast) == normalised(full), request
+    statuses = [int(answer.split(b" ", 2)[1]) for answer in fast_kept]
+    assert statuses[:6] == [200, 200, 200, 200, 200, 200], statuses
+    assert statuses[6:8] == [404, 404] and statuses[11] == 206 and statuses[13] == 404
+    assert fast_kept[10].endswith(pair.blob_data)
+
+    # Each gateway's start-up probe (an anonymous GET /v2/), then every request twice.
+    fast_records = audit_records(pair.fast_audit, 1 + 2 * len(requests))
+    full_records = audit_records(pair.full_audit, 1 + 2 * len(requests))
+    assert len(fast_records) == 1 + 2 * len(requests)
+    assert fast_records == full_records
+
+    fast_counts = fast_path_counts(pair.fast_metrics)
+    full_counts = fast_path_counts(pair.full_metrics)
+    assert full_counts == {"served": 0, "handed_off": 0}
+    # Every allowed GET/HEAD but the first login, on the kept-alive connection, was served on the
+    # fast path until the first request it does not take; on single connections, all of them.
+    assert fast_counts["served"] >= 16, fast_counts
+    assert fast_counts["handed_off"] >= 6, fast_counts
+
+
+def test_pipelined_requests_stay_in_order_across_the_hand_off(pair: Pair) -> None:
+    warm = send_all(
+        pair.fast.host, [f"GET /v2/ HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('admin')}\r\n\r\n".encode()]
+    )
+    assert warm[0].startswith(b"HTTP/1.1 200")
+    before = fast_path_counts(pair.fast_metrics)
+    admin = f"Host: x\r\nAuthorization: {auth('admin')}\r\n"
+    data = (
+        f"GET /v2/public/app/manifests/1 HTTP/1.1\r\n{admin}Accept: {OCI_MANIFEST}\r\n\r\n"
+        f"HEAD /v2/public/app/blobs/{pair.blob} HTTP/1.1\r\n{admin}\r\n"
+        f"POST /v2/admin/new/blobs/uploads/ HTTP/1.1\r\n{admin}Content-Length: 0\r\n\r\n"
+        f"GET /v2/public/app/manifests/1 HTTP/1.1\r\n{admin}Accept: {OCI_MANIFEST}\r\n\r\n"
+    ).encode()
+    address, port = pair.fast.host.split(":")
+    with socket.create_connection((address, int(port)), timeout=10) as sock:
+        sock.sendall(data)
+        answers = read_answers(sock, 4, [False, True, False, False])
+    assert [int(answer.split(b" ", 2)[1]) for answer in answers] == [200, 200, 202, 200], answers
+    assert b"Docker-Upload-Uuid" in answers[2] or b"docker-upload-uuid" in answers[2].lower()
+    after = fast_path_counts(pair.fast_metrics)
+    # The two before the POST on the fast path; the POST and everything after it on the full path.
+    assert after["served"] - before["served"] == 2
+    assert after["handed_off"] - before["handed_off"] == 1
+    uploads = pair.registry.storage / "docker/registry/v2/repositories/admin/new/_uploads"
+    assert uploads.exists() and any(uploads.iterdir())
+
+
+def test_a_head_that_arrives_in_pieces_is_answered(pair: Pair) -> None:
+    send_all(
+        pair.fast.host, [f"GET /v2/ HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('reader')}\r\n\r\n".encode()]
+    )
+    request = f"GET /v2/public/app/manifests/1 HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('reader')}\r\nAccept: {OCI_MANIFEST}\r\n\r\n".encode()
+    address, port = pair.fast.host.split(":")
+    with socket.create_connection((address, int(port)), timeout=10) as sock:
+        sock.sendall(request[:30])
+        time.sleep(0.3)
+        sock.sendall(request[30:])
+        answers = read_answers(sock, 1, [False])
+    assert answers and answers[0].startswith(b"HTTP/1.1 200"), answers
+
+
+def test_a_client_gone_mid_blob_leaves_the_registry_connections_usable(pair: Pair) -> None:
+    request = f"GET /v2/public/app/blobs/{pair.blob} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('reader')}\r\n\r\n".encode()
+    send_all(pair.fast.host, [request])  # logs in
+    address, port = pair.fast.host.split(":")
+    for _ in range(5):
+        with socket.create_connection((address, int(port)), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(request)
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    # Every later request gets the whole blob, on registry connections of the pool.
+    for answer in send_all(pair.fast.host, [request] * 5):
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(pair.blob_data)
+
+
+def test_registry_down_is_a_clear_answer_on_the_fast_path(pair: Pair) -> None:
+    request = f"GET /v2/public/app/manifests/1 HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('reader')}\r\nAccept: {OCI_MANIFEST}\r\n\r\n".encode()
+    assert send_all(pair.fast.host, [request])[0].startswith(b"HTTP/1.1 200")
+    before = fast_path_counts(pair.fast_metrics)
+    stop(pair.registry.process)
+    for gateway in (pair.fast, pair.full):
+        answer = send_all(gateway.host, [request, request])
+        status, headers, body = normalised(answer[0])
+        assert status in ("HTTP/1.1 502 Bad Gateway", "HTTP/1.1 504 Gateway Timeout"), answer
+        assert ("docker-distribution-api-version", "registry/2.0") in headers
+        assert ("server", "registry-gateway") in headers
+        assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+        assert normalised(answer[1])[0] == status  # the connection still serves
+    assert fast_path_counts(pair.fast_metrics)["served"] - before["served"] == 2
