@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -40,6 +40,9 @@ class Credentials:
 
     def __repr__(self) -> str:
         return f"Credentials(username={self.username!r}, password='***')"
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 class Malformed:
@@ -69,7 +72,7 @@ def parse_basic_authorization(header: str | None) -> Credentials | Malformed | N
         return None
     if not sep or not username:
         return Malformed("credentials must be USER:PASSWORD")
-    if any(ord(ch) < 0x20 or ch == "\x7f" for ch in decoded):
+    if _CONTROL.search(decoded) is not None:
         return Malformed("credentials contain control characters")
     return Credentials(username, password)
 
@@ -88,7 +91,7 @@ class CredentialCache:
 
     def key(self, credentials: Credentials) -> bytes:
         message = credentials.username.encode() + b"\0" + credentials.password.encode()
-        return hmac.new(self._key, message, hashlib.sha256).digest()
+        return hmac.digest(self._key, message, "sha256")
 
     def get(self, key: bytes, generation: int) -> Verified | None:
         entry = self._entries.get(key)

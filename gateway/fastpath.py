@@ -41,13 +41,14 @@ from gateway.login import login_if_cached
 from gateway.policy import Outcome
 from gateway.routes import Operation, Route
 from gateway.screening import Refusal, screen
+from gateway.state import Snapshot
 from gateway.tokens.endpoint import TOKEN_PATH
 from gateway.tokens.jwt_tokens import InvalidToken
 from gateway.tokens.scopes import covers, needed
 from gateway.upstream import NoConnection, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.app import Gateway, Identity
     from gateway.server import ConnectionLimits
 
 log = logging.getLogger("gateway.fastpath")
@@ -178,12 +179,32 @@ class Forward:
     authorization: str | None  # for the registry, in bearer mode
 
 
-def allowed_outright(gateway: Gateway, head: ParsedHead, remote: str, scheme: str) -> Forward | None:
+@dataclass(slots=True)
+class IdentityMemo:
+    """A connection's last identity: one client sends the same credentials request after request,
+    and checking them again (base64, a keyed hash, the login cache, the lockout, the account) is
+    the largest part of a decision. Reused for at most MEMO_SECONDS, for the same Authorization
+    header, client address and users-and-rules generation; a token also only while it is valid."""
+
+    authorization: str | None = None
+    address: str = ""
+    generation: int = -1
+    until: float = 0.0  # time.monotonic()
+    token_expires: float = 0.0  # time.time(); 0: not a token
+    identity: Identity | None = None
+
+
+MEMO_SECONDS = 1.0
+
+
+def allowed_outright(
+    gateway: Gateway, head: ParsedHead, remote: str, scheme: str, memo: IdentityMemo | None = None
+) -> Forward | None:
     """The decision `app.handle` makes, for requests that need no waiting: a Forward when the
     answer is "allowed", None when the full path must answer (it then decides the same way,
     with every refusal, challenge and log line of its own). No side effects but one: a cached
     login forgets its address's failed attempts, as a login does."""
-    from gateway.app import OLD_DOCKER_CLIENT, Identity, _decide, _still_valid
+    from gateway.app import OLD_DOCKER_CLIENT, _decide
 
     settings = gateway.settings
     headers = head.headers
@@ -203,12 +224,74 @@ def allowed_outright(gateway: Gateway, head: ParsedHead, remote: str, scheme: st
         return None
     view = forwarding.client_view(remote, scheme, host, headers, settings.trusted_proxies)
     snapshot = gateway.authenticator.store.snapshot
-
     authorization = headers.get("Authorization")
+
+    identity = None
+    now = time.monotonic()
+    if (
+        memo is not None
+        and memo.identity is not None
+        and memo.authorization == authorization
+        and memo.address == view.address
+        and memo.generation == snapshot.generation
+        and now < memo.until
+        and (not memo.token_expires or time.time() < memo.token_expires)
+    ):
+        identity = memo.identity
+        user = identity.user
+        if identity.basic and user is not None:
+            # As login_if_cached does on every request.
+            lockout = gateway.lockout
+            if lockout.retry_after(view.address, user, now) is None:
+                lockout.succeeded(view.address, user)
+    else:
+        found = _identity(gateway, authorization, view.address, snapshot)
+        if found is None:
+            return None
+        identity, token_expires = found
+        if memo is not None:
+            memo.authorization = authorization
+            memo.address = view.address
+            memo.generation = snapshot.generation
+            memo.until = now + MEMO_SECONDS
+            memo.token_expires = token_expires
+            memo.identity = identity
+
+    if identity.token_access is not None:
+        for wanted in needed(operation):
+            if not (covers(identity.token_access, wanted) or operation.route is Route.CATALOG):
+                return None
+        if operation.route is Route.BASE:
+            return Forward(operation, view, identity.user, None, _bearer(authorization))
+
+    decision = _decide(snapshot, settings, identity, operation, view.address)
+    if decision.outcome is not Outcome.ALLOW or decision.drop_mount or decision.filter_catalog:
+        return None
+    upstream_authorization = None
+    if authority is not None:
+        if identity.token_access is not None:
+            upstream_authorization = _bearer(authorization)
+        else:
+            upstream_authorization = f"Bearer {authority.token_for(identity.user or '', needed(operation))}"
+    return Forward(operation, view, identity.user, decision.rule, upstream_authorization)
+
+
+def _bearer(authorization: str | None) -> str:
+    """The client's token as the registry gets it (as app._upstream_token passes it on)."""
+    return f"Bearer {(authorization or '')[7:].strip()}"
+
+
+def _identity(
+    gateway: Gateway, authorization: str | None, address: str, snapshot: Snapshot
+) -> tuple[Identity, float] | None:
+    """Who sends `authorization`, from what is verified already (`app._identify` without the
+    waiting), and until when a token says so (0.0 for Basic); None: the full path must tell."""
+    from gateway.app import Identity, _still_valid
+
+    authority = gateway.authority
     if authority is not None and authorization is not None and authorization[:7].lower() == "bearer ":
-        token = authorization[7:].strip()
         try:
-            claims = authority.verify(token)
+            claims = authority.verify(authorization[7:].strip())
         except InvalidToken:
             return None
         user = claims.subject or None
@@ -219,36 +302,16 @@ def allowed_outright(gateway: Gateway, head: ParsedHead, remote: str, scheme: st
         if user is not None and directory_labels is not None:
             account_labels = snapshot.policy.account(user).labels if snapshot.policy is not None else {}
             labels = merge_labels(account_labels, directory_labels)
-        for wanted in needed(operation):
-            if not (covers(claims.access, wanted) or operation.route is Route.CATALOG):
-                return None
-        if operation.route is Route.BASE:
-            return Forward(operation, view, user, None, f"Bearer {token}")
-        identity = Identity(user, claims.access, labels=labels)
-    else:
-        credentials = parse_basic_authorization(authorization)
-        if isinstance(credentials, Malformed):
-            return None
-        if credentials is None:
-            identity = Identity(None)
-        else:
-            login = login_if_cached(
-                gateway.authenticator, gateway.lockout, credentials, view.address, snapshot
-            )
-            if login is None:
-                return None
-            identity = Identity(login.user, basic=True, labels=login.labels)
-
-    decision = _decide(snapshot, settings, identity, operation, view.address)
-    if decision.outcome is not Outcome.ALLOW or decision.drop_mount or decision.filter_catalog:
+        return Identity(user, claims.access, labels=labels), claims.expires
+    credentials = parse_basic_authorization(authorization)
+    if isinstance(credentials, Malformed):
         return None
-    upstream_authorization = None
-    if authority is not None:
-        if identity.token_access is not None:
-            upstream_authorization = f"Bearer {authorization[7:].strip()}" if authorization else None
-        else:
-            upstream_authorization = f"Bearer {authority.token_for(identity.user or '', needed(operation))}"
-    return Forward(operation, view, identity.user, decision.rule, upstream_authorization)
+    if credentials is None:
+        return Identity(None), 0.0
+    login = login_if_cached(gateway.authenticator, gateway.lockout, credentials, address, snapshot)
+    if login is None:
+        return None
+    return Identity(login.user, basic=True, labels=login.labels), 0.0
 
 
 def render_response(response: web.Response, head_only: bool, extra: list[tuple[str, str]]) -> bytes:
@@ -298,6 +361,7 @@ class FastPathConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._task_handler = None  # aiohttp's Server.connection_lost looks for it
         self._done: asyncio.Future[None] | None = None
+        self._memo = IdentityMemo()
 
     # --- connection ------------------------------------------------------------------------
 
@@ -405,7 +469,7 @@ class FastPathConnection(asyncio.Protocol):
         try:
             parsed = parse_head(head, self._max_line, self._max_line)
             forward = (
-                allowed_outright(self._gateway, parsed, self._remote, self._scheme)
+                allowed_outright(self._gateway, parsed, self._remote, self._scheme, self._memo)
                 if parsed is not None
                 else None
             )

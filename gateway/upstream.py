@@ -61,6 +61,9 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._quiet_timer: asyncio.TimerHandle | None = None
+        self._quiet_limit: float | None = None
+        self._wait_started = 0.0
         self._reset(head_only=False)
         self._expecting = False
 
@@ -87,6 +90,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
+            self._quiet_timer = None
         if self._expecting and not self.complete:
             if self.head_complete and self._until_eof and exc is None and self._error is None:
                 self.complete = True  # a body delimited by the end of the connection
@@ -207,22 +213,32 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self._waiter = waiter
-        # A bare timer, not asyncio.timeout: this runs for every response, often twice.
-        timer = (
-            loop.call_later(quiet_limit, self._too_quiet, quiet_limit) if quiet_limit is not None else None
-        )
+        # Not a timer per wait (this runs for every response, often twice): one timer per
+        # connection, checked when it fires against the wait then in progress, and re-armed for
+        # what is left of it.
+        self._wait_started = loop.time()
+        self._quiet_limit = quiet_limit
+        if quiet_limit is not None and self._quiet_timer is None:
+            self._quiet_timer = loop.call_at(self._wait_started + quiet_limit, self._check_quiet)
         try:
             await waiter
         finally:
-            if timer is not None:
-                timer.cancel()
             if self._waiter is waiter:
                 self._waiter = None
         if self._error is not None and not self._chunks and not self.complete:
             raise self._error
 
-    def _too_quiet(self, quiet_limit: float) -> None:
-        self._fail(UpstreamTimeout(f"the registry sent nothing for {quiet_limit:g} s"))
+    def _check_quiet(self) -> None:
+        self._quiet_timer = None
+        quiet_limit = self._quiet_limit
+        if self._waiter is None or quiet_limit is None or self.closed:
+            return  # no wait with a limit in progress: the next one arms the timer again
+        loop = asyncio.get_running_loop()
+        deadline = self._wait_started + quiet_limit
+        if loop.time() >= deadline:
+            self._fail(UpstreamTimeout(f"the registry sent nothing for {quiet_limit:g} s"))
+        else:
+            self._quiet_timer = loop.call_at(deadline, self._check_quiet)
 
     def begin(self, head: bytes, head_only: bool) -> None:
         self._reset(head_only)
@@ -398,11 +414,14 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
         if self._slots is not None:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._slots.acquire()
-            except TimeoutError:
-                raise NoConnection("every connection to the registry is busy") from None
+            if self._slots.locked():
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await self._slots.acquire()
+                except TimeoutError:
+                    raise NoConnection("every connection to the registry is busy") from None
+            else:
+                await self._slots.acquire()  # a free slot: taken at once, no timer needed
         try:
             connection = self._idle_connection()
             reused = connection is not None

@@ -359,3 +359,30 @@ def test_registry_down_is_a_clear_answer_on_the_fast_path(pair: Pair) -> None:
         assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
         assert normalised(answer[1])[0] == status  # the connection still serves
     assert fast_path_counts(pair.fast_metrics)["served"] - before["served"] == 2
+
+
+def test_a_kept_alive_connection_loses_a_removed_user(pair: Pair, tmp_path: Path) -> None:
+    """The connection's remembered identity ends with the users it was checked against."""
+    request = f"GET /v2/public/app/manifests/1 HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('reader')}\r\nAccept: {OCI_MANIFEST}\r\n\r\n".encode()
+    send_all(pair.fast.host, [request])  # the login, checked by the full path
+    address, port = pair.fast.host.split(":")
+    with socket.create_connection((address, int(port)), timeout=10) as sock:
+        for _ in range(3):
+            sock.sendall(request)
+            assert read_answers(sock, 1, [False])[0].startswith(b"HTTP/1.1 200")
+        served = fast_path_counts(pair.fast_metrics)["served"]
+        assert served >= 2
+        users = tmp_path / "htpasswd"
+        users.write_text(
+            "".join(line + "\n" for line in users.read_text().splitlines() if not line.startswith("reader:"))
+        )
+        deadline = time.monotonic() + 10
+        status = b""
+        while time.monotonic() < deadline:
+            sock.sendall(request)
+            answer = read_answers(sock, 1, [False])[0]
+            status = answer.split(b" ", 2)[1]
+            if status != b"200":
+                break
+            time.sleep(0.1)
+        assert status == b"401", answer

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,16 @@ def _upstream_app(seen: Seen) -> web.Application:
             return web.Response(body=gzip.compress(b"hello" * 100), headers={"Content-Encoding": "gzip"})
         if path.endswith("/manifests/noversion"):
             return web.Response(text="no header")
+        if path.endswith("/manifests/stall"):
+            # Headers and a first piece, then nothing for longer than read_timeout.
+            response = web.StreamResponse(headers={"Docker-Distribution-Api-Version": "registry/2.0"})
+            response.content_length = 100
+            await response.prepare(request)
+            await response.write(b"x" * 10)
+            await asyncio.sleep(0.6)
+            await response.write(b"x" * 10)  # a pause shorter than read_timeout is fine
+            await asyncio.sleep(5)
+            return response
         if path.endswith("/manifests/slow"):
             await asyncio.sleep(5)
             return web.Response(text="late")
@@ -254,6 +265,22 @@ async def test_upstream_timeout_is_504(rig: Rig) -> None:
         assert r.status == 504
         assert (await r.json())["errors"][0]["code"] == "UNAVAILABLE"
         assert r.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
+
+
+async def test_a_registry_that_stalls_mid_body_is_cut_after_read_timeout(rig: Rig) -> None:
+    # Quick exchanges first, on the same pooled connection: the quiet timer outlives each of them.
+    for _ in range(3):
+        async with rig.session.get(url(rig, "/v2/a/manifests/x"), headers={"Authorization": READER}) as r:
+            assert r.status == 200
+    started = time.monotonic()
+    async with rig.session.get(url(rig, "/v2/a/manifests/stall"), headers={"Authorization": READER}) as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()  # never a short body that looks complete
+    elapsed = time.monotonic() - started
+    assert 1.4 < elapsed < 4, elapsed  # 0.6 s of body, then read_timeout (1 s) of silence
+    async with rig.session.get(url(rig, "/v2/a/manifests/x"), headers={"Authorization": READER}) as r:
+        assert r.status == 200
 
 
 async def test_upstream_down_is_502(tmp_path: Path) -> None:
