@@ -59,6 +59,8 @@ _METHODS = frozenset({b"GET", b"HEAD"})
 _NOT_HERE = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer"})
 _ONCE = frozenset({b"host", b"authorization", b"user-agent"})
 _MAX_HEADERS = 100
+_API_VERSION_NAME = API_VERSION_HEADER.lower().encode()
+_API_VERSION_LINE = f"{API_VERSION_HEADER}: {API_VERSION}\r\n".encode()
 _PRINTABLE = bytes(range(0x20, 0x7F)) + b"\t"
 _DELETE_NONE = bytes.maketrans(b"", b"")
 
@@ -357,7 +359,9 @@ class FastPathConnection(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
         self._task: asyncio.Task[None] | None = None
         self._task_handler = None  # aiohttp's Server.connection_lost looks for it
         self._done: asyncio.Future[None] | None = None
@@ -376,7 +380,8 @@ class FastPathConnection(asyncio.Protocol):
         self._remote = peer[0] if isinstance(peer, tuple) and peer else ""
         self._scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
         # The first head is due from the moment the connection opens (slowloris).
-        self._arm(limits.header_timeout or self._keepalive, self._head_timed_out)
+        seconds = limits.header_timeout or self._keepalive
+        self._head_timer = asyncio.get_running_loop().call_later(seconds, self._head_timed_out)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self._counted:
@@ -399,26 +404,38 @@ class FastPathConnection(asyncio.Protocol):
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
-        self._disarm()
-        if seconds:
-            self._timer = asyncio.get_running_loop().call_later(seconds, callback)
-
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle(self) -> None:
+        """Idle from now on: closed after keepalive_timeout unless a request comes. One timer for
+        many requests (not one per request), checked when it fires and re-armed for what is left."""
+        loop = asyncio.get_running_loop()
+        self._idle_since = loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = loop.call_at(self._idle_since + self._keepalive, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self._transport is None or self._busy:
+            return  # re-armed when the request in flight is answered
+        loop = asyncio.get_running_loop()
+        deadline = self._idle_since + self._keepalive
+        if loop.time() >= deadline:
+            self._transport.close()
+        else:
+            self._idle_timer = loop.call_at(deadline, self._idle_check)
 
     def _head_timed_out(self) -> None:
-        self._timer = None
+        self._head_timer = None
         log.info("closed a connection whose request head did not arrive in %ss", self._limits.header_timeout)
         if self._transport is not None:
             self._transport.abort()
-
-    def _idle_timed_out(self) -> None:
-        self._timer = None
-        if self._transport is not None:
-            self._transport.close()
 
     # --- aiohttp's shutdown (web.Server keeps every connection's handler) ---------------------
 
@@ -460,7 +477,9 @@ class FastPathConnection(asyncio.Protocol):
         buffer = self._buffer
         if not buffer:
             return
-        self._disarm()
+        if self._head_timer is not None:  # the first head has come (the idle timer checks itself)
+            self._head_timer.cancel()
+            self._head_timer = None
         end = buffer.find(b"\r\n\r\n", 0, self._max_head)
         if end < 0:
             self._hand_off()
@@ -558,7 +577,7 @@ class FastPathConnection(asyncio.Protocol):
         if self._buffer:
             self._next()
         else:
-            self._arm(self._keepalive, self._idle_timed_out)
+            self._idle()
 
     def _extra_headers(self) -> list[tuple[str, str]]:
         extra = [("Server", SERVER_NAME)]
@@ -621,7 +640,7 @@ class FastPathConnection(asyncio.Protocol):
             return
         gateway.metrics.observe_upstream(record.operation or "other", time.monotonic() - started)
 
-        async with upstream:
+        try:
             record.digest = upstream.header(b"docker-content-digest")
             status = upstream.status
             if _needs_own_error_body(status, upstream.header(b"content-type") or ""):
@@ -642,30 +661,31 @@ class FastPathConnection(asyncio.Protocol):
                     response = _replace_error(head.method, path, upstream, original)
                 self._answer(record, response, head_only)
                 return
-            headers = forwarding.downstream_response_headers(upstream.raw_headers)
-            if API_VERSION_HEADER not in headers:
-                headers[API_VERSION_HEADER] = API_VERSION
+            lines, first = forwarding.downstream_response_lines(upstream.raw_headers)
+            lines.insert(0, b"HTTP/1.1 %d %s\r\n" % (status, upstream.reason.encode("utf-8")))
+            if _API_VERSION_NAME not in first:
+                lines.append(_API_VERSION_LINE)
             empty = must_be_empty_body(head.method, status)
             chunked = False
             if empty:
                 if should_remove_content_length(head.method, status):
-                    headers.popall("Content-Length", None)
-            elif "Content-Length" not in headers:
+                    lines = [line for line in lines if not line.lower().startswith(b"content-length:")]
+            elif b"content-length" not in first:
                 chunked = True
-                headers["Transfer-Encoding"] = "chunked"
-            if not empty and headers.get("Content-Length") != "0":
-                headers.setdefault("Content-Type", "application/octet-stream")
-            if "Date" not in headers:
-                headers["Date"] = rfc822_formatted_time()
-            lines = [f"HTTP/1.1 {status} {upstream.reason}\r\n"]
-            lines += [f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() != "server"]
-            lines += [f"{name}: {value}\r\n" for name, value in self._extra_headers()]
-            lines.append("\r\n")
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            if not empty and first.get(b"content-length") != b"0" and b"content-type" not in first:
+                lines.append(b"Content-Type: application/octet-stream\r\n")
+            if b"date" not in first:
+                lines.append(b"Date: %s\r\n" % rfc822_formatted_time().encode())
+            lines += [f"{name}: {value}\r\n".encode() for name, value in self._extra_headers()]
+            lines.append(b"\r\n")
             record.status = status
-            self._write("".join(lines).encode("utf-8"))
+            self._write(b"".join(lines))
             if empty:
                 return
             await self._stream_body(upstream, record, chunked, head.method, path)
+        finally:
+            upstream.release()
 
     async def _stream_body(
         self, upstream: UpstreamResponse, record: AuditRecord, chunked: bool, method: str, path: str

@@ -181,3 +181,25 @@ def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> CIMul
             # The registry sends ASCII; anything else is replaced rather than failing the response.
             out.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
     return out
+
+
+def downstream_response_lines(
+    headers: Sequence[tuple[bytes, bytes]],
+) -> tuple[list[bytes], dict[bytes, bytes]]:
+    """`downstream_response_headers` as the header lines aiohttp would write for them, built in
+    one pass for the fast path, less any `Server` (the gateway sends its own); with the first
+    value of each name kept, by lower-case name."""
+    dropped = _RESPONSE_DROPPED | {b"server"}
+    if any(name.lower() == b"connection" for name, _ in headers):
+        dropped = dropped | _raw_connection_tokens(headers)
+    lines: list[bytes] = []
+    first: dict[bytes, bytes] = {}
+    for name, value in headers:
+        lower = name.lower()
+        if lower in dropped:
+            continue
+        if not value.isascii():  # as decoded (U+FFFD for what is not UTF-8), then encoded
+            value = value.decode("utf-8", "replace").encode("utf-8")
+        lines.append(name + b": " + value + b"\r\n")
+        first.setdefault(lower, value)
+    return lines, first

@@ -386,3 +386,38 @@ def test_a_kept_alive_connection_loses_a_removed_user(pair: Pair, tmp_path: Path
                 break
             time.sleep(0.1)
         assert status == b"401", answer
+
+
+def test_fast_path_connections_close_when_idle_and_only_then(tmp_path: Path) -> None:
+    registry = start_registry(tmp_path)
+    gateway = None
+    try:
+        push_image(registry.url.removeprefix("http://"), "public/app", "1")
+        metrics_port = free_port()
+        gateway = gateway_with_policy(
+            tmp_path,
+            registry,
+            "--metrics-listen",
+            f"127.0.0.1:{metrics_port}",
+            env={"GATEWAY_KEEPALIVE_TIMEOUT": "1"},
+        )
+        request = f"GET /v2/public/app/manifests/1 HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('reader')}\r\nAccept: {OCI_MANIFEST}\r\n\r\n".encode()
+        send_all(gateway.host, [request])  # the login, checked by the full path
+        address, port = gateway.host.split(":")
+        with socket.create_connection((address, int(port)), timeout=10) as sock:
+            # Busy for 2.5 s, never idle for 1 s: kept open throughout.
+            started = time.monotonic()
+            while time.monotonic() - started < 2.5:
+                sock.sendall(request)
+                assert read_answers(sock, 1, [False])[0].startswith(b"HTTP/1.1 200")
+                time.sleep(0.4)
+            # Then idle: closed by the gateway after about a second.
+            idle_from = time.monotonic()
+            sock.settimeout(10)
+            assert sock.recv(1) == b""
+            assert time.monotonic() - idle_from < 5
+        assert fast_path_counts(f"http://127.0.0.1:{metrics_port}/metrics")["served"] >= 5
+    finally:
+        if gateway is not None:
+            stop(gateway.process)
+        stop(registry.process)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
 from multidict import CIMultiDict
 
 from gateway import forwarding
@@ -201,3 +202,28 @@ def test_host_validation() -> None:
         "a\n",
     ):
         assert not forwarding.valid_host(bad), bad
+
+
+@pytest.mark.parametrize(
+    "registry_headers",
+    [
+        ((b"Content-Length", b"5"), (b"Docker-Content-Digest", b"sha256:abc"), (b"Date", b"x")),
+        ((b"Connection", b"close, X-Hop"), (b"X-Hop", b"1"), (b"Keep-Alive", b"5"), (b"ETag", b'"e"')),
+        ((b"Transfer-Encoding", b"chunked"), (b"Server", b"Go"), (b"Link", b"</v2/x>; rel=next")),
+        ((b"X-Odd", b"\xff caf\xc3\xa9"), (b"x-lower", b"v"), (b"Accept-Ranges", b"bytes")),
+        ((b"Content-Type", b"a/b"), (b"Content-Type", b"c/d"), (b"Content-Length", b"0")),
+        (),
+    ],
+)
+def test_fast_path_response_lines_match_the_full_paths_headers(
+    registry_headers: tuple[tuple[bytes, bytes], ...],
+) -> None:
+    """The fast path's one-pass lines are what aiohttp writes for downstream_response_headers
+    (less Server, which both paths replace with the gateway's own)."""
+    lines, first = forwarding.downstream_response_lines(registry_headers)
+    full = forwarding.downstream_response_headers(registry_headers)
+    expected = [f"{name}: {value}\r\n".encode() for name, value in full.items() if name.lower() != "server"]
+    assert lines == expected
+    assert first == {
+        name.lower().encode(): full.getone(name).encode() for name in full if name.lower() != "server"
+    }
