@@ -595,6 +595,10 @@ def bench_token(b: Bench, registry: Service, rounds: int, seconds: float) -> dic
     bearer_gateway = b.gateway(
         registry.url, htpasswd, "bearer", workers=1, env={"GATEWAY_CHALLENGE": "bearer"}
     )
+    # The same with every request on aiohttp's full path: what the fast path saves.
+    full_path_gateway = b.gateway(
+        registry.url, htpasswd, "full-path", workers=1, env={"GATEWAY_FAST_PATH": "false"}
+    )
     nginx_plain = b.nginx(registry.url, plain, "token-plain")
     request = urllib.request.Request(
         f"{bearer_gateway.url}/token?service=registry-gateway&scope=repository:bench/app:pull",
@@ -605,6 +609,7 @@ def bench_token(b: Bench, registry: Service, rounds: int, seconds: float) -> dic
     modes = {
         "basic": (basic_gateway, basic()),
         "bearer": (bearer_gateway, f"Bearer {token}"),
+        "basic_full_path": (full_path_gateway, basic()),
         "nginx_plain": (nginx_plain, basic()),
     }
     runs: dict[str, list[HeyResult]] = {mode: [] for mode in modes}
@@ -618,7 +623,7 @@ def bench_token(b: Bench, registry: Service, rounds: int, seconds: float) -> dic
     for mode in modes:
         summary[mode] = {**median_of(runs[mode]), "cpu_us_per_request": statistics.median(cpu[mode])}
     summary["bearer_vs_basic_rps"] = summary["bearer"]["rps"] / summary["basic"]["rps"]
-    for mode in ("basic", "bearer"):
+    for mode in ("basic", "bearer", "basic_full_path"):
         summary[f"{mode}_cpu_vs_nginx_plain"] = ratio(
             summary[mode]["cpu_us_per_request"], summary["nginx_plain"]["cpu_us_per_request"]
         )
@@ -818,8 +823,13 @@ def table(results: dict[str, Any]) -> str:
             f"{shown(s['ratios']['gateway_cpu_vs_nginx_plain']):>14}"
         )
     k = results["token"]
-    lines.append("\n== HEAD manifest at 2 connections: Basic vs a Bearer token (gateway, 1 worker) ==")
-    for mode in ("basic", "bearer", "nginx_plain"):
+    lines.append(
+        "\n== HEAD manifest at 2 connections: Basic vs a Bearer token (gateway, 1 worker; "
+        "basic_full_path: fast_path false) =="
+    )
+    for mode in ("basic", "bearer", "basic_full_path", "nginx_plain"):
+        if mode not in k:
+            continue
         lines.append(
             f"{mode:<12}{k[mode]['rps']:>9.0f} req/s  p50 {k[mode]['p50_ms']:.2f} ms  "
             f"CPU {k[mode]['cpu_us_per_request']:.0f} us/request"
