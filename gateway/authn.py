@@ -104,6 +104,15 @@ class CredentialCache:
         self.hits += 1
         return entry[0]
 
+    def peek(self, key: bytes, generation: int) -> tuple[Verified, float] | None:
+        """Like `get`, but counted by the caller (only if the login is then used), and with the
+        entry's end of life (time.monotonic())."""
+        entry = self._entries.get(key)
+        if entry is None or entry[1] != generation or entry[2] < time.monotonic():
+            return None
+        self._entries.move_to_end(key)
+        return entry[0], entry[2]
+
     def put(self, key: bytes, verified: Verified, generation: int) -> None:
         if self.max_entries <= 0 or self.ttl <= 0:
             return

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import httptools
 from aiohttp import web
 from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_remove_content_length
+from aiohttp.http_parser import SINGLETON_HEADERS
 from multidict import CIMultiDict
 
 from gateway import forwarding
@@ -56,8 +57,19 @@ log = logging.getLogger("gateway.fastpath")
 _METHODS = frozenset({b"GET", b"HEAD"})
 # Headers that announce a body, or change how the connection goes on: their requests take the
 # full path.
-_NOT_HERE = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade", b"te", b"trailer"})
-_ONCE = frozenset({b"host", b"authorization", b"user-agent"})
+_NOT_HERE = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"expect",
+        b"upgrade",
+        b"te",
+        b"trailer",
+        b"sec-websocket-key1",  # aiohttp refuses any (400)
+    }
+)
+# Names aiohttp's parser refuses twice (and so answers 400 for), and one more we take once.
+_ONCE = frozenset(name.encode() for name in SINGLETON_HEADERS) | {b"authorization"}
 _MAX_HEADERS = 100
 _API_VERSION_NAME = API_VERSION_HEADER.lower().encode()
 _API_VERSION_LINE = f"{API_VERSION_HEADER}: {API_VERSION}\r\n".encode()
@@ -160,6 +172,8 @@ def parse_head(head: bytes, max_line: int, max_field: int) -> ParsedHead | None:
         lower = name.lower()
         if lower in _NOT_HERE or len(name) + len(value) + 2 > max_field or not _printable(value):
             return None
+        if value[-1:] in (b" ", b"\t"):
+            return None  # llhttp keeps trailing blanks that aiohttp strips: not guessed at here
         if lower in _ONCE:
             if lower in seen:
                 return None
@@ -185,14 +199,14 @@ class Forward:
 class IdentityMemo:
     """A connection's last identity: one client sends the same credentials request after request,
     and checking them again (base64, a keyed hash, the login cache, the lockout, the account) is
-    the largest part of a decision. Reused for at most MEMO_SECONDS, for the same Authorization
-    header, client address and users-and-rules generation; a token also only while it is valid."""
+    the largest part of a decision. Basic logins only, reused for at most MEMO_SECONDS (and never
+    past the login cache entry or the account), for the same Authorization header, client
+    address and users-and-rules generation."""
 
     authorization: str | None = None
     address: str = ""
     generation: int = -1
     until: float = 0.0  # time.monotonic()
-    token_expires: float = 0.0  # time.time(); 0: not a token
     identity: Identity | None = None
 
 
@@ -237,12 +251,11 @@ def allowed_outright(
         and memo.address == view.address
         and memo.generation == snapshot.generation
         and now < memo.until
-        and (not memo.token_expires or time.time() < memo.token_expires)
     ):
         identity = memo.identity
         user = identity.user
-        if identity.basic and user is not None:
-            # As login_if_cached does on every request.
+        if user is not None:
+            # As login_if_cached does on every request: the lockout reset, the cache hit counted.
             lockout = gateway.lockout
             if lockout.retry_after(view.address, user, now) is None:
                 lockout.succeeded(view.address, user)
@@ -250,13 +263,12 @@ def allowed_outright(
         found = _identity(gateway, authorization, view.address, snapshot)
         if found is None:
             return None
-        identity, token_expires = found
-        if memo is not None:
+        identity, until = found
+        if memo is not None and until > now:
             memo.authorization = authorization
             memo.address = view.address
             memo.generation = snapshot.generation
-            memo.until = now + MEMO_SECONDS
-            memo.token_expires = token_expires
+            memo.until = min(now + MEMO_SECONDS, until)
             memo.identity = identity
 
     if identity.token_access is not None:
@@ -269,6 +281,8 @@ def allowed_outright(
     decision = _decide(snapshot, settings, identity, operation, view.address)
     if decision.outcome is not Outcome.ALLOW or decision.drop_mount or decision.filter_catalog:
         return None
+    if identity.basic:
+        gateway.authenticator.cache.hits += 1  # the login cache answered (or the memo, for it)
     upstream_authorization = None
     if authority is not None:
         if identity.token_access is not None:
@@ -287,7 +301,11 @@ def _identity(
     gateway: Gateway, authorization: str | None, address: str, snapshot: Snapshot
 ) -> tuple[Identity, float] | None:
     """Who sends `authorization`, from what is verified already (`app._identify` without the
-    waiting), and until when a token says so (0.0 for Basic); None: the full path must tell."""
+    waiting), and until when (time.monotonic()) a connection may take that as said without a
+    change to the users: the login cache entry's and the account's end for Basic credentials; a
+    token is checked on every request (its verification is cached; revocations and key
+    retirements apply at once), anonymous requests have nothing to remember. None: the full path
+    must tell."""
     from gateway.app import Identity, _still_valid
 
     authority = gateway.authority
@@ -304,27 +322,31 @@ def _identity(
         if user is not None and directory_labels is not None:
             account_labels = snapshot.policy.account(user).labels if snapshot.policy is not None else {}
             labels = merge_labels(account_labels, directory_labels)
-        return Identity(user, claims.access, labels=labels), claims.expires
+        return Identity(user, claims.access, labels=labels), 0.0
     credentials = parse_basic_authorization(authorization)
     if isinstance(credentials, Malformed):
         return None
     if credentials is None:
         return Identity(None), 0.0
-    login = login_if_cached(gateway.authenticator, gateway.lockout, credentials, address, snapshot)
-    if login is None:
+    found = login_if_cached(gateway.authenticator, gateway.lockout, credentials, address, snapshot)
+    if found is None:
         return None
-    return Identity(login.user, basic=True, labels=login.labels), 0.0
+    login, until = found
+    return Identity(login.user, basic=True, labels=login.labels), until
 
 
 def render_response(response: web.Response, head_only: bool, extra: list[tuple[str, str]]) -> bytes:
     """An answer the gateway makes (built by errors.error_response) as the bytes aiohttp would
     send for it."""
     body = response.body if isinstance(response.body, bytes) else b""
+    replaced = {name.lower() for name, _ in extra} | {"content-length", "transfer-encoding"}
     lines = [f"HTTP/1.1 {response.status} {response.reason}\r\n"]
     for name, value in response.headers.items():
-        if name.lower() not in ("content-length", "transfer-encoding"):
+        if name.lower() not in replaced:
             lines.append(f"{name}: {value}\r\n")
-    lines.append(f"Content-Length: {len(body)}\r\nDate: {rfc822_formatted_time()}\r\n")
+    lines.append(f"Content-Length: {len(body)}\r\n")
+    if "Date" not in response.headers:
+        lines.append(f"Date: {rfc822_formatted_time()}\r\n")
     lines += [f"{name}: {value}\r\n" for name, value in extra]
     lines.append("\r\n")
     head = "".join(lines).encode("utf-8")
@@ -339,7 +361,7 @@ class FastPathConnection(asyncio.Protocol):
         gateway: Gateway,
         limits: ConnectionLimits,
         manager: web.Server,
-        hand_off: Callable[[asyncio.Transport, bytes], None],
+        hand_off: Callable[[asyncio.Transport, bytes, float | None], None],
     ) -> None:
         self._gateway = gateway
         self._limits = limits
@@ -362,8 +384,11 @@ class FastPathConnection(asyncio.Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
+        self._head_started = 0.0  # loop time the head under way began (its deadline counts from)
+        self._answered = False  # a request has been answered here
         self._task: asyncio.Task[None] | None = None
-        self._task_handler = None  # aiohttp's Server.connection_lost looks for it
+        # What aiohttp's Server.connection_lost waits for before it forgets a connection.
+        self._task_handler: asyncio.Task[None] | None = None
         self._done: asyncio.Future[None] | None = None
         self._memo = IdentityMemo()
 
@@ -380,8 +405,12 @@ class FastPathConnection(asyncio.Protocol):
         self._remote = peer[0] if isinstance(peer, tuple) and peer else ""
         self._scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
         # The first head is due from the moment the connection opens (slowloris).
-        seconds = limits.header_timeout or self._keepalive
-        self._head_timer = asyncio.get_running_loop().call_later(seconds, self._head_timed_out)
+        loop = asyncio.get_running_loop()
+        self._head_started = loop.time()
+        if limits.header_timeout:
+            self._head_timer = loop.call_later(limits.header_timeout, self._head_timed_out)
+        else:
+            self._idle()  # no head deadline: closed when idle for keepalive_timeout, as aiohttp does
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self._counted:
@@ -453,14 +482,19 @@ class FastPathConnection(asyncio.Protocol):
             try:
                 await asyncio.wait_for(asyncio.shield(self._done), timeout)
             except TimeoutError:
-                if self._task is not None:
-                    self._task.cancel()
+                task = self._task
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         if self._transport is not None:
             self._transport.close()
 
     # --- requests ----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if not self._buffer and self._answered:
+            self._head_started = asyncio.get_running_loop().time()  # a later head starts now
         self._buffer += data
         if self._busy:
             # Pipelined: the next head waits for this answer; a flood of it stops reading.
@@ -500,8 +534,12 @@ class FastPathConnection(asyncio.Protocol):
             self._hand_off()
             return
         del buffer[: end + 4]
+        loop = asyncio.get_running_loop()
+        if buffer:
+            self._head_started = loop.time()  # a pipelined head: due from now, as on the full path
         self._busy = True
-        self._task = asyncio.get_running_loop().create_task(self._serve(parsed, forward))
+        # aiohttp's Server keeps a connection in its list (for shutdown) while this task runs.
+        self._task = self._task_handler = loop.create_task(self._serve(parsed, forward))
 
     def _hand_off(self) -> None:
         """The rest of this connection is aiohttp's, starting with every byte not yet answered."""
@@ -512,6 +550,10 @@ class FastPathConnection(asyncio.Protocol):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("connection from %s handed to the full path", self._remote)
         self._gateway.metrics.fast_handed_off += 1
+        header_timeout = self._limits.header_timeout
+        # The head under way keeps the deadline it has had since its first byte (or, the first
+        # head, since the connection opened), not a new one.
+        deadline = self._head_started + header_timeout if header_timeout else None
         data = bytes(self._buffer)
         self._buffer.clear()
         self._counted = False  # the handler counts the connection from now on
@@ -519,7 +561,7 @@ class FastPathConnection(asyncio.Protocol):
         self._manager.connection_lost(self, None)  # type: ignore[arg-type]
         if self._reading_paused:
             transport.resume_reading()
-        self._hand_off_to(transport, data)
+        self._hand_off_to(transport, data, deadline)
 
     async def _serve(self, head: ParsedHead, forward: Forward) -> None:
         gateway = self._gateway
@@ -547,8 +589,7 @@ class FastPathConnection(asyncio.Protocol):
             record.decision = "error"
             if record.status == 0 and self._transport is not None:
                 response = error_response(500, "UNKNOWN", "internal gateway error")
-                record.status = 500
-                self._write(render_response(response, head.method == "HEAD", self._extra_headers()))
+                self._answer(record, response, head.method == "HEAD")
             elif self._transport is not None:
                 self._transport.abort()
         finally:
@@ -562,7 +603,8 @@ class FastPathConnection(asyncio.Protocol):
 
     def _finished(self) -> None:
         self._busy = False
-        self._task = None
+        self._answered = True
+        self._task = self._task_handler = None
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
         transport = self._transport
@@ -588,9 +630,12 @@ class FastPathConnection(asyncio.Protocol):
             extra.append(("Connection", "close"))
         return extra
 
-    def _write(self, data: bytes) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+    def _write(self, data: bytes) -> bool:
+        """Send data, if the client is still there to take it."""
+        if self._transport is None or self._transport.is_closing():
+            return False
+        self._transport.write(data)
+        return True
 
     def _answer(self, record: AuditRecord, response: web.Response, head_only: bool) -> None:
         record.status = response.status
@@ -677,10 +722,14 @@ class FastPathConnection(asyncio.Protocol):
                 lines.append(b"Content-Type: application/octet-stream\r\n")
             if b"date" not in first:
                 lines.append(b"Date: %s\r\n" % rfc822_formatted_time().encode())
+            if self._gateway.hsts is not None and b"strict-transport-security" in first:
+                lines = [line for line in lines if not line.lower().startswith(b"strict-transport-security:")]
             lines += [f"{name}: {value}\r\n".encode() for name, value in self._extra_headers()]
             lines.append(b"\r\n")
+            if not self._write(b"".join(lines)):
+                record.decision = "error"  # the client is gone: recorded as the full path does
+                return
             record.status = status
-            self._write(b"".join(lines))
             if empty:
                 return
             await self._stream_body(upstream, record, chunked, head.method, path)
@@ -694,12 +743,13 @@ class FastPathConnection(asyncio.Protocol):
         try:
             while True:
                 chunk = await upstream.read()
-                if self._transport is None or self._transport.is_closing():
-                    record.decision = "error"
-                    return  # the client went away: the registry connection is closed, not reused
                 if not chunk:
                     break
                 record.bytes_out += len(chunk)
+                if self._transport is None or self._transport.is_closing():
+                    # The client went away: the registry connection is closed, not reused.
+                    record.decision, record.status = "error", 0
+                    return
                 if chunked:
                     self._transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
                 else:
@@ -711,7 +761,7 @@ class FastPathConnection(asyncio.Protocol):
                     try:
                         await asyncio.wait_for(self._drained, body_timeout)
                     except TimeoutError:
-                        record.decision = "error"
+                        record.decision, record.status = "error", 0
                         log.info("client took no response bytes for %gs: cut off", body_timeout)
                         if self._transport is not None:
                             self._transport.abort()
@@ -719,7 +769,7 @@ class FastPathConnection(asyncio.Protocol):
                     finally:
                         self._drained = None
         except UpstreamError as exc:
-            record.decision = "error"
+            record.decision, record.status = "error", 0
             # Too late for an error status: cut the connection so the client sees a failed transfer,
             # never a short body that looks complete.
             log.warning("upstream failed mid-response: %s %s: %s", method, path, exc)

@@ -66,18 +66,30 @@ async def check_login(
 
 def login_if_cached(
     authenticator: Authenticator, lockout: Lockout, credentials: Credentials, client: str, snapshot: Snapshot
-) -> LoggedIn | None:
+) -> tuple[LoggedIn, float] | None:
     """`check_login` without waiting: the login when these exact credentials are in the login
-    cache and pass every check; None whenever `check_login` is needed to answer (no cached login,
-    or a refusal), which it then does with the same outcome and side effects (a locked pair
-    stays locked; a success forgets the pair's failures, as check_login's own cache hit does)."""
-    verified = authenticator.already_verified(credentials, snapshot)
-    if verified is None:
+    cache and pass every check, and until when (time.monotonic()) that holds without a change to
+    the users (the cache entry's end, the account's expiry). None whenever `check_login` is
+    needed to answer (no cached login, or a refusal), which it then does with the same outcome
+    and side effects (a locked pair stays locked; a success forgets the pair's failures, as
+    check_login's own cache hit does); the lookup is not counted: a caller that answers from it
+    counts the hit (the full path counts its own lookup)."""
+    cache = authenticator.cache
+    found = cache.peek(cache.key(credentials), snapshot.generation)
+    if found is None:
         return None
+    verified, until = found
     if lockout.retry_after(client, credentials.username, time.monotonic()) is None:
         lockout.succeeded(client, credentials.username)
     logged_in = _logged_in(verified, snapshot)
-    return logged_in if isinstance(logged_in, LoggedIn) else None
+    if not isinstance(logged_in, LoggedIn):
+        return None
+    if snapshot.policy is not None:
+        expires = snapshot.policy.account(logged_in.user).expires
+        if expires is not None:
+            left = (expires - dt.datetime.now(dt.UTC)).total_seconds()
+            until = min(until, time.monotonic() + left)
+    return logged_in, until
 
 
 def _logged_in(verified: Verified, snapshot: Snapshot) -> LoggedIn | Refused:

@@ -106,13 +106,15 @@ class _RegistryErrorRequestHandler(RequestHandler):
         # The first head is due from the moment the connection opens (slowloris).
         self._arm_head_deadline()
 
-    def adopt(self, transport: asyncio.Transport, data: bytes) -> None:
+    def adopt(self, transport: asyncio.Transport, data: bytes, head_deadline: float | None) -> None:
         """Take over a connection from the fast path (gateway.fastpath), with the bytes it read and
-        did not answer; the connection is already counted, and its head deadline starts now."""
+        did not answer; the connection is already counted, and the head under way keeps the
+        deadline it had (loop time; None: no header_timeout)."""
         self._counted = True
         transport.set_protocol(self)
         super().connection_made(transport)
-        self._arm_head_deadline()
+        if head_deadline is not None:
+            self._head_deadline = asyncio.get_running_loop().call_at(head_deadline, self._head_timed_out)
         if data:
             self.data_received(data)
 
@@ -257,8 +259,8 @@ class _Server(web.Server):
     def _handler(self) -> _RegistryErrorRequestHandler:
         return _RegistryErrorRequestHandler(self, limits=self.limits, loop=self._loop, **self._kwargs)
 
-    def _hand_off(self, transport: asyncio.Transport, data: bytes) -> None:
-        self._handler().adopt(transport, data)
+    def _hand_off(self, transport: asyncio.Transport, data: bytes, head_deadline: float | None) -> None:
+        self._handler().adopt(transport, data, head_deadline)
 
 
 class GatewayRunner(web.AppRunner):

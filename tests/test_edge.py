@@ -86,8 +86,9 @@ def test_connection_limit(tmp_path: Path, registry: Registry, users_file: Path) 
         stop(gw.process)
 
 
+@pytest.mark.parametrize("path", ["fast", "full"])
 def test_sigterm_lets_transfers_in_flight_finish(
-    tmp_path: Path, registry: Registry, users_file: Path
+    tmp_path: Path, registry: Registry, users_file: Path, path: str
 ) -> None:
     gw = start_gateway(tmp_path, registry.url, users_file)
     try:
@@ -102,6 +103,13 @@ def test_sigterm_lets_transfers_in_flight_finish(
         assert conn.getresponse().status == 201
         conn.close()
 
+        if path == "fast":
+            # A login the gateway has checked already: the download is served on the fast path
+            # (a first login is checked, and its connection served, by the full path).
+            conn = http.client.HTTPConnection(gw.host, timeout=30)
+            conn.request("GET", "/v2/", headers=basic("alice"))
+            assert conn.getresponse().status == 200
+            conn.close()
         conn = http.client.HTTPConnection(gw.host, timeout=30)
         conn.request("GET", f"/v2/drain/app/blobs/{digest}", headers=basic("alice"))
         response = conn.getresponse()

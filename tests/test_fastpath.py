@@ -47,6 +47,14 @@ PLAIN = b"GET /v2/a/manifests/1 HTTP/1.1\r\nHost: h:5000\r\nAuthorization: Basic
         (PLAIN.replace(b"\r\n\r\n", b"\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"), False),
         (PLAIN.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"), False),
         (PLAIN.replace(b"\r\n\r\n", b"\r\nTE: trailers\r\n\r\n"), False),
+        # names aiohttp's parser refuses twice, or at all; blanks llhttp keeps and aiohttp strips
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nETag: x\r\nETag: y\r\n\r\n"), False),
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nContent-Type: a\r\nContent-Type: b\r\n\r\n"), False),
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nUser-Agent: a\r\nUser-Agent: b\r\n\r\n"), False),
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Key1: x\r\n\r\n"), False),
+        (PLAIN.replace(b"a/b", b"a/b "), False),
+        (PLAIN.replace(b"a/b", b"a/b\t"), False),
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nETag: x\r\n\r\n"), True),
         # versions other than 1.1
         (PLAIN.replace(b"HTTP/1.1", b"HTTP/1.0"), False),
         (PLAIN.replace(b"HTTP/1.1", b"HTTP/2.0"), False),
@@ -123,9 +131,12 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
         ports = free_port(), free_port()
         audits = tmp_path / "fast-audit.jsonl", tmp_path / "full-audit.jsonl"
         for fast_path, port, audit in zip(("true", "false"), ports, audits, strict=True):
+            # Files of its own for each: writing one gateway's would be a reload for the other.
+            directory = tmp_path / ("fast" if fast_path == "true" else "full")
+            directory.mkdir()
             started.append(
                 gateway_with_policy(
-                    tmp_path,
+                    directory,
                     registry,
                     "--metrics-listen",
                     f"127.0.0.1:{port}",
@@ -159,6 +170,17 @@ def fast_path_counts(metrics_url: str) -> dict[str, float]:
     return {
         match.group(1): float(match.group(2))
         for match in re.finditer(r'^registry_gateway_fast_path_total\{outcome="(\w+)"\} (\S+)$', text, re.M)
+    }
+
+
+def cache_counts(metrics_url: str) -> dict[str, float]:
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        match.group(1): float(match.group(2))
+        for match in re.finditer(
+            r'^registry_gateway_credential_cache_total\{result="(\w+)"\} (\S+)$', text, re.M
+        )
     }
 
 
@@ -198,6 +220,7 @@ def read_answers(sock: socket.socket, count: int, heads_only: list[bool], timeou
 def normalised(answer: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
+    assert sum(1 for line in lines if line.lower().startswith("date:")) == 1, answer
     headers = sorted(
         (name.lower(), value.strip())
         for name, _, value in (line.partition(":") for line in lines[1:])
@@ -250,6 +273,8 @@ def test_the_fast_path_answers_as_the_full_path_does(pair: Pair) -> None:
         get("GET", f"/v2/public/app/blobs/{pair.blob}"),
         get("GET", f"/v2/public/app/blobs/{pair.blob}", extra="Range: bytes=10-99\r\n"),
         get("GET", "/v2/public/app/blobs/sha256:" + "0" * 64),
+        # Go answers 416 in plain text: the body replaced, the registry's Date kept
+        get("GET", f"/v2/public/app/blobs/{pair.blob}", extra="Range: bytes=99999999-\r\n"),
         get("GET", f"/v2/public/app/manifests/{pair.layer}", extra=accept),  # registry 500 -> 404
         get("HEAD", f"/v2/public/app/manifests/{pair.layer}", extra=accept),
         get("GET", "/v2/public/app/tags/list"),
@@ -272,7 +297,8 @@ def test_the_fast_path_answers_as_the_full_path_does(pair: Pair) -> None:
             assert normalised(fast) == normalised(full), request
     statuses = [int(answer.split(b" ", 2)[1]) for answer in fast_kept]
     assert statuses[:6] == [200, 200, 200, 200, 200, 200], statuses
-    assert statuses[6:8] == [404, 404] and statuses[11] == 206 and statuses[13] == 404
+    assert statuses[6:8] == [404, 404] and statuses[11] == 206 and statuses[13] == 416
+    assert statuses[14] == 404
     assert fast_kept[10].endswith(pair.blob_data)
 
     # Each gateway's start-up probe (an anonymous GET /v2/), then every request twice.
@@ -281,6 +307,8 @@ def test_the_fast_path_answers_as_the_full_path_does(pair: Pair) -> None:
     assert len(fast_records) == 1 + 2 * len(requests)
     assert fast_records == full_records
 
+    # The login cache is counted alike: a lookup per Basic request, whichever path served it.
+    assert cache_counts(pair.fast_metrics) == cache_counts(pair.full_metrics)
     fast_counts = fast_path_counts(pair.fast_metrics)
     full_counts = fast_path_counts(pair.full_metrics)
     assert full_counts == {"served": 0, "handed_off": 0}
@@ -332,17 +360,26 @@ def test_a_head_that_arrives_in_pieces_is_answered(pair: Pair) -> None:
 
 
 def test_a_client_gone_mid_blob_leaves_the_registry_connections_usable(pair: Pair) -> None:
-    request = f"GET /v2/public/app/blobs/{pair.blob} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('reader')}\r\n\r\n".encode()
-    send_all(pair.fast.host, [request])  # logs in
-    address, port = pair.fast.host.split(":")
-    for _ in range(5):
-        with socket.create_connection((address, int(port)), timeout=10) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.sendall(request)
-            assert sock.recv(100).startswith(b"HTTP/1.1 200")
-    # Every later request gets the whole blob, on registry connections of the pool.
-    for answer in send_all(pair.fast.host, [request] * 5):
-        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(pair.blob_data)
+    big = bytes(range(256)) * (128 * 1024)  # 32 MiB: more than any socket buffers hold
+    digest = push_blob(pair.registry.url.removeprefix("http://"), "public/app", big)
+    request = f"GET /v2/public/app/blobs/{digest} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('reader')}\r\n\r\n".encode()
+    outcomes = []
+    for gateway, audit in ((pair.fast, pair.fast_audit), (pair.full, pair.full_audit)):
+        send_all(gateway.host, [request])  # logs in
+        address, port = gateway.host.split(":")
+        for _ in range(5):
+            with socket.create_connection((address, int(port)), timeout=10) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.sendall(request)
+                assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        # Every later request gets the whole blob, on registry connections of the pool.
+        for answer in send_all(gateway.host, [request] * 5):
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(big)
+        records = audit_records(audit, 12)[2:7]  # after the start-up probe and the login
+        outcomes.append([(record["status"], record["decision"]) for record in records])
+    # A transfer the client cut is recorded alike on both paths: no status, an error.
+    assert outcomes[0] == outcomes[1] == [(0, "error")] * 5, outcomes
+    assert fast_path_counts(pair.fast_metrics)["served"] >= 10
 
 
 def test_registry_down_is_a_clear_answer_on_the_fast_path(pair: Pair) -> None:
@@ -372,7 +409,7 @@ def test_a_kept_alive_connection_loses_a_removed_user(pair: Pair, tmp_path: Path
             assert read_answers(sock, 1, [False])[0].startswith(b"HTTP/1.1 200")
         served = fast_path_counts(pair.fast_metrics)["served"]
         assert served >= 2
-        users = tmp_path / "htpasswd"
+        users = tmp_path / "fast" / "htpasswd"
         users.write_text(
             "".join(line + "\n" for line in users.read_text().splitlines() if not line.startswith("reader:"))
         )
@@ -417,6 +454,40 @@ def test_fast_path_connections_close_when_idle_and_only_then(tmp_path: Path) -> 
             assert sock.recv(1) == b""
             assert time.monotonic() - idle_from < 5
         assert fast_path_counts(f"http://127.0.0.1:{metrics_port}/metrics")["served"] >= 5
+    finally:
+        if gateway is not None:
+            stop(gateway.process)
+        stop(registry.process)
+
+
+def test_a_head_handed_over_keeps_its_deadline(tmp_path: Path) -> None:
+    """A slow first head is due header_timeout after the connection opened, whichever path ends
+    up reading it (the hand-off does not start a new deadline)."""
+    registry = start_registry(tmp_path)
+    gateway = None
+    try:
+        gateway = gateway_with_policy(tmp_path, registry, env={"GATEWAY_HEADER_TIMEOUT": "2"})
+        address, port = gateway.host.split(":")
+        with socket.create_connection((address, int(port)), timeout=10) as sock:
+            opened = time.monotonic()
+            time.sleep(1.5)
+            sock.sendall(b"G")  # the fast path hands a partial head over
+            sock.setblocking(False)
+            closed_at = None
+            for byte in b"ET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                time.sleep(0.1)
+                try:
+                    sock.send(bytes([byte]))
+                    if sock.recv(1024) == b"":
+                        closed_at = time.monotonic()
+                        break
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    closed_at = time.monotonic()
+                    break
+            assert closed_at is not None, "the trickled head was never cut"
+            assert closed_at - opened < 3.2, closed_at - opened  # 2 s from opening, not 1.5 + 2
     finally:
         if gateway is not None:
             stop(gateway.process)
