@@ -38,7 +38,7 @@ from gateway.audit import AuditRecord, new_record, operation_name
 from gateway.authn import Malformed, parse_basic_authorization
 from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_response
 from gateway.identity import merge_labels
-from gateway.login import login_if_cached
+from gateway.login import before_account_ends, login_if_cached
 from gateway.policy import Outcome
 from gateway.routes import Operation, Route
 from gateway.screening import Refusal, screen
@@ -199,15 +199,20 @@ class Forward:
 class IdentityMemo:
     """A connection's last identity: one client sends the same credentials request after request,
     and checking them again (base64, a keyed hash, the login cache, the lockout, the account) is
-    the largest part of a decision. Basic logins only, reused for at most MEMO_SECONDS (and never
-    past the login cache entry or the account), for the same Authorization header, client
-    address and users-and-rules generation."""
+    the largest part of a decision. Reused for at most MEMO_SECONDS, for the same Authorization
+    header, client address and users-and-rules generation, and never past what vouched for it:
+    the login cache entry, the account's expiry, a token's expiry, the token revocations and
+    signing keys in force (any reload of them ends it). Not for directory users' tokens (their
+    labels expire on a clock of their own) nor anonymous requests (nothing to check)."""
 
     authorization: str | None = None
     address: str = ""
     generation: int = -1
     until: float = 0.0  # time.monotonic()
     identity: Identity | None = None
+    # A token's: the revocations and keys it was checked against (replaced on every reload).
+    revoked: object = None
+    verifier: object = None
 
 
 MEMO_SECONDS = 1.0
@@ -251,11 +256,12 @@ def allowed_outright(
         and memo.address == view.address
         and memo.generation == snapshot.generation
         and now < memo.until
+        and (authority is None or (memo.revoked is authority.revoked and memo.verifier is authority.verifier))
     ):
         identity = memo.identity
         user = identity.user
-        if user is not None:
-            # As login_if_cached does on every request: the lockout reset, the cache hit counted.
+        if user is not None and identity.basic:
+            # As login_if_cached does on every request: the lockout reset.
             lockout = gateway.lockout
             if lockout.retry_after(view.address, user, now) is None:
                 lockout.succeeded(view.address, user)
@@ -270,6 +276,8 @@ def allowed_outright(
             memo.generation = snapshot.generation
             memo.until = min(now + MEMO_SECONDS, until)
             memo.identity = identity
+            if authority is not None:
+                memo.revoked, memo.verifier = authority.revoked, authority.verifier
 
     if identity.token_access is not None:
         for wanted in needed(operation):
@@ -302,10 +310,8 @@ def _identity(
 ) -> tuple[Identity, float] | None:
     """Who sends `authorization`, from what is verified already (`app._identify` without the
     waiting), and until when (time.monotonic()) a connection may take that as said without a
-    change to the users: the login cache entry's and the account's end for Basic credentials; a
-    token is checked on every request (its verification is cached; revocations and key
-    retirements apply at once), anonymous requests have nothing to remember. None: the full path
-    must tell."""
+    change to the users: the login cache entry's or the token's end, the account's expiry (0.0:
+    not to be remembered). None: the full path must tell."""
     from gateway.app import Identity, _still_valid
 
     authority = gateway.authority
@@ -322,7 +328,12 @@ def _identity(
         if user is not None and directory_labels is not None:
             account_labels = snapshot.policy.account(user).labels if snapshot.policy is not None else {}
             labels = merge_labels(account_labels, directory_labels)
-        return Identity(user, claims.access, labels=labels), 0.0
+        until = 0.0  # directory users: not remembered
+        if directory_labels is None:
+            until = time.monotonic() + (claims.expires - time.time())
+            if user is not None:
+                until = before_account_ends(snapshot, user, until)
+        return Identity(user, claims.access, labels=labels), until
     credentials = parse_basic_authorization(authorization)
     if isinstance(credentials, Malformed):
         return None

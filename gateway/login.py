@@ -84,12 +84,17 @@ def login_if_cached(
     logged_in = _logged_in(verified, snapshot)
     if not isinstance(logged_in, LoggedIn):
         return None
+    return logged_in, before_account_ends(snapshot, logged_in.user, until)
+
+
+def before_account_ends(snapshot: Snapshot, user: str, until: float) -> float:
+    """`until` (time.monotonic()), or the moment the user's account expires if that is sooner."""
     if snapshot.policy is not None:
-        expires = snapshot.policy.account(logged_in.user).expires
+        expires = snapshot.policy.account(user).expires
         if expires is not None:
             left = (expires - dt.datetime.now(dt.UTC)).total_seconds()
-            until = min(until, time.monotonic() + left)
-    return logged_in, until
+            return min(until, time.monotonic() + left)
+    return until
 
 
 def _logged_in(verified: Verified, snapshot: Snapshot) -> LoggedIn | Refused:

@@ -492,3 +492,51 @@ def test_a_head_handed_over_keeps_its_deadline(tmp_path: Path) -> None:
         if gateway is not None:
             stop(gateway.process)
         stop(registry.process)
+
+
+def test_a_kept_alive_connection_loses_a_revoked_token(tmp_path: Path) -> None:
+    """Tokens are remembered by a connection too, and forgotten with any reload of revocations."""
+    from gateway.tokens import revocations
+
+    registry = start_registry(tmp_path)
+    gateway = None
+    try:
+        push_image(registry.url.removeprefix("http://"), "public/app", "1")
+        revoked = tmp_path / "revoked"
+        metrics_port = free_port()
+        gateway = gateway_with_policy(
+            tmp_path,
+            registry,
+            "--metrics-listen",
+            f"127.0.0.1:{metrics_port}",
+            env={"GATEWAY_CHALLENGE": "bearer", "GATEWAY_TOKEN_REVOCATIONS": str(revoked)},
+        )
+        token_request = urllib.request.Request(
+            f"{gateway.url}/token?service=registry-gateway&scope=repository:public/app:pull",
+            headers={"Authorization": auth("reader")},
+        )
+        with urllib.request.urlopen(token_request, timeout=10) as response:
+            token = json.loads(response.read())["token"]
+        request = f"GET /v2/public/app/manifests/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nAccept: {OCI_MANIFEST}\r\n\r\n".encode()
+        address, port = gateway.host.split(":")
+        with socket.create_connection((address, int(port)), timeout=10) as sock:
+            for _ in range(3):
+                sock.sendall(request)
+                assert read_answers(sock, 1, [False])[0].startswith(b"HTTP/1.1 200")
+            assert fast_path_counts(f"http://127.0.0.1:{metrics_port}/metrics")["served"] >= 3
+            time.sleep(1.1)  # the token's issue time must be before the revocation's
+            revocations.revoke(revoked, "reader")
+            deadline = time.monotonic() + 10
+            status = b""
+            while time.monotonic() < deadline:
+                sock.sendall(request)
+                answer = read_answers(sock, 1, [False])[0]
+                status = answer.split(b" ", 2)[1]
+                if status != b"200":
+                    break
+                time.sleep(0.1)
+            assert status == b"401", answer
+    finally:
+        if gateway is not None:
+            stop(gateway.process)
+        stop(registry.process)
