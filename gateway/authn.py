@@ -113,6 +113,10 @@ class CredentialCache:
         self._entries.move_to_end(key)
         return entry[0], entry[2]
 
+    def holds(self, key: bytes) -> bool:
+        """Whether an entry is still kept for `key` (not evicted to make room, nor cleared)."""
+        return key in self._entries
+
     def put(self, key: bytes, verified: Verified, generation: int) -> None:
         if self.max_entries <= 0 or self.ttl <= 0:
             return

@@ -213,6 +213,7 @@ class IdentityMemo:
     # A token's: the revocations and keys it was checked against (replaced on every reload).
     revoked: object = None
     verifier: object = None
+    cache_key: bytes | None = None  # a Basic login's entry in the login cache, still to be there
 
 
 MEMO_SECONDS = 1.0
@@ -256,6 +257,7 @@ def allowed_outright(
         and memo.address == view.address
         and memo.generation == snapshot.generation
         and now < memo.until
+        and (memo.cache_key is None or gateway.authenticator.cache.holds(memo.cache_key))
         and (authority is None or (memo.revoked is authority.revoked and memo.verifier is authority.verifier))
     ):
         identity = memo.identity
@@ -269,8 +271,9 @@ def allowed_outright(
         found = _identity(gateway, authorization, view.address, snapshot)
         if found is None:
             return None
-        identity, until = found
+        identity, until, cache_key = found
         if memo is not None and until > now:
+            memo.cache_key = cache_key
             memo.authorization = authorization
             memo.address = view.address
             memo.generation = snapshot.generation
@@ -307,11 +310,11 @@ def _bearer(authorization: str | None) -> str:
 
 def _identity(
     gateway: Gateway, authorization: str | None, address: str, snapshot: Snapshot
-) -> tuple[Identity, float] | None:
+) -> tuple[Identity, float, bytes | None] | None:
     """Who sends `authorization`, from what is verified already (`app._identify` without the
     waiting), and until when (time.monotonic()) a connection may take that as said without a
     change to the users: the login cache entry's or the token's end, the account's expiry (0.0:
-    not to be remembered). None: the full path must tell."""
+    not to be remembered), and a Basic login's login cache key. None: the full path must tell."""
     from gateway.app import Identity, _still_valid
 
     authority = gateway.authority
@@ -333,17 +336,17 @@ def _identity(
             until = time.monotonic() + (claims.expires - time.time())
             if user is not None:
                 until = before_account_ends(snapshot, user, until)
-        return Identity(user, claims.access, labels=labels), until
+        return Identity(user, claims.access, labels=labels), until, None
     credentials = parse_basic_authorization(authorization)
     if isinstance(credentials, Malformed):
         return None
     if credentials is None:
-        return Identity(None), 0.0
+        return Identity(None), 0.0, None
     found = login_if_cached(gateway.authenticator, gateway.lockout, credentials, address, snapshot)
     if found is None:
         return None
-    login, until = found
-    return Identity(login.user, basic=True, labels=login.labels), until
+    login, until, key = found
+    return Identity(login.user, basic=True, labels=login.labels), until, key
 
 
 def render_response(response: web.Response, head_only: bool, extra: list[tuple[str, str]]) -> bytes:
@@ -396,7 +399,7 @@ class FastPathConnection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
         self._head_started = 0.0  # loop time the head under way began (its deadline counts from)
-        self._answered = False  # a request has been answered here
+        self._taken = False  # a head has been taken here (later heads are due from their first byte)
         self._task: asyncio.Task[None] | None = None
         # What aiohttp's Server.connection_lost waits for before it forgets a connection.
         self._task_handler: asyncio.Task[None] | None = None
@@ -496,15 +499,19 @@ class FastPathConnection(asyncio.Protocol):
                 task = self._task
                 if task is not None:
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
+                    try:
                         await task
+                    except asyncio.CancelledError:
+                        current = asyncio.current_task()
+                        if current is not None and current.cancelling():
+                            raise  # shutdown itself is cancelled, not only the request
         if self._transport is not None:
             self._transport.close()
 
     # --- requests ----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if not self._buffer and self._answered:
+        if not self._buffer and self._taken:
             self._head_started = asyncio.get_running_loop().time()  # a later head starts now
         self._buffer += data
         if self._busy:
@@ -549,6 +556,7 @@ class FastPathConnection(asyncio.Protocol):
         if buffer:
             self._head_started = loop.time()  # a pipelined head: due from now, as on the full path
         self._busy = True
+        self._taken = True
         # aiohttp's Server keeps a connection in its list (for shutdown) while this task runs.
         self._task = self._task_handler = loop.create_task(self._serve(parsed, forward))
 
@@ -592,7 +600,7 @@ class FastPathConnection(asyncio.Protocol):
         try:
             await self._proxy(head, forward, record)
         except asyncio.CancelledError:
-            record.decision = "error"
+            record.decision, record.status = "error", 0  # as on the full path: no answer came
             if self._transport is not None:
                 self._transport.abort()
         except Exception:
@@ -601,8 +609,10 @@ class FastPathConnection(asyncio.Protocol):
             if record.status == 0 and self._transport is not None:
                 response = error_response(500, "UNKNOWN", "internal gateway error")
                 self._answer(record, response, head.method == "HEAD")
-            elif self._transport is not None:
-                self._transport.abort()
+            else:
+                record.status = 0  # the answer was under way: cut, as on the full path
+                if self._transport is not None:
+                    self._transport.abort()
         finally:
             metrics.in_flight -= 1
             record.duration_ms = round((time.monotonic() - started) * 1000, 3)
@@ -614,7 +624,6 @@ class FastPathConnection(asyncio.Protocol):
 
     def _finished(self) -> None:
         self._busy = False
-        self._answered = True
         self._task = self._task_handler = None
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
@@ -787,5 +796,5 @@ class FastPathConnection(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.abort()
             return
-        if chunked:
-            self._write(b"0\r\n\r\n")
+        if chunked and not self._write(b"0\r\n\r\n"):
+            record.decision, record.status = "error", 0

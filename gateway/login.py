@@ -66,16 +66,17 @@ async def check_login(
 
 def login_if_cached(
     authenticator: Authenticator, lockout: Lockout, credentials: Credentials, client: str, snapshot: Snapshot
-) -> tuple[LoggedIn, float] | None:
+) -> tuple[LoggedIn, float, bytes] | None:
     """`check_login` without waiting: the login when these exact credentials are in the login
-    cache and pass every check, and until when (time.monotonic()) that holds without a change to
-    the users (the cache entry's end, the account's expiry). None whenever `check_login` is
-    needed to answer (no cached login, or a refusal), which it then does with the same outcome
-    and side effects (a locked pair stays locked; a success forgets the pair's failures, as
-    check_login's own cache hit does); the lookup is not counted: a caller that answers from it
-    counts the hit (the full path counts its own lookup)."""
+    cache and pass every check, until when (time.monotonic()) that holds without a change to
+    the users (the cache entry's end, the account's expiry), and the entry's cache key. None
+    whenever `check_login` is needed to answer (no cached login, or a refusal), which it then
+    does with the same outcome and side effects (a locked pair stays locked; a success forgets
+    the pair's failures, as check_login's own cache hit does). The lookup is not counted: a
+    caller that answers from it counts the hit (the full path counts its own lookup)."""
     cache = authenticator.cache
-    found = cache.peek(cache.key(credentials), snapshot.generation)
+    key = cache.key(credentials)
+    found = cache.peek(key, snapshot.generation)
     if found is None:
         return None
     verified, until = found
@@ -84,7 +85,7 @@ def login_if_cached(
     logged_in = _logged_in(verified, snapshot)
     if not isinstance(logged_in, LoggedIn):
         return None
-    return logged_in, before_account_ends(snapshot, logged_in.user, until)
+    return logged_in, before_account_ends(snapshot, logged_in.user, until), key
 
 
 def before_account_ends(snapshot: Snapshot, user: str, until: float) -> float:

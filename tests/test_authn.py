@@ -215,3 +215,19 @@ async def test_bcrypt_runs_off_the_event_loop(tmp_path: Path) -> None:
         assert ticks >= max(2, int(elapsed / 0.01) // 4)
     finally:
         auth.close()
+
+
+def test_the_login_cache_tells_which_entries_it_still_holds() -> None:
+    from gateway.authn import CredentialCache, Credentials
+    from gateway.identity import Verified
+
+    cache = CredentialCache(max_entries=1, ttl_seconds=60)
+    first, second = cache.key(Credentials("a", "1")), cache.key(Credentials("b", "2"))
+    cache.put(first, Verified("a"), 0)
+    assert cache.holds(first) and cache.peek(first, 0) is not None
+    assert (cache.hits, cache.misses) == (0, 0)  # a peek is counted by whoever uses it
+    cache.put(second, Verified("b"), 0)  # evicts the first: a fast-path memo of it must end
+    assert not cache.holds(first) and cache.holds(second)
+    assert cache.peek(second, 1) is None  # another users generation
+    cache.clear()
+    assert not cache.holds(second)

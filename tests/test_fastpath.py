@@ -537,3 +537,43 @@ def test_a_kept_alive_connection_loses_a_revoked_token(tmp_path: Path) -> None:
         if gateway is not None:
             stop(gateway.process)
         stop(registry.process)
+
+
+def test_a_head_pipelined_during_a_long_answer_is_due_from_its_own_start(tmp_path: Path) -> None:
+    """A head that begins while a long first answer is still going is due header_timeout after its
+    own first byte, not after the connection opened (which has passed by then)."""
+    registry = start_registry(tmp_path)
+    gateway = None
+    try:
+        big = bytes(range(256)) * (128 * 1024)  # 32 MiB
+        digest = push_blob(registry.url.removeprefix("http://"), "public/app", big)
+        gateway = gateway_with_policy(tmp_path, registry, env={"GATEWAY_HEADER_TIMEOUT": "2"})
+        headers = f"Host: x\r\nAuthorization: {auth('reader')}\r\n"
+        send_all(gateway.host, [f"GET /v2/ HTTP/1.1\r\n{headers}\r\n".encode()])  # the login
+        address, port = gateway.host.split(":")
+        with socket.create_connection((address, int(port)), timeout=10) as sock:
+            opened = time.monotonic()
+            sock.sendall(f"GET /v2/public/app/blobs/{digest} HTTP/1.1\r\n{headers}\r\n".encode())
+            second = f"GET /v2/ HTTP/1.1\r\n{headers}\r\n".encode()
+            received = b""
+            sent_start = False
+            while len(received) < len(big):  # read slowly: about three seconds
+                chunk = sock.recv(256 * 1024)
+                assert chunk, "the connection was cut during the answer"
+                received += chunk
+                time.sleep(0.024)
+                if not sent_start and time.monotonic() - opened > 2.5:
+                    sock.sendall(second[:10])  # the next head begins, after header_timeout from opening
+                    sent_start = True
+                if received.find(b"\r\n\r\n") > 0 and len(received) - received.find(b"\r\n\r\n") - 4 >= len(
+                    big
+                ):
+                    break
+            assert sent_start
+            sock.sendall(second[10:])
+            answers = read_answers(sock, 1, [False])
+            assert answers and answers[0].startswith(b"HTTP/1.1 200"), answers
+    finally:
+        if gateway is not None:
+            stop(gateway.process)
+        stop(registry.process)
