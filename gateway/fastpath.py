@@ -83,12 +83,14 @@ def _printable(value: bytes) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ParsedHead:
-    """A request head the fast path may take: method, target, raw header pairs, str headers."""
+    """A request head the fast path may take: method, target, raw header pairs, str headers, and
+    whether the client keeps the connection."""
 
     method: str
     target: str
     raw_headers: tuple[tuple[bytes, bytes], ...]
     headers: CIMultiDict[str]
+    keep_alive: bool = True  # False: `Connection: close` (skopeo and podman send it every time)
 
 
 class _HeadCollector:
@@ -156,7 +158,6 @@ def parse_head(head: bytes, max_line: int, max_field: int) -> ParsedHead | None:
     if (
         method not in _METHODS
         or collector.upgrade
-        or not collector.keep_alive
         or not head.startswith(b"%s %s HTTP/1.1\r\n" % (method, url))  # the one spelling
         or not url.startswith(b"/")
         or len(url) > max_line
@@ -181,7 +182,9 @@ def parse_head(head: bytes, max_line: int, max_field: int) -> ParsedHead | None:
         headers.add(name.decode("ascii"), value.decode("ascii"))
     if b"host" not in seen:
         return None
-    return ParsedHead(method.decode("ascii"), url.decode("ascii"), tuple(collector.headers), headers)
+    return ParsedHead(
+        method.decode("ascii"), url.decode("ascii"), tuple(collector.headers), headers, collector.keep_alive
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,6 +560,8 @@ class FastPathConnection(asyncio.Protocol):
             self._head_started = loop.time()  # a pipelined head: due from now, as on the full path
         self._busy = True
         self._taken = True
+        if not parsed.keep_alive:
+            self._closing = True  # answered with `Connection: close`, then closed, as aiohttp does
         # aiohttp's Server keeps a connection in its list (for shutdown) while this task runs.
         self._task = self._task_handler = loop.create_task(self._serve(parsed, forward))
 

@@ -45,7 +45,7 @@ PLAIN = b"GET /v2/a/manifests/1 HTTP/1.1\r\nHost: h:5000\r\nAuthorization: Basic
         (PLAIN.replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n"), False),
         (PLAIN.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"), False),
         (PLAIN.replace(b"\r\n\r\n", b"\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"), False),
-        (PLAIN.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"), False),
+        (PLAIN.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"), True),
         (PLAIN.replace(b"\r\n\r\n", b"\r\nTE: trailers\r\n\r\n"), False),
         # names aiohttp's parser refuses twice, or at all; blanks llhttp keeps and aiohttp strips
         (PLAIN.replace(b"\r\n\r\n", b"\r\nETag: x\r\nETag: y\r\n\r\n"), False),
@@ -98,6 +98,9 @@ def test_a_taken_head_keeps_the_bytes_sent() -> None:
         (b"Accept", b"c/d"),
     )
     assert parsed.headers.getall("accept") == ["a/b", "c/d"]
+    assert parsed.keep_alive
+    closing = parse_head(PLAIN.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"), 16384, 16384)
+    assert closing is not None and not closing.keep_alive
 
 
 # --- side by side with the full path, against the real registry ---------------------------------
@@ -299,6 +302,8 @@ def test_the_fast_path_answers_as_the_full_path_does(pair: Pair) -> None:
         get("GET", "/v2/_catalog"),  # filtered by the ACL
         get("GET", "/v2/public/app/nonsense"),
         get("GET", "/v2/public/app/manifests/1", extra="User-Agent: containerd/1.7\r\n" + accept),
+        # as skopeo and podman send every request: answered, then the connection closed (so last)
+        get("HEAD", f"/v2/public/app/blobs/{pair.blob}", extra="Connection: close\r\n"),
     ]
     # One connection per request, and all on one kept-alive connection.
     fast_each = [send_all(pair.fast.host, [request])[0] for request in requests]
@@ -308,6 +313,7 @@ def test_the_fast_path_answers_as_the_full_path_does(pair: Pair) -> None:
     for index, request in enumerate(requests):
         for fast, full in ((fast_each[index], full_each[index]), (fast_kept[index], full_kept[index])):
             assert normalised(fast) == normalised(full), request
+    assert b"\r\nConnection: close\r\n" in fast_kept[-1] and b"\r\nConnection: close\r\n" in fast_each[-1]
     statuses = [int(answer.split(b" ", 2)[1]) for answer in fast_kept]
     assert statuses[:6] == [200, 200, 200, 200, 200, 200], statuses
     assert statuses[6:8] == [404, 404] and statuses[11] == 206 and statuses[13] == 416
@@ -577,3 +583,25 @@ def test_a_head_pipelined_during_a_long_answer_is_due_from_its_own_start(tmp_pat
         if gateway is not None:
             stop(gateway.process)
         stop(registry.process)
+
+
+def test_skopeo_pulls_on_the_fast_path(pair: Pair, tmp_path: Path) -> None:
+    """skopeo (containers/image) sends `Connection: close` with every request: those requests are
+    served on the fast path too, and the image arrives whole."""
+    from gateway.sample_image import write_image
+    from tests.conftest import skopeo_copy, write_authfile
+
+    image = tmp_path / "image"
+    write_image(image, "1", layers=3, layer_bytes=200_000)
+    admin = write_authfile(tmp_path / "admin.json", pair.fast.host, ("admin", "admin-secret-pw"))
+    pushed = skopeo_copy(f"oci:{image}:1", f"docker://{pair.fast.host}/admin/app:1", admin)
+    assert pushed.returncode == 0, pushed.stderr
+    before = fast_path_counts(pair.fast_metrics)
+    reader = write_authfile(tmp_path / "reader.json", pair.fast.host, ("reader", "reader-secret-pw"))
+    pulled = skopeo_copy(f"docker://{pair.fast.host}/admin/app:1", f"oci:{tmp_path / 'pulled'}:1", reader)
+    assert pulled.returncode == 0, pulled.stderr
+    served = fast_path_counts(pair.fast_metrics)["served"] - before["served"]
+    # The manifest and the three layers and config at least (the first login is the full path's).
+    assert served >= 4, served
+    source = {p.name for p in (image / "blobs" / "sha256").iterdir()}
+    assert source <= {p.name for p in (tmp_path / "pulled" / "blobs" / "sha256").iterdir()}
