@@ -429,6 +429,24 @@ class FastPathConnection(asyncio.Protocol):
         else:
             self._idle()  # no head deadline: closed when idle for keepalive_timeout, as aiohttp does
 
+    def resume(self, transport: asyncio.Transport, data: bytes, head_started: float) -> None:
+        """Take a connection back from the full path (gateway.server) between requests, with the
+        first bytes of the next one (if any came; due from `head_started`, loop time); the
+        connection is counted already."""
+        self._counted = True
+        self._transport = transport
+        self._manager.connection_made(self, transport)  # type: ignore[arg-type]
+        peer = transport.get_extra_info("peername")
+        self._remote = peer[0] if isinstance(peer, tuple) and peer else ""
+        self._scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
+        self._taken = True
+        self._head_started = head_started
+        self._gateway.metrics.fast_taken_back += 1
+        if data:
+            self.data_received(data)
+        else:
+            self._idle()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self._counted:
             return

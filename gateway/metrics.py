@@ -58,11 +58,12 @@ class _StateCollector(Collector):
         yield reloads
         fast = CounterMetricFamily(
             "registry_gateway_fast_path",
-            "Requests served on the fast path, and connections it handed to the full path",
+            "Requests served on the fast path; connections it handed to the full path, and took back",
             labels=["outcome"],
         )
         fast.add_metric(["served"], self.metrics.fast_served)
         fast.add_metric(["handed_off"], self.metrics.fast_handed_off)
+        fast.add_metric(["taken_back"], self.metrics.fast_taken_back)
         yield fast
 
 
@@ -98,6 +99,7 @@ class Metrics:
         self.in_flight = 0
         self.fast_served = 0  # plain counts too, read at scrape time (gateway.fastpath)
         self.fast_handed_off = 0
+        self.fast_taken_back = 0
         # The directory's last problem (None: fine), when logins go to one.
         self.directory_state: Callable[[], str | None] | None = None
         self.registry.register(_StateCollector(cache, store, self))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
@@ -86,8 +87,17 @@ def _head_too_large_response() -> bytes:
     return head.encode() + body
 
 
+_WAITER_SLOT: Any = RequestHandler.__dict__["_waiter"]
+
+
 class _RegistryErrorRequestHandler(RequestHandler):
     def __init__(self, manager: web.Server, *, limits: ConnectionLimits, **kwargs: Any) -> None:
+        # With the fast path: where the connection goes back to between requests (set first:
+        # aiohttp's __init__ already sets `_waiter`), and the first bytes of the next request
+        # that came before the last one was finished.
+        self._hand_back: Callable[[asyncio.Transport, bytes, float], None] | None = None
+        self._stash = b""
+        self._stash_started = 0.0
         super().__init__(manager, **kwargs)
         self._limits = limits
         self._head_deadline: asyncio.TimerHandle | None = None
@@ -105,6 +115,46 @@ class _RegistryErrorRequestHandler(RequestHandler):
         super().connection_made(transport)
         # The first head is due from the moment the connection opens (slowloris).
         self._arm_head_deadline()
+
+    def _between_requests(self) -> bool:
+        """Idle between two requests: the last one answered and its body read, nothing of the
+        next one parsed, the request loop waiting for it, the connection not closing."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and self._done_with_requests()
+
+    def _done_with_requests(self) -> bool:
+        """Every request parsed so far has its body read and is being, or has been, answered;
+        nothing of a next one is parsed; the connection is not closing."""
+        return (
+            not self._messages
+            and self._head_bytes == 0
+            and (self._last_payload is None or self._last_payload.is_eof())
+            and self._payload_parser is None
+            and not self._upgraded
+            and not (self._close or self._force_close or self._draining or self._buffer_paused)
+            and self.transport is not None
+        )
+
+    def _give_back(self, data: bytes, hand_back: Callable[[asyncio.Transport, bytes, float], None]) -> None:
+        """The next request begins: the connection goes back to the fast path with its first bytes
+        (a first login or a challenge must not keep a connection off the fast path for good)."""
+        transport = cast(asyncio.Transport, self.transport)
+        self._head_done()
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        self._counted = False  # the fast path counts the connection from now on
+        # The request loop waits for a message that will not come: it ends, and so that it does
+        # not close the transport on its way out, this handler lets go of it first.
+        self._force_close = True
+        self.transport = None
+        if self._waiter is not None:
+            self._waiter.cancel()
+        if self._manager is not None:
+            self._manager.connection_lost(self, None)
+        # The head under way is due from its first byte.
+        started = self._stash_started if data else asyncio.get_running_loop().time()
+        hand_back(transport, data, started)
 
     def adopt(self, transport: asyncio.Transport, data: bytes, head_deadline: float | None) -> None:
         """Take over a connection from the fast path (gateway.fastpath), with the bytes it read and
@@ -140,7 +190,40 @@ class _RegistryErrorRequestHandler(RequestHandler):
         self._draining = True
         await super().shutdown(timeout)
 
+    # aiohttp's request loop sets `_waiter` when it starts waiting for the next request: the
+    # moment a connection handed over by the fast path can go back to it.
+    @property
+    def _waiter(self) -> asyncio.Future[None] | None:
+        return cast("asyncio.Future[None] | None", _WAITER_SLOT.__get__(self))
+
+    @_waiter.setter
+    def _waiter(self, waiter: asyncio.Future[None] | None) -> None:
+        _WAITER_SLOT.__set__(self, waiter)
+        if waiter is not None and self._hand_back is not None:
+            waiter.get_loop().call_soon(self._maybe_give_back)
+
+    def _maybe_give_back(self) -> None:
+        if self._hand_back is not None and self._between_requests():
+            stash, self._stash = self._stash, b""
+            self._give_back(stash, self._hand_back)
+
     def data_received(self, data: bytes) -> None:
+        if self._hand_back is not None and data and self._request_count and self._done_with_requests():
+            # The next request begins while the last one is still being finished (the client
+            # read its answer before aiohttp's request loop came back round): kept aside, and
+            # given back with the connection once the loop waits, unless it grows too large for a
+            # head, when the full path takes it after all.
+            if not self._stash:
+                self._stash_started = asyncio.get_running_loop().time()
+            self._stash += data
+            if self._between_requests():
+                self._maybe_give_back()
+                return
+            if len(self._stash) <= self._limits.max_head_size:
+                return
+            data, self._stash = self._stash, b""
+        elif self._stash:
+            data, self._stash = self._stash + data, b""
         body_in_flight = self._last_payload is not None and not self._last_payload.is_eof()
         if self._draining and body_in_flight and self.transport is not None:
             # On shutdown aiohttp marks every connection closing and from then on drops every byte
@@ -260,7 +343,15 @@ class _Server(web.Server):
         return _RegistryErrorRequestHandler(self, limits=self.limits, loop=self._loop, **self._kwargs)
 
     def _hand_off(self, transport: asyncio.Transport, data: bytes, head_deadline: float | None) -> None:
-        self._handler().adopt(transport, data, head_deadline)
+        handler = self._handler()
+        handler._hand_back = self._take_back
+        handler.adopt(transport, data, head_deadline)
+
+    def _take_back(self, transport: asyncio.Transport, data: bytes, head_started: float) -> None:
+        assert self.gateway is not None
+        connection = FastPathConnection(self.gateway, self.limits, self, self._hand_off)
+        transport.set_protocol(connection)
+        connection.resume(transport, data, head_started)
 
 
 class GatewayRunner(web.AppRunner):

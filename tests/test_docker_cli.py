@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import USERS, Gateway, Registry, start_gateway, start_registry, stop
+from tests.conftest import USERS, Gateway, Registry, free_port, start_gateway, start_registry, stop
 from tests.dockerd import Docker, dockerd
+from tests.test_fastpath import fast_path_counts
 
 __all__ = ["dockerd"]  # the session fixture, used by name below
 
@@ -34,6 +35,7 @@ class Stack:
     registry: Registry
     gateway: Gateway
     config: Path  # this test's DOCKER_CONFIG
+    metrics: str  # the gateway's /metrics URL
 
     def docker_cli(self, *args: str, stdin: str | None = None) -> tuple[int, str]:
         return self.docker.cli(self.config, *args, stdin=stdin)
@@ -63,8 +65,13 @@ def _stack(tmp_path: Path, docker: Docker, *flags: str) -> Iterator[Stack]:
 
         for user, password in USERS.items():
             htpasswd_add(users, user, password)
-        gateway = start_gateway(tmp_path, registry.url, users, *flags)
-        yield Stack(docker, registry, gateway, tmp_path / "docker-config")
+        metrics_port = free_port()
+        gateway = start_gateway(
+            tmp_path, registry.url, users, "--metrics-listen", f"127.0.0.1:{metrics_port}", *flags
+        )
+        yield Stack(
+            docker, registry, gateway, tmp_path / "docker-config", f"http://127.0.0.1:{metrics_port}/metrics"
+        )
     finally:
         if gateway is not None:
             stop(gateway.process)
@@ -110,8 +117,13 @@ def test_default_policy_login_push_pull_denied_logout(default_stack: Stack) -> N
     stack.forget(image)
     assert stack.docker_cli("logout", stack.gateway.host)[0] == 0
     assert stack.login("alice")[0] == 0
+    before = fast_path_counts(stack.metrics)
     status, output = stack.docker_cli("pull", image)
     assert status == 0 and digest.group(1) in output, output
+    # docker keeps its connections: after the challenge and the login (the full path's), its
+    # connection comes back to the fast path, which serves the manifest and the layers.
+    after = fast_path_counts(stack.metrics)
+    assert after["served"] - before["served"] >= 4, (before, after)
     other = stack.image("library/other")
     status, output = stack.docker_cli("push", other)
     assert status != 0 and "denied: requested access to the resource is denied" in output

@@ -330,7 +330,7 @@ def test_the_fast_path_answers_as_the_full_path_does(pair: Pair) -> None:
     assert cache_counts(pair.fast_metrics) == cache_counts(pair.full_metrics)
     fast_counts = fast_path_counts(pair.fast_metrics)
     full_counts = fast_path_counts(pair.full_metrics)
-    assert full_counts == {"served": 0, "handed_off": 0}
+    assert full_counts == {"served": 0, "handed_off": 0, "taken_back": 0}
     # Every allowed GET/HEAD but the first login, on the kept-alive connection, was served on the
     # fast path until the first request it does not take; on single connections, all of them.
     assert fast_counts["served"] >= 16, fast_counts
@@ -605,3 +605,28 @@ def test_skopeo_pulls_on_the_fast_path(pair: Pair, tmp_path: Path) -> None:
     assert served >= 4, served
     source = {p.name for p in (image / "blobs" / "sha256").iterdir()}
     assert source <= {p.name for p in (tmp_path / "pulled" / "blobs" / "sha256").iterdir()}
+
+
+def test_a_connection_comes_back_to_the_fast_path_after_the_full_path(pair: Pair) -> None:
+    """As docker does on one connection: a challenge, a first login (bcrypt, on the full path),
+    then pulls, which the fast path takes back; an upload goes to the full path and back again."""
+    admin = f"Authorization: {auth('admin')}\r\n"
+    requests = [
+        b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n",  # anonymous: challenged
+        f"GET /v2/ HTTP/1.1\r\nHost: x\r\n{admin}\r\n".encode(),  # the first login
+        f"GET /v2/public/app/manifests/1 HTTP/1.1\r\nHost: x\r\n{admin}Accept: {OCI_MANIFEST}\r\n\r\n".encode(),
+        f"HEAD /v2/public/app/blobs/{pair.blob} HTTP/1.1\r\nHost: x\r\n{admin}\r\n".encode(),
+        f"POST /v2/admin/up/blobs/uploads/ HTTP/1.1\r\nHost: x\r\n{admin}Content-Length: 0\r\n\r\n".encode(),
+        f"GET /v2/public/app/manifests/1 HTTP/1.1\r\nHost: x\r\n{admin}Accept: {OCI_MANIFEST}\r\n\r\n".encode(),
+    ]
+    before = fast_path_counts(pair.fast_metrics)
+    fast = send_all(pair.fast.host, requests)
+    after = fast_path_counts(pair.fast_metrics)
+    full = send_all(pair.full.host, requests)
+    assert [answer.split(b" ", 2)[1] for answer in fast] == [b"401", b"200", b"200", b"200", b"202", b"200"]
+    for index, (one, other) in enumerate(zip(fast, full, strict=True)):
+        if index != 4:  # the upload's Location names an upload of its own
+            assert normalised(one) == normalised(other), requests[index]
+    changes = {key: after[key] - before[key] for key in after}
+    # Handed over for the challenge, the login and the upload; taken back after each.
+    assert changes == {"served": 3, "handed_off": 3, "taken_back": 3}, changes
