@@ -378,7 +378,7 @@ class FastPathConnection(asyncio.Protocol):
         gateway: Gateway,
         limits: ConnectionLimits,
         manager: web.Server,
-        hand_off: Callable[[asyncio.Transport, bytes, float | None], None],
+        hand_off: Callable[[asyncio.Transport, bytes, float | None, bool], None],
     ) -> None:
         self._gateway = gateway
         self._limits = limits
@@ -440,10 +440,11 @@ class FastPathConnection(asyncio.Protocol):
         self._remote = peer[0] if isinstance(peer, tuple) and peer else ""
         self._scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
         self._taken = True
-        self._head_started = head_started
+        self._head_started = head_started  # not reset by data_received: the bytes go in directly
         self._gateway.metrics.fast_taken_back += 1
         if data:
-            self.data_received(data)
+            self._buffer += data
+            self._next()
         else:
             self._idle()
 
@@ -603,7 +604,7 @@ class FastPathConnection(asyncio.Protocol):
         self._manager.connection_lost(self, None)  # type: ignore[arg-type]
         if self._reading_paused:
             transport.resume_reading()
-        self._hand_off_to(transport, data, deadline)
+        self._hand_off_to(transport, data, deadline, self._write_paused)
 
     async def _serve(self, head: ParsedHead, forward: Forward) -> None:
         gateway = self._gateway

@@ -98,6 +98,7 @@ class _RegistryErrorRequestHandler(RequestHandler):
         self._hand_back: Callable[[asyncio.Transport, bytes, float], None] | None = None
         self._stash = b""
         self._stash_started = 0.0
+        self._clean_handover = False  # adopted with exactly one whole body-less request
         super().__init__(manager, **kwargs)
         self._limits = limits
         self._head_deadline: asyncio.TimerHandle | None = None
@@ -123,10 +124,17 @@ class _RegistryErrorRequestHandler(RequestHandler):
         return waiter is not None and not waiter.done() and self._done_with_requests()
 
     def _done_with_requests(self) -> bool:
-        """Every request parsed so far has its body read and is being, or has been, answered;
-        nothing of a next one is parsed; the connection is not closing."""
+        """This handler was given one whole body-less request and nothing else (so aiohttp's
+        parser holds no byte of a next one), it is being or has been answered, and the
+        connection is neither closing nor paused for writing. After a request with a body, the
+        parser may hold the start of the next head where we cannot see it: such connections stay
+        on the full path."""
         return (
-            not self._messages
+            self._clean_handover
+            and self._request_count == 1
+            and isinstance(self._last_payload, EmptyStreamReader)
+            and not self._paused
+            and not self._messages
             and self._head_bytes == 0
             and (self._last_payload is None or self._last_payload.is_eof())
             and self._payload_parser is None
@@ -156,17 +164,29 @@ class _RegistryErrorRequestHandler(RequestHandler):
         started = self._stash_started if data else asyncio.get_running_loop().time()
         hand_back(transport, data, started)
 
-    def adopt(self, transport: asyncio.Transport, data: bytes, head_deadline: float | None) -> None:
+    def adopt(
+        self, transport: asyncio.Transport, data: bytes, head_deadline: float | None, write_paused: bool
+    ) -> None:
         """Take over a connection from the fast path (gateway.fastpath), with the bytes it read and
         did not answer; the connection is already counted, and the head under way keeps the
         deadline it had (loop time; None: no header_timeout)."""
         self._counted = True
         transport.set_protocol(self)
         super().connection_made(transport)
+        if write_paused:
+            # The transport will not call pause_writing again before resume_writing.
+            self._paused = True
         if head_deadline is not None:
             self._head_deadline = asyncio.get_running_loop().call_at(head_deadline, self._head_timed_out)
         if data:
             self.data_received(data)
+        self._clean_handover = (
+            self._request_count == 1
+            and self._head_bytes == 0
+            and isinstance(self._last_payload, EmptyStreamReader)
+            and data.endswith(b"\r\n\r\n")
+            and data.count(b"\r\n\r\n") == 1
+        )
 
     def _arm_head_deadline(self) -> None:
         if self._limits.header_timeout and self._head_deadline is None:
@@ -202,6 +222,12 @@ class _RegistryErrorRequestHandler(RequestHandler):
         if waiter is not None and self._hand_back is not None:
             waiter.get_loop().call_soon(self._maybe_give_back)
 
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        waiter = self._waiter
+        if self._hand_back is not None and waiter is not None and not waiter.done():
+            waiter.get_loop().call_soon(self._maybe_give_back)  # held back while paused
+
     def _maybe_give_back(self) -> None:
         if self._hand_back is not None and self._between_requests():
             stash, self._stash = self._stash, b""
@@ -222,6 +248,11 @@ class _RegistryErrorRequestHandler(RequestHandler):
             if len(self._stash) <= self._limits.max_head_size:
                 return
             data, self._stash = self._stash, b""
+            if self._limits.header_timeout and self._head_deadline is None:
+                # Due from its first byte, not from now.
+                self._head_deadline = asyncio.get_running_loop().call_at(
+                    self._stash_started + self._limits.header_timeout, self._head_timed_out
+                )
         elif self._stash:
             data, self._stash = self._stash + data, b""
         body_in_flight = self._last_payload is not None and not self._last_payload.is_eof()
@@ -342,10 +373,12 @@ class _Server(web.Server):
     def _handler(self) -> _RegistryErrorRequestHandler:
         return _RegistryErrorRequestHandler(self, limits=self.limits, loop=self._loop, **self._kwargs)
 
-    def _hand_off(self, transport: asyncio.Transport, data: bytes, head_deadline: float | None) -> None:
+    def _hand_off(
+        self, transport: asyncio.Transport, data: bytes, head_deadline: float | None, write_paused: bool
+    ) -> None:
         handler = self._handler()
         handler._hand_back = self._take_back
-        handler.adopt(transport, data, head_deadline)
+        handler.adopt(transport, data, head_deadline, write_paused)
 
     def _take_back(self, transport: asyncio.Transport, data: bytes, head_started: float) -> None:
         assert self.gateway is not None
