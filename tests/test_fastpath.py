@@ -167,6 +167,13 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
         stop(registry.process)
 
 
+def metered_gateway(tmp_path: Path, registry: Registry, env: dict[str, str]) -> tuple[Gateway, str]:
+    """A gateway with the test policy and a metrics listener; and its /metrics URL."""
+    port = free_port()
+    gateway = gateway_with_policy(tmp_path, registry, "--metrics-listen", f"127.0.0.1:{port}", env=env)
+    return gateway, f"http://127.0.0.1:{port}/metrics"
+
+
 def fast_path_counts(metrics_url: str) -> dict[str, float]:
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
@@ -297,7 +304,7 @@ def test_the_fast_path_answers_as_the_full_path_does(pair: Pair) -> None:
         get("GET", "/v2/public/app/tags/list?n=1"),
         get("GET", "/v2/public/app/manifests/1", user=None, extra=accept),  # anonymous, allowed by the ACL
         get("GET", "/v2/secret/hidden/manifests/1", user="alice", extra=accept),  # a challenge or 403
-        get("GET", "/v2/alice/x/manifests/1", extra=accept),  # reader: denied
+        get("GET", "/v2/alice/x/manifests/1", extra=accept),  # reader pulls anywhere: 404
         get("GET", "/v2/secret/hidden/manifests/1", user=None, extra=accept),  # anonymous: challenged
         get("GET", "/v2/_catalog"),  # filtered by the ACL
         get("GET", "/v2/public/app/nonsense"),
@@ -318,6 +325,11 @@ def test_the_fast_path_answers_as_the_full_path_does(pair: Pair) -> None:
     assert statuses[:6] == [200, 200, 200, 200, 200, 200], statuses
     assert statuses[6:8] == [404, 404] and statuses[11] == 206 and statuses[13] == 416
     assert statuses[14] == 404
+    # Refusals are the full path's, the same on both: anonymous allowed by the ACL on public/*,
+    # alice outside her repositories denied, the reader (pull everywhere) told there is no such
+    # manifest, anonymous on a hidden repository challenged.
+    assert statuses[18:22] == [200, 403, 404, 401], statuses
+    assert b"WWW-Authenticate: Basic" in fast_kept[21] or b"Www-Authenticate: Basic" in fast_kept[21]
     assert fast_kept[10].endswith(pair.blob_data)
 
     # Each gateway's start-up probe (an anonymous GET /v2/), then every request twice.
@@ -441,14 +453,7 @@ def test_fast_path_connections_close_when_idle_and_only_then(tmp_path: Path) -> 
     gateway = None
     try:
         push_image(registry.url.removeprefix("http://"), "public/app", "1")
-        metrics_port = free_port()
-        gateway = gateway_with_policy(
-            tmp_path,
-            registry,
-            "--metrics-listen",
-            f"127.0.0.1:{metrics_port}",
-            env={"GATEWAY_KEEPALIVE_TIMEOUT": "1"},
-        )
+        gateway, metrics = metered_gateway(tmp_path, registry, {"GATEWAY_KEEPALIVE_TIMEOUT": "1"})
         request = f"GET /v2/public/app/manifests/1 HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('reader')}\r\nAccept: {OCI_MANIFEST}\r\n\r\n".encode()
         send_all(gateway.host, [request])  # the login, checked by the full path
         address, port = gateway.host.split(":")
@@ -464,7 +469,7 @@ def test_fast_path_connections_close_when_idle_and_only_then(tmp_path: Path) -> 
             sock.settimeout(10)
             assert sock.recv(1) == b""
             assert time.monotonic() - idle_from < 5
-        assert fast_path_counts(f"http://127.0.0.1:{metrics_port}/metrics")["served"] >= 5
+        assert fast_path_counts(metrics)["served"] >= 5
     finally:
         if gateway is not None:
             stop(gateway.process)
@@ -514,13 +519,8 @@ def test_a_kept_alive_connection_loses_a_revoked_token(tmp_path: Path) -> None:
     try:
         push_image(registry.url.removeprefix("http://"), "public/app", "1")
         revoked = tmp_path / "revoked"
-        metrics_port = free_port()
-        gateway = gateway_with_policy(
-            tmp_path,
-            registry,
-            "--metrics-listen",
-            f"127.0.0.1:{metrics_port}",
-            env={"GATEWAY_CHALLENGE": "bearer", "GATEWAY_TOKEN_REVOCATIONS": str(revoked)},
+        gateway, metrics = metered_gateway(
+            tmp_path, registry, {"GATEWAY_CHALLENGE": "bearer", "GATEWAY_TOKEN_REVOCATIONS": str(revoked)}
         )
         token_request = urllib.request.Request(
             f"{gateway.url}/token?service=registry-gateway&scope=repository:public/app:pull",
@@ -534,7 +534,7 @@ def test_a_kept_alive_connection_loses_a_revoked_token(tmp_path: Path) -> None:
             for _ in range(3):
                 sock.sendall(request)
                 assert read_answers(sock, 1, [False])[0].startswith(b"HTTP/1.1 200")
-            assert fast_path_counts(f"http://127.0.0.1:{metrics_port}/metrics")["served"] >= 3
+            assert fast_path_counts(metrics)["served"] >= 3
             time.sleep(1.1)  # the token's issue time must be before the revocation's
             revocations.revoke(revoked, "reader")
             answer = first_refusal(sock, request)
