@@ -384,6 +384,9 @@ class FastPathConnection(asyncio.Protocol):
         self._limits = limits
         self._manager = manager
         self._hand_off_to = hand_off
+        # Made in the loop (a protocol factory); kept because asyncio.get_running_loop() is a
+        # getpid() system call on every use in CPython 3.11 (several per request otherwise).
+        self._loop = asyncio.get_running_loop()
         settings = gateway.settings
         self._max_line = settings.max_header_size
         self._max_head = limits.max_head_size
@@ -422,7 +425,7 @@ class FastPathConnection(asyncio.Protocol):
         self._remote = peer[0] if isinstance(peer, tuple) and peer else ""
         self._scheme = "https" if transport.get_extra_info("sslcontext") is not None else "http"
         # The first head is due from the moment the connection opens (slowloris).
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._head_started = loop.time()
         if limits.header_timeout:
             self._head_timer = loop.call_later(limits.header_timeout, self._head_timed_out)
@@ -480,7 +483,7 @@ class FastPathConnection(asyncio.Protocol):
     def _idle(self) -> None:
         """Idle from now on: closed after keepalive_timeout unless a request comes. One timer for
         many requests (not one per request), checked when it fires and re-armed for what is left."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._idle_since = loop.time()
         if self._idle_timer is None:
             self._idle_timer = loop.call_at(self._idle_since + self._keepalive, self._idle_check)
@@ -489,7 +492,7 @@ class FastPathConnection(asyncio.Protocol):
         self._idle_timer = None
         if self._transport is None or self._busy:
             return  # re-armed when the request in flight is answered
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         deadline = self._idle_since + self._keepalive
         if loop.time() >= deadline:
             self._transport.close()
@@ -513,7 +516,7 @@ class FastPathConnection(asyncio.Protocol):
     async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 (aiohttp's signature)
         self._closing = True
         if self._busy and self._done is None:
-            self._done = asyncio.get_running_loop().create_future()
+            self._done = self._loop.create_future()
         if self._busy and self._done is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._done), timeout)
@@ -534,7 +537,7 @@ class FastPathConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._buffer and self._taken:
-            self._head_started = asyncio.get_running_loop().time()  # a later head starts now
+            self._head_started = self._loop.time()  # a later head starts now
         self._buffer += data
         if self._busy:
             # Pipelined: the next head waits for this answer; a flood of it stops reading.
@@ -574,7 +577,7 @@ class FastPathConnection(asyncio.Protocol):
             self._hand_off()
             return
         del buffer[: end + 4]
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if buffer:
             self._head_started = loop.time()  # a pipelined head: due from now, as on the full path
         self._busy = True
@@ -801,7 +804,7 @@ class FastPathConnection(asyncio.Protocol):
                 if self._write_paused:
                     # A client that stops reading would hold a registry connection for as long as
                     # it likes: each chunk must be taken within body_timeout.
-                    self._drained = asyncio.get_running_loop().create_future()
+                    self._drained = self._loop.create_future()
                     try:
                         await asyncio.wait_for(self._drained, body_timeout)
                     except TimeoutError:

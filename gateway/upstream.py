@@ -53,6 +53,8 @@ class _Connection(asyncio.Protocol):
     """One connection to the registry, carrying one exchange at a time."""
 
     def __init__(self) -> None:
+        # Made in the loop (create_connection's factory); kept: get_running_loop() is a getpid().
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -210,7 +212,7 @@ class _Connection(asyncio.Protocol):
         """Until the registry sends something (or fails); at most `quiet_limit` seconds."""
         if self._error is not None:
             raise self._error
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         waiter = loop.create_future()
         self._waiter = waiter
         # Not a timer per wait (this runs for every response, often twice): one timer per
@@ -233,7 +235,7 @@ class _Connection(asyncio.Protocol):
         quiet_limit = self._quiet_limit
         if self._waiter is None or quiet_limit is None or self.closed:
             return  # no wait with a limit in progress: the next one arms the timer again
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         deadline = self._wait_started + quiet_limit
         if loop.time() >= deadline:
             self._fail(UpstreamTimeout(f"the registry sent nothing for {quiet_limit:g} s"))
@@ -253,7 +255,7 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             raise UpstreamError("the registry closed the connection")
         if self._write_paused:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiter = self._loop.create_future()
             try:
                 async with asyncio.timeout(quiet_limit):
                     await self._drain_waiter
