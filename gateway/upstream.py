@@ -127,17 +127,22 @@ class _Connection(asyncio.Protocol):
         try:
             if self._head_only and not self.head_complete:
                 # llhttp cannot be told that a response answers HEAD (it would wait for the body
-                # its Content-Length announces): give it the head alone.
+                # its Content-Length announces): give it the head alone. Heads before it that were
+                # interim answers (1xx) are skipped, as they come.
                 buffered = self._head_buffer + data
-                end = buffered.find(_HEAD_END)
-                if end < 0:
-                    self._head_buffer = buffered
-                    if len(buffered) > 1024 * 1024:
-                        raise UpstreamError("the registry's response head is too large")
-                    return
+                while True:
+                    end = buffered.find(_HEAD_END)
+                    if end < 0:
+                        self._head_buffer = buffered
+                        if len(buffered) > 1024 * 1024:
+                            raise UpstreamError("the registry's response head is too large")
+                        return
+                    parser.feed_data(buffered[: end + 4])
+                    buffered = buffered[end + 4 :]
+                    if self.head_complete:
+                        break
                 self._head_buffer = b""
-                parser.feed_data(buffered[: end + 4])
-                if end + 4 != len(buffered):
+                if buffered:
                     self.reusable = False  # more than the head answered a HEAD
             else:
                 parser.feed_data(data)
@@ -147,6 +152,12 @@ class _Connection(asyncio.Protocol):
             self._fail(exc if isinstance(exc, UpstreamError) else UpstreamError(f"bad response: {exc}"))
 
     # --- httptools callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # More bytes after the whole answer, in the same read: neither this answer's body nor
+            # the next one's (nothing was asked); the connection is dropped (data_received).
+            raise UpstreamError("the registry sent more than its answer")
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason

@@ -1,0 +1,265 @@
+"""The registry client (gateway/upstream.py) against a scripted registry on a raw socket.
+
+Distribution never sends most of this (interim answers, bodies delimited by the end of the
+connection, bytes after a complete answer), so the real registry cannot prove how the client
+takes them; a socket that writes exactly the bytes under test can. What goes to the client after
+these answers is covered through the gateway against the real registry elsewhere (test_proxy,
+test_fastpath); here the question is what the client makes of a registry's bytes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from yarl import URL
+
+from gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+
+# One answer per request, each a sequence of writes (a pause between them puts them in separate
+# reads on our side), and whether the registry closes the connection after it.
+Writes = Sequence[bytes]
+
+
+@dataclass
+class Answer:
+    writes: Writes
+    close_after: bool = False
+
+
+@dataclass
+class ScriptedRegistry:
+    """Answers the n-th request it reads (over all connections) with answers[n]."""
+
+    answers: list[Answer]
+    requests: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    server: asyncio.Server | None = None
+    _handlers: set[asyncio.Task[None]] = field(default_factory=set)
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def start(self) -> URL:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return URL(f"http://127.0.0.1:{port}")
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        for writer in self._writers:
+            writer.close()  # the handlers see the end of their connection and return
+        await asyncio.gather(*self._handlers)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self._writers.add(writer)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                self.requests.append(head)
+                length = _content_length(head)
+                if length:
+                    await reader.readexactly(length)
+                answer = self.answers[len(self.requests) - 1]
+                for i, piece in enumerate(answer.writes):
+                    if i:
+                        await asyncio.sleep(0.05)
+                    writer.write(piece)
+                    await writer.drain()
+                if answer.close_after:
+                    return
+        finally:
+            writer.close()
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def _head(method: str, length: int | None = None) -> bytes:
+    extra = f"Content-Length: {length}\r\n" if length is not None else ""
+    return f"{method} /v2/ HTTP/1.1\r\nHost: registry\r\n{extra}\r\n".encode()
+
+
+async def _body(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _read_all(pool: UpstreamPool, method: str, body: bytes | None = None) -> tuple[int, bytes]:
+    response = await pool.request(
+        method,
+        _head(method, len(body) if body is not None else None),
+        _body(body) if body is not None else None,
+    )
+    async with response:
+        data = b""
+        while chunk := await response.read():
+            data += chunk
+        return response.status, data
+
+
+async def _with_registry(
+    answers: list[Answer], read_timeout: float = 5.0
+) -> tuple[ScriptedRegistry, UpstreamPool]:
+    registry = ScriptedRegistry(answers)
+    url = await registry.start()
+    return registry, UpstreamPool(url, limit=4, connect_timeout=2.0, read_timeout=read_timeout)
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize(
+    ("method", "writes", "status", "body"),
+    [
+        # An interim answer, then the real one: in one read and in two.
+        ("GET", [b"HTTP/1.1 100 Continue\r\n\r\n" + OK], 200, b"ok"),
+        ("GET", [b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n", OK], 200, b"ok"),
+        ("HEAD", [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"], 200, b""),
+        (
+            "HEAD",
+            [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"],
+            200,
+            b"",
+        ),
+        (
+            "HEAD",
+            [b"HTTP/1.1 100 Continue\r\n\r\n" * 5000 + b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"],
+            200,
+            b"",
+        ),
+        # A HEAD answer announces a body it does not send; its head may come in pieces.
+        ("HEAD", [b"HTTP/1.1 200 OK\r\nContent-Len", b"gth: 1234\r\n\r", b"\n"], 200, b""),
+        # Chunked, split across reads.
+        (
+            "GET",
+            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab", b"c\r\n0\r\n\r\n"],
+            200,
+            b"abc",
+        ),
+        # 204 and 304 have no body whatever they announce.
+        ("GET", [b"HTTP/1.1 304 Not Modified\r\nContent-Length: 99\r\n\r\n"], 304, b""),
+        ("GET", [b"HTTP/1.1 204 No Content\r\n\r\n"], 204, b""),
+    ],
+)
+async def test_answers_are_read_as_http_frames_them(
+    method: str, writes: list[bytes], status: int, body: bytes
+) -> None:
+    registry, pool = await _with_registry([Answer(writes), Answer([OK])])
+    try:
+        assert await asyncio.wait_for(_read_all(pool, method), 3) == (status, body)
+        # The connection carries the next exchange correctly (or was replaced, never confused).
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+async def test_a_body_delimited_by_the_end_of_the_connection_is_read_to_its_end() -> None:
+    piece = b"x" * 100_000
+    registry, pool = await _with_registry(
+        [
+            Answer([b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + piece, piece], close_after=True),
+            Answer([OK]),
+        ]
+    )
+    try:
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, piece * 2)
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        assert registry.connections == 2
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+async def test_bytes_after_a_complete_answer_are_never_taken_as_its_body() -> None:
+    """A registry (or something posing as one) that sends more than its answer: the extra bytes
+    are not part of this answer nor the start of the next one; the connection is dropped."""
+    smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!"
+    registry, pool = await _with_registry(
+        [
+            Answer([OK + smuggled]),
+            Answer([OK]),
+            Answer([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + b"junk"]),
+        ]
+    )
+    try:
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        assert registry.connections == 2  # the first one was not reused
+        # HEAD: whatever follows the head is not kept for the next exchange either.
+        assert await asyncio.wait_for(_read_all(pool, "HEAD"), 3) == (200, b"")
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+async def test_a_pooled_connection_closed_by_the_registry_is_replaced_for_a_bodyless_request() -> None:
+    # The registry answers keep-alive, then drops the connection (an idle timeout of its own).
+    registry, pool = await _with_registry([Answer([OK], close_after=True), Answer([OK])])
+    try:
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        await asyncio.sleep(0.1)  # the close reaches us... or not yet: either way, one answer
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        assert registry.connections == 2
+        assert len(registry.requests) == 2
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+async def test_a_request_with_a_body_is_never_sent_twice() -> None:
+    # The connection is dropped without an answer after the upload: the pool must not resend it.
+    registry, pool = await _with_registry([Answer([OK]), Answer([], close_after=True), Answer([OK])])
+    try:
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        with pytest.raises(UpstreamError):
+            await asyncio.wait_for(_read_all(pool, "PUT", b"layer"), 3)
+        assert [head.split(b" ")[0] for head in registry.requests] == [b"GET", b"PUT"]
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+@pytest.mark.parametrize(
+    "writes",
+    [
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!"],
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+        [b"SSH-2.0-OpenSSH_9.2\r\n\r\n"],
+        [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"],
+        [b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n"],
+    ],
+)
+async def test_answers_that_are_not_clean_http_fail(writes: list[bytes]) -> None:
+    registry, pool = await _with_registry([Answer(writes)])
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            await asyncio.wait_for(_read_all(pool, "GET"), 3)
+        assert not isinstance(caught.value, UpstreamTimeout)  # refused at once, not waited out
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+async def test_a_registry_that_stops_mid_head_is_waited_for_read_timeout_only() -> None:
+    registry, pool = await _with_registry([Answer([b"HTTP/1.1 200 OK\r\nContent-"])], read_timeout=0.3)
+    try:
+        with pytest.raises(UpstreamTimeout):
+            await asyncio.wait_for(_read_all(pool, "GET"), 3)
+    finally:
+        await pool.close()
+        await registry.stop()
