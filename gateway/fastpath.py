@@ -403,6 +403,7 @@ class FastPathConnection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None  # a client not reading its answers
         self._idle_since = 0.0
         self._head_started = 0.0  # loop time the head under way began (its deadline counts from)
         self._taken = False  # a head has been taken here (later heads are due from their first byte)
@@ -467,6 +468,13 @@ class FastPathConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         self._wake_writer()
+        if self._stall_timer is not None:
+            # The client reads again: the next request, held back meanwhile, is taken now.
+            self._stall_timer.cancel()
+            self._stall_timer = None
+            if not self._busy:
+                self._next()
+                self._read_more_if_room()
 
     def _wake_writer(self) -> None:
         if self._drained is not None and not self._drained.done():
@@ -479,6 +487,9 @@ class FastPathConnection(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
 
     def _idle(self) -> None:
         """Idle from now on: closed after keepalive_timeout unless a request comes. One timer for
@@ -498,6 +509,15 @@ class FastPathConnection(asyncio.Protocol):
             self._transport.close()
         else:
             self._idle_timer = loop.call_at(deadline, self._idle_check)
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        log.info(
+            "client took no answer bytes for %gs with a request waiting: cut off",
+            self._gateway.settings.body_timeout,
+        )
+        if self._transport is not None:
+            self._transport.abort()
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
@@ -539,12 +559,14 @@ class FastPathConnection(asyncio.Protocol):
         if not self._buffer and self._taken:
             self._head_started = self._loop.time()  # a later head starts now
         self._buffer += data
-        if self._busy:
-            # Pipelined: the next head waits for this answer; a flood of it stops reading.
+        if self._busy or self._write_paused:
+            # Pipelined: the next head waits for this answer (or for the client to read the last
+            # ones); a flood of it stops reading until what is here is down to one head's worth.
             if len(self._buffer) > self._max_head and not self._reading_paused and self._transport:
                 self._transport.pause_reading()
                 self._reading_paused = True
-            return
+            if self._busy:
+                return
         self._next()
 
     def _next(self) -> None:
@@ -553,6 +575,13 @@ class FastPathConnection(asyncio.Protocol):
             return
         buffer = self._buffer
         if not buffer:
+            return
+        if self._write_paused:
+            # The client does not read its answers: answers must not pile up here (a client
+            # pipelining requests it never reads would fill the gateway's memory). The next head
+            # waits until it reads, for at most body_timeout, the time it has for each chunk.
+            if self._stall_timer is None:
+                self._stall_timer = self._loop.call_later(self._gateway.settings.body_timeout, self._stalled)
             return
         if self._head_timer is not None:  # the first head has come (the idle timer checks itself)
             self._head_timer.cancel()
@@ -660,13 +689,18 @@ class FastPathConnection(asyncio.Protocol):
         if self._closing:
             transport.close()
             return
-        if self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
         if self._buffer:
             self._next()
         else:
             self._idle()
+        self._read_more_if_room()
+
+    def _read_more_if_room(self) -> None:
+        """Reading stopped for a flood of pipelined requests resumes once what is left of them is
+        down to one head's worth (resuming sooner lets in a whole read per request answered)."""
+        if self._reading_paused and self._transport is not None and len(self._buffer) <= self._max_head:
+            self._reading_paused = False
+            self._transport.resume_reading()
 
     def _extra_headers(self) -> list[tuple[str, str]]:
         extra = [("Server", SERVER_NAME)]

@@ -653,3 +653,50 @@ def test_a_body_ending_in_the_read_that_begins_the_next_head_loses_nothing(pair:
         sock.sendall(following[20:])
         answers = read_answers(sock, 2, [False, False])
     assert [answer.split(b" ", 2)[1] for answer in answers] == [b"400", b"200"], answers
+
+
+def test_a_client_that_pipelines_without_reading_fills_neither_memory_nor_buffers(pair: Pair) -> None:
+    """A client sends requests without end and never reads an answer: reading from it stops once
+    a head's worth waits (resuming per answer let in a whole read per request: half a gigabyte
+    in six seconds), and no answer is taken while the client does not read the last ones
+    (body-less answers went into the transport's buffer regardless, without bound). Once it
+    reads again, the requests held back are answered."""
+    admin = f"Host: x\r\nAuthorization: {auth('admin')}\r\n"
+    send_all(pair.fast.host, [f"GET /v2/ HTTP/1.1\r\n{admin}\r\n".encode()])  # the login, cached
+    heads = f"HEAD /v2/public/app/manifests/1 HTTP/1.1\r\n{admin}\r\n".encode() * 50
+    address, port = pair.fast.host.split(":")
+    rss_before = pair.fast.rss_kib()
+    served_before = fast_path_counts(pair.fast_metrics)["served"]
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((address, int(port)))
+        sock.setblocking(False)
+        sent = 0
+        served: list[float] = []
+        deadline = time.monotonic() + 60
+        # Until the answers stop for two seconds: the kernel's buffers (a few MiB of them) are
+        # full and the gateway waits for the client. Before, answers never stopped.
+        while time.monotonic() < deadline and sent < 64 << 20:
+            if len(served) > 4 and served[-1] == served[-5]:
+                break
+            until = time.monotonic() + 0.5
+            while time.monotonic() < until:
+                try:
+                    sent += sock.send(heads)
+                except BlockingIOError:
+                    time.sleep(0.01)
+            served.append(fast_path_counts(pair.fast_metrics)["served"] - served_before)
+        grown_mib = (pair.fast.rss_kib() - rss_before) / 1024
+        # The client's sending was stopped (the gateway read at most a head's worth more).
+        assert sent < 16 << 20, sent
+        assert grown_mib < 16, grown_mib
+        assert len(served) > 4 and served[-1] == served[-5], served
+        sock.setblocking(True)
+        sock.settimeout(10)
+        received = 0
+        until = time.monotonic() + 1
+        while time.monotonic() < until:
+            received += len(sock.recv(1 << 20))
+    # Reading again, the client got answers the gateway had held back.
+    assert fast_path_counts(pair.fast_metrics)["served"] - served_before > served[-1], served
+    assert received > 1 << 20, received
