@@ -655,6 +655,34 @@ def test_a_body_ending_in_the_read_that_begins_the_next_head_loses_nothing(pair:
     assert [answer.split(b" ", 2)[1] for answer in answers] == [b"400", b"200"], answers
 
 
+def flood_until_answers_stop(
+    sock: socket.socket, request: bytes, metrics_url: str
+) -> tuple[int, list[float], bool]:
+    """Send `request` over and over, reading nothing, until the gateway's answers stop for two
+    seconds (the kernel's buffers, a few MiB, are full and it waits for the client) or it cuts
+    the connection, for at most a minute or 64 MiB sent. The bytes sent, the fast-path answers
+    counted every half second, and whether the connection was cut."""
+    sock.setblocking(False)
+    served_before = fast_path_counts(metrics_url)["served"]
+    sent = 0
+    served: list[float] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sent < 64 << 20:
+        if len(served) > 4 and served[-1] == served[-5]:
+            break
+        until = time.monotonic() + 0.5
+        while time.monotonic() < until:
+            try:
+                sent += sock.send(request * 50)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except (ConnectionResetError, BrokenPipeError):
+                return sent, served, True
+        served.append(fast_path_counts(metrics_url)["served"] - served_before)
+    sock.setblocking(True)
+    return sent, served, False
+
+
 def test_a_client_that_pipelines_without_reading_fills_neither_memory_nor_buffers(pair: Pair) -> None:
     """A client sends requests without end and never reads an answer: reading from it stops once
     a head's worth waits (resuming per answer let in a whole read per request: half a gigabyte
@@ -663,35 +691,20 @@ def test_a_client_that_pipelines_without_reading_fills_neither_memory_nor_buffer
     reads again, the requests held back are answered."""
     admin = f"Host: x\r\nAuthorization: {auth('admin')}\r\n"
     send_all(pair.fast.host, [f"GET /v2/ HTTP/1.1\r\n{admin}\r\n".encode()])  # the login, cached
-    heads = f"HEAD /v2/public/app/manifests/1 HTTP/1.1\r\n{admin}\r\n".encode() * 50
+    head = f"HEAD /v2/public/app/manifests/1 HTTP/1.1\r\n{admin}\r\n".encode()
     address, port = pair.fast.host.split(":")
     rss_before = pair.fast.rss_kib()
     served_before = fast_path_counts(pair.fast_metrics)["served"]
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect((address, int(port)))
-        sock.setblocking(False)
-        sent = 0
-        served: list[float] = []
-        deadline = time.monotonic() + 60
-        # Until the answers stop for two seconds: the kernel's buffers (a few MiB of them) are
-        # full and the gateway waits for the client. Before, answers never stopped.
-        while time.monotonic() < deadline and sent < 64 << 20:
-            if len(served) > 4 and served[-1] == served[-5]:
-                break
-            until = time.monotonic() + 0.5
-            while time.monotonic() < until:
-                try:
-                    sent += sock.send(heads)
-                except BlockingIOError:
-                    time.sleep(0.01)
-            served.append(fast_path_counts(pair.fast_metrics)["served"] - served_before)
+        sent, served, cut = flood_until_answers_stop(sock, head, pair.fast_metrics)
+        assert not cut
         grown_mib = (pair.fast.rss_kib() - rss_before) / 1024
         # The client's sending was stopped (the gateway read at most a head's worth more).
         assert sent < 16 << 20, sent
         assert grown_mib < 16, grown_mib
         assert len(served) > 4 and served[-1] == served[-5], served
-        sock.setblocking(True)
         sock.settimeout(10)
         received = 0
         until = time.monotonic() + 1
@@ -700,3 +713,26 @@ def test_a_client_that_pipelines_without_reading_fills_neither_memory_nor_buffer
     # Reading again, the client got answers the gateway had held back.
     assert fast_path_counts(pair.fast_metrics)["served"] - served_before > served[-1], served
     assert received > 1 << 20, received
+
+
+def test_a_client_that_stops_reading_with_a_request_waiting_is_cut_after_body_timeout(tmp_path: Path) -> None:
+    registry = start_registry(tmp_path)
+    gateway = None
+    try:
+        push_image(registry.url.removeprefix("http://"), "public/app", "1")
+        gateway, metrics_url = metered_gateway(tmp_path, registry, {"GATEWAY_BODY_TIMEOUT": "1"})
+        admin = f"Host: x\r\nAuthorization: {auth('admin')}\r\n"
+        send_all(gateway.host, [f"GET /v2/ HTTP/1.1\r\n{admin}\r\n".encode()])
+        head = f"HEAD /v2/public/app/manifests/1 HTTP/1.1\r\n{admin}\r\n".encode()
+        address, port = gateway.host.split(":")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((address, int(port)))
+            _, served, cut = flood_until_answers_stop(sock, head, metrics_url)
+        # Cut a second after the client stopped taking answers, before two seconds without one.
+        assert cut, served
+        assert "client took no answer bytes for 1s with a request waiting: cut off" in gateway.log.read_text()
+    finally:
+        if gateway is not None:
+            stop(gateway.process)
+        stop(registry.process)
