@@ -163,6 +163,8 @@ class _Connection(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_complete:
+            return  # a chunked body's trailer fields: not headers of the answer already given
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:

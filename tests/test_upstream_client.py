@@ -242,6 +242,14 @@ async def test_a_request_with_a_body_is_never_sent_twice() -> None:
         [b"SSH-2.0-OpenSSH_9.2\r\n\r\n"],
         [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"],
         [b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n"],
+        # Folded, bare-LF, NUL, lone-CR and spaced header lines, a CR in the reason: never passed
+        # on (they would reach the client's head as they are, or as header lines of their own).
+        [b"HTTP/1.1 200 OK\r\nX-A: one\r\n two\r\nContent-Length: 2\r\n\r\nok"],
+        [b"HTTP/1.1 200 OK\nX-A: one\nContent-Length: 2\n\nok"],
+        [b"HTTP/1.1 200 OK\r\nX-A: o\x00ne\r\nContent-Length: 2\r\n\r\nok"],
+        [b"HTTP/1.1 200 OK\r\nX-A: o\rX-B: ne\r\nContent-Length: 2\r\n\r\nok"],
+        [b"HTTP/1.1 200 OK\r\nX-A : one\r\nContent-Length: 2\r\n\r\nok"],
+        [b"HTTP/1.1 200 O\rX-Evil: 1\r\nContent-Length: 2\r\n\r\nok"],
     ],
 )
 async def test_answers_that_are_not_clean_http_fail(writes: list[bytes]) -> None:
@@ -260,6 +268,22 @@ async def test_a_registry_that_stops_mid_head_is_waited_for_read_timeout_only() 
     try:
         with pytest.raises(UpstreamTimeout):
             await asyncio.wait_for(_read_all(pool, "GET"), 3)
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+async def test_trailer_fields_do_not_join_the_answers_headers() -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    registry, pool = await _with_registry([Answer([chunked]), Answer([OK])])
+    try:
+        response = await pool.request("GET", _head("GET"))
+        async with response:
+            assert await response.read_at_most(100) == b"ok"
+            assert response.header(b"x-trailer") is None
+            assert [name for name, _ in response.raw_headers] == [b"Transfer-Encoding"]
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        assert registry.connections == 1  # the connection carried the next exchange
     finally:
         await pool.close()
         await registry.stop()
