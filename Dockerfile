@@ -1,4 +1,19 @@
 # registry-gateway: build with `docker build -t registry-gateway .`, run with compose.yml.
+
+# Wheels for the package and everything it needs, with both extras: `speed` (uvloop) and `ldap`
+# (bonsai, for ldap_auth). bonsai has no binary wheels: it is compiled here against OpenLDAP's
+# libldap, so that the image itself carries neither a compiler nor headers.
+FROM python:3.11-slim AS wheels
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Python's own headers come with the official image; a Python from Debian needs python3-dev.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libldap-dev libsasl2-dev \
+    && { [ -f "$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+         || apt-get install -y --no-install-recommends python3-dev; }
+COPY setup.cfg pyproject.toml README.md /tmp/src/
+COPY gateway /tmp/src/gateway
+RUN pip wheel --wheel-dir /wheels '/tmp/src[speed,ldap]'
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -6,13 +21,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Build from a copy that is removed afterwards: the image keeps the installed package only (no
-# source tree, build/ or *.egg-info). The group first: `useradd --user-group` would take the next
-# free system gid (999) while `USER 10001:10001` runs with gid 10001.
-COPY setup.cfg pyproject.toml README.md /tmp/src/
-COPY gateway /tmp/src/gateway
-RUN pip install '/tmp/src[speed]' \
-    && rm -rf /tmp/src \
+# The installed package only (no source tree, build/ or *.egg-info, no wheels left behind), and
+# the OpenLDAP client library bonsai was built against (libldap-2.5-0 on bookworm, libldap2 from
+# trixie on). The group first: `useradd --user-group` would take the next free system gid (999)
+# while `USER 10001:10001` runs with gid 10001.
+COPY --from=wheels /wheels /tmp/wheels
+RUN apt-get update \
+    && { apt-get install -y --no-install-recommends libldap2 \
+         || apt-get install -y --no-install-recommends libldap-2.5-0; } \
+    && rm -rf /var/lib/apt/lists/* \
+    && pip install --no-index --find-links /tmp/wheels 'registry-gateway[speed,ldap]' \
+    && rm -rf /tmp/wheels \
+    && python -c 'import bonsai, uvloop' \
     && groupadd --system --gid 10001 gateway \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin gateway
 

@@ -23,8 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from tests import ldap_server
 from tests.conftest import Registry, free_port, htpasswd_add, http_request, require
 from tests.dockerd import Docker, dockerd
+from tests.ldap_server import PASSWORDS as LDAP_PASSWORDS
+from tests.test_ldap import ACL, ldap_section
 
 __all__ = ["dockerd"]
 pytestmark = pytest.mark.image
@@ -111,6 +114,19 @@ def wait_healthy(docker: Docker, config: Path, container: str, timeout: float = 
     raise AssertionError(f"{container} is {status!r}, not healthy:\n{logs.stdout}{logs.stderr}")
 
 
+def run_with_own_settings(image: Docker, config: Path, folder: Path, name: str) -> None:
+    """Start the image in the background with `folder` at /etc/registry-gateway and its
+    gateway.yml as the settings (as the README says to replace the image's); back once healthy."""
+    started = image.run(
+        config, "run", "-d", "--name", name, "--network", "host", "--health-interval", "1s",
+        "-v", f"{folder}:/etc/registry-gateway:ro",
+        "-e", "GATEWAY_CONFIG=/etc/registry-gateway/gateway.yml",
+        IMAGE,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    wait_healthy(image, config, name)
+
+
 def basic(user: str) -> tuple[str, str]:
     return user, PASSWORDS[user]
 
@@ -163,14 +179,7 @@ def test_a_config_file_of_ones_own_replaces_the_image_settings(
     )
     name = f"gw-{secrets.token_hex(4)}"
     try:
-        started = image.run(
-            config, "run", "-d", "--name", name, "--network", "host", "--health-interval", "1s",
-            "-v", f"{folder}:/etc/registry-gateway:ro",
-            "-e", "GATEWAY_CONFIG=/etc/registry-gateway/gateway.yml",
-            IMAGE,
-        )  # fmt: skip
-        assert started.returncode == 0, started.stderr
-        wait_healthy(image, config, name)  # no metrics: the healthcheck probes the listener
+        run_with_own_settings(image, config, folder, name)  # no metrics: the healthcheck probes the listener
         assert http_request(f"127.0.0.1:{port}", "GET", "/v2/", basic("admin"))[0] == 200
     finally:
         image.run(config, "rm", "-f", name)
@@ -190,6 +199,41 @@ def test_unreadable_htpasswd_says_which_user_needs_it(image: Docker, tmp_path: P
         assert "chmod 644" in output and "Traceback" not in output
     finally:
         shutil.rmtree(folder)
+
+
+def test_directory_users_log_in_through_the_image(image: Docker, tmp_path: Path, registry: Registry) -> None:
+    """The image carries the LDAP client (compiled in a build stage): before, `ldap_auth` in the
+    image only got `needs the LDAP client: pip install 'registry-gateway[ldap]'`."""
+    config = tmp_path / "docker-config"
+    folder = users_folder()
+    directory = ldap_server.create(tmp_path / "slapd")
+    port = free_port()
+    policy = ACL + ldap_section(directory, folder, bind_password_file="/etc/registry-gateway/bind.pw")
+    (folder / "bind.pw").chmod(0o644)
+    (folder / "policy.yml").write_text(policy)
+    (folder / "gateway.yml").write_text(
+        f"listen: 127.0.0.1:{port}\nupstream: {registry.url}\n"
+        "htpasswd: /etc/registry-gateway/htpasswd\npolicy: /etc/registry-gateway/policy.yml\n"
+    )
+    name = f"gw-{secrets.token_hex(4)}"
+    try:
+        run_with_own_settings(image, config, folder, name)
+        carol = ("carol", LDAP_PASSWORDS["carol"])  # in the directory's group "backend", not in htpasswd
+        host = f"127.0.0.1:{port}"
+        assert http_request(host, "GET", "/v2/", carol)[0] == 200, image.run(config, "logs", name).stderr
+        assert http_request(host, "GET", "/v2/", ("carol", "not-her-password"))[0] == 401
+        assert http_request(host, "GET", "/v2/", ("nobody", LDAP_PASSWORDS["carol"]))[0] == 401
+        status, _, body = http_request(host, "POST", "/v2/backend/app/blobs/uploads/", carol)
+        assert status == 202, body  # her group's namespace
+        status, _, body = http_request(host, "POST", "/v2/frontend/app/blobs/uploads/", carol)
+        assert status == 403, body
+        assert not (registry.storage / "docker/registry/v2/repositories/frontend").exists()
+    finally:
+        logs = image.run(config, "logs", name)
+        image.run(config, "rm", "-f", name)
+        directory.stop()
+        shutil.rmtree(folder)
+    assert "Traceback" not in logs.stdout + logs.stderr
 
 
 def compose(
