@@ -74,6 +74,12 @@ def _build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--rsa", action="store_true", help="RSA 3072 instead of EC P-256")
     keygen.add_argument("--name", default="registry-gateway token signer", help="certificate common name")
     keygen.add_argument("--force", action="store_true", help="replace existing files")
+    keygen.add_argument(
+        "--rotate",
+        action="store_true",
+        help="a new signing key in front of KEY's current one, which stays accepted (refresh tokens"
+        " it signed keep working); older previous keys are dropped; the certificate is replaced",
+    )
     revoke = token_commands.add_parser(
         "revoke", help="void every token issued to USER until now (refresh tokens included)"
     )
@@ -460,17 +466,28 @@ def _keygen(args: argparse.Namespace) -> int:
 
     key_path: Path = args.key
     cert_path: Path = args.cert or key_path.with_suffix(".crt")
+    current: list[keys.SigningKey] = []
+    if args.rotate:
+        try:
+            current = keys.load_all(key_path)
+        except keys.KeyError_ as exc:
+            print(f"cannot rotate: {exc}", file=sys.stderr)
+            return 2
     for path in (key_path, cert_path):
-        if path.exists() and not args.force:
-            print(f"{path} exists: pass --force to replace it", file=sys.stderr)
+        if path.exists() and not (args.force or args.rotate):
+            print(f"{path} exists: --force replaces it, --rotate keeps the key accepted", file=sys.stderr)
             return 2
         if not path.parent.is_dir():
             print(f"{path.parent} does not exist", file=sys.stderr)
             return 2
     key = keys.generate("rsa" if args.rsa else "ec")
-    keys.write_private(key, key_path)
-    cert_path.write_bytes(keys.self_signed_certificate(key, args.name))
+    # The certificate first: a gateway with token_cert reloads both when the key file changes.
+    keys.write_certificate(key, args.name, cert_path)
+    keys.write_private(key, key_path, *current[:1])
     print(f"wrote {key_path} (mode 0600, {key.algorithm}, kid {key.kid}) and {cert_path}")
+    if current:
+        dropped = f"; {len(current) - 1} older key(s) dropped" if len(current) > 1 else ""
+        print(f"kid {current[0].kid} stops signing and stays accepted while it is in {key_path}{dropped}")
     return 0
 
 

@@ -118,8 +118,12 @@ def authority_with(tmp_path: Path, key: keys.SigningKey, **settings: str) -> tup
     htpasswd_add(users, "alice", "pw")
     key_file = tmp_path / "token.pem"
     keys.write_private(key, key_file)
-    flags = {"htpasswd": str(users), "challenge": "bearer", "token_key": str(key_file), **settings}
-    return TokenAuthority(config.load(None, {}, flags)), key_file
+    return TokenAuthority(authority_settings(tmp_path, key_file, **settings)), key_file
+
+
+def authority_settings(tmp_path: Path, key_file: Path, **settings: str) -> config.Settings:
+    flags = {"htpasswd": str(tmp_path / "htpasswd"), "challenge": "bearer", "token_key": str(key_file)}
+    return config.load(None, {}, {**flags, **settings})
 
 
 def test_rotation_keeps_old_tokens_valid_until_they_expire(tmp_path: Path) -> None:
@@ -224,3 +228,124 @@ def test_a_written_key_is_private_even_over_a_stale_temporary_file(tmp_path: Pat
     keys.write_private(keys.generate(), target)
     assert target.stat().st_mode & 0o777 == 0o600
     assert keys.load(target).kid
+
+
+def test_previous_keys_in_the_file_keep_refresh_tokens_until_taken_out(tmp_path: Path) -> None:
+    """Refresh tokens live for days: a signer kept in the file after the new one (`token keygen
+    --rotate`) keeps them valid, across restarts too; taken out of the file, they end at once.
+    Before, only a retired signer's access tokens outlived a rotation."""
+    from gateway.htpasswd import StoredHash
+
+    first, second = keys.generate(), keys.generate()
+    settings = {"refresh_token_lifetime": "86400", "token_lifetime": "60"}
+    authority, key_file = authority_with(tmp_path, first, **settings)
+    stored = {"alice": StoredHash("bcrypt", "$2y$05$" + "a" * 53)}
+    refresh = authority.issue_refresh("alice", stored["alice"])
+    access, _ = authority.issue("alice", ACCESS)
+
+    keys.write_private(second, key_file, first)
+    assert authority.reload_if_changed()
+    assert jwt.get_unverified_header(authority.issue("alice", ACCESS)[0])["kid"] == second.kid
+    assert authority.refresh_subject(refresh, stored) == "alice"
+    assert authority.verify(access).subject == "alice"
+    assert not authority._retired  # accepted because it is in the file, not for a while
+    restarted = TokenAuthority(authority_settings(tmp_path, key_file, **settings))
+    assert restarted.refresh_subject(refresh, stored) == "alice"
+    # The previous key signs nothing new that is accepted (a leaked old key).
+    late = jwt.encode(
+        claims(iat=int(time.time()) + 120, exp=int(time.time()) + 150),
+        first.private,
+        algorithm="ES256",
+        headers={"kid": first.kid},
+    )
+    with pytest.raises(InvalidToken):
+        authority.verify(late)
+
+    keys.write_private(second, key_file)  # taken out
+    assert authority.reload_if_changed()
+    with pytest.raises(InvalidToken):
+        authority.refresh_subject(refresh, stored)
+    with pytest.raises(InvalidToken):
+        authority.verify(access)
+    assert first.kid not in authority.verifier.keys
+
+
+def test_a_certificate_written_after_its_key_is_taken_when_it_comes(tmp_path: Path) -> None:
+    """With token_cert, a reload reads both files; before, a key written before its certificate
+    was refused once (the old certificate) and never tried again."""
+    first = keys.generate()
+    cert = tmp_path / "token.crt"
+    keys.write_certificate(first, "signer", cert)
+    authority, key_file = authority_with(tmp_path, first, token_cert=str(cert))
+    second = keys.generate()
+    keys.write_private(second, key_file)
+    assert not authority.reload_if_changed()  # the certificate is still the old key's
+    assert authority.key.kid == first.kid
+    keys.write_certificate(second, "signer", cert)
+    assert authority.reload_if_changed()
+    assert authority.key.kid == second.kid
+    token, _ = authority.issue("alice", ACCESS)
+    assert jwt.get_unverified_header(token)["x5c"] == authority.x5c != []
+
+
+def test_key_files_with_several_keys_name_the_bad_one(tmp_path: Path) -> None:
+    first, second = keys.generate(), keys.generate()
+    path = tmp_path / "token.pem"
+    keys.write_private(first, path, second)
+    assert [key.kid for key in keys.load_all(path)] == [first.kid, second.kid]
+    assert keys.load(path).kid == first.kid
+    good = path.read_bytes()
+    small = rsa_pem(1024)
+    path.write_bytes(good + small)
+    with pytest.raises(keys.KeyError_, match=r"token.pem, key 3: RSA keys must have at least 2048 bits"):
+        keys.load_all(path)
+    path.write_bytes(good + good)
+    with pytest.raises(keys.KeyError_, match="key 3: the same key twice"):
+        keys.load_all(path)
+    path.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    with pytest.raises(keys.KeyError_, match="no PRIVATE KEY block"):
+        keys.load_all(path)
+    encrypted = first.private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    path.write_bytes(encrypted)
+    with pytest.raises(keys.KeyError_, match="not an unencrypted PEM private key"):
+        keys.load_all(path)
+
+
+def rsa_pem(bits: int) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+def keygen(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "keygen", *args], capture_output=True, text=True
+    )
+
+
+def test_keygen_rotate_keeps_the_last_signer_only(tmp_path: Path) -> None:
+    key_file, cert = tmp_path / "token.pem", tmp_path / "token.crt"
+    refused = keygen("--key", str(key_file), "--rotate")
+    assert refused.returncode == 2 and "cannot rotate" in refused.stderr and not key_file.exists()
+    assert keygen("--key", str(key_file)).returncode == 0
+    original = keys.load_all(key_file)
+    assert len(original) == 1
+    assert keygen("--key", str(key_file)).returncode == 2  # no silent replacement
+    rotated = keygen("--key", str(key_file), "--rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    assert f"kid {original[0].kid} stops signing" in rotated.stdout
+    once = keys.load_all(key_file)
+    assert [key.kid for key in once[1:]] == [original[0].kid] and once[0].kid != original[0].kid
+    assert keys.certificate_chain(cert, once[0])  # the certificate is the new signer's
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert keygen("--key", str(key_file), "--rotate").returncode == 0
+    twice = keys.load_all(key_file)
+    assert [key.kid for key in twice[1:]] == [once[0].kid]  # the original is dropped

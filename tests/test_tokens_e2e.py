@@ -329,6 +329,35 @@ def test_docker_login_keeps_an_identity_token_that_outlives_restarts_not_passwor
         status, output = cli("pull", app2)
         assert status == 0, output
 
+        # A key rotation keeps it working (its key stays in the file, after the new one); a second
+        # rotation drops its key, and docker must log in again.
+        def rotate() -> None:
+            reloads = gateway.log.read_text().count("token key reloaded")
+            done = subprocess.run(
+                [sys.executable, "-m", "gateway", "token", "keygen", "--key", str(key), "--rotate"],
+                capture_output=True,
+                text=True,
+            )
+            assert done.returncode == 0, done.stderr
+            for _ in range(100):  # reload_interval
+                if gateway.log.read_text().count("token key reloaded") > reloads:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the gateway did not reload the token key")
+
+        rotate()
+        assert cli("rmi", "-f", app2)[0] == 0
+        status, output = cli("pull", app2)
+        assert status == 0, output
+        rotate()
+        assert cli("rmi", "-f", app2)[0] == 0
+        status, output = cli("pull", app2)
+        assert status != 0 and ("unauthorized" in output or "denied" in output), output
+        assert cli("login", "-u", "alice", "--password-stdin", host2, stdin=USERS["alice"] + "\n")[0] == 0
+        status, output = cli("pull", app2)
+        assert status == 0, output
+
         # A new password revokes it: docker must log in again.
         changed = subprocess.run(
             [

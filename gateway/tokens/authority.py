@@ -1,8 +1,11 @@
 """The gateway as a token issuer: its signing key (from `token_key`, reloaded when the file
 changes, or ephemeral), the keys it still accepts, and the verifier over them.
 
-Rotation: when the key file changes, new tokens are signed with the new key and tokens signed by
-the previous one stay valid until they expire, so nobody is logged out.
+Rotation: the key file holds the key that signs, then previous keys still accepted for as long as
+they stay in it (refresh tokens live for days: `token keygen --rotate` keeps the last signer).
+When the file changes, new tokens are signed with its first key; a signer that left the file
+altogether is still accepted for the access tokens it signed, until they expire, so nobody is
+logged out mid-push.
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ class TokenAuthority:
                 "token_key not set: signing tokens with an ephemeral key; they end with this process "
                 "(set token_key, made by `registry-gateway token keygen`, to keep them across restarts)"
             )
+            self._previous: list[keys.SigningKey] = []
         else:
-            self.key = keys.load(self.path)
+            self.key, *self._previous = keys.load_all(self.path)
         self.cert_path = settings.token_cert
         self.x5c = keys.certificate_chain(self.cert_path, self.key) if self.cert_path else []
-        self._signature = signature(self.path)
+        # Both files: a certificate that comes after its key is taken when it comes.
+        self._signature = (signature(self.path), signature(self.cert_path))
         self._retired: list[tuple[keys.SigningKey, float]] = []  # (key, accepted until)
         self.revocations_path = settings.token_revocations
         self.revoked = revocations.read(self.revocations_path)
@@ -56,7 +61,7 @@ class TokenAuthority:
         return issue(self.key, self.issuer, self.service, subject, access, self.lifetime, self.x5c)
 
     def _verifier(self) -> Verifier:
-        keys_ = [self.key, *(key for key, _ in self._retired)]
+        keys_ = [self.key, *self._previous, *(key for key, _ in self._retired)]
         longest = max(self.lifetime, self.refresh_lifetime)
         return Verifier(keys_, self.issuer, self.service, longest, dict(self._retired_at))
 
@@ -116,31 +121,48 @@ class TokenAuthority:
                     log.error("token revocations not reloaded, keeping the last good ones: %s", exc)
         if self.path is None:
             return False
-        current = signature(self.path)
+        files_now = (signature(self.path), signature(self.cert_path))
         now = time.time()
         kept = [(key, until) for key, until in self._retired if until > now]
         if len(kept) != len(self._retired):
             # A retired key whose tokens have all expired is no longer accepted at all.
             self._retired = kept
             self.verifier = self._verifier()
-        if current == self._signature:
+        if files_now == self._signature:
             return False
-        self._signature = current
+        self._signature = files_now
         try:
-            new = keys.load(self.path)
+            new, *previous = keys.load_all(self.path)
             x5c = keys.certificate_chain(self.cert_path, new) if self.cert_path else []
         except keys.KeyError_ as exc:
             log.error("token key not reloaded, keeping the current one: %s", exc)
             return False
-        if new.kid == self.key.kid:
+        if x5c != self.x5c:
+            self.x5c = x5c
+            self._minted.clear()  # tokens minted for the registry carry the chain
+            if new.kid == self.key.kid:
+                log.info("token certificate reloaded from %s", self.cert_path)
+        in_file = {key.kid for key in (new, *previous)}
+        if new.kid == self.key.kid and [key.kid for key in previous] == [key.kid for key in self._previous]:
             return False
-        self.x5c = x5c
-        self._retired.append((self.key, now + self.lifetime + LEEWAY))
-        self._retired_at[self.key.kid] = now
-        self.key = new
-        self._minted.clear()
+        if new.kid != self.key.kid:
+            self._retired_at[self.key.kid] = now  # nothing it signs from now on is ours
+            self._retired_at.pop(new.kid, None)  # a key signing again (a rotation undone)
+            if self.key.kid not in in_file:
+                self._retired.append((self.key, now + self.lifetime + LEEWAY))
+            self.key = new
+            self._minted.clear()
+        # A key back in the file is accepted for as long as it stays; a previous key taken out of
+        # it is not accepted any more (it stopped signing before this change).
+        self._retired = [(key, until) for key, until in self._retired if key.kid not in in_file]
+        self._previous = previous
         self.verifier = self._verifier()
-        log.info("token key reloaded from %s (kid %s)", self.path, new.kid)
+        log.info(
+            "token key reloaded from %s (kid %s signs; %d previous key(s) accepted)",
+            self.path,
+            new.kid,
+            len(previous),
+        )
         return True
 
 
