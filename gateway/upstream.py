@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import http
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -35,6 +36,7 @@ LOW_WATER = 256 * 1024
 # dropped it already; Go's servers close idle connections after a while).
 IDLE_TIMEOUT = 30.0
 _HEAD_END = b"\r\n\r\n"
+_REASON_CHARACTERS = bytes(range(0x20, 0x7F)) + b"\t"
 
 
 class UpstreamError(Exception):
@@ -329,6 +331,18 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def _reason(status: int, sent: bytes) -> str:
+    """The reason phrase for the client: the registry's when it is plain text (llhttp refuses CR
+    and LF in it, not other control characters, which a terminal or log would act on), else
+    the standard one for the status."""
+    if not sent.translate(None, _REASON_CHARACTERS):
+        return sent.decode("ascii")
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
 class UpstreamResponse:
     """The registry's answer: status and headers at once, the body as it arrives."""
 
@@ -336,7 +350,7 @@ class UpstreamResponse:
         self._pool = pool
         self._connection: _Connection | None = connection
         self.status = connection.status
-        self.reason = connection.reason.decode("latin-1")
+        self.reason = _reason(connection.status, connection.reason)
         self.raw_headers = connection.headers
 
     def header(self, name: bytes) -> str | None:

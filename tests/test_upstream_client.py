@@ -287,3 +287,29 @@ async def test_trailer_fields_do_not_join_the_answers_headers() -> None:
     finally:
         await pool.close()
         await registry.stop()
+
+
+@pytest.mark.parametrize(
+    ("status_line", "reason"),
+    [
+        (b"HTTP/1.1 200 Fine By Me", "Fine By Me"),
+        (b"HTTP/1.1 200 ", ""),
+        # Control characters (llhttp refuses only CR and LF) and bytes beyond ASCII: the
+        # standard phrase instead, on both paths (they take it from here).
+        (b"HTTP/1.1 200 O\x1b[2JK", "OK"),
+        (b"HTTP/1.1 404 Not\x7fFound", "Not Found"),
+        (b"HTTP/1.1 200 \xe9t\xe9", "OK"),
+        (b"HTTP/1.1 299 \x01", ""),
+    ],
+)
+async def test_a_reason_phrase_that_is_not_plain_text_becomes_the_standard_one(
+    status_line: bytes, reason: str
+) -> None:
+    registry, pool = await _with_registry([Answer([status_line + b"\r\nContent-Length: 2\r\n\r\nok"])])
+    try:
+        response = await pool.request("GET", _head("GET"))
+        async with response:
+            assert response.reason == reason
+    finally:
+        await pool.close()
+        await registry.stop()
