@@ -137,7 +137,8 @@ def env_name(key: str) -> str:
     return ENV_PREFIX + key.upper()
 
 
-def _where(key: str, origin: str) -> str:
+def where(key: str, origin: str) -> str:
+    """A key as an operator set it: its environment variable or flag, else its name."""
     if origin == "env":
         return f"{key} ({env_name(key)})"
     if origin == "flag":
@@ -380,6 +381,54 @@ def read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
     return {str(k): v for k, v in data.items()}, []
 
 
+def combination_problems(
+    values: Mapping[str, Any], check_files: bool, where: Callable[[str], str]
+) -> list[str]:
+    """What is wrong with these settings together (each may be fine alone), and with the files
+    they name when `check_files`; `where` names a key as its source set it. Run by `load`, and
+    again once a docker_auth file has filled in settings (gateway.docker_auth)."""
+    problems: list[str] = []
+    if ("tls_cert" in values) and ("tls_key" in values):
+        cert, key = values["tls_cert"], values["tls_key"]
+        if (cert is None) != (key is None):
+            problems.append("tls_cert, tls_key: give both or neither")
+        elif cert is not None and check_files:
+            problem = tls.check_pair(cert, key)
+            if problem:
+                problems.append(f"{where('tls_cert')}: cannot load with tls_key: {problem}")
+        if cert is None and (values.get("hsts_max_age") or values.get("redirect_listen")):
+            problems.append("hsts_max_age, redirect_listen: need tls_cert and tls_key")
+        if values.get("redirect_to_port") and not values.get("redirect_listen"):
+            problems.append("redirect_to_port: only used with redirect_listen")
+    if values.get("max_head_size", 0) and values.get("max_head_size", 0) < values.get("max_header_size", 0):
+        problems.append("max_head_size: must be at least max_header_size (one header line)")
+    if (
+        values.get("challenge") == "bearer"
+        and values.get("workers", 1) > 1
+        and values.get("token_key") is None
+    ):
+        problems.append(
+            "token_key: needed with workers > 1 (each worker would sign with its own ephemeral key)"
+        )
+    if check_files and values.get("token_key") is not None:
+        from gateway.tokens import keys
+
+        try:
+            signing_key = keys.load(values["token_key"])
+            if values.get("token_cert") is not None:
+                keys.certificate_chain(values["token_cert"], signing_key)
+        except keys.KeyError_ as exc:
+            problems.append(f"{where('token_key')}: {exc}")
+    if values.get("token_cert") is not None and values.get("token_key") is None:
+        problems.append("token_cert: needs token_key (the certificate is that key's)")
+    if values.get("refresh_token_lifetime") and values.get("token_key") is None:
+        problems.append("refresh_token_lifetime: needs token_key (refresh tokens must outlive the process)")
+    if values.get("workers", 1) > 1 and values.get("metrics_listen") is not None:
+        problems.append("metrics_listen: not available with workers > 1 (each worker counts on its own)")
+
+    return problems
+
+
 def load(
     config_file: Path | None = None,
     environ: Mapping[str, str] | None = None,
@@ -423,53 +472,15 @@ def load(
         try:
             values[key] = PARSERS[key](raw)
         except ValueError as exc:
-            problems.append(f"{_where(key, origin)}: {exc}")
+            problems.append(f"{where(key, origin)}: {exc}")
 
     if check_files and "htpasswd" in values and "policy" in values:
         try:
             state.build(values["htpasswd"], values["policy"])
         except state.StateError as exc:
-            problems.extend(f"{_where(key, merged[key][1])}: {message}" for key, message in exc.by_key)
+            problems.extend(f"{where(key, merged[key][1])}: {message}" for key, message in exc.by_key)
 
-    if ("tls_cert" in values) and ("tls_key" in values):
-        cert, key = values["tls_cert"], values["tls_key"]
-        if (cert is None) != (key is None):
-            problems.append("tls_cert, tls_key: give both or neither")
-        elif cert is not None and check_files:
-            problem = tls.check_pair(cert, key)
-            if problem:
-                problems.append(
-                    f"{_where('tls_cert', merged['tls_cert'][1])}: cannot load with tls_key: {problem}"
-                )
-        if cert is None and (values.get("hsts_max_age") or values.get("redirect_listen")):
-            problems.append("hsts_max_age, redirect_listen: need tls_cert and tls_key")
-        if values.get("redirect_to_port") and not values.get("redirect_listen"):
-            problems.append("redirect_to_port: only used with redirect_listen")
-    if values.get("max_head_size", 0) and values.get("max_head_size", 0) < values.get("max_header_size", 0):
-        problems.append("max_head_size: must be at least max_header_size (one header line)")
-    if (
-        values.get("challenge") == "bearer"
-        and values.get("workers", 1) > 1
-        and values.get("token_key") is None
-    ):
-        problems.append(
-            "token_key: needed with workers > 1 (each worker would sign with its own ephemeral key)"
-        )
-    if check_files and values.get("token_key") is not None:
-        from gateway.tokens import keys
-
-        try:
-            signing_key = keys.load(values["token_key"])
-            if values.get("token_cert") is not None:
-                keys.certificate_chain(values["token_cert"], signing_key)
-        except keys.KeyError_ as exc:
-            problems.append(f"{_where('token_key', merged['token_key'][1])}: {exc}")
-    if values.get("token_cert") is not None and values.get("token_key") is None:
-        problems.append("token_cert: needs token_key (the certificate is that key's)")
-    if values.get("refresh_token_lifetime") and values.get("token_key") is None:
-        problems.append("refresh_token_lifetime: needs token_key (refresh tokens must outlive the process)")
-    if values.get("workers", 1) > 1 and values.get("metrics_listen") is not None:
-        problems.append("metrics_listen: not available with workers > 1 (each worker counts on its own)")
+    problems += combination_problems(values, check_files, lambda key: where(key, merged[key][1]))
 
     if problems:
         raise ConfigError(problems)

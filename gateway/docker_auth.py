@@ -9,9 +9,9 @@ import dataclasses
 from pathlib import Path
 from types import MappingProxyType
 
+from gateway import config
 from gateway.config import Settings
 from gateway.policyfile import Policy
-from gateway.tokens import keys
 
 
 class DockerAuthError(Exception):
@@ -44,16 +44,25 @@ def apply(settings: Settings, policy: Policy | None) -> Settings:
         certificate = sections.token_certificate or sections.server_certificate
         if key is not None and "token_key" in defaults:
             changes["token_key"] = Path(key)
-            try:
-                signing_key = keys.load(Path(key))
-                if certificate is not None and "token_cert" in defaults:
-                    keys.certificate_chain(Path(certificate), signing_key)
-                    changes["token_cert"] = Path(certificate)
-            except keys.KeyError_ as exc:
-                raise DockerAuthError(f"token.key, token.certificate: {exc}") from None
+            if certificate is not None and "token_cert" in defaults:
+                changes["token_cert"] = Path(certificate)
     origins = dict(settings.origins)
     for field_name in changes:
-        origins["listen" if field_name.startswith("listen_") else field_name] = (
-            "docker_auth section of the policy file"
-        )
-    return dataclasses.replace(settings, origins=MappingProxyType(origins), **changes)  # type: ignore[arg-type]
+        origins["listen" if field_name.startswith("listen_") else field_name] = FROM_DOCKER_AUTH
+    applied = dataclasses.replace(settings, origins=MappingProxyType(origins), **changes)  # type: ignore[arg-type]
+    # The settings as they now stand are checked together, as config.load checks its own (a token
+    # section turns on bearer challenges, which need a key with several workers, for one).
+    values = {field.name: getattr(applied, field.name) for field in dataclasses.fields(applied)}
+    problems = config.combination_problems(values, True, lambda name: _where(name, origins.get(name, "")))
+    if problems:
+        raise DockerAuthError("\n  ".join(problems))
+    return applied
+
+
+FROM_DOCKER_AUTH = "docker_auth section of the policy file"
+
+
+def _where(name: str, origin: str) -> str:
+    if origin == FROM_DOCKER_AUTH:
+        return f"{name} (from the {FROM_DOCKER_AUTH})"
+    return config.where(name, origin)

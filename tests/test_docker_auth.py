@@ -219,3 +219,43 @@ def test_server_and_token_sections_become_settings_where_left_at_defaults(tmp_pa
     bad = policyfile.parse({"server": {"addr": "nowhere"}, "acl": [{"match": {}, "actions": []}]})
     with pytest.raises(docker_auth.DockerAuthError):
         docker_auth.apply(config.load(None, {}, {"htpasswd": str(users)}), bad)
+
+
+def test_settings_a_docker_auth_file_fills_in_are_checked_together(tmp_path: Path) -> None:
+    """config.load checks settings against each other; the ones a docker_auth file fills in came
+    after it, unchecked: a token section with two workers and no key (each worker its own
+    ephemeral key: tokens refused by the other) started, and a server certificate not of its
+    key failed later. Now every problem is named, with where the setting came from."""
+    from gateway import config, docker_auth, policyfile
+    from gateway.tokens import keys
+
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, "someone", "else")
+    acl = [{"match": {"account": "admin"}, "actions": ["*"]}]
+    token_only = policyfile.parse({"token": {"issuer": "Acme auth server"}, "acl": acl})
+    two_workers = config.load(None, {}, {"htpasswd": str(users), "workers": "2"})
+    with pytest.raises(docker_auth.DockerAuthError, match="token_key: needed with workers > 1"):
+        docker_auth.apply(two_workers, token_only)
+    assert (
+        docker_auth.apply(config.load(None, {}, {"htpasswd": str(users)}), token_only).challenge == "bearer"
+    )
+
+    key, cert, other = tmp_path / "server.key", tmp_path / "server.pem", tmp_path / "other.key"
+    keys.write_private(keys.generate(), key)
+    keys.write_private(keys.generate(), other)
+    keys.write_certificate(keys.load(other), "not the server's", cert)
+    garbage = tmp_path / "token.key"
+    garbage.write_text("not a key\n")
+    mismatched = policyfile.parse(
+        {
+            "server": {"addr": ":5001", "certificate": str(cert), "key": str(key)},
+            "token": {"issuer": "Acme auth server", "key": str(garbage)},
+            "acl": acl,
+        }
+    )
+    with pytest.raises(docker_auth.DockerAuthError) as caught:
+        docker_auth.apply(config.load(None, {}, {"htpasswd": str(users)}), mismatched)
+    message = str(caught.value)
+    assert "tls_cert (from the docker_auth section of the policy file): cannot load with tls_key" in message
+    assert "token_key (from the docker_auth section of the policy file)" in message
+    assert "not an unencrypted PEM private key" in message
