@@ -476,6 +476,23 @@ def test_fast_path_connections_close_when_idle_and_only_then(tmp_path: Path) -> 
         stop(registry.process)
 
 
+def trickle_until_cut(sock: socket.socket, data: bytes) -> float | None:
+    """Send data a byte every 0.1 s; when the gateway closed the connection (time.monotonic()), or
+    None if it never did."""
+    sock.setblocking(False)
+    for byte in data:
+        time.sleep(0.1)
+        try:
+            sock.send(bytes([byte]))
+            if sock.recv(1024) == b"":
+                return time.monotonic()
+        except BlockingIOError:
+            continue
+        except OSError:
+            return time.monotonic()
+    return None
+
+
 def test_a_head_handed_over_keeps_its_deadline(tmp_path: Path) -> None:
     """A slow first head is due header_timeout after the connection opened, whichever path ends
     up reading it (the hand-off does not start a new deadline)."""
@@ -488,20 +505,7 @@ def test_a_head_handed_over_keeps_its_deadline(tmp_path: Path) -> None:
             opened = time.monotonic()
             time.sleep(1.5)
             sock.sendall(b"G")  # the fast path hands a partial head over
-            sock.setblocking(False)
-            closed_at = None
-            for byte in b"ET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
-                time.sleep(0.1)
-                try:
-                    sock.send(bytes([byte]))
-                    if sock.recv(1024) == b"":
-                        closed_at = time.monotonic()
-                        break
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    closed_at = time.monotonic()
-                    break
+            closed_at = trickle_until_cut(sock, b"ET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100)
             assert closed_at is not None, "the trickled head was never cut"
             assert closed_at - opened < 3.2, closed_at - opened  # 2 s from opening, not 1.5 + 2
     finally:
@@ -732,6 +736,40 @@ def test_a_client_that_stops_reading_with_a_request_waiting_is_cut_after_body_ti
         # Cut a second after the client stopped taking answers, before two seconds without one.
         assert cut, served
         assert "client took no answer bytes for 1s with a request waiting: cut off" in gateway.log.read_text()
+    finally:
+        if gateway is not None:
+            stop(gateway.process)
+        stop(registry.process)
+
+
+@pytest.mark.parametrize("same_read", [False, True], ids=["after-the-answer", "in-the-same-read"])
+def test_a_head_trickled_after_a_full_path_answer_is_cut_on_time(tmp_path: Path, same_read: bool) -> None:
+    """After a request the full path answered (an anonymous challenge), the next head trickled in
+    a byte at a time is cut header_timeout after its own first byte, wherever the connection is by
+    then: taken back by the fast path (the head began after the answer) or still on the full path
+    (its first bytes came in the same read as the challenged request)."""
+    registry = start_registry(tmp_path)
+    gateway = None
+    try:
+        gateway = gateway_with_policy(
+            tmp_path, registry, env={"GATEWAY_HEADER_TIMEOUT": "2", "GATEWAY_KEEPALIVE_TIMEOUT": "60"}
+        )
+        address, port = gateway.host.split(":")
+        challenged = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n"
+        with socket.create_connection((address, int(port)), timeout=10) as sock:
+            sock.sendall(challenged + b"G" if same_read else challenged)
+            first_byte = time.monotonic()
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 401"), answer
+            if not same_read:
+                # Idle, on the fast path again: the next head's clock starts at its first byte.
+                time.sleep(1.0)
+                sock.sendall(b"G")
+                first_byte = time.monotonic()
+            closed_at = trickle_until_cut(sock, b"ET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100)
+            assert closed_at is not None, "the trickled head was never cut"
+            # Due 2 s after its first byte: not sooner (a clock started earlier), not much later.
+            assert 1.8 < closed_at - first_byte < 3.2, closed_at - first_byte
     finally:
         if gateway is not None:
             stop(gateway.process)
