@@ -62,8 +62,8 @@ def need(binary: str) -> str:
     return path
 
 
-def wait_http(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
+def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"bench: {url} exited:\n{log.read_text()[-3000:]}")
@@ -109,12 +109,13 @@ class Bench:
         auth: bool,
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
+        start_timeout: float = 30,
     ) -> Service:
         log = self.work / f"{name}.log"
         environment = {**os.environ, **(env or {})}
         with log.open("ab") as out:
             process = subprocess.Popen(argv, stdout=out, stderr=out, cwd=cwd, env=environment)
-        wait_http(url + "/v2/", process, log)
+        wait_http(url + "/v2/", process, log, start_timeout)
         service = Service(name, url, process, auth)
         self.services.append(service)
         return service

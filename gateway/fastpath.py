@@ -81,7 +81,7 @@ def _printable(value: bytes) -> bool:
     return not value.translate(_DELETE_NONE, _PRINTABLE)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: not frozen (README, "Where the time goes")
 class ParsedHead:
     """A request head the fast path may take: method, target, raw header pairs, str headers, and
     whether the client keeps the connection."""
@@ -187,7 +187,7 @@ def parse_head(head: bytes, max_line: int, max_field: int) -> ParsedHead | None:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request: not frozen (README, "Where the time goes")
 class Forward:
     """An allowed request, and what forwarding it needs."""
 

@@ -6,12 +6,13 @@ Each app gets its own registry, so several gateways in one process (the tests) d
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from yarl import URL
 
@@ -21,13 +22,28 @@ from gateway.state import AccessStore
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BUCKET_LABELS = (*(repr(float(bound)) for bound in LATENCY_BUCKETS), "+Inf")  # as Prometheus writes `le`
+
+
+def _cumulative(counts: list[float]) -> list[tuple[str, float]]:
+    """Bucket counts (each bucket's own, then +Inf's, then the sum) as Prometheus's cumulative
+    `le` buckets."""
+    buckets = []
+    total = 0.0
+    for label, count in zip(_BUCKET_LABELS, counts[:-1], strict=True):
+        total += count
+        buckets.append((label, total))
+    return buckets
+
+
 class _StateCollector(Collector):
     def __init__(self, cache: CredentialCache, store: AccessStore, metrics: Metrics) -> None:
         self.cache = cache
         self.store = store
         self.metrics = metrics
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         yield GaugeMetricFamily(
             "registry_gateway_in_flight_requests", "Requests being handled", value=self.metrics.in_flight
         )
@@ -56,6 +72,20 @@ class _StateCollector(Collector):
         reloads.add_metric(["success"], self.store.reloads_ok)
         reloads.add_metric(["failure"], self.store.reloads_failed)
         yield reloads
+        requests = CounterMetricFamily(
+            "registry_gateway_requests", "Requests under /v2/", labels=["operation", "status", "decision"]
+        )
+        for (operation, status, decision), count in list(self.metrics.requests.items()):
+            requests.add_metric([operation, str(status), decision], count)
+        yield requests
+        latency = HistogramMetricFamily(
+            "registry_gateway_upstream_latency_seconds",
+            "Time until the registry's response headers",
+            labels=["operation"],
+        )
+        for operation, counts in list(self.metrics.upstream_latency.items()):
+            latency.add_metric([operation], _cumulative(counts), sum_value=counts[-1])
+        yield latency
         fast = CounterMetricFamily(
             "registry_gateway_fast_path",
             "Requests served on the fast path; connections it handed to the full path, and took back",
@@ -70,24 +100,11 @@ class _StateCollector(Collector):
 class Metrics:
     def __init__(self, cache: CredentialCache, store: AccessStore) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "registry_gateway_requests",
-            "Requests under /v2/",
-            ["operation", "status", "decision"],
-            registry=self.registry,
-        )
         self.auth_failures = Counter(
             "registry_gateway_auth_failures", "Failed authentications", ["reason"], registry=self.registry
         )
         self.bytes = Counter(
             "registry_gateway_bytes", "Body bytes moved", ["direction"], registry=self.registry
-        )
-        self.upstream_latency = Histogram(
-            "registry_gateway_upstream_latency_seconds",
-            "Time until the registry's response headers",
-            ["operation"],
-            registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.tokens = Counter(
             "registry_gateway_tokens",
@@ -103,25 +120,25 @@ class Metrics:
         # The directory's last problem (None: fine), when logins go to one.
         self.directory_state: Callable[[], str | None] | None = None
         self.registry.register(_StateCollector(cache, store, self))
-        # Label children looked up once: prometheus_client's labels() costs a few microseconds a
-        # call, and every request would pay it four times.
-        self._requests: dict[tuple[str, str, str], Counter] = {}
-        self._latency: dict[str, Histogram] = {}
+        # Every request is counted and (when forwarded) timed: plain counts, read at scrape time.
+        # prometheus_client's Counter and Histogram take a lock per update and its Histogram a
+        # Python loop over the buckets; together they were 3.4% of the instructions per proxied
+        # HEAD (callgrind).
+        self.requests: dict[tuple[str, int, str], int] = {}  # (operation, status, decision)
+        self.upstream_latency: dict[str, list[float]] = {}  # per operation: bucket counts, then the sum
         self.bytes_in = self.bytes.labels("in")
         self.bytes_out = self.bytes.labels("out")
 
     def count_request(self, operation: str, status: int, decision: str) -> None:
-        key = (operation, str(status), decision)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(*key)
-        child.inc()
+        key = (operation, status, decision)
+        self.requests[key] = self.requests.get(key, 0) + 1
 
     def observe_upstream(self, operation: str, seconds: float) -> None:
-        child = self._latency.get(operation)
-        if child is None:
-            child = self._latency[operation] = self.upstream_latency.labels(operation)
-        child.observe(seconds)
+        counts = self.upstream_latency.get(operation)
+        if counts is None:
+            counts = self.upstream_latency[operation] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bucket it is within
+        counts[-1] += seconds
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

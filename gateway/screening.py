@@ -54,7 +54,7 @@ _FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-da
 _HEADER_TEXT = re.compile(r"[\x20-\x7e\t]*")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # made per request: not frozen (README, "Where the time goes")
 class Admitted:
     """A request the registry will read as we do, and how to forward it."""
 
