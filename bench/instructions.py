@@ -5,8 +5,8 @@
 For each tree, the gateway it holds runs under valgrind's callgrind in front of Debian's
 docker-registry, and the instructions its process executes are counted for N and for 2N
 authenticated `HEAD /v2/<repo>/manifests/<tag>` (after a warm-up; `hey`, 2 connections, login
-cache warm); the difference over N is printed. The same build counts the same within half a
-percent whatever else the machine does, where CPU time per request (bench.py) varies by 10% and
+cache warm); the difference over N is printed. The same build counts the same within about
+two percent whatever else the machine does, where CPU time per request (bench.py) varies by 10% and
 more between runs on a shared 2-core machine, so a change of a few percent shows here and not
 there. Instructions are not time: cache misses and the kernel's part (loopback TCP) are not in
 them. Use this to tell whether a change to the request path makes it cheaper, and bench.py, side

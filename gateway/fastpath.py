@@ -73,12 +73,9 @@ _ONCE = frozenset(name.encode() for name in SINGLETON_HEADERS) | {b"authorizatio
 _MAX_HEADERS = 100
 _API_VERSION_NAME = API_VERSION_HEADER.lower().encode()
 _API_VERSION_LINE = f"{API_VERSION_HEADER}: {API_VERSION}\r\n".encode()
-_PRINTABLE = bytes(range(0x20, 0x7F)) + b"\t"
-_DELETE_NONE = bytes.maketrans(b"", b"")
-
-
-def _printable(value: bytes) -> bool:
-    return not value.translate(_DELETE_NONE, _PRINTABLE)
+# What a head may hold: printable ASCII and tabs, and CR and LF as llhttp reads line ends (it
+# refuses them anywhere else), so no value holds a control character or a byte beyond ASCII.
+_HEAD_BYTES = bytes(range(0x20, 0x7F)) + b"\t\r\n"
 
 
 @dataclass(slots=True)  # made per request: not frozen (README, "Where the time goes")
@@ -144,6 +141,10 @@ class _HeadCollector:
 def parse_head(head: bytes, max_line: int, max_field: int) -> ParsedHead | None:
     """The request in `head` (ending with its blank line) if the fast path may take it, else None.
     Pure: the decision of what is plain enough, on the bytes alone."""
+    if head.translate(None, _HEAD_BYTES):  # one pass over the head, not one per value
+        return None
+    if b" \r\n" in head or b"\t\r\n" in head:
+        return None  # a value ending in blanks: llhttp keeps them, aiohttp strips them; not guessed at
     collector = _HeadCollector()
     parser = httptools.HttpRequestParser(collector)
     collector.parser = parser
@@ -161,7 +162,6 @@ def parse_head(head: bytes, max_line: int, max_field: int) -> ParsedHead | None:
         or not head.startswith(b"%s %s HTTP/1.1\r\n" % (method, url))  # the one spelling
         or not url.startswith(b"/")
         or len(url) > max_line
-        or not _printable(url)
         or b" " in url
         or b"\t" in url
         or len(collector.headers) > _MAX_HEADERS
@@ -171,10 +171,8 @@ def parse_head(head: bytes, max_line: int, max_field: int) -> ParsedHead | None:
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in collector.headers:
         lower = name.lower()
-        if lower in _NOT_HERE or len(name) + len(value) + 2 > max_field or not _printable(value):
+        if lower in _NOT_HERE or len(name) + len(value) + 2 > max_field:
             return None
-        if value[-1:] in (b" ", b"\t"):
-            return None  # llhttp keeps trailing blanks that aiohttp strips: not guessed at here
         if lower in _ONCE:
             if lower in seen:
                 return None
@@ -412,6 +410,9 @@ class FastPathConnection(asyncio.Protocol):
         self._task_handler: asyncio.Task[None] | None = None
         self._done: asyncio.Future[None] | None = None
         self._memo = IdentityMemo()
+        # The header lines of our own on every forwarded answer, made once.
+        self._own_lines = b"".join(f"{name}: {value}\r\n".encode() for name, value in self._extra_headers())
+        self._closing_lines = self._own_lines + b"Connection: close\r\n"
 
     # --- connection ------------------------------------------------------------------------
 
@@ -805,7 +806,7 @@ class FastPathConnection(asyncio.Protocol):
                 lines.append(b"Date: %s\r\n" % rfc822_formatted_time().encode())
             if self._gateway.hsts is not None and b"strict-transport-security" in first:
                 lines = [line for line in lines if not line.lower().startswith(b"strict-transport-security:")]
-            lines += [f"{name}: {value}\r\n".encode() for name, value in self._extra_headers()]
+            lines.append(self._closing_lines if self._closing else self._own_lines)
             lines.append(b"\r\n")
             if not self._write(b"".join(lines)):
                 record.decision = "error"  # the client is gone: recorded as the full path does
