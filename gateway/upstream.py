@@ -457,11 +457,7 @@ class UpstreamPool:
             if connection is None:
                 connection = await self._connect(deadline)
             try:
-                if body is None:  # most requests: without a coroutine more
-                    connection.begin(head, head_only=method == "HEAD")
-                    await connection.read_head(self.read_timeout)
-                else:
-                    await self._exchange(connection, method, head, body, chunked)
+                await self._exchange(connection, method, head, body, chunked)
             except UpstreamError as exc:
                 connection.close()
                 # A pooled connection the registry closed as we picked it up: a request without a
