@@ -78,16 +78,41 @@ _API_VERSION_LINE = f"{API_VERSION_HEADER}: {API_VERSION}\r\n".encode()
 _HEAD_BYTES = bytes(range(0x20, 0x7F)) + b"\t\r\n"
 
 
+@dataclass(slots=True)
+class Section:
+    """A head's header section (from the end of its request line to the blank line) as parsed, and
+    what is made of it. Clients send the same headers request after request on a connection (the
+    request line is what changes), so a connection keeps its last section, and a head with the same
+    section bytes takes this over instead of parsing, checking and filtering them again (README,
+    "Where the time goes"). Belongs to one connection: `view` holds its peer and scheme."""
+
+    text: bytes
+    raw_headers: tuple[tuple[bytes, bytes], ...]
+    headers: CIMultiDict[str]  # shared by the requests that send it: read, never changed
+    keep_alive: bool  # False: `Connection: close` (skopeo and podman send it every time)
+    view: forwarding.ClientView | None = None  # made by allowed_outright, once
+    upstream_lines: bytes | None = None  # forwarding.upstream_header_lines, once
+
+
 @dataclass(slots=True)  # made per request: not frozen (README, "Where the time goes")
 class ParsedHead:
-    """A request head the fast path may take: method, target, raw header pairs, str headers, and
-    whether the client keeps the connection."""
+    """A request head the fast path may take: method, target, and its header section."""
 
     method: str
     target: str
-    raw_headers: tuple[tuple[bytes, bytes], ...]
-    headers: CIMultiDict[str]
-    keep_alive: bool = True  # False: `Connection: close` (skopeo and podman send it every time)
+    section: Section
+
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        return self.section.raw_headers
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        return self.section.headers
+
+    @property
+    def keep_alive(self) -> bool:
+        return self.section.keep_alive
 
 
 class _HeadCollector:
@@ -138,9 +163,15 @@ class _HeadCollector:
         self.completed += 1
 
 
-def parse_head(head: bytes, max_line: int, max_field: int) -> ParsedHead | None:
+def parse_head(head: bytes, max_line: int, max_field: int, last: Section | None = None) -> ParsedHead | None:
     """The request in `head` (ending with its blank line) if the fast path may take it, else None.
-    Pure: the decision of what is plain enough, on the bytes alone."""
+    Pure: the decision of what is plain enough, on the bytes alone. `last`: the section of the
+    connection's last head taken; when `head` ends with the same bytes, only its request line is
+    read, and the result is the same as a full parse's (tests/test_fastpath.py checks both ways)."""
+    if last is not None:
+        line_end = head.find(b"\r\n")
+        if len(head) - line_end == len(last.text) and head.endswith(last.text):
+            return _with_section(head[:line_end], max_line, last)
     if head.translate(None, _HEAD_BYTES):  # one pass over the head, not one per value
         return None
     if b" \r\n" in head or b"\t\r\n" in head:
@@ -180,9 +211,24 @@ def parse_head(head: bytes, max_line: int, max_field: int) -> ParsedHead | None:
         headers.add(name.decode("ascii"), value.decode("ascii"))
     if b"host" not in seen:
         return None
-    return ParsedHead(
-        method.decode("ascii"), url.decode("ascii"), tuple(collector.headers), headers, collector.keep_alive
-    )
+    section = Section(head[head.find(b"\r\n") :], tuple(collector.headers), headers, collector.keep_alive)
+    return ParsedHead(method.decode("ascii"), url.decode("ascii"), section)
+
+
+_LINE_BYTES = bytes(range(0x20, 0x7F))
+
+
+def _with_section(line: bytes, max_line: int, section: Section) -> ParsedHead | None:
+    """A head whose header section was taken before: its request line read as parse_head reads it,
+    the section's parts as they were. llhttp takes every printable ASCII byte in a target, so the
+    exact spelling below is what a full parse accepts (tests/test_fastpath.py compares the two)."""
+    if line.translate(None, _LINE_BYTES):
+        return None
+    method, _, rest = line.partition(b" ")
+    url, _, version = rest.partition(b" ")
+    if method not in _METHODS or version != b"HTTP/1.1" or not url.startswith(b"/") or len(url) > max_line:
+        return None
+    return ParsedHead(method.decode("ascii"), url.decode("ascii"), section)
 
 
 @dataclass(slots=True)  # made per request: not frozen (README, "Where the time goes")
@@ -242,10 +288,13 @@ def allowed_outright(
     operation = screened.operation
     if not isinstance(operation, Operation):
         return None
-    host = headers.get("Host", "")
-    if not forwarding.valid_host(host):
-        return None
-    view = forwarding.client_view(remote, scheme, host, headers, settings.trusted_proxies)
+    section = head.section
+    view = section.view
+    if view is None:  # once per section (see Section)
+        host = headers.get("Host", "")
+        if not forwarding.valid_host(host):
+            return None
+        view = section.view = forwarding.client_view(remote, scheme, host, headers, settings.trusted_proxies)
     snapshot = gateway.authenticator.store.snapshot
     authorization = headers.get("Authorization")
 
@@ -410,6 +459,7 @@ class FastPathConnection(asyncio.Protocol):
         self._task_handler: asyncio.Task[None] | None = None
         self._done: asyncio.Future[None] | None = None
         self._memo = IdentityMemo()
+        self._section: Section | None = None  # of the last head taken (see Section)
         # The header lines of our own on every forwarded answer, made once.
         self._own_lines = b"".join(f"{name}: {value}\r\n".encode() for name, value in self._extra_headers())
         self._closing_lines = self._own_lines + b"Connection: close\r\n"
@@ -593,7 +643,7 @@ class FastPathConnection(asyncio.Protocol):
             return
         head = bytes(buffer[: end + 4])
         try:
-            parsed = parse_head(head, self._max_line, self._max_line)
+            parsed = parse_head(head, self._max_line, self._max_line, self._section)
             forward = (
                 allowed_outright(self._gateway, parsed, self._remote, self._scheme, self._memo)
                 if parsed is not None
@@ -606,6 +656,7 @@ class FastPathConnection(asyncio.Protocol):
         if parsed is None or forward is None:
             self._hand_off()
             return
+        self._section = parsed.section
         del buffer[: end + 4]
         loop = self._loop
         if buffer:
@@ -736,9 +787,13 @@ class FastPathConnection(asyncio.Protocol):
             record.decision = "error"
             self._answer(record, error_response(503, "UNAVAILABLE", "the gateway is not running"), head_only)
             return
-        request_head = forwarding.upstream_request_head(
-            head.method, forward.operation.target, head.raw_headers, forward.view, forward.authorization
-        )
+        section = head.section
+        header_lines = section.upstream_lines
+        if header_lines is None:  # once per section (see Section)
+            header_lines = forwarding.upstream_header_lines(head.raw_headers, forward.view)
+            section.upstream_lines = header_lines
+        target = forward.operation.target
+        request_head = forwarding.upstream_head(head.method, target, header_lines, forward.authorization)
         path = record.path
         started = time.monotonic()
         try:

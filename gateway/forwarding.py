@@ -150,22 +150,41 @@ def upstream_request_head(
     less hop-by-hop, credentials, forwarding and framing headers, then our forwarding headers, the
     registry credentials (in bearer mode), and the framing we chose: `Content-Length` when a length
     is known, `Transfer-Encoding: chunked` when the body is streamed without one."""
+    lines = upstream_header_lines(headers, view)
+    return upstream_head(method, target, lines, authorization, content_length, chunked)
+
+
+def upstream_header_lines(headers: Sequence[tuple[bytes, bytes]], view: ClientView) -> bytes:
+    """The first part of upstream_request_head's header lines, which depends on the client's
+    headers and view alone: theirs as sent less what is dropped, then our forwarding headers."""
     dropped = _REQUEST_DROPPED
     if any(name.lower() == b"connection" for name, _ in headers):
         dropped = dropped | _raw_connection_tokens(headers)
-    parts = [_encode(f"{method} {target} HTTP/1.1\r\n")]
+    parts: list[bytes] = []
     for name, value in headers:
         if name.lower() not in dropped:
             parts += (name, b": ", value, b"\r\n")
-    added = forwarding_headers(view)
-    if authorization:
-        added.append(("Authorization", authorization))
-    if chunked:
-        added.append(("Transfer-Encoding", "chunked"))
-    elif content_length is not None:
-        added.append(("Content-Length", str(content_length)))
-    for added_name, text in added:
+    for added_name, text in forwarding_headers(view):
         parts.append(_encode(f"{added_name}: {text}\r\n"))
+    return b"".join(parts)
+
+
+def upstream_head(
+    method: str,
+    target: str,
+    lines: bytes,
+    authorization: str | None = None,
+    content_length: int | None = None,
+    chunked: bool = False,
+) -> bytes:
+    """upstream_request_head from upstream_header_lines' `lines`."""
+    parts = [_encode(f"{method} {target} HTTP/1.1\r\n"), lines]
+    if authorization:
+        parts.append(_encode(f"Authorization: {authorization}\r\n"))
+    if chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif content_length is not None:
+        parts.append(b"Content-Length: %d\r\n" % content_length)
     parts.append(b"\r\n")
     return b"".join(parts)
 

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.fastpath import parse_head
+from gateway.fastpath import ParsedHead, parse_head
 from tests.conftest import Gateway, Registry, free_port, start_registry, stop
 from tests.test_hostile import OCI_MANIFEST, auth, gateway_with_policy, push_blob, push_image
 
@@ -107,6 +109,78 @@ def test_a_taken_head_keeps_the_bytes_sent() -> None:
     assert parsed.keep_alive
     closing = parse_head(PLAIN.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"), 16384, 16384)
     assert closing is not None and not closing.keep_alive
+
+
+def _reading(parsed: ParsedHead | None) -> object:
+    """What a parse gives, to compare two: None, or every part of the head as taken."""
+    if parsed is None:
+        return None
+    return (parsed.method, parsed.target, parsed.raw_headers, list(parsed.headers.items()), parsed.keep_alive)
+
+
+SECTIONS = [
+    PLAIN[PLAIN.index(b"\r\n") :],
+    b"\r\nHost: h\r\nConnection: close\r\n\r\n",
+    b"\r\nHost: h\r\n\r\n",
+]
+
+
+def _variants(*plain: bytes) -> st.SearchStrategy[bytes]:
+    """A request line part: mostly a plain spelling (so that whole lines are often plain but for one
+    part), else an odd one or noise."""
+    odd = [b"", b" ", b"\t", b"\n", b"\r", b"\x00", b"\x7f", "é".encode(), b"a" * 130, b"get", b"HTTP/1.1 "]
+    parts = st.sampled_from([*plain] * (24 // len(plain)) + odd)
+    return st.integers(0, 9).flatmap(lambda pick: st.binary(max_size=6) if pick == 0 else parts)
+
+
+TARGET_PARTS = [
+    b"/v2/" + b"a" * 130,  # over the line limit
+    b"/v2/\x01",
+    b"/v2/\x7f",
+    "/v2/é".encode(),
+    b"/v2/",
+    b"/v2/a/manifests/1",
+    b"/v2/a/tags/list?n=1",
+    b"/v2/#x",
+    b"/v2/%2e",
+    b"/{}|\\^`",
+    b'/"<>',
+]
+LINES = st.builds(
+    lambda method, blank, target, blank2, version: method + blank + target + blank2 + version,
+    _variants(b"GET", b"HEAD", b"POST"),
+    _variants(b" "),
+    _variants(*TARGET_PARTS, b"*", b"http://h/v2/", b"v2/"),
+    _variants(b" "),
+    _variants(b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0"),
+) | st.binary(max_size=40)
+
+
+@given(LINES, st.sampled_from(SECTIONS))
+@settings(max_examples=3000, deadline=None)
+def test_a_head_with_a_known_section_reads_as_a_full_parse_would(line: bytes, section: bytes) -> None:
+    """A connection's next head with the same header section: only the request line is read, and
+    the result is exactly that of a full parse (the same request, or the full path's)."""
+    first = parse_head(b"GET /v2/ HTTP/1.1" + section, 128, 128)
+    assert first is not None
+    head = line + section
+    with_section = parse_head(head, 128, 128, first.section)
+    assert _reading(with_section) == _reading(parse_head(head, 128, 128))
+    if with_section is not None and head.find(b"\r\n") == len(line):
+        assert with_section.section is first.section  # taken over, not parsed again
+
+
+def test_a_different_section_is_parsed_anew() -> None:
+    first = parse_head(PLAIN, 16384, 16384)
+    assert first is not None
+    for other in (
+        PLAIN.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\n\r\n"),  # refused, not taken from the last
+        PLAIN.replace(b"eDp5", b"eDp6"),
+        PLAIN.replace(b"Host: h:5000", b"Host: h:5001"),
+    ):
+        again = parse_head(other, 16384, 16384, first.section)
+        assert _reading(again) == _reading(parse_head(other, 16384, 16384))
+        assert again is None or again.section is not first.section
 
 
 # --- side by side with the full path, against the real registry ---------------------------------
