@@ -34,6 +34,17 @@ from aiohttp.http_parser import SINGLETON_HEADERS
 from multidict import CIMultiDict
 
 from gateway import forwarding
+from gateway.app import (
+    OLD_DOCKER_CLIENT,
+    UPSTREAM_ERROR_LOG_BYTES,
+    Gateway,
+    Identity,
+    _decide,
+    _is_plain_blob,
+    _needs_own_error_body,
+    _replace_error,
+    _still_valid,
+)
 from gateway.audit import AuditRecord, new_record, operation_name
 from gateway.authn import Malformed, parse_basic_authorization
 from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_response
@@ -49,7 +60,6 @@ from gateway.tokens.scopes import covers, needed
 from gateway.upstream import NoConnection, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway, Identity
     from gateway.server import ConnectionLimits
 
 log = logging.getLogger("gateway.fastpath")
@@ -162,6 +172,10 @@ class _HeadCollector:
     def on_message_complete(self) -> None:
         self.completed += 1
 
+    # Callbacks not wanted: None, as httptools looks each one up (a missing one costs it an
+    # AttributeError, per parser).
+    on_body = on_chunk_header = on_chunk_complete = None
+
 
 def parse_head(head: bytes, max_line: int, max_field: int, last: Section | None = None) -> ParsedHead | None:
     """The request in `head` (ending with its blank line) if the fast path may take it, else None.
@@ -273,8 +287,6 @@ def allowed_outright(
     answer is "allowed", None when the full path must answer (it then decides the same way,
     with every refusal, challenge and log line of its own). No side effects but one: a cached
     login forgets its address's failed attempts, as a login does."""
-    from gateway.app import OLD_DOCKER_CLIENT, _decide
-
     settings = gateway.settings
     headers = head.headers
     if settings.block_old_clients and OLD_DOCKER_CLIENT.fullmatch(headers.get("User-Agent", "")):
@@ -365,8 +377,6 @@ def _identity(
     waiting), and until when (time.monotonic()) a connection may take that as said without a
     change to the users: the login cache entry's or the token's end, the account's expiry (0.0:
     not to be remembered), and a Basic login's login cache key. None: the full path must tell."""
-    from gateway.app import Identity, _still_valid
-
     authority = gateway.authority
     if authority is not None and authorization is not None and authorization[:7].lower() == "bearer ":
         try:
@@ -777,8 +787,6 @@ class FastPathConnection(asyncio.Protocol):
         self._write(render_response(response, head_only, self._extra_headers()))
 
     async def _proxy(self, head: ParsedHead, forward: Forward, record: AuditRecord) -> None:
-        from gateway.app import _is_plain_blob, _needs_own_error_body, _replace_error
-
         gateway = self._gateway
         settings = gateway.settings
         pool = gateway.upstream
@@ -826,8 +834,6 @@ class FastPathConnection(asyncio.Protocol):
             record.digest = upstream.header(b"docker-content-digest")
             status = upstream.status
             if _needs_own_error_body(status, upstream.header(b"content-type") or ""):
-                from gateway.app import UPSTREAM_ERROR_LOG_BYTES
-
                 original = b""
                 if not head_only:
                     with contextlib.suppress(UpstreamError):

@@ -208,6 +208,10 @@ class _Connection(asyncio.Protocol):
         self.complete = True
         self._wake()
 
+    # Not wanted: None, as httptools looks each callback up (a missing one costs it an
+    # AttributeError, per parser, which is per exchange).
+    on_chunk_header = on_chunk_complete = None
+
     # --- used by the pool ------------------------------------------------------------------------
 
     def _fail(self, error: BaseException) -> None:
