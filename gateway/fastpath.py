@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import httptools
@@ -52,7 +52,7 @@ from gateway.identity import merge_labels
 from gateway.login import before_account_ends, login_if_cached
 from gateway.policy import Outcome
 from gateway.routes import Operation, Route
-from gateway.screening import Refusal, screen
+from gateway.screening import HeaderFacts, Refusal, screen, screen_headers
 from gateway.state import Snapshot
 from gateway.tokens.endpoint import TOKEN_PATH
 from gateway.tokens.jwt_tokens import InvalidToken
@@ -100,7 +100,11 @@ class Section:
     raw_headers: tuple[tuple[bytes, bytes], ...]
     headers: CIMultiDict[str]  # shared by the requests that send it: read, never changed
     keep_alive: bool  # False: `Connection: close` (skopeo and podman send it every time)
-    view: forwarding.ClientView | None = None  # made by allowed_outright, once
+    # Made by allowed_outright, once: the client's view (None until then), its credentials, and
+    # screening.screen_headers for each method.
+    view: forwarding.ClientView | None = None
+    authorization: str | None = None
+    screened: dict[str, HeaderFacts] = field(default_factory=dict)
     upstream_lines: bytes | None = None  # forwarding.upstream_header_lines, once
 
 
@@ -288,27 +292,33 @@ def allowed_outright(
     with every refusal, challenge and log line of its own). No side effects but one: a cached
     login forgets its address's failed attempts, as a login does."""
     settings = gateway.settings
-    headers = head.headers
-    if settings.block_old_clients and OLD_DOCKER_CLIENT.fullmatch(headers.get("User-Agent", "")):
-        return None
+    section = head.section
+    headers = section.headers
+    view = section.view
+    if view is None:  # once per section (see Section)
+        if settings.block_old_clients and OLD_DOCKER_CLIENT.fullmatch(headers.get("User-Agent", "")):
+            return None
+        host = headers.get("Host", "")
+        if not forwarding.valid_host(host):
+            return None
+        view = forwarding.client_view(remote, scheme, host, headers, settings.trusted_proxies)
+        section.authorization = headers.get("Authorization")
+        section.view = view
     authority = gateway.authority
     if authority is not None and head.target.partition("?")[0] == TOKEN_PATH:
         return None
-    screened = screen(head.method, head.target, headers)
+    method = head.method
+    facts = section.screened.get(method)
+    if facts is None:  # once per section and method
+        facts = section.screened[method] = screen_headers(method, headers)
+    screened = screen(method, head.target, headers, facts)
     if isinstance(screened, Refusal) or screened.has_body or screened.close_after or screened.expect_continue:
         return None
     operation = screened.operation
     if not isinstance(operation, Operation):
         return None
-    section = head.section
-    view = section.view
-    if view is None:  # once per section (see Section)
-        host = headers.get("Host", "")
-        if not forwarding.valid_host(host):
-            return None
-        view = section.view = forwarding.client_view(remote, scheme, host, headers, settings.trusted_proxies)
     snapshot = gateway.authenticator.store.snapshot
-    authorization = headers.get("Authorization")
+    authorization = section.authorization
 
     identity = None
     now = time.monotonic()

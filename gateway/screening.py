@@ -84,42 +84,85 @@ def _one(headers: Headers, name: str) -> str | Refusal | None:
     return values[0]
 
 
-def screen(method: str, target: str, headers: Headers) -> Admitted | Refusal:
-    """Decide a request from its method, raw target (as sent) and headers, as this module's
-    docstring says."""
-    operation = parse_request(method, target)
-    if isinstance(operation, RouteError) and not operation.after_authentication:
-        return Refusal(operation.status, operation.code, operation.message)
+@dataclass(frozen=True, slots=True)
+class HeaderFacts:
+    """What a request's headers say, before its route is known (screen_headers): the same for every
+    request that sends the same headers with the same method, so the fast path keeps it with a
+    header section (fastpath.Section)."""
+
+    refusal: Refusal | None  # Content-Type, Transfer-Encoding or Content-Length refused
+    content_length: int | None
+    chunked: bool
+    expectations: tuple[str, ...]  # Expect's tokens, lower case
+    upgrade: bool  # an Upgrade header, or CONNECT
+
+
+_FORM_REFUSAL = Refusal(
+    415,
+    "UNSUPPORTED",
+    "form and multipart bodies are not accepted: the registry reads their fields as parameters",
+)
+_CHUNK_TYPE_REFUSAL = Refusal(415, "UNSUPPORTED", "a blob upload chunk must be application/octet-stream")
+
+
+def screen_headers(method: str, headers: Headers) -> HeaderFacts:
+    """The header part of `screen`: Content-Type, Transfer-Encoding, Content-Length, Expect, Upgrade."""
+
+    def refused(refusal: Refusal) -> HeaderFacts:
+        return HeaderFacts(refusal, None, False, (), False)
 
     content_type = _one(headers, "Content-Type")
     if isinstance(content_type, Refusal):
-        return content_type
+        return refused(content_type)
     if content_type is not None:
         if not _HEADER_TEXT.fullmatch(content_type):
-            return Refusal(400, "UNSUPPORTED", "Content-Type must be printable ASCII")
+            return refused(Refusal(400, "UNSUPPORTED", "Content-Type must be printable ASCII"))
         media_type = content_type.split(";", 1)[0].strip(" \t").lower()
         if media_type in _FORM_TYPES or media_type.startswith("multipart/"):
-            return Refusal(
-                415,
-                "UNSUPPORTED",
-                "form and multipart bodies are not accepted: the registry reads their fields as parameters",
-            )
+            return refused(_FORM_REFUSAL)
         if method == "PATCH" and content_type != "application/octet-stream":
             # distribution's PatchBlobData takes exactly this value (or none) and answers 500 otherwise.
-            return Refusal(415, "UNSUPPORTED", "a blob upload chunk must be application/octet-stream")
+            return refused(
+                Refusal(415, "UNSUPPORTED", "a blob upload chunk must be application/octet-stream")
+            )
 
     transfer_encoding = headers.getall("Transfer-Encoding", [])
     chunked = bool(transfer_encoding)
     if chunked and [value.strip(" \t").lower() for value in transfer_encoding] != ["chunked"]:
-        return Refusal(400, "UNSUPPORTED", "only Transfer-Encoding: chunked is supported")
+        return refused(Refusal(400, "UNSUPPORTED", "only Transfer-Encoding: chunked is supported"))
     length_text = _one(headers, "Content-Length")
     if isinstance(length_text, Refusal):
-        return length_text
+        return refused(length_text)
     content_length = None
     if length_text is not None:
         if chunked or not length_text.isascii() or not length_text.isdigit() or len(length_text) > 18:
-            return Refusal(400, "UNSUPPORTED", "invalid Content-Length")
+            return refused(Refusal(400, "UNSUPPORTED", "invalid Content-Length"))
         content_length = int(length_text)
+    expectations = tuple(
+        token.strip(" \t").lower()
+        for value in headers.getall("Expect", [])
+        for token in value.split(",")
+        if token.strip(" \t")
+    )
+    upgrade = bool(headers.getall("Upgrade", [])) or method == "CONNECT"
+    return HeaderFacts(None, content_length, chunked, expectations, upgrade)
+
+
+def screen(
+    method: str, target: str, headers: Headers, facts: HeaderFacts | None = None
+) -> Admitted | Refusal:
+    """Decide a request from its method, raw target (as sent) and headers, as this module's
+    docstring says. `facts`: screen_headers(method, headers), when known already."""
+    operation = parse_request(method, target)
+    if isinstance(operation, RouteError) and not operation.after_authentication:
+        return Refusal(operation.status, operation.code, operation.message)
+
+    if facts is None:
+        facts = screen_headers(method, headers)
+    if facts.refusal is not None:
+        return facts.refusal
+    chunked = facts.chunked
+    content_length = facts.content_length
     has_body = chunked or bool(content_length)
     if has_body:
         takes_body = isinstance(operation, Operation) and (operation.route, method) in BODY_ROUTES
@@ -127,18 +170,12 @@ def screen(method: str, target: str, headers: Headers) -> Admitted | Refusal:
             return Refusal(400, "UNSUPPORTED", f"{method} on this endpoint takes no request body")
 
     expect_continue = False
-    expectations = [
-        token.strip(" \t").lower()
-        for value in headers.getall("Expect", [])
-        for token in value.split(",")
-        if token.strip(" \t")
-    ]
-    if expectations:
-        if any(token != "100-continue" for token in expectations):
+    if facts.expectations:
+        if any(token != "100-continue" for token in facts.expectations):
             return Refusal(417, "UNSUPPORTED", "unsupported Expect header")
         expect_continue = has_body
 
-    upgrade = bool(headers.getall("Upgrade", [])) or method == "CONNECT"
+    upgrade = facts.upgrade
     if upgrade and has_body:
         return Refusal(400, "UNSUPPORTED", "protocol upgrades are not supported")
 
