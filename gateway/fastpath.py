@@ -83,6 +83,9 @@ _ONCE = frozenset(name.encode() for name in SINGLETON_HEADERS) | {b"authorizatio
 _MAX_HEADERS = 100
 _API_VERSION_NAME = API_VERSION_HEADER.lower().encode()
 _API_VERSION_LINE = f"{API_VERSION_HEADER}: {API_VERSION}\r\n".encode()
+_NOTHING: frozenset[bytes] = frozenset()
+_NO_LENGTH = frozenset({b"content-length"})
+_STS = frozenset({b"strict-transport-security"})
 # What a head may hold: printable ASCII and tabs, and CR and LF as llhttp reads line ends (it
 # refuses them anywhere else), so no value holds a control character or a byte beyond ASCII.
 _HEAD_BYTES = bytes(range(0x20, 0x7F)) + b"\t\r\n"
@@ -841,9 +844,18 @@ class FastPathConnection(asyncio.Protocol):
         gateway.metrics.observe_upstream(record.operation or "other", time.monotonic() - started)
 
         try:
-            record.digest = upstream.header(b"docker-content-digest")
             status = upstream.status
-            if _needs_own_error_body(status, upstream.header(b"content-type") or ""):
+            empty = must_be_empty_body(head.method, status)
+            also_dropped = _NOTHING
+            if empty and should_remove_content_length(head.method, status):
+                also_dropped = _NO_LENGTH
+            if self._gateway.hsts is not None:
+                also_dropped = also_dropped | _STS  # the gateway sends its own
+            lines, first = forwarding.downstream_response_lines(upstream.raw_headers, also_dropped)
+            digest = first.get(b"docker-content-digest")
+            record.digest = None if digest is None else digest.decode("utf-8")
+            content_type = first.get(b"content-type")
+            if _needs_own_error_body(status, "" if content_type is None else content_type.decode("utf-8")):
                 original = b""
                 if not head_only:
                     with contextlib.suppress(UpstreamError):
@@ -859,24 +871,17 @@ class FastPathConnection(asyncio.Protocol):
                     response = _replace_error(head.method, path, upstream, original)
                 self._answer(record, response, head_only)
                 return
-            lines, first = forwarding.downstream_response_lines(upstream.raw_headers)
             lines.insert(0, b"HTTP/1.1 %d %s\r\n" % (status, upstream.reason.encode("utf-8")))
             if _API_VERSION_NAME not in first:
                 lines.append(_API_VERSION_LINE)
-            empty = must_be_empty_body(head.method, status)
             chunked = False
-            if empty:
-                if should_remove_content_length(head.method, status):
-                    lines = [line for line in lines if not line.lower().startswith(b"content-length:")]
-            elif b"content-length" not in first:
+            if not empty and b"content-length" not in first:
                 chunked = True
                 lines.append(b"Transfer-Encoding: chunked\r\n")
             if not empty and first.get(b"content-length") != b"0" and b"content-type" not in first:
                 lines.append(b"Content-Type: application/octet-stream\r\n")
             if b"date" not in first:
                 lines.append(b"Date: %s\r\n" % rfc822_formatted_time().encode())
-            if self._gateway.hsts is not None and b"strict-transport-security" in first:
-                lines = [line for line in lines if not line.lower().startswith(b"strict-transport-security:")]
             lines.append(self._closing_lines if self._closing else self._own_lines)
             lines.append(b"\r\n")
             if not self._write(b"".join(lines)):

@@ -203,12 +203,12 @@ def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> CIMul
 
 
 def downstream_response_lines(
-    headers: Sequence[tuple[bytes, bytes]],
+    headers: Sequence[tuple[bytes, bytes]], also_dropped: frozenset[bytes] = frozenset()
 ) -> tuple[list[bytes], dict[bytes, bytes]]:
     """`downstream_response_headers` as the header lines aiohttp would write for them, built in
-    one pass for the fast path, less any `Server` (the gateway sends its own); with the first
-    value of each name kept, by lower-case name."""
-    dropped = _RESPONSE_DROPPED | {b"server"}
+    one pass for the fast path, less any `Server` (the gateway sends its own) and the lower-case
+    names in `also_dropped`; with the first value of each name kept, by lower-case name."""
+    dropped = _RESPONSE_DROPPED | {b"server"} | also_dropped
     if any(name.lower() == b"connection" for name, _ in headers):
         dropped = dropped | _raw_connection_tokens(headers)
     lines: list[bytes] = []

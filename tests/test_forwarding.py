@@ -227,3 +227,12 @@ def test_fast_path_response_lines_match_the_full_paths_headers(
     assert first == {
         name.lower().encode(): full.getone(name).encode() for name in full if name.lower() != "server"
     }
+
+
+def test_response_lines_leave_out_what_the_gateway_replaces() -> None:
+    sts = b"strict-transport-security"
+    registry_headers = [(b"Content-Length", b"5"), (b"Strict-Transport-Security", b"max-age=1")]
+    registry_headers.append((b"Date", b"x"))
+    lines, first = forwarding.downstream_response_lines(registry_headers, frozenset({sts}))
+    assert lines == [b"Content-Length: 5\r\n", b"Date: x\r\n"]
+    assert first == {b"content-length": b"5", b"date": b"x"}
