@@ -339,9 +339,7 @@ def allowed_outright(
         user = identity.user
         if user is not None and identity.basic:
             # As login_if_cached does on every request: the lockout reset.
-            lockout = gateway.lockout
-            if lockout.retry_after(view.address, user, now) is None:
-                lockout.succeeded(view.address, user)
+            gateway.lockout.cached_login(view.address, user, now)
     else:
         found = _identity(gateway, authorization, view.address, snapshot)
         if found is None:

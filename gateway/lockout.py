@@ -65,5 +65,12 @@ class Lockout:
         self._entries.pop((address, user), None)
         self._last_attempt.pop((address, user), None)
 
+    def cached_login(self, address: str, user: str, now: float) -> None:
+        """A login the login cache vouched for: the pair's failures are forgotten unless it is
+        locked out (it then stays locked). Nothing to look up when no failure is recorded at all,
+        as on every request of a busy gateway nobody guesses against."""
+        if (self._entries or self._last_attempt) and self.retry_after(address, user, now) is None:
+            self.succeeded(address, user)
+
     def __len__(self) -> int:
         return len(self._entries)

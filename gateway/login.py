@@ -80,8 +80,7 @@ def login_if_cached(
     if found is None:
         return None
     verified, until = found
-    if lockout.retry_after(client, credentials.username, time.monotonic()) is None:
-        lockout.succeeded(client, credentials.username)
+    lockout.cached_login(client, credentials.username, time.monotonic())
     logged_in = _logged_in(verified, snapshot)
     if not isinstance(logged_in, LoggedIn):
         return None

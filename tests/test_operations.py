@@ -524,3 +524,26 @@ def test_the_same_wrong_password_is_one_guess() -> None:
     lockout.failed("10.0.0.1", "alice", 101.0, b"other")
     lockout.failed("10.0.0.1", "alice", 101.0 + REPEAT_WINDOW, b"other")  # again, but later: counted
     assert lockout.retry_after("10.0.0.1", "alice", 120.0) is not None
+
+
+def test_a_cached_login_forgets_failures_unless_locked() -> None:
+    from gateway.lockout import Lockout
+
+    lockout = Lockout(attempts=2, window=300)
+    lockout.cached_login("10.0.0.1", "alice", 100.0)  # nothing recorded: nothing to do
+    assert len(lockout) == 0
+    lockout.failed("10.0.0.1", "alice", 100.0, b"a")
+    lockout.failed("10.0.0.2", "bob", 100.0, b"a")
+    lockout.failed("10.0.0.2", "bob", 100.0, b"b")  # locked
+    lockout.cached_login("10.0.0.1", "alice", 101.0)
+    lockout.cached_login("10.0.0.2", "bob", 101.0)
+    lockout.failed("10.0.0.1", "alice", 102.0, b"b")  # counts from zero again: one failure
+    assert lockout.retry_after("10.0.0.1", "alice", 103.0) is None
+    assert lockout.retry_after("10.0.0.2", "bob", 103.0) is not None  # a locked pair stays locked
+    # Failures whose window has passed, but whose last guess is still remembered: forgotten too.
+    short = Lockout(attempts=2, window=5)
+    short.failed("10.0.0.1", "alice", 100.0, b"a")
+    assert short.retry_after("10.0.0.1", "alice", 106.0) is None  # the window has passed
+    short.cached_login("10.0.0.1", "alice", 106.0)
+    short.failed("10.0.0.1", "alice", 107.0, b"a")  # a new guess after a login, not a repeat
+    assert len(short) == 1
