@@ -83,9 +83,14 @@ _ONCE = frozenset(name.encode() for name in SINGLETON_HEADERS) | {b"authorizatio
 _MAX_HEADERS = 100
 _API_VERSION_NAME = API_VERSION_HEADER.lower().encode()
 _API_VERSION_LINE = f"{API_VERSION_HEADER}: {API_VERSION}\r\n".encode()
-_NOTHING: frozenset[bytes] = frozenset()
-_NO_LENGTH = frozenset({b"content-length"})
-_STS = frozenset({b"strict-transport-security"})
+# The registry's headers the gateway leaves out of an answer, besides hop-by-hop ones: by (an
+# empty answer without a length, the gateway sends its own HSTS).
+_ALSO_DROPPED = {
+    (False, False): frozenset(),
+    (True, False): frozenset({b"content-length"}),
+    (False, True): frozenset({b"strict-transport-security"}),
+    (True, True): frozenset({b"content-length", b"strict-transport-security"}),
+}
 # What a head may hold: printable ASCII and tabs, and CR and LF as llhttp reads line ends (it
 # refuses them anywhere else), so no value holds a control character or a byte beyond ASCII.
 _HEAD_BYTES = bytes(range(0x20, 0x7F)) + b"\t\r\n"
@@ -236,20 +241,25 @@ def parse_head(head: bytes, max_line: int, max_field: int, last: Section | None 
     return ParsedHead(method.decode("ascii"), url.decode("ascii"), section)
 
 
-_LINE_BYTES = bytes(range(0x20, 0x7F))
+_METHOD_NAMES = frozenset(method.decode() for method in _METHODS)
 
 
 def _with_section(line: bytes, max_line: int, section: Section) -> ParsedHead | None:
     """A head whose header section was taken before: its request line read as parse_head reads it,
     the section's parts as they were. llhttp takes every printable ASCII byte in a target, so the
     exact spelling below is what a full parse accepts (tests/test_fastpath.py compares the two)."""
-    if line.translate(None, _LINE_BYTES):
+    if not line.isascii():
         return None
-    method, _, rest = line.partition(b" ")
-    url, _, version = rest.partition(b" ")
-    if method not in _METHODS or version != b"HTTP/1.1" or not url.startswith(b"/") or len(url) > max_line:
+    text = line.decode("ascii")
+    if not text.isprintable():  # control characters and tabs
         return None
-    return ParsedHead(method.decode("ascii"), url.decode("ascii"), section)
+    method, _, rest = text.partition(" ")
+    target, _, version = rest.partition(" ")
+    if method not in _METHOD_NAMES or version != "HTTP/1.1":
+        return None
+    if not target.startswith("/") or len(target) > max_line:
+        return None
+    return ParsedHead(method, target, section)
 
 
 @dataclass(slots=True)  # made per request: not frozen (README, "Where the time goes")
@@ -844,11 +854,8 @@ class FastPathConnection(asyncio.Protocol):
         try:
             status = upstream.status
             empty = must_be_empty_body(head.method, status)
-            also_dropped = _NOTHING
-            if empty and should_remove_content_length(head.method, status):
-                also_dropped = _NO_LENGTH
-            if self._gateway.hsts is not None:
-                also_dropped = also_dropped | _STS  # the gateway sends its own
+            no_length = empty and should_remove_content_length(head.method, status)
+            also_dropped = _ALSO_DROPPED[no_length, self._gateway.hsts is not None]
             lines, first = forwarding.downstream_response_lines(upstream.raw_headers, also_dropped)
             digest = first.get(b"docker-content-digest")
             record.digest = None if digest is None else digest.decode("utf-8")

@@ -122,6 +122,7 @@ def forwarding_headers(view: ClientView) -> list[tuple[str, str]]:
 
 _REQUEST_DROPPED = frozenset(name.encode() for name in CLIENT_HEADERS_DROPPED | {"content-length"})
 _RESPONSE_DROPPED = frozenset(name.encode() for name in HOP_BY_HOP)
+_RESPONSE_LINES_DROPPED = _RESPONSE_DROPPED | {b"server"}
 
 
 def _raw_connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -208,7 +209,7 @@ def downstream_response_lines(
     """`downstream_response_headers` as the header lines aiohttp would write for them, built in
     one pass for the fast path, less any `Server` (the gateway sends its own) and the lower-case
     names in `also_dropped`; with the first value of each name kept, by lower-case name."""
-    dropped = _RESPONSE_DROPPED | {b"server"} | also_dropped
+    dropped = _RESPONSE_LINES_DROPPED | also_dropped if also_dropped else _RESPONSE_LINES_DROPPED
     if any(name.lower() == b"connection" for name, _ in headers):
         dropped = dropped | _raw_connection_tokens(headers)
     lines: list[bytes] = []

@@ -339,6 +339,8 @@ def _reason(status: int, sent: bytes) -> str:
     """The reason phrase for the client: the registry's when it is plain text (llhttp refuses CR
     and LF in it, not other control characters, which a terminal or log would act on), else
     the standard one for the status."""
+    if sent == b"OK":  # nearly every answer: no check to make
+        return "OK"
     if not sent.translate(None, _REASON_CHARACTERS):
         return sent.decode("ascii")
     try:
