@@ -857,10 +857,10 @@ class FastPathConnection(asyncio.Protocol):
             no_length = empty and should_remove_content_length(head.method, status)
             also_dropped = _ALSO_DROPPED[no_length, self._gateway.hsts is not None]
             lines, first = forwarding.downstream_response_lines(upstream.raw_headers, also_dropped)
-            digest = first.get(b"docker-content-digest")
-            record.digest = None if digest is None else digest.decode("utf-8")
-            content_type = first.get(b"content-type")
-            if _needs_own_error_body(status, "" if content_type is None else content_type.decode("utf-8")):
+            # Read from the registry's headers as the full path reads them (`first` leaves out
+            # what its Connection header names).
+            record.digest = upstream.header(b"docker-content-digest")
+            if _needs_own_error_body(status, upstream.header(b"content-type") or ""):
                 original = b""
                 if not head_only:
                     with contextlib.suppress(UpstreamError):

@@ -122,9 +122,7 @@ def screen_headers(method: str, headers: Headers) -> HeaderFacts:
             return refused(_FORM_REFUSAL)
         if method == "PATCH" and content_type != "application/octet-stream":
             # distribution's PatchBlobData takes exactly this value (or none) and answers 500 otherwise.
-            return refused(
-                Refusal(415, "UNSUPPORTED", "a blob upload chunk must be application/octet-stream")
-            )
+            return refused(_CHUNK_TYPE_REFUSAL)
 
     transfer_encoding = headers.getall("Transfer-Encoding", [])
     chunked = bool(transfer_encoding)
