@@ -84,7 +84,7 @@ def _one(headers: Headers, name: str) -> str | Refusal | None:
     return values[0]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per request on the full path: not frozen (README, "Where the time goes")
 class HeaderFacts:
     """What a request's headers say, before its route is known (screen_headers): the same for every
     request that sends the same headers with the same method, so the fast path keeps it with a
@@ -105,45 +105,46 @@ _FORM_REFUSAL = Refusal(
 _CHUNK_TYPE_REFUSAL = Refusal(415, "UNSUPPORTED", "a blob upload chunk must be application/octet-stream")
 
 
+def _refused(refusal: Refusal) -> HeaderFacts:
+    return HeaderFacts(refusal, None, False, (), False)
+
+
 def screen_headers(method: str, headers: Headers) -> HeaderFacts:
     """The header part of `screen`: Content-Type, Transfer-Encoding, Content-Length, Expect, Upgrade."""
 
-    def refused(refusal: Refusal) -> HeaderFacts:
-        return HeaderFacts(refusal, None, False, (), False)
-
     content_type = _one(headers, "Content-Type")
     if isinstance(content_type, Refusal):
-        return refused(content_type)
+        return _refused(content_type)
     if content_type is not None:
         if not _HEADER_TEXT.fullmatch(content_type):
-            return refused(Refusal(400, "UNSUPPORTED", "Content-Type must be printable ASCII"))
+            return _refused(Refusal(400, "UNSUPPORTED", "Content-Type must be printable ASCII"))
         media_type = content_type.split(";", 1)[0].strip(" \t").lower()
         if media_type in _FORM_TYPES or media_type.startswith("multipart/"):
-            return refused(_FORM_REFUSAL)
+            return _refused(_FORM_REFUSAL)
         if method == "PATCH" and content_type != "application/octet-stream":
             # distribution's PatchBlobData takes exactly this value (or none) and answers 500 otherwise.
-            return refused(_CHUNK_TYPE_REFUSAL)
+            return _refused(_CHUNK_TYPE_REFUSAL)
 
     transfer_encoding = headers.getall("Transfer-Encoding", [])
     chunked = bool(transfer_encoding)
     if chunked and [value.strip(" \t").lower() for value in transfer_encoding] != ["chunked"]:
-        return refused(Refusal(400, "UNSUPPORTED", "only Transfer-Encoding: chunked is supported"))
+        return _refused(Refusal(400, "UNSUPPORTED", "only Transfer-Encoding: chunked is supported"))
     length_text = _one(headers, "Content-Length")
     if isinstance(length_text, Refusal):
-        return refused(length_text)
+        return _refused(length_text)
     content_length = None
     if length_text is not None:
         if chunked or not length_text.isascii() or not length_text.isdigit() or len(length_text) > 18:
-            return refused(Refusal(400, "UNSUPPORTED", "invalid Content-Length"))
+            return _refused(Refusal(400, "UNSUPPORTED", "invalid Content-Length"))
         content_length = int(length_text)
-    expectations = tuple(
+    expectations = [
         token.strip(" \t").lower()
         for value in headers.getall("Expect", [])
         for token in value.split(",")
         if token.strip(" \t")
-    )
+    ]
     upgrade = bool(headers.getall("Upgrade", [])) or method == "CONNECT"
-    return HeaderFacts(None, content_length, chunked, expectations, upgrade)
+    return HeaderFacts(None, content_length, chunked, tuple(expectations), upgrade)
 
 
 def screen(
