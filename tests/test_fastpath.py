@@ -422,7 +422,7 @@ def test_the_fast_path_answers_as_the_full_path_does(pair: Pair) -> None:
     assert cache_counts(pair.fast_metrics) == cache_counts(pair.full_metrics)
     fast_counts = fast_path_counts(pair.fast_metrics)
     full_counts = fast_path_counts(pair.full_metrics)
-    assert full_counts == {"served": 0, "handed_off": 0, "taken_back": 0}
+    assert full_counts == {"served": 0, "handed_off": 0, "taken_back": 0, "section_reused": 0}
     # Every allowed GET/HEAD but the first login, on the kept-alive connection, was served on the
     # fast path until the first request it does not take; on single connections, all of them.
     assert fast_counts["served"] >= 16, fast_counts
@@ -712,8 +712,46 @@ def test_a_connection_comes_back_to_the_fast_path_after_the_full_path(pair: Pair
         if index != 4:  # the upload's Location names an upload of its own
             assert normalised(one) == normalised(other), requests[index]
     changes = {key: after[key] - before[key] for key in after}
-    # Handed over for the challenge, the login and the upload; taken back after each.
-    assert changes == {"served": 3, "handed_off": 3, "taken_back": 3}, changes
+    # Handed over for the challenge, the login and the upload; taken back after each (a connection
+    # taken back keeps no header section: every head it serves here is parsed anew).
+    assert changes == {"served": 3, "handed_off": 3, "taken_back": 3, "section_reused": 0}, changes
+
+
+def test_a_known_header_section_carries_no_decision(pair: Pair) -> None:
+    """Heads with the same headers on one kept-alive connection reuse their parse, never what was
+    decided: after allowed requests, the same credentials on a repository they may not pull are
+    refused, and anonymous heads on a hidden repository challenged, exactly as on the full path."""
+
+    def head_with(path: str, credentials: str) -> bytes:
+        return f"HEAD {path} HTTP/1.1\r\nHost: x\r\n{credentials}Accept: {OCI_MANIFEST}\r\n\r\n".encode()
+
+    alice = f"Authorization: {auth('alice')}\r\n"
+    requests = [
+        f"GET /v2/ HTTP/1.1\r\nHost: x\r\n{alice}\r\n".encode(),  # the first login (full path)
+        head_with("/v2/alice/x/manifests/1", alice),  # allowed (the registry has no such manifest)
+        head_with("/v2/alice/x/manifests/1", alice),  # the same head: its section reused
+        head_with("/v2/secret/hidden/manifests/1", alice),  # the same section: refused
+        head_with("/v2/alice/x/manifests/1", alice),  # taken back: allowed again
+    ]
+    anonymous = [
+        head_with("/v2/public/app/manifests/1", ""),  # allowed by the ACL
+        head_with("/v2/public/app/manifests/1", ""),  # section reused
+        head_with("/v2/secret/hidden/manifests/1", ""),  # the same section: challenged
+    ]
+    before = fast_path_counts(pair.fast_metrics)
+    fast = send_all(pair.fast.host, requests) + send_all(pair.fast.host, anonymous)
+    after = fast_path_counts(pair.fast_metrics)
+    full = send_all(pair.full.host, requests) + send_all(pair.full.host, anonymous)
+    statuses = [answer.split(b" ", 2)[1] for answer in fast]
+    assert statuses == [b"200", b"404", b"404", b"403", b"404", b"200", b"200", b"401"], statuses
+    for index, (one, other) in enumerate(zip(fast, full, strict=True)):
+        assert normalised(one) == normalised(other), index
+    changes = {key: after[key] - before[key] for key in after}
+    assert changes["section_reused"] >= 2, changes  # the shortcut was taken, and refused nothing
+    records = audit_records(pair.fast_audit, 1 + len(requests) + len(anonymous))
+    decisions = [(record["repository"], record["decision"]) for record in records[-len(anonymous) - 2 :]]
+    assert decisions[0] == ("secret/hidden", "deny"), decisions
+    assert decisions[-1] == ("secret/hidden", "challenge"), decisions
 
 
 def test_a_body_ending_in_the_read_that_begins_the_next_head_loses_nothing(pair: Pair) -> None:

@@ -325,6 +325,16 @@ def test_tls_push_pull_and_certificate_renewal(tmp_path: Path, registry: Registr
         response.read()
         assert response.status == 401
         assert response.getheader("Strict-Transport-Security") == "max-age=600"
+        # Logged in (the full path), then the same request again on the connection (the fast
+        # path): the gateway's own HSTS on each answer, once.
+        basic = "Basic " + base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
+        asked = {"Authorization": basic, "Accept": "application/vnd.oci.image.manifest.v1+json"}
+        for _ in range(2):
+            conn.request("HEAD", "/v2/tls/app/manifests/1", headers=asked)
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+            assert response.headers.get_all("Strict-Transport-Security") == ["max-age=600"]
         conn.close()
         assert served_serial(gw.host, pki / "ca.crt") == 1001
         issue_cert(pki, "server", "1002")  # a renewal: new files, same names
