@@ -99,11 +99,10 @@ _HEAD_BYTES = bytes(range(0x20, 0x7F)) + b"\t\r\n"
 @dataclass(slots=True)
 class Section:
     """A head's header section (from the end of its request line to the blank line) as parsed, and
-    what is made of it. A connection keeps its last section, and a head with the same section bytes
-    takes this over instead of parsing, checking and filtering them again. That pays for clients
-    that repeat their headers on a kept-alive connection (pollers, `hey`); skopeo, podman and the
-    docker CLI, measured, do not (README, "Where the time goes"). Belongs to one connection: `view`
-    holds its peer and scheme. Never a decision: each head is still screened, routed and decided."""
+    what is made of it. Kept gateway-wide (see Sections) for the peer and scheme it came with: a
+    head from the same peer, on the same scheme, with the same section bytes takes it over instead
+    of parsing, checking and filtering them again. `view` holds that peer and scheme. Never a
+    decision: each head is still screened, routed and decided."""
 
     text: bytes
     raw_headers: tuple[tuple[bytes, bytes], ...]
@@ -115,6 +114,73 @@ class Section:
     authorization: str | None = None
     screened: dict[str, HeaderFacts] = field(default_factory=dict)
     upstream_lines: bytes | None = None  # forwarding.upstream_header_lines, once
+    # Once kept (see Sections): the last identity its credentials proved, for the next connection
+    # of the same client (skopeo and podman open one per request).
+    memo: IdentityMemo | None = None
+
+
+# How many header sections the gateway keeps (see Sections), and how many bytes of them in all.
+SECTIONS_KEPT = 512
+SECTION_BYTES_KEPT = 1024 * 1024
+
+
+class Sections:
+    """Header sections of the heads the fast path took lately, gateway-wide, by peer address,
+    scheme and section bytes. Clients repeat their headers across connections far more than on
+    one: skopeo and podman send `Connection: close` with every request, and the docker CLI's
+    connections carry a request or two, yet in a push, pull and copy 31 of skopeo's 36 GET/HEAD
+    heads, and in a push and pull 14 of docker's 20, had a section seen before on another
+    connection (README, "Where the time goes").
+
+    A section is kept the second time it is seen: the first time, only its hash is noted. A kept
+    section costs memory (about 3 KiB in some 30 objects) and, once the oldest go, the work of
+    making and freeing them; a client sending headers of its own on every request (a request id)
+    would pay that on every request and never take one over (4% more instructions per HEAD,
+    measured). Bounded: beyond `entries` sections, or `size` bytes of them, the oldest go (first
+    in, first out: a lookup moves nothing), down to three quarters of both bounds at once; the
+    hashes noted, likewise beyond 8 * `entries`."""
+
+    def __init__(self, entries: int = SECTIONS_KEPT, size: int = SECTION_BYTES_KEPT) -> None:
+        self._kept: dict[tuple[str, str, bytes], Section] = {}
+        self._seen_once: dict[int, None] = {}
+        self._entries = entries
+        self._size = size
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def get(self, peer: str, scheme: str, text: bytes) -> Section | None:
+        return self._kept.get((peer, scheme, text))
+
+    def keep(self, peer: str, scheme: str, section: Section) -> bool:
+        """Note a section taken: kept if it was seen before (a hash collision only keeps one
+        sooner; a lookup compares the bytes). True when kept now."""
+        text = section.text
+        key = (peer, scheme, text)
+        fingerprint = hash(key)
+        if fingerprint not in self._seen_once:
+            self._seen_once[fingerprint] = None
+            if len(self._seen_once) > 8 * self._entries:
+                self._seen_once = dict.fromkeys(list(self._seen_once)[2 * self._entries :])
+            return False
+        if len(text) > self._size or self._kept.setdefault(key, section) is not section:
+            return False  # too large to keep, or kept already
+        self._bytes += len(text)
+        if len(self._kept) > self._entries or self._bytes > self._size:
+            self._drop_oldest()
+        return True
+
+    def _drop_oldest(self) -> None:
+        # Many at once, into a new dict: a dict keeps deleted entries' slots at its front until it
+        # is rebuilt, so finding the oldest one by one would walk more of them each time.
+        items = list(self._kept.items())
+        entries, size = self._entries * 3 // 4, self._size * 3 // 4
+        dropped = 0
+        while len(items) - dropped > entries or self._bytes > size:
+            self._bytes -= len(items[dropped][0][2])
+            dropped += 1
+        self._kept = dict(items[dropped:])
 
 
 @dataclass(slots=True)  # made per request: not frozen (README, "Where the time goes")
@@ -192,9 +258,9 @@ class _HeadCollector:
 
 def parse_head(head: bytes, max_line: int, max_field: int, last: Section | None = None) -> ParsedHead | None:
     """The request in `head` (ending with its blank line) if the fast path may take it, else None.
-    Pure: the decision of what is plain enough, on the bytes alone. `last`: the section of the
-    connection's last head taken; when `head` ends with the same bytes, only its request line is
-    read, and the result is the same as a full parse's (tests/test_fastpath.py checks both ways)."""
+    Pure: the decision of what is plain enough, on the bytes alone. `last`: a section taken before
+    (see Sections); when `head` ends with the same bytes, only its request line is read, and the
+    result is the same as a full parse's (tests/test_fastpath.py checks both ways)."""
     if last is not None:
         line_end = head.find(b"\r\n")
         if len(head) - line_end == len(last.text) and head.endswith(last.text):
@@ -276,10 +342,11 @@ class Forward:
 
 @dataclass(slots=True)
 class IdentityMemo:
-    """A connection's last identity: one client sends the same credentials request after request,
-    and checking them again (base64, a keyed hash, the login cache, the lockout, the account) is
-    the largest part of a decision. Reused for at most MEMO_SECONDS, for the same Authorization
-    header, client address and users-and-rules generation, and never past what vouched for it:
+    """A connection's last identity, and a kept section's (see Section.memo): one client sends
+    the same credentials request after request, and checking them again (base64, a keyed hash,
+    the login cache, the lockout, the account) is the largest part of a decision. Reused for at
+    most MEMO_SECONDS, for the same Authorization header, client address and users-and-rules
+    generation, and never past what vouched for it:
     the login cache entry, the account's expiry, a token's expiry, the token revocations and
     signing keys in force (any reload of them ends it). Not for directory users' tokens (their
     labels expire on a clock of their own) nor anonymous requests (nothing to check)."""
@@ -334,19 +401,11 @@ def allowed_outright(
     snapshot = gateway.authenticator.store.snapshot
     authorization = section.authorization
 
-    identity = None
     now = time.monotonic()
-    if (
-        memo is not None
-        and memo.identity is not None
-        and memo.authorization == authorization
-        and memo.address == view.address
-        and memo.generation == snapshot.generation
-        and now < memo.until
-        and (memo.cache_key is None or gateway.authenticator.cache.holds(memo.cache_key))
-        and (authority is None or (memo.revoked is authority.revoked and memo.verifier is authority.verifier))
-    ):
-        identity = memo.identity
+    identity = _remembered(gateway, memo, authorization, view.address, snapshot.generation, now)
+    if identity is None:
+        identity = _remembered(gateway, section.memo, authorization, view.address, snapshot.generation, now)
+    if identity is not None:
         user = identity.user
         if user is not None and identity.basic:
             # As login_if_cached does on every request: the lockout reset.
@@ -356,15 +415,17 @@ def allowed_outright(
         if found is None:
             return None
         identity, until, cache_key = found
-        if memo is not None and until > now:
-            memo.cache_key = cache_key
-            memo.authorization = authorization
-            memo.address = view.address
-            memo.generation = snapshot.generation
-            memo.until = min(now + MEMO_SECONDS, until)
-            memo.identity = identity
-            if authority is not None:
-                memo.revoked, memo.verifier = authority.revoked, authority.verifier
+        if until > now:
+            for remembering in (memo, section.memo):
+                if remembering is not None:
+                    remembering.cache_key = cache_key
+                    remembering.authorization = authorization
+                    remembering.address = view.address
+                    remembering.generation = snapshot.generation
+                    remembering.until = min(now + MEMO_SECONDS, until)
+                    remembering.identity = identity
+                    if authority is not None:
+                        remembering.revoked, remembering.verifier = authority.revoked, authority.verifier
 
     if identity.token_access is not None:
         for wanted in needed(operation):
@@ -385,6 +446,30 @@ def allowed_outright(
         else:
             upstream_authorization = f"Bearer {authority.token_for(identity.user or '', needed(operation))}"
     return Forward(operation, view, identity.user, decision.rule, upstream_authorization)
+
+
+def _remembered(
+    gateway: Gateway,
+    memo: IdentityMemo | None,
+    authorization: str | None,
+    address: str,
+    generation: int,
+    now: float,
+) -> Identity | None:
+    """The identity `memo` holds, if it still holds for these credentials (see IdentityMemo)."""
+    if memo is None or memo.identity is None:
+        return None
+    authority = gateway.authority
+    if (
+        memo.authorization == authorization
+        and memo.address == address
+        and memo.generation == generation
+        and now < memo.until
+        and (memo.cache_key is None or gateway.authenticator.cache.holds(memo.cache_key))
+        and (authority is None or (memo.revoked is authority.revoked and memo.verifier is authority.verifier))
+    ):
+        return memo.identity
+    return None
 
 
 def _bearer(authorization: str | None) -> str:
@@ -458,8 +543,10 @@ class FastPathConnection(asyncio.Protocol):
         limits: ConnectionLimits,
         manager: web.Server,
         hand_off: Callable[[asyncio.Transport, bytes, float | None, bool], None],
+        sections: Sections,
     ) -> None:
         self._gateway = gateway
+        self._sections = sections
         self._limits = limits
         self._manager = manager
         self._hand_off_to = hand_off
@@ -491,7 +578,6 @@ class FastPathConnection(asyncio.Protocol):
         self._task_handler: asyncio.Task[None] | None = None
         self._done: asyncio.Future[None] | None = None
         self._memo = IdentityMemo()
-        self._section: Section | None = None  # of the last head taken (see Section)
         # The header lines of our own on every forwarded answer, made once.
         self._own_lines = b"".join(f"{name}: {value}\r\n".encode() for name, value in self._extra_headers())
         self._closing_lines = self._own_lines + b"Connection: close\r\n"
@@ -674,8 +760,9 @@ class FastPathConnection(asyncio.Protocol):
             self._hand_off()
             return
         head = bytes(buffer[: end + 4])
+        known = self._sections.get(self._remote, self._scheme, head[head.find(b"\r\n") :])
         try:
-            parsed = parse_head(head, self._max_line, self._max_line, self._section)
+            parsed = parse_head(head, self._max_line, self._max_line, known)
             forward = (
                 allowed_outright(self._gateway, parsed, self._remote, self._scheme, self._memo)
                 if parsed is not None
@@ -688,9 +775,10 @@ class FastPathConnection(asyncio.Protocol):
         if parsed is None or forward is None:
             self._hand_off()
             return
-        if parsed.section is self._section:
+        if parsed.section is known:
             self._gateway.metrics.fast_section_reused += 1
-        self._section = parsed.section
+        elif self._sections.keep(self._remote, self._scheme, parsed.section):
+            parsed.section.memo = IdentityMemo()
         del buffer[: end + 4]
         loop = self._loop
         if buffer:

@@ -32,7 +32,7 @@ from aiohttp.web_protocol import ERROR, RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_body, error_response
-from gateway.fastpath import FastPathConnection
+from gateway.fastpath import FastPathConnection, Sections
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -364,10 +364,11 @@ class _RegistryErrorRequestHandler(RequestHandler):
 class _Server(web.Server):
     limits: ConnectionLimits
     gateway: Gateway | None  # None: every connection to aiohttp's handler (fast_path: false)
+    sections: Sections  # the fast path's, for every connection of this server
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
         if self.gateway is not None:
-            return FastPathConnection(self.gateway, self.limits, self, self._hand_off)
+            return FastPathConnection(self.gateway, self.limits, self, self._hand_off, self.sections)
         return self._handler()
 
     def _handler(self) -> _RegistryErrorRequestHandler:
@@ -382,7 +383,7 @@ class _Server(web.Server):
 
     def _take_back(self, transport: asyncio.Transport, data: bytes, head_started: float) -> None:
         assert self.gateway is not None
-        connection = FastPathConnection(self.gateway, self.limits, self, self._hand_off)
+        connection = FastPathConnection(self.gateway, self.limits, self, self._hand_off, self.sections)
         transport.set_protocol(connection)
         connection.resume(transport, data, head_started)
 
@@ -414,4 +415,5 @@ class GatewayRunner(web.AppRunner):
         gateway = self.app[GATEWAY_KEY]
         server.request_handler = gateway.serve
         cast(_Server, server).gateway = gateway if gateway.settings.fast_path else None
+        cast(_Server, server).sections = Sections()
         return server

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.fastpath import ParsedHead, parse_head
+from gateway.fastpath import ParsedHead, Section, Sections, parse_head
 from tests.conftest import Gateway, Registry, free_port, start_registry, stop
 from tests.test_hostile import OCI_MANIFEST, auth, gateway_with_policy, push_blob, push_image
 
@@ -183,6 +183,65 @@ def test_a_different_section_is_parsed_anew() -> None:
         assert again is None or again.section is not first.section
 
 
+def _section(text: bytes) -> Section:
+    parsed = parse_head(b"GET /v2/ HTTP/1.1" + text, 16384, 16384)
+    assert parsed is not None
+    return parsed.section
+
+
+def _seen_twice(sections: Sections, peer: str, section: Section) -> None:
+    sections.keep(peer, "http", section)
+    sections.keep(peer, "http", section)
+
+
+def test_sections_are_kept_by_peer_scheme_and_bytes_within_bounds() -> None:
+    a, b, c, d, e = (_section(f"\r\nHost: h\r\nX: {name}\r\n\r\n".encode()) for name in "abcde")
+    sections = Sections(entries=4, size=1024)
+    sections.keep("10.0.0.1", "http", a)
+    assert sections.get("10.0.0.1", "http", a.text) is None  # seen once: only noted
+    sections.keep("10.0.0.2", "http", a)  # another peer's: seen once as well
+    assert sections.get("10.0.0.2", "http", a.text) is None
+    sections.keep("10.0.0.1", "http", a)  # seen again: kept
+    assert sections.get("10.0.0.1", "http", a.text) is a
+    assert sections.get("10.0.0.1", "http", bytes(a.text)) is a  # by the bytes, not the object
+    assert sections.get("10.0.0.2", "http", a.text) is None  # another peer's
+    assert sections.get("10.0.0.1", "https", a.text) is None  # another scheme's
+    assert sections.get("10.0.0.1", "http", b.text) is None
+    for section in (b, c, d):
+        _seen_twice(sections, "10.0.0.1", section)
+    sections.keep("10.0.0.1", "http", a)  # kept already: nothing moves, nothing goes
+    assert len(sections) == 4
+    _seen_twice(sections, "10.0.0.1", e)  # beyond four: the oldest go, down to three
+    assert [sections.get("10.0.0.1", "http", x.text) for x in (a, b, c, d, e)] == [None, None, c, d, e]
+
+
+def test_sections_are_bounded_in_bytes() -> None:
+    small = [_section(f"\r\nHost: h\r\nX: {index}\r\n\r\n".encode()) for index in range(5)]
+    size = sum(len(section.text) for section in small[:4])  # all the same length
+    sections = Sections(entries=100, size=size)
+    for section in small:
+        _seen_twice(sections, "p", section)
+    # Beyond the four that fit: the oldest go until three quarters of the bytes are left.
+    assert [sections.get("p", "http", section.text) for section in small] == [None, None, *small[2:]]
+    large = _section(b"\r\nHost: h\r\nX: " + b"x" * size + b"\r\n\r\n")
+    _seen_twice(sections, "p", large)  # larger than the whole: not kept, nothing dropped for it
+    assert sections.get("p", "http", large.text) is None
+    assert len(sections) == 3
+
+
+def test_sections_seen_once_are_noted_within_bounds() -> None:
+    many = [_section(f"\r\nHost: h\r\nX: {index}\r\n\r\n".encode()) for index in range(100)]
+    sections = Sections(entries=4, size=10_000)
+    for section in many:  # each seen once (a request id): none kept, and the notes stay bounded
+        sections.keep("p", "http", section)
+    assert len(sections) == 0
+    assert len(sections._seen_once) <= 8 * 4
+    _seen_twice(sections, "p", many[0])  # long forgotten: noted anew, then kept
+    assert sections.get("p", "http", many[0].text) is many[0]
+    sections.keep("p", "http", many[-1])  # noted lately: kept at its second sight
+    assert sections.get("p", "http", many[-1].text) is many[-1]
+
+
 # --- side by side with the full path, against the real registry ---------------------------------
 
 
@@ -319,27 +378,15 @@ def normalised(answer: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
     return lines[0], headers, body
 
 
-def send_all(host: str, requests: list[bytes]) -> list[bytes]:
+def send_all(host: str, requests: list[bytes], source: str = "") -> list[bytes]:
+    """Answers to `requests` on one connection (from the address `source`, when given)."""
     address, port = host.split(":")
-    with socket.create_connection((address, int(port)), timeout=10) as sock:
+    with socket.create_connection((address, int(port)), timeout=10, source_address=(source, 0)) as sock:
         answers = []
         for request in requests:  # one at a time: each answer is read before the next is sent
             sock.sendall(request)
             answers += read_answers(sock, 1, [request.startswith(b"HEAD")])
         return answers
-
-
-def first_refusal(sock: socket.socket, request: bytes, within: float = 10) -> bytes:
-    """Send `request` on a kept-alive connection until it is answered other than 200."""
-    deadline = time.monotonic() + within
-    answer = b""
-    while time.monotonic() < deadline:
-        sock.sendall(request)
-        answer = read_answers(sock, 1, [False])[0]
-        if not answer.startswith(b"HTTP/1.1 200"):
-            break
-        time.sleep(0.1)
-    return answer
 
 
 def audit_records(path: Path, expected: int) -> list[dict[str, object]]:
@@ -509,22 +556,68 @@ def test_registry_down_is_a_clear_answer_on_the_fast_path(pair: Pair) -> None:
     assert fast_path_counts(pair.fast_metrics)["served"] - before["served"] == 2
 
 
-def test_a_kept_alive_connection_loses_a_removed_user(pair: Pair, tmp_path: Path) -> None:
-    """The connection's remembered identity ends with the users it was checked against."""
+class Client:
+    """Sends one request again and again: on one kept-alive connection, or (`per_request`) each
+    time on a connection of its own with `Connection: close`, as skopeo and podman do (the
+    identity then comes from the kept header section, fastpath.Section.memo)."""
+
+    def __init__(self, host: str, request: bytes, per_request: bool) -> None:
+        self.host = host
+        self.request = (
+            request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") if per_request else request
+        )
+        self.per_request = per_request
+        self.sock: socket.socket | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    def send(self) -> bytes:
+        if self.per_request:
+            return send_all(self.host, [self.request])[0]
+        if self.sock is None:
+            address, port = self.host.split(":")
+            self.sock = socket.create_connection((address, int(port)), timeout=10)
+        self.sock.sendall(self.request)
+        return read_answers(self.sock, 1, [False])[0]
+
+    def first_refusal(self, within: float = 10) -> bytes:
+        """The first answer other than 200, sending the request until one comes."""
+        deadline = time.monotonic() + within
+        answer = b""
+        while time.monotonic() < deadline:
+            answer = self.send()
+            if not answer.startswith(b"HTTP/1.1 200"):
+                break
+            time.sleep(0.1)
+        return answer
+
+
+@pytest.mark.parametrize("per_request", [False, True], ids=["kept-alive", "connection-per-request"])
+def test_a_remembered_identity_ends_with_a_removed_user(
+    pair: Pair, tmp_path: Path, per_request: bool
+) -> None:
+    """The identity a connection or a kept header section remembers ends with the users it was
+    checked against."""
     request = f"GET /v2/public/app/manifests/1 HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('reader')}\r\nAccept: {OCI_MANIFEST}\r\n\r\n".encode()
     send_all(pair.fast.host, [request])  # the login, checked by the full path
-    address, port = pair.fast.host.split(":")
-    with socket.create_connection((address, int(port)), timeout=10) as sock:
-        for _ in range(3):
-            sock.sendall(request)
-            assert read_answers(sock, 1, [False])[0].startswith(b"HTTP/1.1 200")
-        served = fast_path_counts(pair.fast_metrics)["served"]
-        assert served >= 2
+    before = fast_path_counts(pair.fast_metrics)
+    with Client(pair.fast.host, request, per_request) as client:
+        for _ in range(5):
+            assert client.send().startswith(b"HTTP/1.1 200")
+        after = fast_path_counts(pair.fast_metrics)
+        assert after["served"] - before["served"] == 5
+        if per_request:  # the section is kept at its second sight: three were taken over
+            assert after["section_reused"] - before["section_reused"] == 3
         users = tmp_path / "fast" / "htpasswd"
         users.write_text(
             "".join(line + "\n" for line in users.read_text().splitlines() if not line.startswith("reader:"))
         )
-        answer = first_refusal(sock, request)
+        answer = client.first_refusal()
         assert answer.startswith(b"HTTP/1.1 401"), answer
 
 
@@ -594,8 +687,10 @@ def test_a_head_handed_over_keeps_its_deadline(tmp_path: Path) -> None:
         stop(registry.process)
 
 
-def test_a_kept_alive_connection_loses_a_revoked_token(tmp_path: Path) -> None:
-    """Tokens are remembered by a connection too, and forgotten with any reload of revocations."""
+@pytest.mark.parametrize("per_request", [False, True], ids=["kept-alive", "connection-per-request"])
+def test_a_remembered_token_ends_with_its_revocation(tmp_path: Path, per_request: bool) -> None:
+    """Tokens are remembered by a connection and a kept section too, and forgotten with any reload
+    of revocations."""
     from gateway.tokens import revocations
 
     registry = start_registry(tmp_path)
@@ -613,15 +708,16 @@ def test_a_kept_alive_connection_loses_a_revoked_token(tmp_path: Path) -> None:
         with urllib.request.urlopen(token_request, timeout=10) as response:
             token = json.loads(response.read())["token"]
         request = f"GET /v2/public/app/manifests/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nAccept: {OCI_MANIFEST}\r\n\r\n".encode()
-        address, port = gateway.host.split(":")
-        with socket.create_connection((address, int(port)), timeout=10) as sock:
-            for _ in range(3):
-                sock.sendall(request)
-                assert read_answers(sock, 1, [False])[0].startswith(b"HTTP/1.1 200")
-            assert fast_path_counts(metrics)["served"] >= 3
+        with Client(gateway.host, request, per_request) as client:
+            for _ in range(4):
+                assert client.send().startswith(b"HTTP/1.1 200")
+            counts = fast_path_counts(metrics)
+            assert counts["served"] >= 4
+            if per_request:
+                assert counts["section_reused"] >= 2
             time.sleep(1.1)  # the token's issue time must be before the revocation's
             revocations.revoke(revoked, "reader")
-            answer = first_refusal(sock, request)
+            answer = client.first_refusal()
             assert answer.startswith(b"HTTP/1.1 401"), answer
     finally:
         if gateway is not None:
@@ -684,9 +780,13 @@ def test_skopeo_pulls_on_the_fast_path(pair: Pair, tmp_path: Path) -> None:
     reader = write_authfile(tmp_path / "reader.json", pair.fast.host, ("reader", "reader-secret-pw"))
     pulled = skopeo_copy(f"docker://{pair.fast.host}/admin/app:1", f"oci:{tmp_path / 'pulled'}:1", reader)
     assert pulled.returncode == 0, pulled.stderr
-    served = fast_path_counts(pair.fast_metrics)["served"] - before["served"]
+    after = fast_path_counts(pair.fast_metrics)
+    served = after["served"] - before["served"]
     # The manifest and the three layers and config at least (the first login is the full path's).
     assert served >= 4, served
+    # skopeo sends `Connection: close` with every request, and the same headers for each blob:
+    # their sections are taken over from the connections before (fast_path.Sections).
+    assert after["section_reused"] - before["section_reused"] >= 2, (before, after)
     source = {p.name for p in (image / "blobs" / "sha256").iterdir()}
     assert source <= {p.name for p in (tmp_path / "pulled" / "blobs" / "sha256").iterdir()}
 
@@ -694,7 +794,7 @@ def test_skopeo_pulls_on_the_fast_path(pair: Pair, tmp_path: Path) -> None:
 def test_a_connection_comes_back_to_the_fast_path_after_the_full_path(pair: Pair) -> None:
     """As docker does on one connection: a challenge, a first login (bcrypt, on the full path),
     then pulls, which the fast path takes back; an upload goes to the full path and back again."""
-    admin = f"Authorization: {auth('admin')}\r\n"
+    admin = f"Authorization: {auth('admin')}\r\nX-Test: comes-back\r\n"  # sections of this test's own
     requests = [
         b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n",  # anonymous: challenged
         f"GET /v2/ HTTP/1.1\r\nHost: x\r\n{admin}\r\n".encode(),  # the first login
@@ -712,8 +812,8 @@ def test_a_connection_comes_back_to_the_fast_path_after_the_full_path(pair: Pair
         if index != 4:  # the upload's Location names an upload of its own
             assert normalised(one) == normalised(other), requests[index]
     changes = {key: after[key] - before[key] for key in after}
-    # Handed over for the challenge, the login and the upload; taken back after each (a connection
-    # taken back keeps no header section: every head it serves here is parsed anew).
+    # Handed over for the challenge, the login and the upload; taken back after each. The last
+    # head's section is the third one's, seen a second time: kept from now on (fastpath.Sections).
     assert changes == {"served": 3, "handed_off": 3, "taken_back": 3, "section_reused": 0}, changes
 
 
@@ -729,29 +829,55 @@ def test_a_known_header_section_carries_no_decision(pair: Pair) -> None:
     requests = [
         f"GET /v2/ HTTP/1.1\r\nHost: x\r\n{alice}\r\n".encode(),  # the first login (full path)
         head_with("/v2/alice/x/manifests/1", alice),  # allowed (the registry has no such manifest)
-        head_with("/v2/alice/x/manifests/1", alice),  # the same head: its section reused
+        head_with("/v2/alice/x/manifests/1", alice),  # the same head: its section seen twice, kept
         head_with("/v2/secret/hidden/manifests/1", alice),  # the same section: refused
         head_with("/v2/alice/x/manifests/1", alice),  # taken back: allowed again
     ]
     anonymous = [
         head_with("/v2/public/app/manifests/1", ""),  # allowed by the ACL
-        head_with("/v2/public/app/manifests/1", ""),  # section reused
+        head_with("/v2/public/app/manifests/1", ""),  # its section seen twice, kept
         head_with("/v2/secret/hidden/manifests/1", ""),  # the same section: challenged
+        head_with("/v2/public/app/manifests/1", ""),  # taken back: allowed again
     ]
     before = fast_path_counts(pair.fast_metrics)
     fast = send_all(pair.fast.host, requests) + send_all(pair.fast.host, anonymous)
     after = fast_path_counts(pair.fast_metrics)
     full = send_all(pair.full.host, requests) + send_all(pair.full.host, anonymous)
     statuses = [answer.split(b" ", 2)[1] for answer in fast]
-    assert statuses == [b"200", b"404", b"404", b"403", b"404", b"200", b"200", b"401"], statuses
+    assert statuses == [b"200", b"404", b"404", b"403", b"404", b"200", b"200", b"401", b"200"], statuses
     for index, (one, other) in enumerate(zip(fast, full, strict=True)):
         assert normalised(one) == normalised(other), index
     changes = {key: after[key] - before[key] for key in after}
+    # A section is kept at its second sight (fastpath.Sections): the refused heads and the last
+    # of each list had theirs taken over, and only the allowed ones are counted.
     assert changes["section_reused"] >= 2, changes  # the shortcut was taken, and refused nothing
     records = audit_records(pair.fast_audit, 1 + len(requests) + len(anonymous))
     decisions = [(record["repository"], record["decision"]) for record in records[-len(anonymous) - 2 :]]
     assert decisions[0] == ("secret/hidden", "deny"), decisions
-    assert decisions[-1] == ("secret/hidden", "challenge"), decisions
+    assert decisions[-2] == ("secret/hidden", "challenge"), decisions
+
+
+def test_a_header_section_is_taken_over_for_its_own_peer_only(pair: Pair) -> None:
+    """As skopeo does: each request on a connection of its own. A head's section is taken over
+    from another connection of the same peer, never from another peer's: the client address the
+    registry is told of and the audit record name the peer that sent it."""
+    head = f"HEAD /v2/public/app/manifests/1 HTTP/1.1\r\nHost: x\r\nAuthorization: {auth('reader')}\r\n"
+    head += f"Accept: {OCI_MANIFEST}\r\nX-Test: own-peer\r\nConnection: close\r\n\r\n"
+    request = head.encode()
+    login = request.replace(b"X-Test: own-peer", b"X-Test: own-peer-login")
+    send_all(pair.fast.host, [login])  # a first login, if this user has had none: the full path
+    reused = []
+    for source in ["127.0.0.1"] * 3 + ["127.0.0.2"] * 3:
+        before = fast_path_counts(pair.fast_metrics)
+        answer = send_all(pair.fast.host, [request], source)
+        after = fast_path_counts(pair.fast_metrics)
+        assert answer[0].startswith(b"HTTP/1.1 200"), answer
+        assert after["served"] == before["served"] + 1
+        reused.append(after["section_reused"] - before["section_reused"])
+        assert audit_records(pair.fast_audit, 1)[-1]["client"] == source
+    # Kept at its second sight, taken over from then on; from another peer, parsed anew until
+    # seen there twice.
+    assert reused == [0, 0, 1, 0, 0, 1], reused
 
 
 def test_a_body_ending_in_the_read_that_begins_the_next_head_loses_nothing(pair: Pair) -> None:
