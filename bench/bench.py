@@ -338,7 +338,11 @@ class HeyResult:
     errors: int
 
 
-def hey(url: str, auth: bool, conns: int, seconds: float, authorization: str | None = None) -> HeyResult:
+def hey(
+    url: str, auth: bool, conns: int, seconds: float, authorization: str | None = None, keepalive: bool = True
+) -> HeyResult:
+    """`keepalive` False: a connection per request, each with `Connection: close` (Go's client
+    sends it when keep-alive is off), as skopeo and podman send every request."""
     argv = [
         need("hey"),
         "-z",
@@ -352,6 +356,8 @@ def hey(url: str, auth: bool, conns: int, seconds: float, authorization: str | N
     ]
     if auth:
         argv += ["-H", f"Authorization: {authorization or basic()}"]
+    if not keepalive:
+        argv.append("-disable-keepalive")
     out = subprocess.run([*argv, url], capture_output=True, text=True, timeout=seconds + 120).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = re.search(r"50% in ([\d.]+) secs", out)
@@ -523,11 +529,16 @@ def write_plain_htpasswd(path: Path) -> None:
 
 
 def measured_hey(
-    target: Service, url_path: str, conns: int, seconds: float, authorization: str | None = None
+    target: Service,
+    url_path: str,
+    conns: int,
+    seconds: float,
+    authorization: str | None = None,
+    keepalive: bool = True,
 ) -> tuple[HeyResult, float]:
     """One hey run, and the CPU the target's process tree spent on it per request, in µs."""
     before = cpu_seconds(target.process.pid)
-    result = hey(target.url + url_path, target.auth, conns, seconds, authorization)
+    result = hey(target.url + url_path, target.auth, conns, seconds, authorization, keepalive)
     used = cpu_seconds(target.process.pid) - before
     return result, used / max(1.0, result.rps * seconds) * 1e6
 
@@ -586,7 +597,8 @@ def bench_head(b: Bench, registry: Service, rounds: int, seconds: float) -> dict
 def bench_token(b: Bench, registry: Service, rounds: int, seconds: float) -> dict[str, Any]:
     """HEAD manifest at 2 connections: Basic credentials (login cache warm) beside a Bearer token
     the gateway issued (token cache warm), both with one worker, and nginx with `{PLAIN}` passwords
-    as the reference, with CPU per request for each."""
+    as the reference, with CPU per request for each; then Basic and nginx `{PLAIN}` again with a
+    connection per request (`Connection: close`, as skopeo and podman send)."""
     htpasswd = b.work / "htpasswd-token"
     write_htpasswd(htpasswd, 10)
     plain = b.work / "htpasswd-token-plain"
@@ -608,16 +620,18 @@ def bench_token(b: Bench, registry: Service, rounds: int, seconds: float) -> dic
     with urllib.request.urlopen(request) as response:
         token = json.loads(response.read())["token"]
     modes = {
-        "basic": (basic_gateway, basic()),
-        "bearer": (bearer_gateway, f"Bearer {token}"),
-        "basic_full_path": (full_path_gateway, basic()),
-        "nginx_plain": (nginx_plain, basic()),
+        "basic": (basic_gateway, basic(), True),
+        "bearer": (bearer_gateway, f"Bearer {token}", True),
+        "basic_full_path": (full_path_gateway, basic(), True),
+        "nginx_plain": (nginx_plain, basic(), True),
+        "basic_new_connections": (basic_gateway, basic(), False),
+        "nginx_plain_new_connections": (nginx_plain, basic(), False),
     }
     runs: dict[str, list[HeyResult]] = {mode: [] for mode in modes}
     cpu: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(rounds):
-        for mode, (target, authorization) in modes.items():
-            result, per_request = measured_hey(target, url_path, 2, seconds, authorization)
+        for mode, (target, authorization, keepalive) in modes.items():
+            result, per_request = measured_hey(target, url_path, 2, seconds, authorization, keepalive)
             runs[mode].append(result)
             cpu[mode].append(per_request)
     summary: dict[str, Any] = {}
@@ -628,7 +642,11 @@ def bench_token(b: Bench, registry: Service, rounds: int, seconds: float) -> dic
         summary[f"{mode}_cpu_vs_nginx_plain"] = ratio(
             summary[mode]["cpu_us_per_request"], summary["nginx_plain"]["cpu_us_per_request"]
         )
-    for target, _ in modes.values():
+    summary["basic_new_connections_cpu_vs_nginx_plain"] = ratio(
+        summary["basic_new_connections"]["cpu_us_per_request"],
+        summary["nginx_plain_new_connections"]["cpu_us_per_request"],
+    )
+    for target in {id(target): target for target, _, _ in modes.values()}.values():
         target.stop()
         b.services.remove(target)
     return summary
@@ -828,16 +846,24 @@ def table(results: dict[str, Any]) -> str:
         "\n== HEAD manifest at 2 connections: Basic vs a Bearer token (gateway, 1 worker; "
         "basic_full_path: fast_path false) =="
     )
-    for mode in ("basic", "bearer", "basic_full_path", "nginx_plain"):
+    for mode in (
+        "basic",
+        "bearer",
+        "basic_full_path",
+        "nginx_plain",
+        "basic_new_connections",
+        "nginx_plain_new_connections",
+    ):
         if mode not in k:
             continue
         lines.append(
-            f"{mode:<12}{k[mode]['rps']:>9.0f} req/s  p50 {k[mode]['p50_ms']:.2f} ms  "
+            f"{mode:<28}{k[mode]['rps']:>9.0f} req/s  p50 {k[mode]['p50_ms']:.2f} ms  "
             f"CPU {k[mode]['cpu_us_per_request']:.0f} us/request"
         )
     lines.append(
         f"gateway CPU vs nginx-plain: basic {shown(k['basic_cpu_vs_nginx_plain'])}, "
-        f"bearer {shown(k['bearer_cpu_vs_nginx_plain'])}"
+        f"bearer {shown(k['bearer_cpu_vs_nginx_plain'])}, a connection per request "
+        f"{shown(k.get('basic_new_connections_cpu_vs_nginx_plain'))}"
     )
     t = results["transfer"]
     lines.append(f"\n== {t['blob_mib']} MiB blob, MB/s (direct / nginx / gateway) ==")
