@@ -209,10 +209,14 @@ def test_sections_are_kept_by_peer_scheme_and_bytes_within_bounds() -> None:
     assert sections.get("10.0.0.1", "http", b.text) is None
     for section in (b, c, d):
         _seen_twice(sections, "10.0.0.1", section)
-    sections.keep("10.0.0.1", "http", a)  # kept already: nothing moves, nothing goes
-    assert len(sections) == 4
+    kept_bytes = sections._bytes
+    assert kept_bytes == sum(len(x.text) for x in (a, b, c, d))
+    assert not sections.keep("10.0.0.1", "http", a)  # kept already: nothing moves, nothing counted
+    assert not sections.keep("10.0.0.1", "http", _section(a.text[:-4] + b"\r\n\r\n"))  # the same bytes
+    assert (len(sections), sections._bytes) == (4, kept_bytes)
     _seen_twice(sections, "10.0.0.1", e)  # beyond four: the oldest go, down to three
     assert [sections.get("10.0.0.1", "http", x.text) for x in (a, b, c, d, e)] == [None, None, c, d, e]
+    assert sections._bytes == sum(len(x.text) for x in (c, d, e))
 
 
 def test_sections_are_bounded_in_bytes() -> None:
@@ -223,10 +227,16 @@ def test_sections_are_bounded_in_bytes() -> None:
         _seen_twice(sections, "p", section)
     # Beyond the four that fit: the oldest go until three quarters of the bytes are left.
     assert [sections.get("p", "http", section.text) for section in small] == [None, None, *small[2:]]
-    large = _section(b"\r\nHost: h\r\nX: " + b"x" * size + b"\r\n\r\n")
-    _seen_twice(sections, "p", large)  # larger than the whole: not kept, nothing dropped for it
+    assert sections._bytes == sum(len(section.text) for section in small[2:])
+    # More than three quarters of the whole: never kept, nothing dropped for it.
+    large = _section(b"\r\nHost: h\r\nX: " + b"x" * (size * 3 // 4) + b"\r\n\r\n")
+    assert not sections.keep("p", "http", large) and not sections.keep("p", "http", large)
     assert sections.get("p", "http", large.text) is None
     assert len(sections) == 3
+    capped = Sections(entries=100, size=10_000, largest=40)
+    longer = _section(b"\r\nHost: h\r\nX: " + b"x" * 40 + b"\r\n\r\n")
+    assert not capped.keep("p", "http", longer) and not capped.keep("p", "http", longer)
+    assert len(capped) == 0
 
 
 def test_sections_seen_once_are_noted_within_bounds() -> None:
@@ -818,7 +828,7 @@ def test_a_connection_comes_back_to_the_fast_path_after_the_full_path(pair: Pair
 
 
 def test_a_known_header_section_carries_no_decision(pair: Pair) -> None:
-    """Heads with the same headers on one kept-alive connection reuse their parse, never what was
+    """Heads with the same headers reuse their parse (a kept header section), never what was
     decided: after allowed requests, the same credentials on a repository they may not pull are
     refused, and anonymous heads on a hidden repository challenged, exactly as on the full path."""
 
@@ -869,12 +879,14 @@ def test_a_header_section_is_taken_over_for_its_own_peer_only(pair: Pair) -> Non
     reused = []
     for source in ["127.0.0.1"] * 3 + ["127.0.0.2"] * 3:
         before = fast_path_counts(pair.fast_metrics)
+        recorded = len(audit_records(pair.fast_audit, 0))
         answer = send_all(pair.fast.host, [request], source)
         after = fast_path_counts(pair.fast_metrics)
         assert answer[0].startswith(b"HTTP/1.1 200"), answer
         assert after["served"] == before["served"] + 1
         reused.append(after["section_reused"] - before["section_reused"])
-        assert audit_records(pair.fast_audit, 1)[-1]["client"] == source
+        records = audit_records(pair.fast_audit, recorded + 1)
+        assert len(records) == recorded + 1 and records[-1]["client"] == source, records[recorded:]
     # Kept at its second sight, taken over from then on; from another peer, parsed anew until
     # seen there twice.
     assert reused == [0, 0, 1, 0, 0, 1], reused
