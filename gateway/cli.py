@@ -178,15 +178,6 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
     await runner.setup()
     extra_runners: list[web.BaseRunner] = []
     try:
-        site = web.TCPSite(
-            runner,
-            settings.listen_host,
-            settings.listen_port,
-            backlog=1024,
-            reuse_port=settings.workers > 1,
-            ssl_context=tls.context if tls else None,
-        )
-        await _start_site(site, "listen", settings.listen_host, settings.listen_port)
         if settings.metrics_listen is not None:
             metrics_runner = web.AppRunner(
                 metrics_app(
@@ -211,6 +202,17 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
                 "redirect_listen",
                 *settings.redirect_listen,
             )
+        # The main listener last: once it answers (what start-up checks and healthchecks wait
+        # for), the metrics and redirect listeners answer too.
+        site = web.TCPSite(
+            runner,
+            settings.listen_host,
+            settings.listen_port,
+            backlog=1024,
+            reuse_port=settings.workers > 1,
+            ssl_context=tls.context if tls else None,
+        )
+        await _start_site(site, "listen", settings.listen_host, settings.listen_port)
     except ListenError:
         for extra in extra_runners:
             await extra.cleanup()
