@@ -354,10 +354,10 @@ class IdentityMemo:
     the same credentials request after request, and checking them again (base64, a keyed hash,
     the login cache, the lockout, the account) is the largest part of a decision. Reused for at
     most MEMO_SECONDS, for the same Authorization header, client address and users-and-rules
-    generation, and never past what vouched for it:
-    the login cache entry, the account's expiry, a token's expiry, the token revocations and
-    signing keys in force (any reload of them ends it). Not for directory users' tokens (their
-    labels expire on a clock of their own) nor anonymous requests (nothing to check)."""
+    generation, and never past what vouched for it: the login cache entry, the account's expiry,
+    a token's expiry, the token revocations and signing keys in force (any reload of them ends
+    it). Not for directory users' tokens (their labels expire on a clock of their own) nor
+    anonymous requests (nothing to check)."""
 
     authorization: str | None = None
     address: str = ""

@@ -88,8 +88,9 @@ class _StateCollector(Collector):
         yield latency
         fast = CounterMetricFamily(
             "registry_gateway_fast_path",
-            "Requests served on the fast path (and heads of them read from the connection's last header"
-            " section); connections it handed to the full path, and took back",
+            "Requests served on the fast path (and heads of them whose header section was taken over"
+            " from an earlier head of the same client); connections it handed to the full path, and"
+            " took back",
             labels=["outcome"],
         )
         fast.add_metric(["served"], self.metrics.fast_served)
@@ -119,7 +120,7 @@ class Metrics:
         self.fast_served = 0  # plain counts too, read at scrape time (gateway.fastpath)
         self.fast_handed_off = 0
         self.fast_taken_back = 0
-        self.fast_section_reused = 0  # heads served whose header section was the last one's
+        self.fast_section_reused = 0  # heads served with a kept header section (fastpath.Sections)
         # The directory's last problem (None: fine), when logins go to one.
         self.directory_state: Callable[[], str | None] | None = None
         self.registry.register(_StateCollector(cache, store, self))
