@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -524,6 +524,59 @@ def _identity(
     return Identity(login.user, basic=True, labels=login.labels), until, key
 
 
+@dataclass(frozen=True, slots=True)
+class AnswerHead:
+    """What the client gets for the registry's answer head (answer_head), less what depends on
+    the connection: the gateway's own lines, and the Date the registry did not send."""
+
+    method: str  # of the request answered
+    hsts: bool  # whether the gateway sends its own Strict-Transport-Security
+    lines: bytes  # the status line and header lines
+    digest: str | None  # Docker-Content-Digest, for the audit record
+    own_error_body: bool  # an error the gateway answers with a body of its own (_replace_error)
+    empty: bool  # no body follows
+    chunked: bool  # the body is sent in chunked encoding (the registry gave no length)
+    add_date: bool  # the registry sent no Date
+
+
+def answer_head(
+    method: str, status: int, reason: str, headers: Sequence[tuple[bytes, bytes]], hsts: bool
+) -> AnswerHead:
+    """The head the client gets for the registry's answer (status, reason as upstream._reason
+    made it safe, headers as llhttp read them) to a `method` request: the one the full path's
+    aiohttp response would have. Pure, so an answer seen before is answered from its KnownHead."""
+    empty = must_be_empty_body(method, status)
+    no_length = empty and should_remove_content_length(method, status)
+    lines, first = forwarding.downstream_response_lines(headers, _ALSO_DROPPED[no_length, hsts])
+    # Read from all of the registry's headers, as the full path reads them (`first` leaves out
+    # what its Connection header names).
+    digest = content_type = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"docker-content-digest" and digest is None:
+            digest = value.decode("utf-8", "replace")
+        elif lower == b"content-type" and content_type is None:
+            content_type = value.decode("utf-8", "replace")
+    lines.insert(0, b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("utf-8")))
+    if _API_VERSION_NAME not in first:
+        lines.append(_API_VERSION_LINE)
+    chunked = not empty and b"content-length" not in first
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    if not empty and first.get(b"content-length") != b"0" and b"content-type" not in first:
+        lines.append(b"Content-Type: application/octet-stream\r\n")
+    return AnswerHead(
+        method,
+        hsts,
+        b"".join(lines),
+        digest,
+        _needs_own_error_body(status, content_type or ""),
+        empty,
+        chunked,
+        b"date" not in first,
+    )
+
+
 def render_response(response: web.Response, head_only: bool, extra: list[tuple[str, str]]) -> bytes:
     """An answer the gateway makes (built by errors.error_response) as the bytes aiohttp would
     send for it."""
@@ -953,14 +1006,17 @@ class FastPathConnection(asyncio.Protocol):
 
         try:
             status = upstream.status
-            empty = must_be_empty_body(head.method, status)
-            no_length = empty and should_remove_content_length(head.method, status)
-            also_dropped = _ALSO_DROPPED[no_length, self._gateway.hsts is not None]
-            lines, first = forwarding.downstream_response_lines(upstream.raw_headers, also_dropped)
-            # Read from the registry's headers as the full path reads them (`first` leaves out
-            # what its Connection header names).
-            record.digest = upstream.header(b"docker-content-digest")
-            if _needs_own_error_body(status, upstream.header(b"content-type") or ""):
+            hsts = gateway.hsts is not None
+            known = upstream.known
+            answer = known.downstream if known is not None else None
+            if isinstance(answer, AnswerHead) and answer.method == head.method and answer.hsts is hsts:
+                gateway.metrics.fast_answer_reused += 1
+            else:
+                answer = answer_head(head.method, status, upstream.reason, upstream.raw_headers, hsts)
+                if known is not None:  # the same head again (KnownHead) is answered the same way
+                    known.downstream = answer
+            record.digest = answer.digest
+            if answer.own_error_body:
                 original = b""
                 if not head_only:
                     with contextlib.suppress(UpstreamError):
@@ -976,26 +1032,19 @@ class FastPathConnection(asyncio.Protocol):
                     response = _replace_error(head.method, path, upstream, original)
                 self._answer(record, response, head_only)
                 return
-            lines.insert(0, b"HTTP/1.1 %d %s\r\n" % (status, upstream.reason.encode("utf-8")))
-            if _API_VERSION_NAME not in first:
-                lines.append(_API_VERSION_LINE)
-            chunked = False
-            if not empty and b"content-length" not in first:
-                chunked = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-            if not empty and first.get(b"content-length") != b"0" and b"content-type" not in first:
-                lines.append(b"Content-Type: application/octet-stream\r\n")
-            if b"date" not in first:
-                lines.append(b"Date: %s\r\n" % rfc822_formatted_time().encode())
-            lines.append(self._closing_lines if self._closing else self._own_lines)
-            lines.append(b"\r\n")
-            if not self._write(b"".join(lines)):
+            own = self._closing_lines if self._closing else self._own_lines
+            if answer.add_date:
+                date = b"Date: %s\r\n" % rfc822_formatted_time().encode()
+                written = self._write(b"".join((answer.lines, date, own, b"\r\n")))
+            else:
+                written = self._write(b"".join((answer.lines, own, b"\r\n")))
+            if not written:
                 record.decision = "error"  # the client is gone: recorded as the full path does
                 return
             record.status = status
-            if empty:
+            if answer.empty:
                 return
-            await self._stream_body(upstream, record, chunked, head.method, path)
+            await self._stream_body(upstream, record, answer.chunked, head.method, path)
         finally:
             upstream.release()
 

@@ -88,15 +88,16 @@ class _StateCollector(Collector):
         yield latency
         fast = CounterMetricFamily(
             "registry_gateway_fast_path",
-            "Requests served on the fast path (and heads of them whose header section was taken over"
-            " from an earlier head of the same client); connections it handed to the full path, and"
-            " took back",
+            "Requests served on the fast path (and of them: heads whose header section was taken over"
+            " from an earlier head of the same client, answers whose head the registry had sent"
+            " before); connections it handed to the full path, and took back",
             labels=["outcome"],
         )
         fast.add_metric(["served"], self.metrics.fast_served)
         fast.add_metric(["handed_off"], self.metrics.fast_handed_off)
         fast.add_metric(["taken_back"], self.metrics.fast_taken_back)
         fast.add_metric(["section_reused"], self.metrics.fast_section_reused)
+        fast.add_metric(["answer_reused"], self.metrics.fast_answer_reused)
         yield fast
 
 
@@ -121,6 +122,7 @@ class Metrics:
         self.fast_handed_off = 0
         self.fast_taken_back = 0
         self.fast_section_reused = 0  # heads served with a kept header section (fastpath.Sections)
+        self.fast_answer_reused = 0  # answers made from a head read before (upstream.KnownHead)
         # The directory's last problem (None: fine), when logins go to one.
         self.directory_state: Callable[[], str | None] | None = None
         self.registry.register(_StateCollector(cache, store, self))

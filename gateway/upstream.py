@@ -25,6 +25,7 @@ import http
 import ssl
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import httptools
 from yarl import URL
@@ -37,6 +38,25 @@ LOW_WATER = 256 * 1024
 IDLE_TIMEOUT = 30.0
 _HEAD_END = b"\r\n\r\n"
 _REASON_CHARACTERS = bytes(range(0x20, 0x7F)) + b"\t"
+# Answers to HEAD kept as read (KnownHead): at most this many (then all are dropped: the registry's
+# Date ends most of them within a second anyway), none larger than this.
+KNOWN_HEADS_MAX = 256
+KNOWN_HEAD_SIZE_MAX = 4096
+
+
+@dataclass(slots=True, eq=False)
+class KnownHead:
+    """An answer to a HEAD request as llhttp read it, kept by its bytes. llhttp reads the same
+    bytes the same way from a fresh start, so when the registry sends the same head again (the
+    same manifest or blob asked again within the second its Date names), the parts are taken from
+    here instead of being parsed again. `downstream`: what the fast path made of it for the
+    client (gateway.fastpath), kept here so that it lives and dies with the head."""
+
+    status: int
+    reason: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+    keep_alive: bool
+    downstream: object = None
 
 
 class UpstreamError(Exception):
@@ -70,8 +90,11 @@ class _Connection(asyncio.Protocol):
         self._wait_started = 0.0
         self._reset(head_only=False)
         self._expecting = False
+        # The pool's (UpstreamPool._known_heads), shared by its connections.
+        self.known_heads: dict[bytes, KnownHead] = {}
 
     def _reset(self, head_only: bool) -> None:
+        self.known: KnownHead | None = None  # an answer to HEAD: its head, as kept
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -123,35 +146,71 @@ class _Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        parser = self._parser
-        if parser is None:
-            return
         try:
             if self._head_only and not self.head_complete:
-                # llhttp cannot be told that a response answers HEAD (it would wait for the body
-                # its Content-Length announces): give it the head alone. Heads before it that were
-                # interim answers (1xx) are skipped, as they come.
-                buffered = self._head_buffer + data
-                while True:
-                    end = buffered.find(_HEAD_END)
-                    if end < 0:
-                        self._head_buffer = buffered
-                        if len(buffered) > 1024 * 1024:
-                            raise UpstreamError("the registry's response head is too large")
-                        return
-                    parser.feed_data(buffered[: end + 4])
-                    buffered = buffered[end + 4 :]
-                    if self.head_complete:
-                        break
-                self._head_buffer = b""
-                if buffered:
-                    self.reusable = False  # more than the head answered a HEAD
+                self._head_received(data)
             else:
-                parser.feed_data(data)
+                self._parser_now().feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("the registry switched protocols"))
         except (httptools.HttpParserError, UpstreamError) as exc:
             self._fail(exc if isinstance(exc, UpstreamError) else UpstreamError(f"bad response: {exc}"))
+
+    def _parser_now(self) -> httptools.HttpResponseParser:
+        """This exchange's parser, made when first needed (an answer read before needs none)."""
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = httptools.HttpResponseParser(self)
+        return parser
+
+    def _head_received(self, data: bytes) -> None:
+        """Bytes of an answer to HEAD, until its head is whole. llhttp cannot be told that a
+        response answers HEAD (it would wait for the body its Content-Length announces): it gets
+        the head alone. Heads before it that were interim answers (1xx) are skipped, as they come."""
+        buffered = self._head_buffer + data
+        end = buffered.find(_HEAD_END)
+        if end < 0:
+            self._hold(buffered)
+            return
+        self._head_buffer = b""
+        head, rest = buffered[: end + 4], buffered[end + 4 :]
+        first = self._parser is None  # the exchange's first head: llhttp reads it from its start
+        known = self.known_heads.get(head) if first else None
+        if known is not None:
+            self.known = known
+            self.status = known.status
+            self.reason = known.reason
+            self.headers = list(known.headers)
+            self.keep_alive = known.keep_alive
+            self.head_complete = self.complete = True
+            self._wake()
+        else:
+            parser = self._parser_now()
+            parser.feed_data(head)
+            while not self.head_complete:  # that was an interim answer: the final head follows
+                first = False
+                end = rest.find(_HEAD_END)
+                if end < 0:
+                    self._hold(rest)
+                    return
+                head, rest = rest[: end + 4], rest[end + 4 :]
+                parser.feed_data(head)
+            if first and len(head) <= KNOWN_HEAD_SIZE_MAX:
+                known_heads = self.known_heads
+                if len(known_heads) >= KNOWN_HEADS_MAX:
+                    known_heads.clear()
+                known = known_heads[head] = KnownHead(
+                    self.status, self.reason, tuple(self.headers), self.keep_alive
+                )
+                self.known = known
+        if rest:
+            self.reusable = False  # more than the head answered a HEAD
+
+    def _hold(self, partial: bytes) -> None:
+        """The start of a head, kept until the rest of it comes."""
+        if len(partial) > 1024 * 1024:
+            raise UpstreamError("the registry's response head is too large")
+        self._head_buffer = partial
 
     # --- httptools callbacks ---------------------------------------------------------------------
 
@@ -170,8 +229,7 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
-        assert parser is not None
+        parser = self._parser_now()
         status = parser.get_status_code()
         if 100 <= status < 200:
             # An interim answer (the registry never gets Expect from us, but may send one):
@@ -264,7 +322,7 @@ class _Connection(asyncio.Protocol):
     def begin(self, head: bytes, head_only: bool) -> None:
         self._reset(head_only)
         self._expecting = True
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = None  # made when needed (_parser_now)
         assert self.transport is not None
         self.transport.write(head)
 
@@ -358,6 +416,7 @@ class UpstreamResponse:
         self.status = connection.status
         self.reason = _reason(connection.status, connection.reason)
         self.raw_headers = connection.headers
+        self.known = connection.known
 
     def header(self, name: bytes) -> str | None:
         """The first value of a header (name in lower case), decoded; None when absent."""
@@ -415,6 +474,7 @@ class UpstreamPool:
         self._slots = asyncio.Semaphore(limit) if limit > 0 else None
         self._idle: list[_Connection] = []
         self._closed = False
+        self._known_heads: dict[bytes, KnownHead] = {}  # shared by the connections (KnownHead)
 
     async def _connect(self, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -425,6 +485,7 @@ class UpstreamPool:
             raise NoConnection("no connection to the registry in time") from None
         except OSError as exc:
             raise UpstreamError(f"cannot connect to the registry: {exc.strerror or exc}") from None
+        connection.known_heads = self._known_heads
         return connection
 
     def _idle_connection(self) -> _Connection | None:

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.fastpath import ParsedHead, Section, Sections, parse_head
+from gateway.fastpath import AnswerHead, ParsedHead, Section, Sections, answer_head, parse_head
 from tests.conftest import Gateway, Registry, free_port, start_registry, stop
 from tests.test_hostile import OCI_MANIFEST, auth, gateway_with_policy, push_blob, push_image
 
@@ -250,6 +250,92 @@ def test_sections_seen_once_are_noted_within_bounds() -> None:
     assert sections.get("p", "http", many[0].text) is many[0]
     sections.keep("p", "http", many[-1])  # noted lately: kept at its second sight
     assert sections.get("p", "http", many[-1].text) is many[-1]
+
+
+_DIGEST = (b"Docker-Content-Digest", b"sha256:d")
+_DATE = (b"Date", b"Wed, 02 Dec 2026 06:00:00 GMT")
+_API = b"Docker-Distribution-Api-Version: registry/2.0\r\n"
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "headers", "hsts", "expected"),
+    [
+        # A manifest HEAD: the length kept (no body follows), the API version added.
+        (
+            "HEAD",
+            200,
+            [(b"Content-Length", b"527"), (b"Content-Type", b"application/json"), _DIGEST, _DATE],
+            False,
+            AnswerHead(
+                "HEAD",
+                False,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 527\r\nContent-Type: application/json\r\n"
+                b"Docker-Content-Digest: sha256:d\r\nDate: Wed, 02 Dec 2026 06:00:00 GMT\r\n" + _API,
+                "sha256:d",
+                False,
+                True,
+                False,
+                False,
+            ),
+        ),
+        # No length from the registry: chunked, and a type; no Date: the gateway adds one.
+        (
+            "GET",
+            200,
+            [(b"Docker-Distribution-Api-Version", b"registry/2.0")],
+            False,
+            AnswerHead(
+                "GET",
+                False,
+                b"HTTP/1.1 200 OK\r\n" + _API + b"Transfer-Encoding: chunked\r\n"
+                b"Content-Type: application/octet-stream\r\n",
+                None,
+                False,
+                False,
+                True,
+                True,
+            ),
+        ),
+        # 204 has no length to send; hop-by-hop headers, what Connection names, the registry's
+        # Server and (when the gateway sends its own) HSTS are dropped.
+        (
+            "HEAD",
+            204,
+            [
+                (b"Content-Length", b"0"),
+                (b"Connection", b"X-Hop"),
+                (b"X-Hop", b"1"),
+                (b"Keep-Alive", b"timeout=5"),
+                (b"Server", b"registry"),
+                (b"Strict-Transport-Security", b"max-age=1"),
+                _DATE,
+            ],
+            True,
+            AnswerHead(
+                "HEAD",
+                True,
+                b"HTTP/1.1 204 OK\r\nDate: Wed, 02 Dec 2026 06:00:00 GMT\r\n" + _API,
+                None,
+                False,
+                True,
+                False,
+                False,
+            ),
+        ),
+        # Errors the gateway answers with a body of its own: a 5xx, a 4xx not in JSON.
+        ("HEAD", 500, [(b"Content-Type", b"application/json"), _DATE], False, "own"),
+        ("GET", 404, [(b"Content-Type", b"text/plain; charset=utf-8"), _DATE], False, "own"),
+        ("HEAD", 404, [(b"Content-Type", b"application/json; charset=utf-8"), _DATE], False, "registry's"),
+    ],
+)
+def test_answer_heads(
+    method: str, status: int, headers: list[tuple[bytes, bytes]], hsts: bool, expected: AnswerHead | str
+) -> None:
+    answer = answer_head(method, status, "OK", headers, hsts)
+    if isinstance(expected, str):
+        assert answer.own_error_body is (expected == "own")
+    else:
+        assert answer == expected
 
 
 # --- side by side with the full path, against the real registry ---------------------------------
@@ -479,7 +565,13 @@ def test_the_fast_path_answers_as_the_full_path_does(pair: Pair) -> None:
     assert cache_counts(pair.fast_metrics) == cache_counts(pair.full_metrics)
     fast_counts = fast_path_counts(pair.fast_metrics)
     full_counts = fast_path_counts(pair.full_metrics)
-    assert full_counts == {"served": 0, "handed_off": 0, "taken_back": 0, "section_reused": 0}
+    assert full_counts == {
+        "served": 0,
+        "handed_off": 0,
+        "taken_back": 0,
+        "section_reused": 0,
+        "answer_reused": 0,
+    }
     # Every allowed GET/HEAD but the first login, on the kept-alive connection, was served on the
     # fast path until the first request it does not take; on single connections, all of them.
     assert fast_counts["served"] >= 16, fast_counts
@@ -824,7 +916,13 @@ def test_a_connection_comes_back_to_the_fast_path_after_the_full_path(pair: Pair
     changes = {key: after[key] - before[key] for key in after}
     # Handed over for the challenge, the login and the upload; taken back after each. The last
     # head's section is the third one's, seen a second time: kept from now on (fastpath.Sections).
-    assert changes == {"served": 3, "handed_off": 3, "taken_back": 3, "section_reused": 0}, changes
+    assert changes == {
+        "served": 3,
+        "handed_off": 3,
+        "taken_back": 3,
+        "section_reused": 0,
+        "answer_reused": 0,  # one HEAD: its answer head was new
+    }, changes
 
 
 def test_a_known_header_section_carries_no_decision(pair: Pair) -> None:
@@ -890,6 +988,47 @@ def test_a_header_section_is_taken_over_for_its_own_peer_only(pair: Pair) -> Non
     # Kept at its second sight, taken over from then on; from another peer, parsed anew until
     # seen there twice.
     assert reused == [0, 0, 1, 0, 0, 1], reused
+
+
+def _digest(answer: bytes) -> str:
+    found = re.search(rb"(?im)^docker-content-digest: *(\S+)\r$", answer)
+    assert found is not None, answer
+    return found.group(1).decode()
+
+
+def test_an_answer_head_the_registry_sent_before_is_answered_alike(pair: Pair) -> None:
+    """The same answer head from the registry again (the same HEAD within the second its Date
+    names) is answered from what was made of it the first time (upstream.KnownHead): exactly as
+    the full path answers, errors too. A changed answer (the tag pushed again) is read anew, at
+    once, never taken for the one before."""
+    registry_host = pair.registry.url.removeprefix("http://")
+    _, pushed = push_image(registry_host, "public/app", "2")
+    reader = f"Host: x\r\nAuthorization: {auth('reader')}\r\nX-Test: known-answers\r\n"
+    accept = f"Accept: {OCI_MANIFEST}\r\n"
+    tag = f"HEAD /v2/public/app/manifests/2 HTTP/1.1\r\n{reader}{accept}\r\n".encode()
+    heads = [
+        tag,
+        f"HEAD /v2/public/app/manifests/missing HTTP/1.1\r\n{reader}{accept}\r\n".encode(),  # 404
+        f"HEAD /v2/public/app/blobs/{pair.blob} HTTP/1.1\r\n{reader}\r\n".encode(),
+    ]
+    for gateway in (pair.fast, pair.full):  # the login (bcrypt, on the full path), cached
+        send_all(gateway.host, [f"GET /v2/ HTTP/1.1\r\n{reader}\r\n".encode()])
+    before = fast_path_counts(pair.fast_metrics)
+    fast = send_all(pair.fast.host, heads * 3)
+    after = fast_path_counts(pair.fast_metrics)
+    full = send_all(pair.full.host, heads * 3)
+    assert [answer.split(b" ", 2)[1] for answer in fast] == [b"200", b"404", b"200"] * 3
+    for one, other in zip(fast, full, strict=True):
+        assert normalised(one) == normalised(other)
+    assert after["served"] - before["served"] == 9
+    # Each head three times within a second (well within): the registry's Date changes once at
+    # most, so each was answered from a head seen before at least once.
+    assert after["answer_reused"] - before["answer_reused"] >= 3, (before, after)
+    assert {_digest(answer) for answer in fast[::3]} == {pushed}
+
+    _, pushed_again = push_image(registry_host, "public/app", "2")
+    assert pushed_again != pushed
+    assert [_digest(answer) for answer in send_all(pair.fast.host, [tag, tag])] == [pushed_again] * 2
 
 
 def test_a_body_ending_in_the_read_that_begins_the_next_head_loses_nothing(pair: Pair) -> None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import pytest
 from yarl import URL
 
-from gateway.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+from gateway import upstream
+from gateway.upstream import KnownHead, UpstreamError, UpstreamPool, UpstreamTimeout
 
 # One answer per request, each a sequence of writes (a pause between them puts them in separate
 # reads on our side), and whether the registry closes the connection after it.
@@ -310,6 +311,88 @@ async def test_a_reason_phrase_that_is_not_plain_text_becomes_the_standard_one(
         response = await pool.request("GET", _head("GET"))
         async with response:
             assert response.reason == reason
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+Parts = tuple[int, str, list[tuple[bytes, bytes]]]
+
+
+async def _head_answer(pool: UpstreamPool) -> tuple[Parts, KnownHead | None]:
+    """A HEAD's answer: status, reason, headers; and its KnownHead."""
+    async with await pool.request("HEAD", _head("HEAD")) as response:
+        return (response.status, response.reason, list(response.raw_headers)), response.known
+
+
+async def test_an_answer_to_head_read_before_is_taken_as_it_was_read() -> None:
+    """The same head again, from the start of an answer to HEAD, is taken as llhttp read it the
+    first time (KnownHead); any other is read by llhttp: a different one, one after an interim
+    answer. What follows a head still keeps its connection out of the pool; a head that closes
+    the connection still closes it."""
+    digest_a = b"HTTP/1.1 200 Fine\r\nContent-Length: 7\r\nDocker-Content-Digest: sha256:a\r\nDate: x\r\n\r\n"
+    digest_b = digest_a.replace(b"sha256:a", b"sha256:b")
+    closing = b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 3\r\n\r\n"
+    registry, pool = await _with_registry(
+        [
+            Answer([digest_a]),
+            Answer([digest_a[:20], digest_a[20:]]),  # in two reads
+            Answer([digest_b]),
+            Answer([b"HTTP/1.1 100 Continue\r\n\r\n" + digest_a]),
+            Answer([digest_a + b"HTTP/1.1 200 OK\r\n"]),
+            Answer([closing]),  # the registry says it closes, and keeps the connection open
+            Answer([closing]),
+            Answer([OK]),
+        ]
+    )
+    parts_a = (
+        200,
+        "Fine",
+        [(b"Content-Length", b"7"), (b"Docker-Content-Digest", b"sha256:a"), (b"Date", b"x")],
+    )
+    try:
+        parts, first = await asyncio.wait_for(_head_answer(pool), 3)
+        assert parts == parts_a and first is not None
+        parts, again = await asyncio.wait_for(_head_answer(pool), 3)
+        assert parts == parts_a and again is first
+        parts, other = await asyncio.wait_for(_head_answer(pool), 3)
+        assert parts[2][1] == (b"Docker-Content-Digest", b"sha256:b")
+        assert other is not None and other is not first
+        # After an interim answer: read by llhttp, and not kept (only a first head is).
+        parts, after_interim = await asyncio.wait_for(_head_answer(pool), 3)
+        assert parts == parts_a and after_interim is None
+        assert registry.connections == 1
+        # Taken as known, but more bytes than the head came: the connection is not reused.
+        parts, known = await asyncio.wait_for(_head_answer(pool), 3)
+        assert parts == parts_a and known is first
+        closings = []
+        for _ in range(2):  # read, then known: the connection is closed after it either way
+            connections = registry.connections
+            (status, _, _), closing_known = await asyncio.wait_for(_head_answer(pool), 3)
+            assert status == 404 and closing_known is not None
+            closings.append(closing_known)
+            assert registry.connections == connections + 1  # on a new connection: the last was dropped
+        assert closings[1] is closings[0]
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        assert registry.connections == 4  # the closing answer's connection was not reused
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+async def test_known_heads_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream, "KNOWN_HEADS_MAX", 3)
+    heads = [b"HTTP/1.1 200 OK\r\nX-N: %d\r\nContent-Length: 7\r\n\r\n" % n for n in range(7)]
+    large = b"HTTP/1.1 200 OK\r\nX-Large: " + b"x" * upstream.KNOWN_HEAD_SIZE_MAX + b"\r\n\r\n"
+    registry, pool = await _with_registry([Answer([head]) for head in [*heads, large, large]])
+    try:
+        for count in (1, 2, 3, 1, 2, 3, 1):  # emptied when full
+            assert (await asyncio.wait_for(_head_answer(pool), 3))[1] is not None
+            assert len(pool._known_heads) == count
+        for _ in range(2):
+            (status, _, headers), known = await asyncio.wait_for(_head_answer(pool), 3)
+            assert status == 200 and known is None and len(headers[0][1]) == upstream.KNOWN_HEAD_SIZE_MAX
+        assert len(pool._known_heads) == 1
     finally:
         await pool.close()
         await registry.stop()
