@@ -735,7 +735,7 @@ class Gateway:
             return response
         finally:
             metrics.in_flight -= 1
-            record.duration_ms = round((time.monotonic() - started) * 1000, 3)
+            record.duration_ms = (time.monotonic() - started) * 1000  # rounded when written
             if response is not None:
                 record.status = response.status
                 body = response.body if isinstance(response, web.Response) else None

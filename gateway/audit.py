@@ -74,6 +74,9 @@ def record_entry(record: AuditRecord) -> dict[str, object]:
         if value is None and name in _TOKEN_ONLY:
             continue  # token requests only
         entry[name] = value
+    # Rounded here, not per request (round() is a few thousand instructions; most records are
+    # never written).
+    entry["duration_ms"] = round(record.duration_ms, 3)
     return entry
 
 

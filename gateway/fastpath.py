@@ -907,7 +907,7 @@ class FastPathConnection(asyncio.Protocol):
                     self._transport.abort()
         finally:
             metrics.in_flight -= 1
-            record.duration_ms = round((time.monotonic() - started) * 1000, 3)
+            record.duration_ms = (time.monotonic() - started) * 1000  # rounded when written
             metrics.count_request(record.operation or "invalid", record.status, record.decision)
             if record.bytes_out:
                 metrics.bytes_out.inc(record.bytes_out)

@@ -285,7 +285,7 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self, quiet_limit: float | None) -> None:
+    async def wait(self, quiet_limit: float | None) -> None:
         """Until the registry sends something (or fails); at most `quiet_limit` seconds."""
         if self._error is not None:
             raise self._error
@@ -359,7 +359,7 @@ class _Connection(asyncio.Protocol):
 
     async def read_head(self, quiet_limit: float | None) -> None:
         while not self.head_complete:
-            await self._wait(quiet_limit)
+            await self.wait(quiet_limit)
         # An error after the head belongs to the body: reported when the body is read.
 
     async def read(self, quiet_limit: float) -> bytes:
@@ -373,7 +373,7 @@ class _Connection(asyncio.Protocol):
                 return chunk
             if self.complete:
                 return b""
-            await self._wait(quiet_limit)
+            await self.wait(quiet_limit)
 
     def finished(self) -> bool:
         """Whether this connection may carry another exchange."""
@@ -475,6 +475,7 @@ class UpstreamPool:
         self._idle: list[_Connection] = []
         self._closed = False
         self._known_heads: dict[bytes, KnownHead] = {}  # shared by the connections (KnownHead)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _connect(self, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -507,7 +508,9 @@ class UpstreamPool:
         """Send one request (its head already serialised) and wait for the response head."""
         if self._closed:
             raise UpstreamError("the gateway is shutting down")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # kept: asyncio.get_running_loop() is a getpid() system call in 3.11
+            loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
         if self._slots is not None:
             if self._slots.locked():
@@ -524,7 +527,12 @@ class UpstreamPool:
             if connection is None:
                 connection = await self._connect(deadline)
             try:
-                await self._exchange(connection, method, head, body, chunked)
+                if body is None:  # most requests: the exchange without two coroutines more
+                    connection.begin(head, head_only=method == "HEAD")
+                    while not connection.head_complete:
+                        await connection.wait(self.read_timeout)
+                else:
+                    await self._exchange(connection, method, head, body, chunked)
             except UpstreamError as exc:
                 connection.close()
                 # A pooled connection the registry closed as we picked it up: a request without a

@@ -107,6 +107,7 @@ def test_audit_log_records_push_and_pull_without_secrets(
     denied = [r for r in records if r["status"] == 403]
     assert denied and denied[0]["decision"] == "deny" and denied[0]["user"] == "alice"
     assert all(r["client"] == "127.0.0.1" and r["duration_ms"] >= 0 for r in records)
+    assert all(round(r["duration_ms"], 3) == r["duration_ms"] for r in records)  # in microseconds at most
     assert all("?" not in r["path"] for r in records)  # no query strings (signed upload state)
 
     everything = audit.read_text() + gw.log.read_text() + exposition
