@@ -57,7 +57,7 @@ from gateway.state import Snapshot
 from gateway.tokens.endpoint import TOKEN_PATH
 from gateway.tokens.jwt_tokens import InvalidToken
 from gateway.tokens.scopes import covers, needed
-from gateway.upstream import NoConnection, UpstreamError, UpstreamResponse, UpstreamTimeout
+from gateway.upstream import NoConnection, PendingExchange, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 if TYPE_CHECKING:
     from gateway.server import ConnectionLimits
@@ -636,7 +636,11 @@ class FastPathConnection(asyncio.Protocol):
         self._taken = False  # a head has been taken here (later heads are due from their first byte)
         self._task: asyncio.Task[None] | None = None
         # What aiohttp's Server.connection_lost waits for before it forgets a connection.
-        self._task_handler: asyncio.Task[None] | None = None
+        self._task_handler: asyncio.Future[None] | None = None
+        # The registry exchange under way without a task (UpstreamPool.send_at_once), and whether
+        # shutdown gave up on it.
+        self._exchange: PendingExchange | None = None
+        self._cancelled = False
         self._done: asyncio.Future[None] | None = None
         self._memo = IdentityMemo()
         # The header lines of our own on every forwarded answer, made once.
@@ -689,6 +693,12 @@ class FastPathConnection(asyncio.Protocol):
         self._disarm()
         self._transport = None
         self._limits.closed()
+        if self._exchange is not None and self._task_handler is None:
+            # aiohttp's Server keeps the connection in its list (for shutdown) until its handler
+            # is done: an exchange without a task has this future instead.
+            if self._done is None:
+                self._done = self._loop.create_future()
+            self._task_handler = self._done
         self._manager.connection_lost(self, exc)  # type: ignore[arg-type]
         self._wake_writer()
 
@@ -771,6 +781,10 @@ class FastPathConnection(asyncio.Protocol):
             try:
                 await asyncio.wait_for(asyncio.shield(self._done), timeout)
             except TimeoutError:
+                exchange = self._exchange
+                if exchange is not None:  # without a task: its callback answers the cancellation
+                    self._cancelled = True
+                    exchange.cancel()
                 task = self._task
                 if task is not None:
                     task.cancel()
@@ -849,8 +863,7 @@ class FastPathConnection(asyncio.Protocol):
         self._taken = True
         if not parsed.keep_alive:
             self._closing = True  # answered with `Connection: close`, then closed, as aiohttp does
-        # aiohttp's Server keeps a connection in its list (for shutdown) while this task runs.
-        self._task = self._task_handler = loop.create_task(self._serve(parsed, forward))
+        self._serve(parsed, forward)
 
     def _hand_off(self) -> None:
         """The rest of this connection is aiohttp's, starting with every byte not yet answered."""
@@ -874,7 +887,11 @@ class FastPathConnection(asyncio.Protocol):
             transport.resume_reading()
         self._hand_off_to(transport, data, deadline, self._write_paused)
 
-    async def _serve(self, head: ParsedHead, forward: Forward) -> None:
+    def _serve(self, head: ParsedHead, forward: Forward) -> None:
+        """Forward an allowed request. Most are answered without a task: the head goes out on a
+        pooled registry connection at once, and the answer head is written from its callback
+        (_answered); a task waits where waiting is needed (no idle connection or slot, a body to
+        stream, an error body to read)."""
         gateway = self._gateway
         metrics = gateway.metrics
         operation = forward.operation
@@ -889,30 +906,128 @@ class FastPathConnection(asyncio.Protocol):
         metrics.in_flight += 1
         metrics.fast_served += 1
         started = time.monotonic()
+        pool = gateway.upstream
+        if pool is not None:
+            request_head = self._request_head(head, forward)
+            self._exchange = pool.send_at_once(
+                head.method,
+                request_head,
+                lambda answer: self._answered(answer, head, forward, record, started),
+            )
+            if self._exchange is not None:
+                return
+        self._task = self._task_handler = self._loop.create_task(
+            self._in_task(head, forward, record, started)
+        )
+
+    def _answered(
+        self,
+        answer: UpstreamResponse | UpstreamError,
+        head: ParsedHead,
+        forward: Forward,
+        record: AuditRecord,
+        started: float,
+    ) -> None:
+        """The registry's answer head (or failure) to a request send_at_once sent."""
+        self._exchange = None
         try:
-            await self._proxy(head, forward, record)
-        except asyncio.CancelledError:
+            if self._cancelled:
+                raise asyncio.CancelledError
+            if isinstance(answer, UpstreamError):
+                self._upstream_failed(answer, head, record)
+            else:
+                self._gateway.metrics.observe_upstream(
+                    record.operation or "other", time.monotonic() - started
+                )
+                rest = self._answer_head(answer, head, record)
+                if rest is not None:  # a body to stream, or an error body to read: in a task
+                    self._task = self._task_handler = self._loop.create_task(
+                        self._in_task(head, forward, record, started, (answer, rest))
+                    )
+                    return
+        except (Exception, asyncio.CancelledError) as exc:  # as the task's: recorded, answered
+            if isinstance(answer, UpstreamResponse):
+                answer.release()
+            self._failed(exc, head, record)
+        self._record_done(record, started)
+
+    async def _in_task(
+        self,
+        head: ParsedHead,
+        forward: Forward,
+        record: AuditRecord,
+        started: float,
+        answered: tuple[UpstreamResponse, AnswerHead] | None = None,
+    ) -> None:
+        """What must wait, in the connection's task: the whole exchange (`_proxy`), or the rest of
+        an answer whose head is written (`answered`: `_respond`). Faults and cancellation are
+        recorded and answered as the fast path's, and the record finished, either way."""
+        try:
+            if answered is None:
+                await self._proxy(head, forward, record)
+            else:
+                await self._respond(*answered, head, forward, record)
+        except BaseException as exc:
+            self._failed(exc, head, record)
+            if not isinstance(exc, Exception | asyncio.CancelledError):
+                raise
+        finally:
+            self._record_done(record, started)
+
+    async def _proxy(self, head: ParsedHead, forward: Forward, record: AuditRecord) -> None:
+        """The request, when it could not be sent at once: waiting for a registry connection."""
+        pool = self._gateway.upstream
+        if pool is None:  # only before start-up or after shutdown
+            record.decision = "error"
+            self._answer(
+                record,
+                error_response(503, "UNAVAILABLE", "the gateway is not running"),
+                head.method == "HEAD",
+            )
+            return
+        upstream_started = time.monotonic()
+        try:
+            upstream = await pool.request(head.method, self._request_head(head, forward))
+        except UpstreamError as exc:
+            self._upstream_failed(exc, head, record)
+            return
+        self._gateway.metrics.observe_upstream(
+            record.operation or "other", time.monotonic() - upstream_started
+        )
+        rest = self._answer_head(upstream, head, record)
+        if rest is not None:
+            await self._respond(upstream, rest, head, forward, record)
+
+    def _failed(self, exc: BaseException, head: ParsedHead, record: AuditRecord) -> None:
+        """What a fault or a cancellation costs the exchange: recorded, and the client answered
+        (500) or, the answer under way, cut."""
+        if isinstance(exc, asyncio.CancelledError):
             record.decision, record.status = "error", 0  # as on the full path: no answer came
             if self._transport is not None:
                 self._transport.abort()
-        except Exception:
-            log.exception("internal error handling %s %s", head.method, record.path)
-            record.decision = "error"
-            if record.status == 0 and self._transport is not None:
-                response = error_response(500, "UNKNOWN", "internal gateway error")
-                self._answer(record, response, head.method == "HEAD")
-            else:
-                record.status = 0  # the answer was under way: cut, as on the full path
-                if self._transport is not None:
-                    self._transport.abort()
-        finally:
-            metrics.in_flight -= 1
-            record.duration_ms = (time.monotonic() - started) * 1000  # rounded when written
-            metrics.count_request(record.operation or "invalid", record.status, record.decision)
-            if record.bytes_out:
-                metrics.bytes_out.inc(record.bytes_out)
-            gateway.audit.write(record)
-            self._finished()
+            return
+        if not isinstance(exc, Exception):
+            return
+        log.error("internal error handling %s %s", head.method, record.path, exc_info=exc)
+        record.decision = "error"
+        if record.status == 0 and self._transport is not None:
+            response = error_response(500, "UNKNOWN", "internal gateway error")
+            self._answer(record, response, head.method == "HEAD")
+        else:
+            record.status = 0  # the answer was under way: cut, as on the full path
+            if self._transport is not None:
+                self._transport.abort()
+
+    def _record_done(self, record: AuditRecord, started: float) -> None:
+        gateway = self._gateway
+        metrics = gateway.metrics
+        metrics.in_flight -= 1
+        record.duration_ms = (time.monotonic() - started) * 1000  # rounded when written
+        metrics.count_request(record.operation or "invalid", record.status, record.decision)
+        if record.bytes_out:
+            metrics.bytes_out.inc(record.bytes_out)
+        gateway.audit.write(record)
+        self._finished()
 
     def _finished(self) -> None:
         self._busy = False
@@ -960,51 +1075,47 @@ class FastPathConnection(asyncio.Protocol):
             record.bytes_out = len(response.body)
         self._write(render_response(response, head_only, self._extra_headers()))
 
-    async def _proxy(self, head: ParsedHead, forward: Forward, record: AuditRecord) -> None:
-        gateway = self._gateway
-        settings = gateway.settings
-        pool = gateway.upstream
-        head_only = head.method == "HEAD"
-        if pool is None:  # only before start-up or after shutdown
-            record.decision = "error"
-            self._answer(record, error_response(503, "UNAVAILABLE", "the gateway is not running"), head_only)
-            return
+    def _request_head(self, head: ParsedHead, forward: Forward) -> bytes:
         section = head.section
         header_lines = section.upstream_lines
         if header_lines is None:  # once per section (see Section)
             header_lines = forwarding.upstream_header_lines(head.raw_headers, forward.view)
             section.upstream_lines = header_lines
-        target = forward.operation.target
-        request_head = forwarding.upstream_head(head.method, target, header_lines, forward.authorization)
+        return forwarding.upstream_head(
+            head.method, forward.operation.target, header_lines, forward.authorization
+        )
+
+    def _upstream_failed(self, exc: UpstreamError, head: ParsedHead, record: AuditRecord) -> None:
+        settings = self._gateway.settings
+        head_only = head.method == "HEAD"
         path = record.path
-        started = time.monotonic()
-        try:
-            upstream = await pool.request(head.method, request_head)
-        except NoConnection:
+        record.decision = "error"
+        if isinstance(exc, NoConnection):
             log.warning(
                 "no connection to the registry within %gs: %s %s", settings.connect_timeout, head.method, path
             )
-            record.decision = "error"
             message = (
                 "no connection to the registry in time: it is unreachable, or every connection to it is busy"
             )
             self._answer(record, error_response(504, "UNAVAILABLE", message), head_only)
-            return
-        except UpstreamTimeout:
+        elif isinstance(exc, UpstreamTimeout):
             log.warning("upstream timed out: %s %s", head.method, path)
-            record.decision = "error"
             self._answer(
                 record, error_response(504, "UNAVAILABLE", "the registry did not answer in time"), head_only
             )
-            return
-        except UpstreamError as exc:
+        else:
             log.warning("upstream failed: %s %s: %s", head.method, path, exc)
-            record.decision = "error"
             self._answer(record, error_response(502, "UNAVAILABLE", "the registry is unreachable"), head_only)
-            return
-        gateway.metrics.observe_upstream(record.operation or "other", time.monotonic() - started)
 
+    def _answer_head(
+        self, upstream: UpstreamResponse, head: ParsedHead, record: AuditRecord
+    ) -> AnswerHead | None:
+        """Write the client's answer head for the registry's. None: the answer is whole, and the
+        registry connection released; else the rest (a body to stream, or an error body of the
+        gateway's own to make) is _respond's, with the connection still held."""
+        done = True
         try:
+            gateway = self._gateway
             status = upstream.status
             hsts = gateway.hsts is not None
             known = upstream.known
@@ -1017,21 +1128,8 @@ class FastPathConnection(asyncio.Protocol):
                     known.downstream = answer
             record.digest = answer.digest
             if answer.own_error_body:
-                original = b""
-                if not head_only:
-                    with contextlib.suppress(UpstreamError):
-                        original = await upstream.read_at_most(UPSTREAM_ERROR_LOG_BYTES)
-                upstream.release()
-                if status == 500 and await _is_plain_blob(
-                    pool, forward.view, forward.authorization, forward.operation
-                ):
-                    response = error_response(
-                        404, "MANIFEST_UNKNOWN", "manifest unknown: the digest names a blob"
-                    )
-                else:
-                    response = _replace_error(head.method, path, upstream, original)
-                self._answer(record, response, head_only)
-                return
+                done = False
+                return answer
             own = self._closing_lines if self._closing else self._own_lines
             if answer.add_date:
                 date = b"Date: %s\r\n" % rfc822_formatted_time().encode()
@@ -1040,11 +1138,47 @@ class FastPathConnection(asyncio.Protocol):
                 written = self._write(b"".join((answer.lines, own, b"\r\n")))
             if not written:
                 record.decision = "error"  # the client is gone: recorded as the full path does
-                return
+                return None
             record.status = status
             if answer.empty:
+                return None
+            done = False
+            return answer
+        finally:
+            if done:
+                upstream.release()
+
+    async def _respond(
+        self,
+        upstream: UpstreamResponse,
+        answer: AnswerHead,
+        head: ParsedHead,
+        forward: Forward,
+        record: AuditRecord,
+    ) -> None:
+        """The rest of an answer _answer_head began: the body, or an error body of our own."""
+        head_only = head.method == "HEAD"
+        try:
+            if not answer.own_error_body:
+                await self._stream_body(upstream, record, answer.chunked, head.method, record.path)
                 return
-            await self._stream_body(upstream, record, answer.chunked, head.method, path)
+            original = b""
+            if not head_only:
+                with contextlib.suppress(UpstreamError):
+                    original = await upstream.read_at_most(UPSTREAM_ERROR_LOG_BYTES)
+            upstream.release()
+            pool = self._gateway.upstream
+            if (
+                upstream.status == 500
+                and pool is not None
+                and await _is_plain_blob(pool, forward.view, forward.authorization, forward.operation)
+            ):
+                response = error_response(
+                    404, "MANIFEST_UNKNOWN", "manifest unknown: the digest names a blob"
+                )
+            else:
+                response = _replace_error(head.method, record.path, upstream, original)
+            self._answer(record, response, head_only)
         finally:
             upstream.release()
 

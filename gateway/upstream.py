@@ -5,16 +5,21 @@ single cost per proxied request (about a third of the gateway's CPU in the profi
 "Where the time goes"): a session request builds URL objects, header multidicts, a request and a
 response object, timers and a task per request. Here a request is one pre-built head written to a
 pooled transport, and the response is parsed by llhttp (through httptools, the parser uvicorn
-uses) straight from `data_received`.
+uses) straight from `data_received`; an answer to HEAD seen before is taken as it was read
+(KnownHead). Two ways to send: `request`, a coroutine that waits for a connection and the answer
+head; and `send_at_once`, for the fast path's requests without a body, which sends on an idle
+pooled connection there and then and calls back with the answer head: no task, coroutine or
+future per request (README, "Where the time goes").
 
 What the registry sees is exactly what the caller built: the head bytes as given (see
 `forwarding.upstream_request_head`), then the body with the framing we chose: the declared length
 as sent, or chunked encoding made here. Responses are streamed: at most HIGH_WATER bytes wait in
 a connection before it stops reading from the registry.
 
-Failures are one of three exceptions: NoConnection (none within `connect_timeout`, whether the
-registry is unreachable or every pooled connection is busy), UpstreamTimeout (the registry went
-quiet for `read_timeout`), UpstreamError (refused, closed, or sent what llhttp cannot parse).
+Failures are one of three exceptions (raised by `request`, handed to send_at_once's callback):
+NoConnection (none within `connect_timeout`, whether the registry is unreachable or every pooled
+connection is busy), UpstreamTimeout (the registry went quiet for `read_timeout`), UpstreamError
+(refused, closed, or sent what llhttp cannot parse).
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import collections
 import http
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import httptools
 from yarl import URL
@@ -57,6 +63,12 @@ class KnownHead:
     headers: tuple[tuple[bytes, bytes], ...]
     keep_alive: bool
     downstream: object = None
+
+
+class PendingExchange(Protocol):
+    """An exchange UpstreamPool.send_at_once started, until its callback is called."""
+
+    def cancel(self) -> None: ...
 
 
 class UpstreamError(Exception):
@@ -92,9 +104,13 @@ class _Connection(asyncio.Protocol):
         self._expecting = False
         # The pool's (UpstreamPool._known_heads), shared by its connections.
         self.known_heads: dict[bytes, KnownHead] = {}
+        # Called once the answer head is read or the exchange failed, instead of a waiter
+        # (UpstreamPool.send_at_once).
+        self._on_head: Callable[[], None] | None = None
 
     def _reset(self, head_only: bool) -> None:
         self.known: KnownHead | None = None  # an answer to HEAD: its head, as kept
+        self.cancelled = False
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -130,6 +146,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(UpstreamError("the registry closed the connection"))
+        if self._on_head is not None:
+            self._head_or_failure()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -155,6 +173,8 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamError("the registry switched protocols"))
         except (httptools.HttpParserError, UpstreamError) as exc:
             self._fail(exc if isinstance(exc, UpstreamError) else UpstreamError(f"bad response: {exc}"))
+        if self._on_head is not None:
+            self._head_or_failure()
 
     def _parser_now(self) -> httptools.HttpResponseParser:
         """This exchange's parser, made when first needed (an answer read before needs none)."""
@@ -285,6 +305,32 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _head_or_failure(self) -> None:
+        """The callback of send_at_once, once: the head is read, or the exchange has failed. Called
+        after llhttp returns (never from its callbacks: the callback may start the next exchange
+        on this very connection)."""
+        if self.head_complete or self._error is not None or self.closed:
+            callback, self._on_head = self._on_head, None
+            if callback is not None:
+                callback()
+
+    def watch(self, quiet_limit: float, on_head: Callable[[], None]) -> None:
+        """Call `on_head` once the answer head is read or the exchange fails (the registry quiet
+        for `quiet_limit` seconds included), instead of waiting in a coroutine."""
+        self._on_head = on_head
+        loop = self._loop
+        self._wait_started = loop.time()
+        self._quiet_limit = quiet_limit
+        if self._quiet_timer is None:
+            self._quiet_timer = loop.call_at(self._wait_started + quiet_limit, self._check_quiet)
+
+    def cancel(self) -> None:
+        """Give up on the exchange under way (the connection is closed; a watcher is told)."""
+        self.cancelled = True
+        self._fail(UpstreamError("the exchange was cancelled"))
+        if self._on_head is not None:
+            self._head_or_failure()
+
     async def wait(self, quiet_limit: float | None) -> None:
         """Until the registry sends something (or fails); at most `quiet_limit` seconds."""
         if self._error is not None:
@@ -310,12 +356,14 @@ class _Connection(asyncio.Protocol):
     def _check_quiet(self) -> None:
         self._quiet_timer = None
         quiet_limit = self._quiet_limit
-        if self._waiter is None or quiet_limit is None or self.closed:
+        if (self._waiter is None and self._on_head is None) or quiet_limit is None or self.closed:
             return  # no wait with a limit in progress: the next one arms the timer again
         loop = self._loop
         deadline = self._wait_started + quiet_limit
         if loop.time() >= deadline:
             self._fail(UpstreamTimeout(f"the registry sent nothing for {quiet_limit:g} s"))
+            if self._on_head is not None:
+                self._head_or_failure()
         else:
             self._quiet_timer = loop.call_at(deadline, self._check_quiet)
 
@@ -453,6 +501,48 @@ class UpstreamResponse:
         self.release()
 
 
+class _Slots:
+    """At most `limit` exchanges at once; those waiting are served first come, first served. A
+    slot is taken at once when one is free (take_now, for send_at_once), or waited for (take)."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def take_now(self) -> bool:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self, deadline: float) -> None:
+        """A slot, or NoConnection at `deadline` (loop time)."""
+        if self.take_now():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except BaseException as exc:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            elif waiter.done() and not waiter.cancelled():
+                self.give()  # handed a slot as it gave up: passed on
+            if isinstance(exc, TimeoutError):
+                raise NoConnection("every connection to the registry is busy") from None
+            raise
+
+    def give(self) -> None:
+        """A slot back: to the first waiting, else free."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+
 class UpstreamPool:
     """Keep-alive connections to one registry, at most `limit` of them in use at once."""
 
@@ -471,11 +561,12 @@ class UpstreamPool:
             self._ssl = ssl_context or ssl.create_default_context()
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._slots = asyncio.Semaphore(limit) if limit > 0 else None
+        self._slots = _Slots(limit) if limit > 0 else None
         self._idle: list[_Connection] = []
         self._closed = False
         self._known_heads: dict[bytes, KnownHead] = {}  # shared by the connections (KnownHead)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._resends: set[asyncio.Future[None]] = set()  # send_at_once's, held until done
 
     async def _connect(self, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -512,15 +603,8 @@ class UpstreamPool:
         if loop is None:  # kept: asyncio.get_running_loop() is a getpid() system call in 3.11
             loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
-        if self._slots is not None:
-            if self._slots.locked():
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        await self._slots.acquire()
-                except TimeoutError:
-                    raise NoConnection("every connection to the registry is busy") from None
-            else:
-                await self._slots.acquire()  # a free slot: taken at once, no timer needed
+        if self._slots is not None and not self._slots.take_now():
+            await self._slots.take(deadline)
         try:
             connection = self._idle_connection()
             reused = connection is not None
@@ -552,9 +636,81 @@ class UpstreamPool:
                 raise
         except BaseException:
             if self._slots is not None:
-                self._slots.release()
+                self._slots.give()
             raise
         return UpstreamResponse(self, connection)
+
+    def send_at_once(
+        self, method: str, head: bytes, answered: Callable[[UpstreamResponse | UpstreamError], None]
+    ) -> PendingExchange | None:
+        """Send a request without a body now, if a pooled connection is idle and a slot is free,
+        and call `answered` with the response once its head is read, or with the failure (the
+        exceptions `request` raises): an exchange without a task or coroutine, for the fast path
+        (README, "Where the time goes"). None: nothing was sent (`request` waits for a
+        connection). Until `answered` is called, the exchange may be given up with the returned
+        connection's `cancel()`."""
+        if self._closed:
+            return None
+        slots = self._slots
+        if slots is not None and not slots.take_now():
+            return None
+        connection = self._idle_connection()
+        if connection is None:
+            if slots is not None:
+                slots.give()
+            return None
+        connection.begin(head, head_only=method == "HEAD")
+        connection.watch(self.read_timeout, lambda: self._head_or_failure(connection, method, head, answered))
+        return connection
+
+    def _head_or_failure(
+        self,
+        connection: _Connection,
+        method: str,
+        head: bytes,
+        answered: Callable[[UpstreamResponse | UpstreamError], None],
+    ) -> None:
+        if connection.head_complete:
+            answered(UpstreamResponse(self, connection))  # an error after the head is the body's
+            return
+        connection.close()
+        error = connection._error
+        if not isinstance(error, UpstreamError):
+            error = UpstreamError("the registry closed the connection")
+        if (
+            connection.cancelled
+            or isinstance(error, UpstreamTimeout)
+            or connection.status
+            or connection.headers
+        ):
+            if self._slots is not None:
+                self._slots.give()
+            answered(error)
+            return
+        # A pooled connection the registry closed as we picked it up: sent again, once, on a new
+        # connection (nothing of it was processed), as `request` does.
+        resend = asyncio.ensure_future(self._send_again(method, head, answered))
+        self._resends.add(resend)
+        resend.add_done_callback(self._resends.discard)
+
+    async def _send_again(
+        self, method: str, head: bytes, answered: Callable[[UpstreamResponse | UpstreamError], None]
+    ) -> None:
+        try:
+            connection = await self._connect(asyncio.get_running_loop().time() + self.connect_timeout)
+            try:
+                await self._exchange(connection, method, head, None, False)
+            except BaseException:
+                connection.close()
+                raise
+        except BaseException as exc:
+            if self._slots is not None:
+                self._slots.give()
+            answered(exc if isinstance(exc, UpstreamError) else UpstreamError("the exchange was cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        answered(UpstreamResponse(self, connection))
 
     async def _exchange(
         self,
@@ -608,7 +764,7 @@ class UpstreamPool:
         else:
             connection.close()
         if self._slots is not None:
-            self._slots.release()
+            self._slots.give()
 
     async def close(self) -> None:
         self._closed = True

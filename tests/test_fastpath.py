@@ -10,9 +10,13 @@ path served them.
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
 import re
+import signal
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.fastpath import AnswerHead, ParsedHead, Section, Sections, answer_head, parse_head
-from tests.conftest import Gateway, Registry, free_port, start_registry, stop
+from tests.conftest import Gateway, Registry, free_port, htpasswd_add, start_gateway, start_registry, stop
 from tests.test_hostile import OCI_MANIFEST, auth, gateway_with_policy, push_blob, push_image
 
 # --- which heads the fast path takes (pure) ---------------------------------------------------
@@ -1171,3 +1175,72 @@ def test_a_head_trickled_after_a_full_path_answer_is_cut_on_time(tmp_path: Path,
         if gateway is not None:
             stop(gateway.process)
         stop(registry.process)
+
+
+class _SlowRegistry(http.server.BaseHTTPRequestHandler):
+    """Stands in for a registry that does not answer one HEAD (the real one cannot be made to):
+    `/v2/` and `.../quick` at once, `.../slow` after 30 s."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self._answer()
+
+    def do_HEAD(self) -> None:
+        if self.path.endswith("/slow"):
+            time.sleep(30)
+        self._answer()
+
+    def _answer(self) -> None:
+        self.send_response(200)
+        self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_shutdown_gives_up_on_a_request_without_a_task_after_its_grace(tmp_path: Path) -> None:
+    """A HEAD sent at once on a pooled registry connection (no task: UpstreamPool.send_at_once)
+    that the registry does not answer: on SIGTERM it has shutdown_grace, then it is given up as
+    a task would be, recorded as an error with no status, its client cut, and the gateway exits."""
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowRegistry)
+    upstream.daemon_threads = True
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, "reader", "reader-pw")
+    audit = tmp_path / "audit.jsonl"
+    gateway = start_gateway(
+        tmp_path,
+        f"http://127.0.0.1:{upstream.server_address[1]}",
+        users,
+        "--audit-log",
+        str(audit),
+        env={"GATEWAY_SHUTDOWN_GRACE": "2", "GATEWAY_READ_TIMEOUT": "60"},
+    )
+    try:
+        credentials = "Authorization: Basic " + base64.b64encode(b"reader:reader-pw").decode()
+        quick = f"HEAD /v2/x/manifests/quick HTTP/1.1\r\nHost: x\r\n{credentials}\r\n\r\n".encode()
+        # The login (the full path), then on the fast path with a pooled registry connection.
+        assert [a.split(b" ")[1] for a in send_all(gateway.host, [quick, quick])] == [b"200", b"200"]
+        address, port = gateway.host.split(":")
+        with socket.create_connection((address, int(port)), timeout=20) as sock:
+            sock.sendall(quick.replace(b"quick", b"slow"))
+            time.sleep(0.5)
+            gateway.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert sock.recv(65536) == b""  # cut, no answer
+            assert 1.5 < time.monotonic() - signalled < 10
+        assert gateway.process.wait(timeout=20) == 0
+        records = [json.loads(line) for line in audit.read_text().splitlines()]
+        assert [(r["path"], r["status"], r["decision"]) for r in records[-1:]] == [
+            ("/v2/x/manifests/slow", 0, "error")
+        ]
+    finally:
+        stop(gateway.process)
+        upstream.shutdown()
+        upstream.server_close()

@@ -16,7 +16,15 @@ import pytest
 from yarl import URL
 
 from gateway import upstream
-from gateway.upstream import KnownHead, UpstreamError, UpstreamPool, UpstreamTimeout
+from gateway.upstream import (
+    KnownHead,
+    NoConnection,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+    _Slots,
+)
 
 # One answer per request, each a sequence of writes (a pause between them puts them in separate
 # reads on our side), and whether the registry closes the connection after it.
@@ -396,3 +404,130 @@ async def test_known_heads_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         await pool.close()
         await registry.stop()
+
+
+Sent = UpstreamResponse | UpstreamError
+
+
+def _never(answer: Sent) -> None:
+    raise AssertionError(f"answered, though nothing was to be sent: {answer!r}")
+
+
+async def _sent_at_once(pool: UpstreamPool, method: str = "GET") -> Sent | None:
+    """send_at_once's answer (its callback's argument); None when it sent nothing."""
+    answered: asyncio.Future[Sent] = asyncio.get_running_loop().create_future()
+    if pool.send_at_once(method, _head(method), answered.set_result) is None:
+        return None
+    return await asyncio.wait_for(answered, 5)
+
+
+async def test_a_request_goes_out_at_once_on_an_idle_pooled_connection_only() -> None:
+    registry, pool = await _with_registry([Answer([OK]), Answer([OK]), Answer([OK[:-2]])])
+    try:
+        assert pool.send_at_once("GET", _head("GET"), _never) is None  # no connection yet
+        assert registry.requests == []
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        response = await _sent_at_once(pool)
+        assert isinstance(response, UpstreamResponse) and response.status == 200
+        async with response:
+            assert await response.read_at_most(10) == b"ok"
+        head = await _sent_at_once(pool, "HEAD")
+        assert isinstance(head, UpstreamResponse) and head.raw_headers == [(b"Content-Length", b"2")]
+        head.release()
+        assert registry.connections == 1 and len(registry.requests) == 3
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+@pytest.mark.parametrize("again", [[OK], []], ids=["answered", "dropped-again"])
+async def test_a_request_sent_at_once_on_a_dropped_connection_is_sent_again_once(again: Writes) -> None:
+    """The registry closes the pooled connection as the request arrives (nothing of it was
+    processed): sent again, once, on a new connection, as `request` does; dropped again, a failure."""
+    registry, pool = await _with_registry(
+        [
+            Answer([OK]),
+            Answer([], close_after=True),
+            Answer(again, close_after=not again),
+            *[Answer([OK])] * 4,
+        ]
+    )
+    try:
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        answer = await _sent_at_once(pool)
+        if again:
+            assert isinstance(answer, UpstreamResponse) and answer.status == 200
+            answer.release()
+        else:
+            assert isinstance(answer, UpstreamError) and not isinstance(answer, UpstreamTimeout)
+        assert len(registry.requests) == 3 and registry.connections == 2
+        # Every slot is back: four more requests at once, the pool's limit.
+        results = await asyncio.wait_for(asyncio.gather(*[_read_all(pool, "GET") for _ in range(4)]), 5)
+        assert results == [(200, b"ok")] * 4
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+async def test_a_registry_quiet_after_a_request_sent_at_once_is_a_timeout_and_no_resend() -> None:
+    registry, pool = await _with_registry(
+        [Answer([OK]), Answer([b"HTTP/1.1 200 OK\r\nContent-"])], read_timeout=0.3
+    )
+    try:
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        started = asyncio.get_running_loop().time()
+        answer = await _sent_at_once(pool)
+        assert isinstance(answer, UpstreamTimeout)
+        assert 0.25 < asyncio.get_running_loop().time() - started < 2
+        assert len(registry.requests) == 2
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+async def test_an_exchange_sent_at_once_can_be_given_up() -> None:
+    url_registry = ScriptedRegistry([Answer([OK]), Answer([]), Answer([OK])])
+    pool = UpstreamPool(await url_registry.start(), limit=1, connect_timeout=0.3, read_timeout=5.0)
+    try:
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        answered: asyncio.Future[Sent] = asyncio.get_running_loop().create_future()
+        exchange = pool.send_at_once("GET", _head("GET"), answered.set_result)
+        assert exchange is not None
+        # Its slot is taken (the limit is 1): nothing else is sent at once, a request waits.
+        assert pool.send_at_once("GET", _head("GET"), _never) is None
+        with pytest.raises(NoConnection):
+            await _read_all(pool, "GET")
+        exchange.cancel()
+        answer = await asyncio.wait_for(answered, 3)
+        assert isinstance(answer, UpstreamError) and not isinstance(answer, UpstreamTimeout)
+        # The slot is back and the connection not reused: the next request on a new one.
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        assert url_registry.connections == 2 and len(url_registry.requests) == 3
+    finally:
+        await pool.close()
+        await url_registry.stop()
+
+
+async def test_slots_go_to_waiters_in_order_and_one_given_up_passes_on() -> None:
+    slots = _Slots(1)
+    assert slots.take_now() and not slots.take_now()
+    loop = asyncio.get_running_loop()
+    with pytest.raises(NoConnection):
+        await slots.take(loop.time() + 0.05)
+    order: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await slots.take(loop.time() + 5)
+        order.append(name)
+
+    first, second = asyncio.ensure_future(waiter("first")), asyncio.ensure_future(waiter("second"))
+    await asyncio.sleep(0.01)
+    slots.give()  # to the first waiting
+    await asyncio.sleep(0.01)
+    assert order == ["first"] and not slots.take_now()
+    slots.give()
+    second.cancel()  # handed the slot, then cancelled before it ran: the slot is passed on
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert slots.take_now() and not slots.take_now()
+    await first
