@@ -641,6 +641,7 @@ class FastPathConnection(asyncio.Protocol):
         # shutdown gave up on it.
         self._exchange: PendingExchange | None = None
         self._cancelled = False
+        self._open_record: AuditRecord | None = None  # of the request under way, until written
         self._done: asyncio.Future[None] | None = None
         self._memo = IdentityMemo()
         # The header lines of our own on every forwarded answer, made once.
@@ -906,19 +907,58 @@ class FastPathConnection(asyncio.Protocol):
         metrics.in_flight += 1
         metrics.fast_served += 1
         started = time.monotonic()
+        self._open_record = record
         pool = gateway.upstream
         if pool is not None:
-            request_head = self._request_head(head, forward)
-            self._exchange = pool.send_at_once(
-                head.method,
-                request_head,
-                lambda answer: self._answered(answer, head, forward, record, started),
-            )
+            try:
+                self._exchange = pool.send_at_once(
+                    head.method,
+                    self._request_head(head, forward),
+                    lambda answer: self._answered(answer, head, forward, record, started),
+                )
+            except Exception:  # a fault of ours: the task answers it (a 500, recorded) if it is one again
+                log.exception("sending %s %s at once failed", head.method, record.path)
+                self._exchange = None
             if self._exchange is not None:
                 return
-        self._task = self._task_handler = self._loop.create_task(
-            self._in_task(head, forward, record, started)
-        )
+        self._start_task(head, forward, record, started)
+
+    def _start_task(
+        self,
+        head: ParsedHead,
+        forward: Forward,
+        record: AuditRecord,
+        started: float,
+        answered: tuple[UpstreamResponse, AnswerHead] | None = None,
+    ) -> None:
+        """What must wait, in the connection's task: the whole exchange (`_proxy`), or the rest of
+        an answer whose head is written (`answered`: `_respond`). Faults and cancellation are
+        recorded and answered as the fast path's, and the record finished, either way."""
+
+        async def exchange() -> None:
+            try:
+                if answered is None:
+                    await self._proxy(head, forward, record)
+                else:
+                    await self._respond(*answered, head, forward, record)
+            except BaseException as exc:
+                self._failed(exc, head, record)
+                if not isinstance(exc, Exception | asyncio.CancelledError):
+                    raise
+            finally:
+                self._record_done(record, started)
+
+        def ended(_: object) -> None:
+            if task.cancelled() and self._open_record is record:
+                # Cancelled (shutdown) before its first step: the clean-up above never ran.
+                if answered is not None:
+                    answered[0].release()
+                self._failed(asyncio.CancelledError(), head, record)
+                self._record_done(record, started)
+
+        task = self._loop.create_task(exchange())
+        self._task = self._task_handler = task
+        task.add_done_callback(ended)
 
     def _answered(
         self,
@@ -941,38 +981,13 @@ class FastPathConnection(asyncio.Protocol):
                 )
                 rest = self._answer_head(answer, head, record)
                 if rest is not None:  # a body to stream, or an error body to read: in a task
-                    self._task = self._task_handler = self._loop.create_task(
-                        self._in_task(head, forward, record, started, (answer, rest))
-                    )
+                    self._start_task(head, forward, record, started, (answer, rest))
                     return
         except (Exception, asyncio.CancelledError) as exc:  # as the task's: recorded, answered
             if isinstance(answer, UpstreamResponse):
                 answer.release()
             self._failed(exc, head, record)
         self._record_done(record, started)
-
-    async def _in_task(
-        self,
-        head: ParsedHead,
-        forward: Forward,
-        record: AuditRecord,
-        started: float,
-        answered: tuple[UpstreamResponse, AnswerHead] | None = None,
-    ) -> None:
-        """What must wait, in the connection's task: the whole exchange (`_proxy`), or the rest of
-        an answer whose head is written (`answered`: `_respond`). Faults and cancellation are
-        recorded and answered as the fast path's, and the record finished, either way."""
-        try:
-            if answered is None:
-                await self._proxy(head, forward, record)
-            else:
-                await self._respond(*answered, head, forward, record)
-        except BaseException as exc:
-            self._failed(exc, head, record)
-            if not isinstance(exc, Exception | asyncio.CancelledError):
-                raise
-        finally:
-            self._record_done(record, started)
 
     async def _proxy(self, head: ParsedHead, forward: Forward, record: AuditRecord) -> None:
         """The request, when it could not be sent at once: waiting for a registry connection."""
@@ -1019,6 +1034,7 @@ class FastPathConnection(asyncio.Protocol):
                 self._transport.abort()
 
     def _record_done(self, record: AuditRecord, started: float) -> None:
+        self._open_record = None
         gateway = self._gateway
         metrics = gateway.metrics
         metrics.in_flight -= 1

@@ -111,6 +111,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self, head_only: bool) -> None:
         self.known: KnownHead | None = None  # an answer to HEAD: its head, as kept
         self.cancelled = False
+        self.resend: asyncio.Future[UpstreamResponse] | None = None  # the request sent again
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -325,8 +326,11 @@ class _Connection(asyncio.Protocol):
             self._quiet_timer = loop.call_at(self._wait_started + quiet_limit, self._check_quiet)
 
     def cancel(self) -> None:
-        """Give up on the exchange under way (the connection is closed; a watcher is told)."""
+        """Give up on the exchange under way (the connection is closed; a watcher is told), or on
+        the request sent again for it (UpstreamPool._head_or_failure)."""
         self.cancelled = True
+        if self.resend is not None:
+            self.resend.cancel()
         self._fail(UpstreamError("the exchange was cancelled"))
         if self._on_head is not None:
             self._head_or_failure()
@@ -566,7 +570,7 @@ class UpstreamPool:
         self._closed = False
         self._known_heads: dict[bytes, KnownHead] = {}  # shared by the connections (KnownHead)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._resends: set[asyncio.Future[None]] = set()  # send_at_once's, held until done
+        self._resends: set[asyncio.Future[UpstreamResponse]] = set()  # send_at_once's, held until done
 
     async def _connect(self, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -659,7 +663,13 @@ class UpstreamPool:
             if slots is not None:
                 slots.give()
             return None
-        connection.begin(head, head_only=method == "HEAD")
+        try:
+            connection.begin(head, head_only=method == "HEAD")
+        except BaseException:
+            connection.close()
+            if slots is not None:
+                slots.give()
+            raise
         connection.watch(self.read_timeout, lambda: self._head_or_failure(connection, method, head, answered))
         return connection
 
@@ -689,28 +699,38 @@ class UpstreamPool:
             return
         # A pooled connection the registry closed as we picked it up: sent again, once, on a new
         # connection (nothing of it was processed), as `request` does.
-        resend = asyncio.ensure_future(self._send_again(method, head, answered))
+        resend = asyncio.ensure_future(self._send_again(method, head))
+        connection.resend = resend
         self._resends.add(resend)
-        resend.add_done_callback(self._resends.discard)
+        resend.add_done_callback(lambda _: self._sent_again(resend, answered))
 
-    async def _send_again(
-        self, method: str, head: bytes, answered: Callable[[UpstreamResponse | UpstreamError], None]
-    ) -> None:
+    async def _send_again(self, method: str, head: bytes) -> UpstreamResponse:
+        connection = await self._connect(asyncio.get_running_loop().time() + self.connect_timeout)
         try:
-            connection = await self._connect(asyncio.get_running_loop().time() + self.connect_timeout)
-            try:
-                await self._exchange(connection, method, head, None, False)
-            except BaseException:
-                connection.close()
-                raise
-        except BaseException as exc:
-            if self._slots is not None:
-                self._slots.give()
-            answered(exc if isinstance(exc, UpstreamError) else UpstreamError("the exchange was cancelled"))
-            if not isinstance(exc, Exception):
-                raise
+            await self._exchange(connection, method, head, None, False)
+        except BaseException:
+            connection.close()
+            raise
+        return UpstreamResponse(self, connection)
+
+    def _sent_again(
+        self,
+        resend: asyncio.Future[UpstreamResponse],
+        answered: Callable[[UpstreamResponse | UpstreamError], None],
+    ) -> None:
+        """The end of a request sent again (a done callback: it runs even when the task was
+        cancelled before its first step, where the coroutine's own clean-up never runs)."""
+        self._resends.discard(resend)
+        if not resend.cancelled() and resend.exception() is None:
+            answered(resend.result())
             return
-        answered(UpstreamResponse(self, connection))
+        error = None if resend.cancelled() else resend.exception()
+        if self._slots is not None:
+            self._slots.give()
+        if isinstance(error, UpstreamError):
+            answered(error)
+        else:
+            answered(UpstreamError("the exchange was cancelled" if error is None else f"failed: {error!r}"))
 
     async def _exchange(
         self,
@@ -771,3 +791,5 @@ class UpstreamPool:
         for connection in self._idle:
             connection.close()
         self._idle.clear()
+        for resend in list(self._resends):  # their callers are told (send_at_once)
+            resend.cancel()

@@ -19,6 +19,7 @@ from gateway import upstream
 from gateway.upstream import (
     KnownHead,
     NoConnection,
+    PendingExchange,
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
@@ -485,14 +486,24 @@ async def test_a_registry_quiet_after_a_request_sent_at_once_is_a_timeout_and_no
         await registry.stop()
 
 
+async def _one_slot_exchange(
+    answers: list[Answer], connect_timeout: float
+) -> tuple[ScriptedRegistry, UpstreamPool, PendingExchange, asyncio.Future[Sent]]:
+    """A pool of one slot, one request answered, then one sent at once (its answer to come)."""
+    registry = ScriptedRegistry(answers)
+    pool = UpstreamPool(await registry.start(), limit=1, connect_timeout=connect_timeout, read_timeout=30.0)
+    assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+    answered: asyncio.Future[Sent] = asyncio.get_running_loop().create_future()
+    exchange = pool.send_at_once("GET", _head("GET"), answered.set_result)
+    assert exchange is not None
+    return registry, pool, exchange, answered
+
+
 async def test_an_exchange_sent_at_once_can_be_given_up() -> None:
-    url_registry = ScriptedRegistry([Answer([OK]), Answer([]), Answer([OK])])
-    pool = UpstreamPool(await url_registry.start(), limit=1, connect_timeout=0.3, read_timeout=5.0)
+    url_registry, pool, exchange, answered = await _one_slot_exchange(
+        [Answer([OK]), Answer([]), Answer([OK])], connect_timeout=0.3
+    )
     try:
-        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
-        answered: asyncio.Future[Sent] = asyncio.get_running_loop().create_future()
-        exchange = pool.send_at_once("GET", _head("GET"), answered.set_result)
-        assert exchange is not None
         # Its slot is taken (the limit is 1): nothing else is sent at once, a request waits.
         assert pool.send_at_once("GET", _head("GET"), _never) is None
         with pytest.raises(NoConnection):
@@ -531,3 +542,30 @@ async def test_slots_go_to_waiters_in_order_and_one_given_up_passes_on() -> None
         await second
     assert slots.take_now() and not slots.take_now()
     await first
+
+
+@pytest.mark.parametrize("how", ["cancel", "pool-closed"])
+async def test_a_request_sent_again_can_be_given_up(how: str) -> None:
+    """Given up while it is sent again on a new connection (the pooled one was dropped): the
+    caller is told at once and the slot is back, whether the exchange is cancelled or the pool
+    closes."""
+    registry, pool, exchange, answered = await _one_slot_exchange(
+        [Answer([OK]), Answer([], close_after=True), Answer([]), Answer([OK])], connect_timeout=2.0
+    )
+    try:
+        for _ in range(100):  # until the registry has the request sent again (and keeps it)
+            if len(registry.requests) == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert len(registry.requests) == 3 and not answered.done()
+        if how == "cancel":
+            exchange.cancel()
+        else:
+            await pool.close()
+        answer = await asyncio.wait_for(answered, 3)
+        assert isinstance(answer, UpstreamError) and not isinstance(answer, UpstreamTimeout)
+        if how == "cancel":  # the slot is back (the limit is 1)
+            assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+    finally:
+        await pool.close()
+        await registry.stop()
