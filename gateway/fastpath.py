@@ -57,7 +57,14 @@ from gateway.state import Snapshot
 from gateway.tokens.endpoint import TOKEN_PATH
 from gateway.tokens.jwt_tokens import InvalidToken
 from gateway.tokens.scopes import covers, needed
-from gateway.upstream import NoConnection, PendingExchange, UpstreamError, UpstreamResponse, UpstreamTimeout
+from gateway.upstream import (
+    NoConnection,
+    PendingExchange,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+    first_header,
+)
 
 if TYPE_CHECKING:
     from gateway.server import ConnectionLimits
@@ -550,13 +557,8 @@ def answer_head(
     lines, first = forwarding.downstream_response_lines(headers, _ALSO_DROPPED[no_length, hsts])
     # Read from all of the registry's headers, as the full path reads them (`first` leaves out
     # what its Connection header names).
-    digest = content_type = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"docker-content-digest" and digest is None:
-            digest = value.decode("utf-8", "replace")
-        elif lower == b"content-type" and content_type is None:
-            content_type = value.decode("utf-8", "replace")
+    digest = first_header(headers, b"docker-content-digest")
+    content_type = first_header(headers, b"content-type")
     lines.insert(0, b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("utf-8")))
     if _API_VERSION_NAME not in first:
         lines.append(_API_VERSION_LINE)

@@ -29,7 +29,7 @@ import collections
 import http
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -459,6 +459,14 @@ def _reason(status: int, sent: bytes) -> str:
         return ""
 
 
+def first_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of header `name` (in lower case) in raw headers, decoded; None when absent."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("utf-8", "replace")
+    return None
+
+
 class UpstreamResponse:
     """The registry's answer: status and headers at once, the body as it arrives."""
 
@@ -472,10 +480,7 @@ class UpstreamResponse:
 
     def header(self, name: bytes) -> str | None:
         """The first value of a header (name in lower case), decoded; None when absent."""
-        for key, value in self.raw_headers:
-            if key.lower() == name:
-                return value.decode("utf-8", "replace")
-        return None
+        return first_header(self.raw_headers, name)
 
     async def read(self) -> bytes:
         """The next piece of the body; b"" at its end. Raises UpstreamError, UpstreamTimeout."""
