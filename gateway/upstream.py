@@ -4,10 +4,12 @@ The request path's own client, instead of aiohttp's ClientSession, because that 
 single cost per proxied request (about a third of the gateway's CPU in the profile, README's
 "Where the time goes"): a session request builds URL objects, header multidicts, a request and a
 response object, timers and a task per request. Here a request is one pre-built head written to a
-pooled transport, and the response is parsed by llhttp (through httptools, the parser uvicorn
+pooled transport, and the response head is parsed by llhttp (through httptools, the parser uvicorn
 uses) straight from `data_received`; an answer to HEAD seen before is taken as it was read
-(KnownHead). Two ways to send: `request`, a coroutine that waits for a connection and the answer
-head; and `send_at_once`, for the fast path's requests without a body, which sends on an idle
+(KnownHead); a body of a declared length is counted and queued as read (llhttp's copy of each
+body byte had been half the gateway's CPU per byte pulled), other bodies go through llhttp.
+Two ways to send: `request`, a coroutine that waits for a connection and the answer head; and
+`send_at_once`, for the fast path's requests without a body, which sends on an idle
 pooled connection there and then and calls back with the answer head: no task, coroutine or
 future per request (README, "Where the time goes").
 
@@ -122,10 +124,12 @@ class _Connection(asyncio.Protocol):
         self._head_only = head_only
         self._head_buffer = b""
         self._interim = False
+        self._first_head = True
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._reading_paused = False
         self._until_eof = False
+        self._body_left = 0  # body bytes still to come, when the answer declared its length
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -166,10 +170,12 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
             return
         try:
-            if self._head_only and not self.head_complete:
+            if self._body_left:
+                self._body_received(data)
+            elif not self.head_complete:
                 self._head_received(data)
             else:
-                self._parser_now().feed_data(data)
+                self._parser_now().feed_data(data)  # a chunked body, or one until the end
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("the registry switched protocols"))
         except (httptools.HttpParserError, UpstreamError) as exc:
@@ -185,18 +191,23 @@ class _Connection(asyncio.Protocol):
         return parser
 
     def _head_received(self, data: bytes) -> None:
-        """Bytes of an answer to HEAD, until its head is whole. llhttp cannot be told that a
-        response answers HEAD (it would wait for the body its Content-Length announces): it gets
-        the head alone. Heads before it that were interim answers (1xx) are skipped, as they come."""
-        buffered = self._head_buffer + data
+        """Bytes of an answer, until its head is whole. llhttp gets the head alone: it cannot be
+        told that a response answers HEAD (it would wait for the body its Content-Length
+        announces), and a body of a declared length is counted here rather than parsed
+        (_body_received). Heads before it that were interim answers (1xx) are skipped, as they
+        come. The start of a head that came alone goes to llhttp at once (what is not HTTP is
+        refused then, not waited out) and is kept (_hold) until its end is found."""
+        held = self._head_buffer
+        buffered = held + data
         end = buffered.find(_HEAD_END)
         if end < 0:
-            self._hold(buffered)
+            self._hold_parsed(buffered, data)
             return
         self._head_buffer = b""
         head, rest = buffered[: end + 4], buffered[end + 4 :]
-        first = self._parser is None  # the exchange's first head: llhttp reads it from its start
-        known = self.known_heads.get(head) if first else None
+        first = self._first_head  # an interim answer came before it: not to be kept or looked up
+        head_only = self._head_only
+        known = self.known_heads.get(head) if first and head_only else None
         if known is not None:
             self.known = known
             self.status = known.status
@@ -207,15 +218,18 @@ class _Connection(asyncio.Protocol):
             self._wake()
         else:
             parser = self._parser_now()
-            parser.feed_data(head)
+            parser.feed_data(head[len(held) :])  # llhttp has had what was held
             while not self.head_complete:  # that was an interim answer: the final head follows
                 first = False
                 end = rest.find(_HEAD_END)
                 if end < 0:
-                    self._hold(rest)
+                    self._hold_parsed(rest, rest)
                     return
                 head, rest = rest[: end + 4], rest[end + 4 :]
                 parser.feed_data(head)
+            if not head_only:
+                self._after_head(rest)
+                return
             if first and len(head) <= KNOWN_HEAD_SIZE_MAX:
                 known_heads = self.known_heads
                 if len(known_heads) >= KNOWN_HEADS_MAX:
@@ -227,11 +241,52 @@ class _Connection(asyncio.Protocol):
         if rest:
             self.reusable = False  # more than the head answered a HEAD
 
-    def _hold(self, partial: bytes) -> None:
-        """The start of a head, kept until the rest of it comes."""
+    def _after_head(self, rest: bytes) -> None:
+        """What came after the head of an answer with a body (or one of 204 or 304)."""
+        if self._body_left:
+            if rest:
+                self._body_received(rest)
+        elif self.complete:
+            if rest:
+                raise UpstreamError("the registry sent more than its answer")
+        elif rest:
+            self._parser_now().feed_data(rest)
+
+    def _body_received(self, data: bytes) -> None:
+        """Body bytes of a declared length: queued as they came (llhttp would copy them once more,
+        which for a blob was most of the gateway's CPU per byte)."""
+        left = self._body_left
+        size = len(data)
+        excess = size > left
+        if excess:
+            # More than the declared length: the answer ends where it said, and the connection is
+            # dropped after it, as for bytes after a parsed answer.
+            data, size = data[:left], left
+        self._queue(data)
+        left = self._body_left = left - size
+        if not left:
+            self.complete = True
+            self._wake()
+        if excess:
+            raise UpstreamError("the registry sent more than its answer")
+
+    def _queue(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def _hold_parsed(self, partial: bytes, unparsed: bytes) -> None:
+        """The start of a head, kept until the rest of it comes; llhttp reads what it has not."""
         if len(partial) > 1024 * 1024:
             raise UpstreamError("the registry's response head is too large")
         self._head_buffer = partial
+        self._parser_now().feed_data(unparsed)
+        if self.head_complete:
+            # llhttp saw a head end where there is no CRLF CRLF: it cannot be split from its body.
+            raise UpstreamError("bad response: a head that does not end in CRLF CRLF")
 
     # --- httptools callbacks ---------------------------------------------------------------------
 
@@ -256,6 +311,7 @@ class _Connection(asyncio.Protocol):
             # An interim answer (the registry never gets Expect from us, but may send one):
             # skipped, the real answer follows on the same connection.
             self._interim = True
+            self._first_head = False
             self.headers = []
             self.reason = b""
             return
@@ -265,20 +321,26 @@ class _Connection(asyncio.Protocol):
         if self._head_only or status in (204, 304):
             self.complete = True
         else:
-            names = {name.lower() for name, _ in self.headers}
-            self._until_eof = b"content-length" not in names and b"transfer-encoding" not in names
+            length: bytes | None = None
+            framed = False
+            for name, value in self.headers:
+                name = name.lower()
+                if name == b"content-length":
+                    length = value
+                elif name == b"transfer-encoding":
+                    framed = True
+            if length is not None and not framed:
+                # llhttp has checked the value (digits, one length), and ends the message itself
+                # when it is 0.
+                self._body_left = int(length)
+            self._until_eof = length is None and not framed
         self._wake()
 
     def on_body(self, body: bytes) -> None:
         if self._head_only:
             self.reusable = False
             return
-        self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered > HIGH_WATER and not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
-        self._wake()
+        self._queue(body)
 
     def on_message_complete(self) -> None:
         if self._interim:

@@ -159,6 +159,13 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
             200,
             b"abc",
         ),
+        # A body of a declared length is counted, not parsed: the head and the body in pieces, the
+        # head ending at a read's end, a length of 0.
+        ("GET", [b"HTTP/1.1 200 OK\r\nContent-Le", b"ngth: 5\r\n\r\nab", b"c", b"de"], 200, b"abcde"),
+        ("GET", [b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", b"abc"], 200, b"abc"),
+        ("GET", [b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r", b"\nabc"], 200, b"abc"),
+        ("GET", [b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], 200, b""),
+        ("GET", [b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"z" * 300_000], 200, b"z" * 300_000),
         # 204 and 304 have no body whatever they announce.
         ("GET", [b"HTTP/1.1 304 Not Modified\r\nContent-Length: 99\r\n\r\n"], 304, b""),
         ("GET", [b"HTTP/1.1 204 No Content\r\n\r\n"], 204, b""),
@@ -211,6 +218,35 @@ async def test_bytes_after_a_complete_answer_are_never_taken_as_its_body() -> No
         assert registry.connections == 2  # the first one was not reused
         # HEAD: whatever follows the head is not kept for the next exchange either.
         assert await asyncio.wait_for(_read_all(pool, "HEAD"), 3) == (200, b"")
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+async def test_a_body_of_declared_length_ends_where_it_said() -> None:
+    """More bytes than the declared length, in the read that ends the body or one of their own:
+    the answer is the declared bytes and its connection is dropped. Fewer, then the end of the
+    connection: a failure, never a short body that looks complete."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"
+    registry, pool = await _with_registry(
+        [
+            Answer([head + b"ab", b"cdHTTP/1.1 200 OK\r\n"]),
+            Answer([head + b"abcd", b"junk"]),
+            Answer([OK]),
+            Answer([head + b"abc"], close_after=True),
+            Answer([OK]),
+        ]
+    )
+    try:
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"abcd")
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"abcd")
+        await asyncio.sleep(0.1)  # the junk reaches the idle pooled connection
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        assert registry.connections == 3  # neither connection was used again
+        with pytest.raises(UpstreamError) as caught:
+            await asyncio.wait_for(_read_all(pool, "GET"), 3)
+        assert not isinstance(caught.value, UpstreamTimeout)
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
     finally:
         await pool.close()
         await registry.stop()
