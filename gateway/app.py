@@ -572,7 +572,7 @@ async def forward(
             return response
         try:
             while True:
-                chunk = await upstream.read()
+                chunk = await upstream.read_chunk()
                 if not chunk:
                     break
                 record.bytes_out += len(chunk)

@@ -1206,7 +1206,7 @@ class FastPathConnection(asyncio.Protocol):
         body_timeout = self._gateway.settings.body_timeout
         try:
             while True:
-                chunk = await upstream.read()
+                chunk = await upstream.read_chunk()
                 if not chunk:
                     break
                 record.bytes_out += len(chunk)

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import http
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ from yarl import URL
 # A connection stops reading from the registry when this much response body waits for the client.
 HIGH_WATER = 1024 * 1024
 LOW_WATER = 256 * 1024
+# A body of a declared length with at least BODY_READ_MIN bytes still to come is read into blocks
+# of BODY_BLOCK bytes (_BlockReader); a block with less room than BODY_READ_MIN left is not read into.
+BODY_BLOCK = 1024 * 1024
+BODY_READ_MIN = 64 * 1024
 # An idle pooled connection older than this is closed rather than reused (the registry may have
 # dropped it already; Go's servers close idle connections after a while).
 IDLE_TIMEOUT = 30.0
@@ -109,6 +114,7 @@ class _Connection(asyncio.Protocol):
         # Called once the answer head is read or the exchange failed, instead of a waiter
         # (UpstreamPool.send_at_once).
         self._on_head: Callable[[], None] | None = None
+        self._block_reader: _BlockReader | None = None
 
     def _reset(self, head_only: bool) -> None:
         self.known: KnownHead | None = None  # an answer to HEAD: its head, as kept
@@ -125,7 +131,7 @@ class _Connection(asyncio.Protocol):
         self._head_buffer = b""
         self._interim = False
         self._first_head = True
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks: collections.deque[bytes | memoryview] = collections.deque()
         self._buffered = 0
         self._reading_paused = False
         self._until_eof = False
@@ -246,6 +252,8 @@ class _Connection(asyncio.Protocol):
         if self._body_left:
             if rest:
                 self._body_received(rest)
+            elif self._body_left >= BODY_READ_MIN:
+                self._read_blocks()
         elif self.complete:
             if rest:
                 raise UpstreamError("the registry sent more than its answer")
@@ -267,10 +275,46 @@ class _Connection(asyncio.Protocol):
         if not left:
             self.complete = True
             self._wake()
+        elif left >= BODY_READ_MIN:
+            self._read_blocks()
         if excess:
             raise UpstreamError("the registry sent more than its answer")
 
-    def _queue(self, body: bytes) -> None:
+    def _after_body_bytes(self, size: int) -> None:
+        """`size` bytes of a body of a declared length were queued (by _BlockReader)."""
+        left = self._body_left = self._body_left - size
+        if not left:
+            self.complete = True
+            self._read_data()
+            self._wake()
+
+    def _read_blocks(self) -> None:
+        """The rest of the body is read into blocks (_BlockReader) rather than given to
+        data_received as new bytes objects: one copy of each byte fewer."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        reader = self._block_reader
+        if reader is None:
+            reader = self._block_reader = _BlockReader(self)
+        self._switch_protocol(transport, reader)
+
+    def _read_data(self) -> None:
+        """Back to data_received once the body read into blocks is whole."""
+        reader = self._block_reader
+        if reader is None or self.transport is None or self.transport.get_protocol() is not reader:
+            return
+        reader.end()
+        self._switch_protocol(self.transport, self)
+
+    def _switch_protocol(self, transport: asyncio.Transport, protocol: asyncio.BaseProtocol) -> None:
+        # A transport chooses how to read when reading starts (uvloop; asyncio's as it is set).
+        transport.pause_reading()
+        transport.set_protocol(protocol)
+        if not self._reading_paused:
+            transport.resume_reading()
+
+    def _queue(self, body: bytes | memoryview) -> None:
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._reading_paused and self.transport is not None:
@@ -476,7 +520,7 @@ class _Connection(asyncio.Protocol):
             await self.wait(quiet_limit)
         # An error after the head belongs to the body: reported when the body is read.
 
-    async def read(self, quiet_limit: float) -> bytes:
+    async def read(self, quiet_limit: float) -> bytes | memoryview:
         while True:
             if self._chunks:
                 chunk = self._chunks.popleft()
@@ -529,6 +573,62 @@ def first_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | N
     return None
 
 
+class _BlockReader(asyncio.BufferedProtocol):
+    """The transport's protocol while a long body of a declared length comes (_Connection
+    switches to it and back): the registry's bytes are read straight into blocks of our own and
+    queued as views of them, where data_received would have them copied into a new bytes object
+    per read. Reads never go past the declared length: what comes after the body is read by the
+    connection itself (and drops it). A block is read into again only when no view of it is
+    left anywhere (the client's transport holds the views it has not sent yet, and a reader may
+    keep one): its reference count says so. Blocks are dropped with the body."""
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+        self._blocks: list[bytearray] = []
+        self._block: bytearray | None = None
+        self._offset = 0
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        block = self._block
+        if block is None or BODY_BLOCK - self._offset < BODY_READ_MIN:
+            block = self._block = self._unused_block()
+            self._offset = 0
+        offset = self._offset
+        return memoryview(block)[offset : offset + min(BODY_BLOCK - offset, self._connection._body_left)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        block = self._block
+        assert block is not None
+        offset = self._offset
+        self._offset = offset + nbytes
+        connection = self._connection
+        connection._queue(memoryview(block)[offset : offset + nbytes])
+        connection._after_body_bytes(nbytes)
+
+    def _unused_block(self) -> bytearray:
+        for block in self._blocks:
+            # Referenced here by the list, `block` and getrefcount's argument: no view is left.
+            if sys.getrefcount(block) == 3:
+                return block
+        block = bytearray(BODY_BLOCK)
+        self._blocks.append(block)
+        return block
+
+    def end(self) -> None:
+        self._blocks = []
+        self._block = None
+        self._offset = 0
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connection.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._connection.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._connection.resume_writing()
+
+
 class UpstreamResponse:
     """The registry's answer: status and headers at once, the body as it arrives."""
 
@@ -546,6 +646,12 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The next piece of the body; b"" at its end. Raises UpstreamError, UpstreamTimeout."""
+        chunk = await self.read_chunk()
+        return chunk if type(chunk) is bytes else bytes(chunk)
+
+    async def read_chunk(self) -> bytes | memoryview:
+        """As `read`, for a caller that hands each piece on to a transport: a piece may be a view
+        of a block the body is read into, read into again once no view of it is left."""
         if self._connection is None:
             return b""
         return await self._connection.read(self._pool.read_timeout)

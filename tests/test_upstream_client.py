@@ -9,10 +9,13 @@ test_fastpath); here the question is what the client makes of a registry's bytes
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+import uvloop
 from yarl import URL
 
 from gateway import upstream
@@ -26,6 +29,7 @@ from gateway.upstream import (
     UpstreamTimeout,
     _Slots,
 )
+from tests.ldap_server import make_ca_and_server_cert
 
 # One answer per request, each a sequence of writes (a pause between them puts them in separate
 # reads on our side), and whether the registry closes the connection after it.
@@ -43,6 +47,7 @@ class ScriptedRegistry:
     """Answers the n-th request it reads (over all connections) with answers[n]."""
 
     answers: list[Answer]
+    tls: ssl.SSLContext | None = None
     requests: list[bytes] = field(default_factory=list)
     connections: int = 0
     server: asyncio.Server | None = None
@@ -50,9 +55,9 @@ class ScriptedRegistry:
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
     async def start(self) -> URL:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         port = self.server.sockets[0].getsockname()[1]
-        return URL(f"http://127.0.0.1:{port}")
+        return URL(f"{'https' if self.tls else 'http'}://127.0.0.1:{port}")
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -121,11 +126,19 @@ async def _read_all(pool: UpstreamPool, method: str, body: bytes | None = None) 
 
 
 async def _with_registry(
-    answers: list[Answer], read_timeout: float = 5.0
+    answers: list[Answer], read_timeout: float = 5.0, pki: Path | None = None
 ) -> tuple[ScriptedRegistry, UpstreamPool]:
-    registry = ScriptedRegistry(answers)
+    """The scripted registry and a pool for it; over TLS with a CA and certificate made in `pki`."""
+    server_tls = client_tls = None
+    if pki is not None:
+        ca, cert, key = make_ca_and_server_cert(pki)
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(cert, key)
+        client_tls = ssl.create_default_context(cafile=str(ca))
+    registry = ScriptedRegistry(answers, server_tls)
     url = await registry.start()
-    return registry, UpstreamPool(url, limit=4, connect_timeout=2.0, read_timeout=read_timeout)
+    pool = UpstreamPool(url, limit=4, connect_timeout=2.0, read_timeout=read_timeout, ssl_context=client_tls)
+    return registry, pool
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -247,6 +260,81 @@ async def test_a_body_of_declared_length_ends_where_it_said() -> None:
             await asyncio.wait_for(_read_all(pool, "GET"), 3)
         assert not isinstance(caught.value, UpstreamTimeout)
         assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+async def test_a_long_body_is_read_into_blocks_never_over_a_piece_still_held() -> None:
+    """A long body of a declared length comes as views of blocks (_BlockReader). A block is read
+    into again only when no view of it is left: pieces a caller (or a transport that has not sent
+    them yet) still holds keep their bytes; the blocks are reused once they are let go, so a
+    long body takes a few of them; the connection carries the next exchange after it."""
+    await _long_body_in_blocks(None)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_long_body_is_read_into_blocks_on_uvloop_and_over_tls(tmp_path: Path, tls: bool) -> None:
+    """uvloop chooses how to read when reading starts, asyncio's loop as the protocol is set, and
+    each has its own TLS transport: the switch to blocks and back works on all of them (the
+    gateway runs on uvloop when it is installed, and may reach the registry over TLS)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_long_body_in_blocks(tmp_path if tls else None))
+
+
+async def test_a_long_body_is_read_into_blocks_over_tls(tmp_path: Path) -> None:
+    await _long_body_in_blocks(tmp_path)
+
+
+async def _long_body_in_blocks(pki: Path | None) -> None:
+    size = 24 * 1024 * 1024 + 5
+    body = bytes(range(251)) * (size // 251) + bytes(size % 251)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
+    registry, pool = await _with_registry(
+        [Answer([head + body[:1000], body[1000 : size // 2], body[size // 2 :]]), Answer([OK])], pki=pki
+    )
+    try:
+        response = await pool.request("GET", _head("GET"))
+        held: list[tuple[memoryview, bytes]] = []
+        blocks: set[int] = set()
+        received = 0
+        async with response:
+            while chunk := await asyncio.wait_for(response.read_chunk(), 3):
+                assert chunk == body[received : received + len(chunk)]
+                received += len(chunk)
+                if isinstance(chunk, memoryview):
+                    blocks.add(id(chunk.obj))
+                    if len(held) < 8 and received % 3 == 0:
+                        held.append((chunk, bytes(chunk)))
+                await asyncio.sleep(0)
+        assert received == size
+        assert held, "no piece came as a view of a block"
+        assert all(view == copy for view, copy in held)  # never read over
+        assert len(blocks) <= 12  # reused: 24 MiB would take 24 blocks of 1 MiB
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        assert registry.connections == 1
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
+async def test_a_long_body_that_ends_short_or_runs_over_is_not_taken_whole() -> None:
+    long_head = b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n"
+    registry, pool = await _with_registry(
+        [
+            Answer([long_head + b"a" * 1000, b"b" * 100_000], close_after=True),
+            Answer([long_head, b"c" * 200_000, b"d" * 100_000 + b"HTTP/1.1 200 OK\r\n"]),
+            Answer([OK]),
+        ]
+    )
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            await asyncio.wait_for(_read_all(pool, "GET"), 3)
+        assert not isinstance(caught.value, UpstreamTimeout)
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"c" * 200_000 + b"d" * 100_000)
+        await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(_read_all(pool, "GET"), 3) == (200, b"ok")
+        assert registry.connections == 3
     finally:
         await pool.close()
         await registry.stop()
