@@ -30,7 +30,6 @@ import asyncio
 import collections
 import http
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -144,6 +143,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._block_reader is not None:
+            # Blocks go now, not with a collection of the cycle the reader is in (views still
+            # queued keep theirs).
+            self._block_reader.end()
+            self._block_reader = None
         if self._quiet_timer is not None:
             self._quiet_timer.cancel()
             self._quiet_timer = None
@@ -577,10 +581,11 @@ class _BlockReader(asyncio.BufferedProtocol):
     """The transport's protocol while a long body of a declared length comes (_Connection
     switches to it and back): the registry's bytes are read straight into blocks of our own and
     queued as views of them, where data_received would have them copied into a new bytes object
-    per read. Reads never go past the declared length: what comes after the body is read by the
-    connection itself (and drops it). A block is read into again only when no view of it is
-    left anywhere (the client's transport holds the views it has not sent yet, and a reader may
-    keep one): its reference count says so. Blocks are dropped with the body."""
+    per read. A read may take a little past the declared length, so that bytes the registry sent
+    after the body drop the connection before it goes back to the pool. A block is read into
+    again only when no view of it is left anywhere (the client's transport holds the views it has
+    not sent yet, and a reader may keep one): a bytearray refuses to change size while a view of
+    it exists, which says so. Blocks are dropped with the body."""
 
     def __init__(self, connection: _Connection) -> None:
         self._connection = connection
@@ -594,7 +599,11 @@ class _BlockReader(asyncio.BufferedProtocol):
             block = self._block = self._unused_block()
             self._offset = 0
         offset = self._offset
-        return memoryview(block)[offset : offset + min(BODY_BLOCK - offset, self._connection._body_left)]
+        # A little past the declared length: bytes the registry sent after the body, already
+        # here, come with its last read and drop the connection (buffer_updated), rather than wait
+        # for a read that may come after the connection went back to the pool.
+        room = min(BODY_BLOCK - offset, self._connection._body_left + BODY_READ_MIN)
+        return memoryview(block)[offset : offset + room]
 
     def buffer_updated(self, nbytes: int) -> None:
         block = self._block
@@ -602,15 +611,29 @@ class _BlockReader(asyncio.BufferedProtocol):
         offset = self._offset
         self._offset = offset + nbytes
         connection = self._connection
-        connection._queue(memoryview(block)[offset : offset + nbytes])
-        connection._after_body_bytes(nbytes)
+        size = min(nbytes, connection._body_left)
+        if size:
+            connection._queue(memoryview(block)[offset : offset + size])
+            connection._after_body_bytes(size)
+        if nbytes > size:
+            # More than the declared length: the answer ends where it said, and the connection is
+            # dropped after it, as for bytes after a parsed answer.
+            connection._fail(UpstreamError("the registry sent more than its answer"))
 
     def _unused_block(self) -> bytearray:
         for block in self._blocks:
-            # Referenced here by the list, `block` and getrefcount's argument: no view is left.
-            if sys.getrefcount(block) == 3:
-                return block
-        block = bytearray(BODY_BLOCK)
+            if block is self._block:
+                continue
+            # A bytearray cannot change size while a view of it exists (a buffer export, held by
+            # every memoryview made from it): popping a byte is refused then. Exact on every
+            # Python, unlike a reference count; the byte is put back at once.
+            try:
+                block.pop()
+            except BufferError:
+                continue
+            block.append(0)
+            return block
+        block = bytearray(BODY_BLOCK + 1)  # the last byte is the one popped
         self._blocks.append(block)
         return block
 
