@@ -652,6 +652,9 @@ def bench_token(b: Bench, registry: Service, rounds: int, seconds: float) -> dic
     return summary
 
 
+PULLS_PER_ROUND = 3
+
+
 def bench_transfer(b: Bench, registry: Service, mib: int, rounds: int, use_skopeo: bool) -> dict[str, Any]:
     htpasswd = b.work / "htpasswd-transfer"
     write_htpasswd(htpasswd, 5)
@@ -666,19 +669,23 @@ def bench_transfer(b: Bench, registry: Service, mib: int, rounds: int, use_skope
     push_cpu: dict[str, list[float]] = {}
     gigabytes = size / 1e9
     for _ in range(rounds):
+        # A pull takes a fraction of a second, so one per round is at the mercy of a single hiccup
+        # of the machine: PULLS_PER_ROUND of them, interleaved over the targets.
+        for _ in range(PULLS_PER_ROUND):
+            for target in targets:
+                name = target.name.split("-")[0]
+                before = cpu_seconds(target.process.pid)
+                pull.setdefault(name, []).append(
+                    curl_pull(f"{target.url}/v2/bench/blob/blobs/{digest}", target.auth)
+                )
+                pull_cpu.setdefault(name, []).append((cpu_seconds(target.process.pid) - before) / gigabytes)
         for target in targets:
             name = target.name.split("-")[0]
             before = cpu_seconds(target.process.pid)
-            pull.setdefault(name, []).append(
-                curl_pull(f"{target.url}/v2/bench/blob/blobs/{digest}", target.auth)
-            )
-            middle = cpu_seconds(target.process.pid)
             push.setdefault(name, []).append(
                 curl_push(target.url, f"bench/push-{name}", blob, digest, target.auth)
             )
-            after = cpu_seconds(target.process.pid)
-            pull_cpu.setdefault(name, []).append((middle - before) / gigabytes)
-            push_cpu.setdefault(name, []).append((after - middle) / gigabytes)
+            push_cpu.setdefault(name, []).append((cpu_seconds(target.process.pid) - before) / gigabytes)
     result: dict[str, Any] = {
         "blob_mib": mib,
         "pull_MBps": {k: statistics.median(v) / 1e6 for k, v in pull.items()},
