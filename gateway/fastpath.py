@@ -982,7 +982,8 @@ class FastPathConnection(asyncio.Protocol):
                     record.operation or "other", time.monotonic() - started
                 )
                 rest = self._answer_head(answer, head, record)
-                if rest is not None:  # a body to stream, or an error body to read: in a task
+                # A body still to come, or an error body to read: in a task.
+                if rest is not None and (rest.own_error_body or not self._whole_body(answer, rest, record)):
                     self._start_task(head, forward, record, started, (answer, rest))
                     return
         except (Exception, asyncio.CancelledError) as exc:  # as the task's: recorded, answered
@@ -990,6 +991,29 @@ class FastPathConnection(asyncio.Protocol):
                 answer.release()
             self._failed(exc, head, record)
         self._record_done(record, started)
+
+    def _whole_body(self, upstream: UpstreamResponse, answer: AnswerHead, record: AuditRecord) -> bool:
+        """Write the body from the answer head's callback when all of it came with the head (a
+        manifest, a config: a task and its waits saved), as _stream_body would. False: some is
+        still to come, for _stream_body."""
+        chunks = upstream.whole_body()
+        if chunks is None:
+            return False
+        upstream.release()
+        record.bytes_out += sum(len(chunk) for chunk in chunks)
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            record.decision, record.status = "error", 0  # the client went away
+            return True
+        if answer.chunked:  # framed piece by piece, as _stream_body and the full path do
+            framed: list[bytes | memoryview] = []
+            for chunk in chunks:
+                framed += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+            framed.append(b"0\r\n\r\n")
+            transport.writelines(framed)
+        else:
+            transport.writelines(chunks)
+        return True
 
     async def _proxy(self, head: ParsedHead, forward: Forward, record: AuditRecord) -> None:
         """The request, when it could not be sent at once: waiting for a registry connection."""

@@ -537,6 +537,14 @@ class _Connection(asyncio.Protocol):
                 return b""
             await self.wait(quiet_limit)
 
+    def whole_body(self) -> collections.deque[bytes | memoryview] | None:
+        """The body, when all of it has come and waits here (None otherwise), taken out."""
+        if not self.complete or self._error is not None:
+            return None
+        chunks, self._chunks = self._chunks, collections.deque()
+        self._buffered = 0
+        return chunks
+
     def finished(self) -> bool:
         """Whether this connection may carry another exchange."""
         self._expecting = False
@@ -678,6 +686,13 @@ class UpstreamResponse:
         if self._connection is None:
             return b""
         return await self._connection.read(self._pool.read_timeout)
+
+    def whole_body(self) -> collections.deque[bytes | memoryview] | None:
+        """All of the body, when it has come whole already (a manifest usually comes with its
+        head); None when some of it is still to come. The pieces are taken: read() has none."""
+        if self._connection is None:
+            return None
+        return self._connection.whole_body()
 
     async def read_at_most(self, limit: int) -> bytes:
         data = b""

@@ -1204,23 +1204,82 @@ class _SlowRegistry(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def _stand_in(handler: type[http.server.BaseHTTPRequestHandler]) -> http.server.ThreadingHTTPServer:
+    """A registry's stand-in on a free port, served from a thread until shut down."""
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    upstream.daemon_threads = True
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    return upstream
+
+
+def _reader_gateway(
+    directory: Path, upstream: http.server.ThreadingHTTPServer, env: dict[str, str]
+) -> tuple[Gateway, Path]:
+    """A gateway in front of a stand-in, with the user `reader` and an audit log (its path)."""
+    users = directory / "htpasswd"
+    htpasswd_add(users, "reader", "reader-pw")
+    audit = directory / "audit.jsonl"
+    upstream_url = f"http://127.0.0.1:{upstream.server_address[1]}"
+    return start_gateway(directory, upstream_url, users, "--audit-log", str(audit), env=env), audit
+
+
+class _ChunkedRegistry(http.server.BaseHTTPRequestHandler):
+    """Stands in for a registry answering with a chunked body (distribution sets a length on what
+    it sends): `/v2/` with a length, anything else in three chunks, all in one write."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        head = b"HTTP/1.1 200 OK\r\nDocker-Distribution-Api-Version: registry/2.0\r\n"
+        head += b"Content-Type: application/json\r\n"
+        if self.path == "/v2/":
+            self.wfile.write(head + b"Content-Length: 2\r\n\r\n{}")
+        else:
+            body = b'5\r\n{"a":\r\n3\r\n 1,\r\n6\r\n"b":2}\r\n0\r\n\r\n'
+            self.wfile.write(head + b"Transfer-Encoding: chunked\r\n\r\n" + body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_chunked_body_that_came_with_its_head_is_answered_as_the_full_path_does(tmp_path: Path) -> None:
+    """A body that came whole with its answer head is written from the head's callback (no task);
+    chunked, it is framed piece by piece as the full path frames it, and recorded alike."""
+    upstream = _stand_in(_ChunkedRegistry)
+    started: list[Gateway] = []
+    try:
+        answers = []
+        audits = []
+        for fast_path in ("true", "false"):
+            directory = tmp_path / fast_path
+            directory.mkdir()
+            gateway, audit = _reader_gateway(directory, upstream, {"GATEWAY_FAST_PATH": fast_path})
+            started.append(gateway)
+            credentials = "Authorization: Basic " + base64.b64encode(b"reader:reader-pw").decode()
+            login = f"GET /v2/ HTTP/1.1\r\nHost: x\r\n{credentials}\r\n\r\n".encode()
+            get = f"GET /v2/x/manifests/1 HTTP/1.1\r\nHost: x\r\n{credentials}\r\n\r\n".encode()
+            answers.append(send_all(gateway.host, [login, get, get, get]))
+            audits.append(audit_records(audit, 5))
+        fast, full = answers
+        for fast_answer, full_answer in zip(fast, full, strict=True):
+            assert normalised(fast_answer) == normalised(full_answer)
+        assert fast[-1].endswith(b'\r\n\r\n5\r\n{"a":\r\n3\r\n 1,\r\n6\r\n"b":2}\r\n0\r\n\r\n')
+        assert audits[0] == audits[1]
+        assert [record["bytes_out"] for record in audits[0][-3:]] == [14, 14, 14]
+    finally:
+        for gateway in started:
+            stop(gateway.process)
+        upstream.shutdown()
+        upstream.server_close()
+
+
 def test_shutdown_gives_up_on_a_request_without_a_task_after_its_grace(tmp_path: Path) -> None:
     """A HEAD sent at once on a pooled registry connection (no task: UpstreamPool.send_at_once)
     that the registry does not answer: on SIGTERM it has shutdown_grace, then it is given up as
     a task would be, recorded as an error with no status, its client cut, and the gateway exits."""
-    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowRegistry)
-    upstream.daemon_threads = True
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    users = tmp_path / "htpasswd"
-    htpasswd_add(users, "reader", "reader-pw")
-    audit = tmp_path / "audit.jsonl"
-    gateway = start_gateway(
-        tmp_path,
-        f"http://127.0.0.1:{upstream.server_address[1]}",
-        users,
-        "--audit-log",
-        str(audit),
-        env={"GATEWAY_SHUTDOWN_GRACE": "2", "GATEWAY_READ_TIMEOUT": "60"},
+    upstream = _stand_in(_SlowRegistry)
+    gateway, audit = _reader_gateway(
+        tmp_path, upstream, {"GATEWAY_SHUTDOWN_GRACE": "2", "GATEWAY_READ_TIMEOUT": "60"}
     )
     try:
         credentials = "Authorization: Basic " + base64.b64encode(b"reader:reader-pw").decode()
