@@ -339,7 +339,13 @@ class HeyResult:
 
 
 def hey(
-    url: str, auth: bool, conns: int, seconds: float, authorization: str | None = None, keepalive: bool = True
+    url: str,
+    auth: bool,
+    conns: int,
+    seconds: float,
+    authorization: str | None = None,
+    keepalive: bool = True,
+    method: str = "HEAD",
 ) -> HeyResult:
     """`keepalive` False: a connection per request, each with `Connection: close` (Go's client
     sends it when keep-alive is off), as skopeo and podman send every request."""
@@ -350,7 +356,7 @@ def hey(
         "-c",
         str(conns),
         "-m",
-        "HEAD",
+        method,
         "-H",
         f"Accept: {MANIFEST_TYPE}",
     ]
@@ -535,10 +541,11 @@ def measured_hey(
     seconds: float,
     authorization: str | None = None,
     keepalive: bool = True,
+    method: str = "HEAD",
 ) -> tuple[HeyResult, float]:
     """One hey run, and the CPU the target's process tree spent on it per request, in µs."""
     before = cpu_seconds(target.process.pid)
-    result = hey(target.url + url_path, target.auth, conns, seconds, authorization, keepalive)
+    result = hey(target.url + url_path, target.auth, conns, seconds, authorization, keepalive, method)
     used = cpu_seconds(target.process.pid) - before
     return result, used / max(1.0, result.rps * seconds) * 1e6
 
@@ -598,7 +605,8 @@ def bench_token(b: Bench, registry: Service, rounds: int, seconds: float) -> dic
     """HEAD manifest at 2 connections: Basic credentials (login cache warm) beside a Bearer token
     the gateway issued (token cache warm), both with one worker, and nginx with `{PLAIN}` passwords
     as the reference, with CPU per request for each; then Basic and nginx `{PLAIN}` again with a
-    connection per request (`Connection: close`, as skopeo and podman send)."""
+    connection per request (`Connection: close`, as skopeo and podman send); and GET of the
+    manifest (its body too, as every pull asks for it), Basic and nginx `{PLAIN}`."""
     htpasswd = b.work / "htpasswd-token"
     write_htpasswd(htpasswd, 10)
     plain = b.work / "htpasswd-token-plain"
@@ -620,18 +628,20 @@ def bench_token(b: Bench, registry: Service, rounds: int, seconds: float) -> dic
     with urllib.request.urlopen(request) as response:
         token = json.loads(response.read())["token"]
     modes = {
-        "basic": (basic_gateway, basic(), True),
-        "bearer": (bearer_gateway, f"Bearer {token}", True),
-        "basic_full_path": (full_path_gateway, basic(), True),
-        "nginx_plain": (nginx_plain, basic(), True),
-        "basic_new_connections": (basic_gateway, basic(), False),
-        "nginx_plain_new_connections": (nginx_plain, basic(), False),
+        "basic": (basic_gateway, basic(), True, "HEAD"),
+        "bearer": (bearer_gateway, f"Bearer {token}", True, "HEAD"),
+        "basic_full_path": (full_path_gateway, basic(), True, "HEAD"),
+        "nginx_plain": (nginx_plain, basic(), True, "HEAD"),
+        "basic_new_connections": (basic_gateway, basic(), False, "HEAD"),
+        "nginx_plain_new_connections": (nginx_plain, basic(), False, "HEAD"),
+        "basic_get": (basic_gateway, basic(), True, "GET"),
+        "nginx_plain_get": (nginx_plain, basic(), True, "GET"),
     }
     runs: dict[str, list[HeyResult]] = {mode: [] for mode in modes}
     cpu: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(rounds):
-        for mode, (target, authorization, keepalive) in modes.items():
-            result, per_request = measured_hey(target, url_path, 2, seconds, authorization, keepalive)
+        for mode, (target, authorization, keepalive, method) in modes.items():
+            result, per_request = measured_hey(target, url_path, 2, seconds, authorization, keepalive, method)
             runs[mode].append(result)
             cpu[mode].append(per_request)
     summary: dict[str, Any] = {}
@@ -646,7 +656,10 @@ def bench_token(b: Bench, registry: Service, rounds: int, seconds: float) -> dic
         summary["basic_new_connections"]["cpu_us_per_request"],
         summary["nginx_plain_new_connections"]["cpu_us_per_request"],
     )
-    for target in {id(target): target for target, _, _ in modes.values()}.values():
+    summary["basic_get_cpu_vs_nginx_plain"] = ratio(
+        summary["basic_get"]["cpu_us_per_request"], summary["nginx_plain_get"]["cpu_us_per_request"]
+    )
+    for target in {id(target): target for target, _, _, _ in modes.values()}.values():
         target.stop()
         b.services.remove(target)
     return summary
@@ -860,6 +873,8 @@ def table(results: dict[str, Any]) -> str:
         "nginx_plain",
         "basic_new_connections",
         "nginx_plain_new_connections",
+        "basic_get",
+        "nginx_plain_get",
     ):
         if mode not in k:
             continue
@@ -870,7 +885,8 @@ def table(results: dict[str, Any]) -> str:
     lines.append(
         f"gateway CPU vs nginx-plain: basic {shown(k['basic_cpu_vs_nginx_plain'])}, "
         f"bearer {shown(k['bearer_cpu_vs_nginx_plain'])}, a connection per request "
-        f"{shown(k.get('basic_new_connections_cpu_vs_nginx_plain'))}"
+        f"{shown(k.get('basic_new_connections_cpu_vs_nginx_plain'))}, GET "
+        f"{shown(k.get('basic_get_cpu_vs_nginx_plain'))}"
     )
     t = results["transfer"]
     lines.append(f"\n== {t['blob_mib']} MiB blob, MB/s (direct / nginx / gateway) ==")

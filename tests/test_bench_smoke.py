@@ -30,7 +30,10 @@ def test_quick_benchmark_produces_complete_results(tmp_path: Path) -> None:
         assert "gateway_cpu_vs_nginx_plain" in results["head"][case]["ratios"]
     assert results["token"]["nginx_plain"]["rps"] > 0
     assert results["token"]["nginx_plain_new_connections"]["rps"] > 0
-    for mode in ("basic", "bearer", "basic_new_connections"):
+    assert (
+        results["token"]["nginx_plain_get"]["rps"] > 0 and results["token"]["nginx_plain_get"]["errors"] == 0
+    )
+    for mode in ("basic", "bearer", "basic_new_connections", "basic_get"):
         assert results["token"][mode]["rps"] > 0 and results["token"][mode]["errors"] == 0, mode
         assert results["token"][mode]["cpu_us_per_request"] > 0
     transfer = results["transfer"]
