@@ -993,18 +993,18 @@ class FastPathConnection(asyncio.Protocol):
         self._record_done(record, started)
 
     def _whole_body(self, upstream: UpstreamResponse, answer: AnswerHead, record: AuditRecord) -> bool:
-        """Write the body from the answer head's callback when all of it came with the head (a
-        manifest, a config: a task and its waits saved), as _stream_body would. False: some is
-        still to come, for _stream_body."""
+        """Write the body from the answer head's callback when all of it came with the head and
+        is small (a manifest, a config: a task and its waits saved), as _stream_body would.
+        False: some is still to come, or it is large, for _stream_body."""
         chunks = upstream.whole_body()
         if chunks is None:
             return False
         upstream.release()
-        record.bytes_out += sum(len(chunk) for chunk in chunks)
         transport = self._transport
         if transport is None or transport.is_closing():
             record.decision, record.status = "error", 0  # the client went away
             return True
+        record.bytes_out += sum(len(chunk) for chunk in chunks)
         if answer.chunked:  # framed piece by piece, as _stream_body and the full path do
             framed: list[bytes | memoryview] = []
             for chunk in chunks:

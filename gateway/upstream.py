@@ -45,6 +45,9 @@ LOW_WATER = 256 * 1024
 # of BODY_BLOCK bytes (_BlockReader); a block with less room than BODY_READ_MIN left is not read into.
 BODY_BLOCK = 1024 * 1024
 BODY_READ_MIN = 64 * 1024
+# A body at most this large that came whole with its head may be taken at once (whole_body): as
+# small as what aiohttp's server writes without waiting for the client to drain.
+WHOLE_BODY_MAX = 64 * 1024
 # An idle pooled connection older than this is closed rather than reused (the registry may have
 # dropped it already; Go's servers close idle connections after a while).
 IDLE_TIMEOUT = 30.0
@@ -538,8 +541,12 @@ class _Connection(asyncio.Protocol):
             await self.wait(quiet_limit)
 
     def whole_body(self) -> collections.deque[bytes | memoryview] | None:
-        """The body, when all of it has come and waits here (None otherwise), taken out."""
+        """The body, when all of it has come and waits here, and is small (WHOLE_BODY_MAX); taken
+        out. None otherwise: read() hands it on, with the waits for a slow client a large body
+        needs. Never while reading is paused (a small body never pauses it): read() resumes it."""
         if not self.complete or self._error is not None:
+            return None
+        if self._buffered > WHOLE_BODY_MAX or self._reading_paused:
             return None
         chunks, self._chunks = self._chunks, collections.deque()
         self._buffered = 0
@@ -688,8 +695,8 @@ class UpstreamResponse:
         return await self._connection.read(self._pool.read_timeout)
 
     def whole_body(self) -> collections.deque[bytes | memoryview] | None:
-        """All of the body, when it has come whole already (a manifest usually comes with its
-        head); None when some of it is still to come. The pieces are taken: read() has none."""
+        """All of the body, when it has come whole already and is small (a manifest usually comes
+        with its head); None otherwise, for read(). The pieces are taken: read() has none."""
         if self._connection is None:
             return None
         return self._connection.whole_body()

@@ -372,6 +372,36 @@ async def _long_body_short_or_over(pki: Path | None) -> None:
         await registry.stop()
 
 
+async def test_a_whole_body_is_taken_at_once_only_when_small() -> None:
+    """whole_body hands over a body that has come whole, when it is small (the fast path writes
+    it from the head's callback); a large one, though whole, is left to read() and its waits."""
+    small = b"s" * 1000
+    large = b"l" * (upstream.WHOLE_BODY_MAX + 1)
+    registry, pool = await _with_registry(
+        [
+            Answer([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(small), small)]),
+            Answer([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(large), large)]),
+            Answer([OK]),
+        ]
+    )
+    try:
+        async with asyncio.timeout(3):
+            async with await pool.request("GET", _head("GET")) as response:
+                await asyncio.sleep(0.1)  # all of it has come
+                whole = response.whole_body()
+                assert whole is not None and b"".join(whole) == small
+                assert await response.read() == b""
+            async with await pool.request("GET", _head("GET")) as response:
+                await asyncio.sleep(0.1)
+                assert response.whole_body() is None
+                assert await response.read_at_most(len(large) + 1) == large
+            assert await _read_all(pool, "GET") == (200, b"ok")
+        assert registry.connections == 1
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
 async def test_a_pooled_connection_closed_by_the_registry_is_replaced_for_a_bodyless_request() -> None:
     # The registry answers keep-alive, then drops the connection (an idle timeout of its own).
     registry, pool = await _with_registry([Answer([OK], close_after=True), Answer([OK])])
