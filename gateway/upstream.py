@@ -61,17 +61,37 @@ KNOWN_HEAD_SIZE_MAX = 4096
 
 @dataclass(slots=True, eq=False)
 class KnownHead:
-    """An answer to a HEAD request as llhttp read it, kept by its bytes. llhttp reads the same
-    bytes the same way from a fresh start, so when the registry sends the same head again (the
-    same manifest or blob asked again within the second its Date names), the parts are taken from
-    here instead of being parsed again. `downstream`: what the fast path made of it for the
-    client (gateway.fastpath), kept here so that it lives and dies with the head."""
+    """An answer head as llhttp read it, kept by its bytes. llhttp reads the same bytes the same
+    way from a fresh start (it is never told the request's method: it gets heads alone), so when
+    the registry sends the same head again (the same manifest or blob asked again within the
+    second its Date names), the parts are taken from here instead of being parsed again. An answer
+    to GET takes one only when its body is framed by a declared length (or has none), which is
+    counted here anyway; a chunked one, or one until the end, is read by llhttp. `downstream`:
+    what the fast path made of it for the client (gateway.fastpath), kept here so that it lives
+    and dies with the head."""
 
     status: int
     reason: bytes
     headers: tuple[tuple[bytes, bytes], ...]
     keep_alive: bool
+    body_length: int | None  # declared by Content-Length alone (_body_framing); else None
     downstream: object = None
+
+
+def _body_framing(headers: Sequence[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
+    """How a response head (as llhttp accepted it: one valid Content-Length at most, never with
+    Transfer-Encoding) frames its body, when it has one: (the declared length, or None when
+    Transfer-Encoding or nothing frames it; whether it runs until the end of the connection)."""
+    length: bytes | None = None
+    encoded = False
+    for name, value in headers:
+        name = name.lower()
+        if name == b"content-length":
+            length = value
+        elif name == b"transfer-encoding":
+            encoded = True
+    declared = int(length) if length is not None and not encoded else None
+    return declared, length is None and not encoded
 
 
 class PendingExchange(Protocol):
@@ -220,15 +240,29 @@ class _Connection(asyncio.Protocol):
         head, rest = buffered[: end + 4], buffered[end + 4 :]
         first = self._first_head  # an interim answer came before it: not to be kept or looked up
         head_only = self._head_only
-        known = self.known_heads.get(head) if first and head_only else None
+        known = self.known_heads.get(head) if first else None
+        if (
+            known is not None
+            and not head_only
+            and known.body_length is None
+            and known.status not in (204, 304)
+        ):
+            known = None  # a body llhttp must frame (chunked, or until the end): read anew
         if known is not None:
             self.known = known
             self.status = known.status
             self.reason = known.reason
             self.headers = list(known.headers)
             self.keep_alive = known.keep_alive
-            self.head_complete = self.complete = True
+            self.head_complete = True
+            if head_only or known.status in (204, 304) or not known.body_length:
+                self.complete = True
+            else:
+                self._body_left = known.body_length
             self._wake()
+            if not head_only:
+                self._after_head(rest)
+                return
         else:
             parser = self._parser_now()
             parser.feed_data(head[len(held) :])  # llhttp has had what was held
@@ -240,17 +274,18 @@ class _Connection(asyncio.Protocol):
                     return
                 head, rest = rest[: end + 4], rest[end + 4 :]
                 parser.feed_data(head)
-            if not head_only:
-                self._after_head(rest)
-                return
             if first and len(head) <= KNOWN_HEAD_SIZE_MAX:
                 known_heads = self.known_heads
                 if len(known_heads) >= KNOWN_HEADS_MAX:
                     known_heads.clear()
+                headers = tuple(self.headers)
                 known = known_heads[head] = KnownHead(
-                    self.status, self.reason, tuple(self.headers), self.keep_alive
+                    self.status, self.reason, headers, self.keep_alive, _body_framing(headers)[0]
                 )
                 self.known = known
+            if not head_only:
+                self._after_head(rest)
+                return
         if rest:
             self.reusable = False  # more than the head answered a HEAD
 
@@ -372,19 +407,10 @@ class _Connection(asyncio.Protocol):
         if self._head_only or status in (204, 304):
             self.complete = True
         else:
-            length: bytes | None = None
-            framed = False
-            for name, value in self.headers:
-                name = name.lower()
-                if name == b"content-length":
-                    length = value
-                elif name == b"transfer-encoding":
-                    framed = True
-            if length is not None and not framed:
-                # llhttp has checked the value (digits, one length), and ends the message itself
-                # when it is 0.
-                self._body_left = int(length)
-            self._until_eof = length is None and not framed
+            # llhttp ends the message itself when the declared length is 0.
+            declared, self._until_eof = _body_framing(self.headers)
+            if declared is not None:
+                self._body_left = declared
         self._wake()
 
     def on_body(self, body: bytes) -> None:

@@ -920,13 +920,11 @@ def test_a_connection_comes_back_to_the_fast_path_after_the_full_path(pair: Pair
     changes = {key: after[key] - before[key] for key in after}
     # Handed over for the challenge, the login and the upload; taken back after each. The last
     # head's section is the third one's, seen a second time: kept from now on (fastpath.Sections).
-    assert changes == {
-        "served": 3,
-        "handed_off": 3,
-        "taken_back": 3,
-        "section_reused": 0,
-        "answer_reused": 0,  # one HEAD: its answer head was new
-    }, changes
+    # The second GET of the manifest has the first one's answer head when both fall within the
+    # second the registry's Date names (upstream.KnownHead); the HEAD's answer head was new.
+    assert changes["answer_reused"] in (0, 1), changes
+    del changes["answer_reused"]
+    assert changes == {"served": 3, "handed_off": 3, "taken_back": 3, "section_reused": 0}, changes
 
 
 def test_a_known_header_section_carries_no_decision(pair: Pair) -> None:

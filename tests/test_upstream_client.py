@@ -575,6 +575,65 @@ async def test_an_answer_to_head_read_before_is_taken_as_it_was_read() -> None:
         await registry.stop()
 
 
+async def _get_answer(pool: UpstreamPool) -> tuple[int, bytes, KnownHead | None]:
+    """A GET's answer: status, body, and its KnownHead."""
+    async with await pool.request("GET", _head("GET")) as response:
+        body = b""
+        while chunk := await response.read():
+            body += chunk
+        return response.status, body, response.known
+
+
+async def test_an_answer_to_get_read_before_is_taken_and_its_body_counted() -> None:
+    """A GET's answer head seen before (from a GET or a HEAD: llhttp reads heads alone, the
+    same either way) is taken as it was read when its body has a declared length, which is then
+    counted as for a head just parsed: the body whole, bytes past it dropping the connection. A
+    chunked head seen before is read by llhttp again."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nDocker-Content-Digest: sha256:g\r\n\r\n"
+    empty = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    unchanged = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    registry, pool = await _with_registry(
+        [
+            Answer([head]),  # to HEAD: kept
+            Answer([head + b"hello"]),  # to GET: taken as known, body counted
+            Answer([head, b"hel", b"lo"]),  # the body in later reads
+            Answer([head + b"hellojunk"]),  # more than declared: the connection is dropped
+            Answer([empty]),
+            Answer([empty]),
+            Answer([unchanged]),
+            Answer([unchanged]),
+            Answer([chunked + b"2\r\nok\r\n0\r\n\r\n"]),
+            Answer([chunked + b"3\r\nyes\r\n0\r\n\r\n"]),
+            Answer([OK]),
+        ]
+    )
+    try:
+        async with asyncio.timeout(5):
+            (status, _, _), from_head = await _head_answer(pool)
+            assert status == 200 and from_head is not None
+            assert await _get_answer(pool) == (200, b"hello", from_head)
+            assert await _get_answer(pool) == (200, b"hello", from_head)
+            assert registry.connections == 1
+            assert await _get_answer(pool) == (200, b"hello", from_head)
+            await asyncio.sleep(0.1)
+            status, body, known_empty = await _get_answer(pool)
+            assert (status, body) == (200, b"") and registry.connections == 2
+            assert await _get_answer(pool) == (200, b"", known_empty)
+            status, body, known_unchanged = await _get_answer(pool)
+            assert (status, body) == (304, b"") and known_unchanged is not None
+            assert await _get_answer(pool) == (304, b"", known_unchanged)
+            status, body, first_chunked = await _get_answer(pool)
+            assert (status, body) == (200, b"ok")
+            status, body, again_chunked = await _get_answer(pool)
+            assert (status, body) == (200, b"yes") and again_chunked is not first_chunked
+            assert await _read_all(pool, "GET") == (200, b"ok")
+        assert registry.connections == 2
+    finally:
+        await pool.close()
+        await registry.stop()
+
+
 async def test_known_heads_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(upstream, "KNOWN_HEADS_MAX", 3)
     heads = [b"HTTP/1.1 200 OK\r\nX-N: %d\r\nContent-Length: 7\r\n\r\n" % n for n in range(7)]
