@@ -1161,13 +1161,13 @@ class FastPathConnection(asyncio.Protocol):
             status = upstream.status
             hsts = gateway.hsts is not None
             known = upstream.known
-            answer = known.downstream if known is not None else None
+            answer = known.downstream.get(head.method) if known is not None else None
             if isinstance(answer, AnswerHead) and answer.method == head.method and answer.hsts is hsts:
                 gateway.metrics.fast_answer_reused += 1
             else:
                 answer = answer_head(head.method, status, upstream.reason, upstream.raw_headers, hsts)
                 if known is not None:  # the same head again (KnownHead) is answered the same way
-                    known.downstream = answer
+                    known.downstream[head.method] = answer
             record.digest = answer.digest
             if answer.own_error_body:
                 done = False

@@ -5,8 +5,8 @@ single cost per proxied request (about a third of the gateway's CPU in the profi
 "Where the time goes"): a session request builds URL objects, header multidicts, a request and a
 response object, timers and a task per request. Here a request is one pre-built head written to a
 pooled transport, and the response head is parsed by llhttp (through httptools, the parser uvicorn
-uses) straight from `data_received`; an answer to HEAD seen before is taken as it was read
-(KnownHead); a body of a declared length is counted and queued as read (llhttp's copy of each
+uses) straight from `data_received`; an answer head to GET or HEAD seen before is taken as it was
+read (KnownHead); a body of a declared length is counted and queued as read (llhttp's copy of each
 body byte had been half the gateway's CPU per byte pulled), other bodies go through llhttp.
 Two ways to send: `request`, a coroutine that waits for a connection and the answer head; and
 `send_at_once`, for the fast path's requests without a body, which sends on an idle
@@ -32,7 +32,7 @@ import http
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import httptools
@@ -53,8 +53,8 @@ WHOLE_BODY_MAX = 64 * 1024
 IDLE_TIMEOUT = 30.0
 _HEAD_END = b"\r\n\r\n"
 _REASON_CHARACTERS = bytes(range(0x20, 0x7F)) + b"\t"
-# Answers to HEAD kept as read (KnownHead): at most this many (then all are dropped: the registry's
-# Date ends most of them within a second anyway), none larger than this.
+# Answer heads to GET and HEAD kept as read (KnownHead): at most this many (then all are dropped:
+# the registry's Date ends most of them within a second anyway), none larger than this.
 KNOWN_HEADS_MAX = 256
 KNOWN_HEAD_SIZE_MAX = 4096
 
@@ -75,7 +75,8 @@ class KnownHead:
     headers: tuple[tuple[bytes, bytes], ...]
     keep_alive: bool
     body_length: int | None  # declared by Content-Length alone (_body_framing); else None
-    downstream: object = None
+    # By request method: a HEAD and a GET of one manifest get the same head, answered apart.
+    downstream: dict[str, object] = field(default_factory=dict)
 
 
 def _body_framing(headers: Sequence[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
@@ -130,6 +131,7 @@ class _Connection(asyncio.Protocol):
         self._quiet_limit: float | None = None
         self._wait_started = 0.0
         self._reset(head_only=False)
+        self._known_heads_apply = False
         self._expecting = False
         # The pool's (UpstreamPool._known_heads), shared by its connections.
         self.known_heads: dict[bytes, KnownHead] = {}
@@ -139,7 +141,7 @@ class _Connection(asyncio.Protocol):
         self._block_reader: _BlockReader | None = None
 
     def _reset(self, head_only: bool) -> None:
-        self.known: KnownHead | None = None  # an answer to HEAD: its head, as kept
+        self.known: KnownHead | None = None  # the answer head, as kept (KnownHead)
         self.cancelled = False
         self.resend: asyncio.Future[UpstreamResponse] | None = None  # the request sent again
         self.status = 0
@@ -240,7 +242,8 @@ class _Connection(asyncio.Protocol):
         head, rest = buffered[: end + 4], buffered[end + 4 :]
         first = self._first_head  # an interim answer came before it: not to be kept or looked up
         head_only = self._head_only
-        known = self.known_heads.get(head) if first else None
+        keeps = first and self._known_heads_apply
+        known = self.known_heads.get(head) if keeps else None
         if (
             known is not None
             and not head_only
@@ -274,15 +277,18 @@ class _Connection(asyncio.Protocol):
                     return
                 head, rest = rest[: end + 4], rest[end + 4 :]
                 parser.feed_data(head)
-            if first and len(head) <= KNOWN_HEAD_SIZE_MAX:
-                known_heads = self.known_heads
-                if len(known_heads) >= KNOWN_HEADS_MAX:
-                    known_heads.clear()
+            if keeps and len(head) <= KNOWN_HEAD_SIZE_MAX and head not in self.known_heads:
+                # Not one seen before and declined (a chunked answer to GET): it stays as it is.
                 headers = tuple(self.headers)
-                known = known_heads[head] = KnownHead(
-                    self.status, self.reason, headers, self.keep_alive, _body_framing(headers)[0]
-                )
-                self.known = known
+                length = _body_framing(headers)[0]
+                if head_only or length is not None or self.status in (204, 304):
+                    known_heads = self.known_heads
+                    if len(known_heads) >= KNOWN_HEADS_MAX:
+                        known_heads.clear()
+                    known = known_heads[head] = KnownHead(
+                        self.status, self.reason, headers, self.keep_alive, length
+                    )
+                    self.known = known
             if not head_only:
                 self._after_head(rest)
                 return
@@ -510,8 +516,11 @@ class _Connection(asyncio.Protocol):
         else:
             self._quiet_timer = loop.call_at(deadline, self._check_quiet)
 
-    def begin(self, head: bytes, head_only: bool) -> None:
-        self._reset(head_only)
+    def begin(self, head: bytes, method: str) -> None:
+        self._reset(method == "HEAD")
+        # Answer heads to GET and HEAD are kept and looked up (KnownHead); an upload's names an
+        # upload of its own and would only push others out.
+        self._known_heads_apply = method in ("GET", "HEAD")
         self._expecting = True
         self._parser = None  # made when needed (_parser_now)
         assert self.transport is not None
@@ -860,7 +869,7 @@ class UpstreamPool:
                 connection = await self._connect(deadline)
             try:
                 if body is None:  # most requests: the exchange without two coroutines more
-                    connection.begin(head, head_only=method == "HEAD")
+                    connection.begin(head, method)
                     while not connection.head_complete:
                         await connection.wait(self.read_timeout)
                 else:
@@ -908,7 +917,7 @@ class UpstreamPool:
                 slots.give()
             return None
         try:
-            connection.begin(head, head_only=method == "HEAD")
+            connection.begin(head, method)
         except BaseException:
             connection.close()
             if slots is not None:
@@ -984,7 +993,7 @@ class UpstreamPool:
         body: AsyncIterator[bytes] | None,
         chunked: bool,
     ) -> None:
-        connection.begin(head, head_only=method == "HEAD")
+        connection.begin(head, method)
         if body is None:
             await connection.read_head(self.read_timeout)
             return

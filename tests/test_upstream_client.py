@@ -593,6 +593,8 @@ async def test_an_answer_to_get_read_before_is_taken_and_its_body_counted() -> N
     empty = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
     unchanged = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    long = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\n"
     registry, pool = await _with_registry(
         [
             Answer([head]),  # to HEAD: kept
@@ -605,6 +607,11 @@ async def test_an_answer_to_get_read_before_is_taken_and_its_body_counted() -> N
             Answer([unchanged]),
             Answer([chunked + b"2\r\nok\r\n0\r\n\r\n"]),
             Answer([chunked + b"3\r\nyes\r\n0\r\n\r\n"]),
+            Answer([long + b"L" * 100_000]),
+            Answer([long, b"L" * 100_000]),
+            Answer([closing + b"bye"], close_after=True),
+            Answer([closing + b"bye"], close_after=True),
+            Answer([OK]),
             Answer([OK]),
         ]
     )
@@ -619,16 +626,29 @@ async def test_an_answer_to_get_read_before_is_taken_and_its_body_counted() -> N
             await asyncio.sleep(0.1)
             status, body, known_empty = await _get_answer(pool)
             assert (status, body) == (200, b"") and registry.connections == 2
+            assert known_empty is not None
             assert await _get_answer(pool) == (200, b"", known_empty)
             status, body, known_unchanged = await _get_answer(pool)
             assert (status, body) == (304, b"") and known_unchanged is not None
             assert await _get_answer(pool) == (304, b"", known_unchanged)
-            status, body, first_chunked = await _get_answer(pool)
-            assert (status, body) == (200, b"ok")
-            status, body, again_chunked = await _get_answer(pool)
-            assert (status, body) == (200, b"yes") and again_chunked is not first_chunked
+            # Chunked: read by llhttp each time, never kept (it could not serve a GET).
+            assert await _get_answer(pool) == (200, b"ok", None)
+            assert await _get_answer(pool) == (200, b"yes", None)
+            # A long body counted from a known head: read into blocks all the same.
+            status, body, known_long = await _get_answer(pool)
+            assert (status, body) == (200, b"L" * 100_000) and known_long is not None
+            assert await _get_answer(pool) == (200, b"L" * 100_000, known_long)
+            assert registry.connections == 2
+            # A known head that closes the connection closes it again.
+            status, body, known_closing = await _get_answer(pool)
+            assert (status, body, registry.connections) == (200, b"bye", 2)
+            assert await _get_answer(pool) == (200, b"bye", known_closing)
+            assert known_closing is not None and registry.connections == 3
+            # An upload's answer head (an upload of its own) is not kept.
+            assert await _read_all(pool, "PUT", b"layer") == (200, b"ok")
+            assert OK not in pool._known_heads
             assert await _read_all(pool, "GET") == (200, b"ok")
-        assert registry.connections == 2
+        assert registry.connections == 4  # the last two on a new one, which was kept
     finally:
         await pool.close()
         await registry.stop()
