@@ -597,6 +597,11 @@ def render_response(response: web.Response, head_only: bool, extra: list[tuple[s
     return head if head_only else head + body
 
 
+def _chunk_frame(chunk: bytes | memoryview) -> tuple[bytes, bytes | memoryview, bytes]:
+    """A piece of a body in chunked encoding."""
+    return b"%x\r\n" % len(chunk), chunk, b"\r\n"
+
+
 class FastPathConnection(asyncio.Protocol):
     """One client connection, while its requests are plain (see the module's docstring)."""
 
@@ -1008,7 +1013,7 @@ class FastPathConnection(asyncio.Protocol):
         if answer.chunked:  # framed piece by piece, as _stream_body and the full path do
             framed: list[bytes | memoryview] = []
             for chunk in chunks:
-                framed += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+                framed += _chunk_frame(chunk)
             framed.append(b"0\r\n\r\n")
             transport.writelines(framed)
         else:
@@ -1162,7 +1167,7 @@ class FastPathConnection(asyncio.Protocol):
             hsts = gateway.hsts is not None
             known = upstream.known
             answer = known.downstream.get(head.method) if known is not None else None
-            if isinstance(answer, AnswerHead) and answer.method == head.method and answer.hsts is hsts:
+            if isinstance(answer, AnswerHead) and answer.hsts is hsts:  # kept by method
                 gateway.metrics.fast_answer_reused += 1
             else:
                 answer = answer_head(head.method, status, upstream.reason, upstream.raw_headers, hsts)
@@ -1239,7 +1244,7 @@ class FastPathConnection(asyncio.Protocol):
                     record.decision, record.status = "error", 0
                     return
                 if chunked:
-                    self._transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                    self._transport.writelines(_chunk_frame(chunk))
                 else:
                     self._transport.write(chunk)
                 if self._write_paused:

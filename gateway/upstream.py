@@ -231,7 +231,7 @@ class _Connection(asyncio.Protocol):
         announces), and a body of a declared length is counted here rather than parsed
         (_body_received). Heads before it that were interim answers (1xx) are skipped, as they
         come. The start of a head that came alone goes to llhttp at once (what is not HTTP is
-        refused then, not waited out) and is kept (_hold) until its end is found."""
+        refused then, not waited out) and is kept (_hold_parsed) until its end is found."""
         held = self._head_buffer
         buffered = held + data
         end = buffered.find(_HEAD_END)
@@ -240,10 +240,11 @@ class _Connection(asyncio.Protocol):
             return
         self._head_buffer = b""
         head, rest = buffered[: end + 4], buffered[end + 4 :]
-        first = self._first_head  # an interim answer came before it: not to be kept or looked up
         head_only = self._head_only
-        keeps = first and self._known_heads_apply
+        # Not after an interim answer (only a first head is kept or looked up), nor for uploads.
+        keeps = self._first_head and self._known_heads_apply
         known = self.known_heads.get(head) if keeps else None
+        kept = known is not None
         if (
             known is not None
             and not head_only
@@ -270,15 +271,15 @@ class _Connection(asyncio.Protocol):
             parser = self._parser_now()
             parser.feed_data(head[len(held) :])  # llhttp has had what was held
             while not self.head_complete:  # that was an interim answer: the final head follows
-                first = False
+                keeps = False  # only an exchange's first head is kept (llhttp read it from its start)
                 end = rest.find(_HEAD_END)
                 if end < 0:
                     self._hold_parsed(rest, rest)
                     return
                 head, rest = rest[: end + 4], rest[end + 4 :]
                 parser.feed_data(head)
-            if keeps and len(head) <= KNOWN_HEAD_SIZE_MAX and head not in self.known_heads:
-                # Not one seen before and declined (a chunked answer to GET): it stays as it is.
+            if keeps and not kept and len(head) <= KNOWN_HEAD_SIZE_MAX:
+                # One seen before and declined (a chunked answer to GET) stays as it is.
                 headers = tuple(self.headers)
                 length = _body_framing(headers)[0]
                 if head_only or length is not None or self.status in (204, 304):
@@ -319,17 +320,15 @@ class _Connection(asyncio.Protocol):
             # dropped after it, as for bytes after a parsed answer.
             data, size = data[:left], left
         self._queue(data)
-        left = self._body_left = left - size
-        if not left:
-            self.complete = True
-            self._wake()
-        elif left >= BODY_READ_MIN:
+        self._after_body_bytes(size)
+        if self._body_left >= BODY_READ_MIN:
             self._read_blocks()
         if excess:
             raise UpstreamError("the registry sent more than its answer")
 
     def _after_body_bytes(self, size: int) -> None:
-        """`size` bytes of a body of a declared length were queued (by _BlockReader)."""
+        """`size` bytes of a body of a declared length were queued (by _body_received or
+        _BlockReader): counted off, and the answer complete at its end."""
         left = self._body_left = self._body_left - size
         if not left:
             self.complete = True

@@ -594,6 +594,7 @@ async def test_an_answer_to_get_read_before_is_taken_and_its_body_counted() -> N
     unchanged = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
     long = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    fresh = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Fresh: 1\r\n\r\n"
     closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\n"
     registry, pool = await _with_registry(
         [
@@ -607,6 +608,9 @@ async def test_an_answer_to_get_read_before_is_taken_and_its_body_counted() -> N
             Answer([unchanged]),
             Answer([chunked + b"2\r\nok\r\n0\r\n\r\n"]),
             Answer([chunked + b"3\r\nyes\r\n0\r\n\r\n"]),
+            Answer([b"HTTP/1.1 100 Continue\r\n\r\n" + fresh + b"new"]),
+            Answer([fresh + b"new"]),
+            Answer([fresh + b"new"]),
             Answer([long + b"L" * 100_000]),
             Answer([long, b"L" * 100_000]),
             Answer([closing + b"bye"], close_after=True),
@@ -634,6 +638,12 @@ async def test_an_answer_to_get_read_before_is_taken_and_its_body_counted() -> N
             # Chunked: read by llhttp each time, never kept (it could not serve a GET).
             assert await _get_answer(pool) == (200, b"ok", None)
             assert await _get_answer(pool) == (200, b"yes", None)
+            # After an interim answer: read by llhttp and not kept (only a first head is); kept
+            # when it comes first.
+            assert await _get_answer(pool) == (200, b"new", None)
+            status, body, known_fresh = await _get_answer(pool)
+            assert (status, body) == (200, b"new") and known_fresh is not None
+            assert await _get_answer(pool) == (200, b"new", known_fresh)
             # A long body counted from a known head: read into blocks all the same.
             status, body, known_long = await _get_answer(pool)
             assert (status, body) == (200, b"L" * 100_000) and known_long is not None
