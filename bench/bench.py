@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -479,6 +480,12 @@ def rss_kib(pid: int) -> int:
     return total
 
 
+def client_cpu_seconds() -> float:
+    """CPU the bench's own finished children (curl, hey, skopeo) have used."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cpu_seconds(pid: int) -> float:
     ticks = 0
     for member in process_tree(pid):
@@ -679,6 +686,7 @@ def bench_transfer(b: Bench, registry: Service, mib: int, rounds: int, use_skope
     pull: dict[str, list[float]] = {}
     push: dict[str, list[float]] = {}
     pull_cpu: dict[str, list[float]] = {}
+    pull_all_cpu: dict[str, list[float]] = {}
     push_cpu: dict[str, list[float]] = {}
     gigabytes = size / 1e9
     for _ in range(rounds):
@@ -688,10 +696,17 @@ def bench_transfer(b: Bench, registry: Service, mib: int, rounds: int, use_skope
             for target in targets:
                 name = target.name.split("-")[0]
                 before = cpu_seconds(target.process.pid)
+                # Everything the pull costs the machine: the registry's CPU, the proxy's, curl's.
+                before_all = client_cpu_seconds() + cpu_seconds(registry.process.pid)
                 pull.setdefault(name, []).append(
                     curl_pull(f"{target.url}/v2/bench/blob/blobs/{digest}", target.auth)
                 )
-                pull_cpu.setdefault(name, []).append((cpu_seconds(target.process.pid) - before) / gigabytes)
+                used = cpu_seconds(target.process.pid) - before
+                pull_cpu.setdefault(name, []).append(used / gigabytes)
+                used_all = client_cpu_seconds() + cpu_seconds(registry.process.pid) - before_all
+                if target is not registry:
+                    used_all += used
+                pull_all_cpu.setdefault(name, []).append(used_all / gigabytes)
         for target in targets:
             name = target.name.split("-")[0]
             before = cpu_seconds(target.process.pid)
@@ -706,12 +721,20 @@ def bench_transfer(b: Bench, registry: Service, mib: int, rounds: int, use_skope
         # CPU seconds per GB moved, each process tree (the registry's own work included in its row)
         "pull_cpu_s_per_GB": {k: statistics.median(v) for k, v in pull_cpu.items()},
         "push_cpu_s_per_GB": {k: statistics.median(v) for k, v in push_cpu.items()},
+        # The registry, the proxy and curl together, and what the machine's cores could move at
+        # that cost if all three ran all the time: the ceiling of a pull rate on this machine.
+        "pull_all_cpu_s_per_GB": {k: statistics.median(v) for k, v in pull_all_cpu.items()},
     }
+    cores = os.cpu_count() or 1
+    result["pull_ceiling_MBps"] = {k: cores / v * 1e3 for k, v in result["pull_all_cpu_s_per_GB"].items()}
     result["ratios"] = {
         "pull_gateway_vs_nginx": result["pull_MBps"]["gateway"] / result["pull_MBps"]["nginx"],
         "pull_gateway_vs_direct": result["pull_MBps"]["gateway"] / result["pull_MBps"]["registry"],
         "push_gateway_vs_direct": result["push_MBps"]["gateway"] / result["push_MBps"]["registry"],
         "push_nginx_vs_direct": result["push_MBps"]["nginx"] / result["push_MBps"]["registry"],
+        "pull_gateway_ceiling_vs_direct": (
+            result["pull_ceiling_MBps"]["gateway"] / result["pull_MBps"]["registry"]
+        ),
     }
     if use_skopeo:
         auth_file = b.work / "auth.json"
@@ -897,10 +920,12 @@ def table(results: dict[str, Any]) -> str:
         "skopeo_pull_MBps",
         "pull_cpu_s_per_GB",
         "push_cpu_s_per_GB",
+        "pull_all_cpu_s_per_GB",
+        "pull_ceiling_MBps",
     ):
         if key in t:
             v = t[key]
-            lines.append(f"{key:<18}{v['registry']:>9.1f}{v['nginx']:>9.1f}{v['gateway']:>9.1f}")
+            lines.append(f"{key:<22}{v['registry']:>9.1f}{v['nginx']:>9.1f}{v['gateway']:>9.1f}")
     lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in t["ratios"].items()))
     m = results["memory"]
     lines.append("\n== gateway memory and CPU ==")
