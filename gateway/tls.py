@@ -1,8 +1,12 @@
 """TLS termination: a server context from certificate and key files, reloaded when they change.
 
-Renewals by certbot or cert-manager replace the files; loading them into the same context makes
-every new handshake use the new certificate, with no restart and no dropped connection. A pair
-that fails to load (half-written, mismatched) is logged and the old one keeps serving.
+Renewals by certbot or cert-manager replace the files. A changed pair is loaded into a context of
+its own, and each new handshake is switched to the newest context that loaded (the SNI callback
+runs for every handshake, with or without a server name): no restart and no dropped connection.
+A pair that fails to load (half-written, a certificate without its key yet, mismatched) is logged
+and the old one keeps serving. It is never loaded into the context in use: OpenSSL installs a
+new certificate before it finds that the key does not match, and would leave that context with
+no usable pair.
 """
 
 from __future__ import annotations
@@ -22,15 +26,29 @@ TLS12_CIPHERS = (
 )
 
 
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context serving this pair; ssl.SSLError or OSError when it cannot be loaded."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.load_cert_chain(cert, key)
+    return context
+
+
 class TlsContext:
     def __init__(self, cert: Path, key: Path) -> None:
         self.cert, self.key = cert, key
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.context.set_ciphers(TLS12_CIPHERS)
-        self.context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-        self.context.load_cert_chain(cert, key)  # at start-up a bad pair is fatal
+        self.context = server_context(cert, key)  # the listener's; at start-up a bad pair is fatal
+        self.serving = self.context  # the newest pair that loaded
+        self.context.sni_callback = self._newest
         self._signatures = (signature(cert), signature(key))
+
+    def _newest(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, context: ssl.SSLContext
+    ) -> None:
+        if self.serving is not context:
+            connection.context = self.serving
 
     def reload_if_changed(self) -> bool:
         signatures = (signature(self.cert), signature(self.key))
@@ -38,10 +56,11 @@ class TlsContext:
             return False
         self._signatures = signatures
         try:
-            self.context.load_cert_chain(self.cert, self.key)
+            fresh = server_context(self.cert, self.key)
         except (OSError, ssl.SSLError) as exc:
             log.error("TLS certificate not reloaded, keeping the current one: %s", exc)
             return False
+        self.serving = fresh
         log.info("TLS certificate reloaded from %s", self.cert)
         return True
 

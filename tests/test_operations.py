@@ -345,6 +345,28 @@ def test_tls_push_pull_and_certificate_renewal(tmp_path: Path, registry: Registr
         while served_serial(gw.host, pki / "ca.crt") != 1002:
             assert time.monotonic() < deadline, "renewed certificate never served"
             time.sleep(0.2)
+        # A renewal caught half-way: the new certificate is there, its key not yet. The pair in
+        # use keeps serving, handshake after handshake, until the key comes.
+        renewal = tmp_path / "renewal"
+        renewal.mkdir()
+        for name in ("ca.crt", "ca.key"):
+            (renewal / name).write_bytes((pki / name).read_bytes())
+        issue_cert(renewal, "server", "1003")
+        os.replace(renewal / "server.crt", pki / "server.crt")
+        deadline = time.monotonic() + 10
+        while b"TLS certificate not reloaded" not in gw.log.read_bytes():
+            assert time.monotonic() < deadline, "the half-done renewal was never tried"
+            time.sleep(0.2)
+        assert served_serial(gw.host, pki / "ca.crt") == 1002
+        conn = http.client.HTTPSConnection(gw.host, context=context, timeout=10)
+        conn.request("HEAD", "/v2/tls/app/manifests/1", headers=asked)
+        assert conn.getresponse().status == 200
+        conn.close()
+        os.replace(renewal / "server.key", pki / "server.key")
+        deadline = time.monotonic() + 10
+        while served_serial(gw.host, pki / "ca.crt") != 1003:
+            assert time.monotonic() < deadline, "the completed renewal was never served"
+            time.sleep(0.2)
     finally:
         stop(gw.process)
 
@@ -460,6 +482,29 @@ def test_client_aborts_leak_nothing(tmp_path: Path, registry: Registry, users_fi
         stop(gw.process)
 
 
+def handshake_serial(context: ssl.SSLContext, ca: Path) -> int:
+    """The serial of the certificate `context` serves, from a handshake in memory."""
+    client_in, client_out, server_in, server_out = (ssl.MemoryBIO() for _ in range(4))
+    client = ssl.create_default_context(cafile=str(ca)).wrap_bio(
+        client_in, client_out, server_hostname="127.0.0.1"
+    )
+    server = context.wrap_bio(server_in, server_out, server_side=True)
+    for _ in range(10):
+        try:
+            client.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        else:
+            cert = client.getpeercert()
+            assert cert is not None
+            return int(str(cert["serialNumber"]), 16)
+        server_in.write(client_out.read())
+        with contextlib.suppress(ssl.SSLWantReadError):
+            server.do_handshake()
+        client_in.write(server_out.read())
+    raise AssertionError("no handshake")
+
+
 def test_tls_context_is_modern_and_bad_renewals_keep_the_old_pair(tmp_path: Path) -> None:
     from gateway.tls import TlsContext
 
@@ -468,10 +513,24 @@ def test_tls_context_is_modern_and_bad_renewals_keep_the_old_pair(tmp_path: Path
     tls = TlsContext(tmp_path / "server.crt", tmp_path / "server.key")
     assert tls.context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert all(c["protocol"] in ("TLSv1.2", "TLSv1.3") for c in tls.context.get_ciphers())
+    key = (tmp_path / "server.key").read_bytes()
     (tmp_path / "server.key").write_text("half-written\n")
-    assert not tls.reload_if_changed()  # logged, old pair still loaded
-    issue_cert(tmp_path, "server", "8")
+    assert not tls.reload_if_changed()  # logged, old pair still served
+    assert handshake_serial(tls.context, tmp_path / "ca.crt") == 7
+    # A certificate that does not belong to the key: OpenSSL would install it, then refuse the
+    # key; loaded into the context in use, no handshake would succeed after it.
+    (tmp_path / "server.key").write_bytes(key)
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("ca.crt", "ca.key"):
+        (other / name).write_bytes((tmp_path / name).read_bytes())
+    issue_cert(other, "server", "8")
+    os.replace(other / "server.crt", tmp_path / "server.crt")
+    assert not tls.reload_if_changed()
+    assert handshake_serial(tls.context, tmp_path / "ca.crt") == 7
+    os.replace(other / "server.key", tmp_path / "server.key")
     assert tls.reload_if_changed()
+    assert handshake_serial(tls.context, tmp_path / "ca.crt") == 8
 
 
 def test_json_diagnostic_log(tmp_path: Path, registry: Registry, users_file: Path) -> None:
