@@ -87,6 +87,35 @@ GRANTS = [
 ]
 
 
+# A users: section without "": requests without credentials are not evaluated, so an entry with
+# no account grants them nothing (as acl_policy challenges them).
+CLOSED = policyfile.parse(
+    {
+        "acl": [
+            {"match": {"name": "public/*"}, "actions": ["pull"]},
+            {"match": {"type": "registry", "name": "catalog"}, "actions": ["*"]},
+        ],
+        "users": {"ci": {"password": "$2y$05$" + "a" * 53}},
+    },
+    "test",
+)
+
+
+@pytest.mark.parametrize(
+    ("user", "asked", "granted"),
+    [
+        (None, "repository:public/app:pull", []),
+        (None, "registry:catalog:*", []),
+        ("alice", "repository:public/app:pull", ["repository:public/app:pull"]),
+        ("alice", "registry:catalog:*", ["registry:catalog:*"]),
+    ],
+)
+def test_grants_without_anonymous_access(user: str | None, asked: str, granted: list[str]) -> None:
+    assert not CLOSED.anonymous
+    result = grant([scope(asked)], user, CLOSED, "admin", "127.0.0.1")
+    assert [str(s) for s in result] == granted
+
+
 @pytest.mark.parametrize(("user", "asked", "with_policy", "granted"), GRANTS)
 def test_grants(user: str | None, asked: str, with_policy: bool, granted: list[str]) -> None:
     result = grant([scope(asked)], user, POLICY if with_policy else None, "admin", "127.0.0.1")

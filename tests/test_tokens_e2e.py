@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import bcrypt
 import pytest
 
 from gateway.sample_image import write_image
@@ -472,6 +474,22 @@ def test_registry_in_token_mode_trusts_the_gateway(tmp_path: Path, dockerd: Dock
         )
         status, output = cli("pull", through)
         assert status == 0, output
+
+        # A users: section without "": no anonymous access. The registry checks tokens itself, so
+        # the token endpoint is the only gate: it must not grant the anonymous entry's pull.
+        ci_hash = bcrypt.hashpw(b"ci-password", bcrypt.gensalt(4)).decode()
+        policy.write_text(POLICY + f'users:\n  ci: {{password: "{ci_hash}"}}\n')
+        gateway.process.send_signal(signal.SIGHUP)
+        query = "/token?service=registry-gateway&scope=repository:public/lib:pull"
+        deadline = time.monotonic() + 10
+        while (answer := http_request(gateway.host, "GET", query))[0] != 401:
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.2)
+        assert answer[1]["WWW-Authenticate"].startswith("Basic ")
+        refused = skopeo_copy(f"docker://{host}/public/lib:1", f"oci:{tmp_path / 'refused'}:1", anonymous)
+        assert refused.returncode != 0 and not (tmp_path / "refused" / "index.json").exists()
+        pulled = skopeo_copy(f"docker://{host}/public/lib:1", f"oci:{tmp_path / 'pulled-admin'}:1", admin)
+        assert pulled.returncode == 0, pulled.stderr
     finally:
         stop(gateway.process)
         if registry is not None:

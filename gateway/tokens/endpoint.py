@@ -162,6 +162,11 @@ async def token_endpoint(
     if isinstance(credentials, Malformed):
         metrics.tokens.labels("rejected", "malformed").inc()
         return error_response(401, "UNAUTHORIZED", "malformed credentials", headers=challenge)
+    if credentials is None and snapshot.policy is not None and not snapshot.policy.anonymous:
+        # As docker_auth answers when no anonymous account is configured, and as the requests
+        # themselves would be answered: credentials are needed.
+        metrics.tokens.labels("rejected", "anonymous").inc()
+        return error_response(401, "UNAUTHORIZED", "authentication required", headers=challenge)
     if credentials is not None:
         record.user = credentials.username[:AUDIT_TEXT]
         account = params.get("account")

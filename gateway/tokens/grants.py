@@ -25,6 +25,8 @@ def grant(
     labels: Labels | None = None,
 ) -> list[Scope]:
     """The granted scopes, in the order asked; a scope with nothing granted is left out."""
+    if user is None and policy is not None and not policy.anonymous:
+        return []  # a users: section without "": no request without credentials is evaluated
     granted: list[Scope] = []
     for scope in scopes:
         actions = _allowed(scope, user, policy, admin_prefix, ip, labels)
