@@ -267,11 +267,13 @@ def _positive_seconds(value: Any) -> float:
 
 def _count(minimum: int) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
-        if isinstance(value, bool):
+        # YAML gives ints, floats (2.9, .inf) and text; the environment text. Only a whole number
+        # is one: int() would cut 2.9 to 2 and raise OverflowError on .inf.
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError("expected a whole number")
         try:
             number = int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError("expected a whole number") from None
         if number < minimum:
             raise ValueError(f"must be at least {minimum}")

@@ -72,6 +72,30 @@ def test_every_problem_reported_with_its_key(tmp_path: Path) -> None:
     assert len(info.value.problems) == 11
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("workers: .inf", "workers: expected a whole number"),
+        ("workers: 2.9", "workers: expected a whole number"),
+        ("lockout_attempts: 3.7", "lockout_attempts: expected a whole number"),
+        ("workers: .nan", "workers: expected a whole number"),
+    ],
+)
+def test_counts_are_whole_numbers(tmp_path: Path, users: Path, text: str, problem: str) -> None:
+    """YAML gives floats too: cut to a whole number silently, or a traceback for .inf, before."""
+    file = tmp_path / "gateway.yml"
+    file.write_text(text + "\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(file, {}, {"htpasswd": str(users)})
+    assert info.value.problems == [problem]
+
+
+def test_a_whole_float_is_a_count(tmp_path: Path, users: Path) -> None:
+    file = tmp_path / "gateway.yml"
+    file.write_text("workers: 2.0\n")
+    assert config.load(file, {}, {"htpasswd": str(users)}).workers == 2
+
+
 def test_upstream_must_not_carry_credentials_or_path(users: Path) -> None:
     for bad in ("http://u:p@registry:5000", "http://registry:5000/v2", "http://registry:5000?x=1"):
         with pytest.raises(config.ConfigError):
