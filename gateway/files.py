@@ -1,5 +1,6 @@
 """The files the gateway reads: why one cannot be read, in words an operator can act on, and
-whether one changed since last looked at (every file it follows is polled this way).
+whether one changed since last looked at (every file it follows is polled this way); and how the
+files it writes (htpasswd, token keys) are replaced.
 
 The container runs as uid 10001: an htpasswd file made under umask 077 (mode 0600, owned by
 root) is unreadable to it, and "[Errno 13] Permission denied" alone does not say who needs access.
@@ -7,8 +8,10 @@ root) is unreadable to it, and "[Errno 13] Permission denied" alone does not say
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 # Inode, size, modification and change times: an editor's rename, a rewrite in place and a
@@ -45,3 +48,39 @@ def describe_read_error(path: Path, exc: OSError | UnicodeDecodeError) -> str:
             f"({owner}); make it readable by that user, for example: chmod 644 {path}"
         )
     return f"{path}: cannot read: {exc.strerror or exc}"
+
+
+def replace_atomically(path: Path, data: bytes, *, mode: int | None = None, new_mode: int = 0o640) -> None:
+    """`path` holds `data` at once: readers see the old file or the new one, never a part, and a
+    crash leaves one of them whole (file and folder fsynced). The file gets `mode`, or keeps the
+    mode it had (`new_mode` when new), set before a byte is written; an existing file keeps its
+    owner, as far as we may set it: a key owned by the container's user and rotated by root must
+    stay readable to that user. A symlink is followed: the file it points to is replaced, and the
+    link stays a link (an htpasswd file linked from a shared folder)."""
+    target = Path(os.path.realpath(path))
+    try:
+        st: os.stat_result | None = target.stat()
+    except FileNotFoundError:
+        st = None
+    if mode is None:
+        mode = stat.S_IMODE(st.st_mode) if st is not None else new_mode
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), mode)
+            if st is not None:
+                with contextlib.suppress(PermissionError):
+                    os.fchown(out.fileno(), st.st_uid, st.st_gid)
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    folder = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

@@ -2,9 +2,9 @@
 
 Every change takes an exclusive lock on a `FILE.lock` beside the file (the file itself is replaced
 on each write, so a lock on it would not serialise writers), re-reads the file under the lock,
-changes only the line of the user concerned, writes a temporary file in the same folder with the
-original's mode and ownership, fsyncs it, and renames it over the original. Comments, blank lines
-and lines we do not understand are kept as they were.
+changes only the line of the user concerned, and replaces the file atomically with its mode and
+ownership kept (files.replace_atomically; a symlinked file is replaced where it lies). Comments,
+blank lines and lines we do not understand are kept as they were.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import contextlib
 import fcntl
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import bcrypt
 
 from gateway import htpasswd
+from gateway.files import replace_atomically
 
 # Go's bcrypt.DefaultCost and what distribution's docs use: about 50 ms a check on a 2-core
 # machine. The gateway caches verified logins, so the cost is paid once per login, not per request;
@@ -57,7 +57,9 @@ def hash_password(password: str, cost: int = DEFAULT_COST) -> str:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    lock_path = path.with_name(path.name + ".lock")
+    # Beside the file itself, not beside a symlink to it: every writer takes the same lock.
+    real = Path(os.path.realpath(path))
+    lock_path = real.with_name(real.name + ".lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -73,35 +75,6 @@ def _user_of(line: str) -> str | None:
     return stripped.partition(":")[0]
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    try:
-        st: os.stat_result | None = path.stat()
-    except FileNotFoundError:
-        st = None
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        if st is not None:
-            os.chmod(temp, st.st_mode & 0o7777)
-            with contextlib.suppress(PermissionError):
-                os.chown(temp, st.st_uid, st.st_gid)
-        else:
-            os.chmod(temp, 0o640)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def change(path: Path, edit: Callable[[list[str]], list[str]], *, create: bool = False) -> None:
     """Apply `edit` to the file's lines under the lock, and write the result atomically."""
     with _locked(path):
@@ -113,7 +86,7 @@ def change(path: Path, edit: Callable[[list[str]], list[str]], *, create: bool =
             text = ""
         lines = text.splitlines()
         new_lines = edit(lines)
-        _write_atomically(path, "".join(line + "\n" for line in new_lines))
+        replace_atomically(path, "".join(line + "\n" for line in new_lines).encode("utf-8"))
 
 
 def set_user(path: Path, name: str, hashed: str, *, must_exist: bool | None) -> None:

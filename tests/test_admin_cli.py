@@ -115,6 +115,27 @@ def test_comments_unknown_lines_mode_and_owner_kept(tmp_path: Path) -> None:
     assert after.st_ino != before.st_ino  # replaced by rename, never rewritten in place
 
 
+def test_another_owner_and_a_symlinked_file_are_kept(tmp_path: Path) -> None:
+    """An htpasswd file owned by the gateway's user (uid 10001 in the container), edited by root,
+    stays that user's; a file reached through a symlink is replaced where it lies, the link kept."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    real = shared / "htpasswd"
+    htpasswd_add(real, "keep", "pw", "-B")
+    real.chmod(0o640)
+    owner = (10001, 10001) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(real, *owner)
+    link = tmp_path / "htpasswd"
+    link.symlink_to(real)
+    added = cli("user", "add", "new", "--file", str(link), "--password-stdin", "--cost", "4", stdin="pw\n")
+    assert added.returncode == 0, added.stderr
+    assert link.is_symlink() and link.resolve() == real
+    assert apache_verifies(real, "new", "pw") and apache_verifies(real, "keep", "pw")
+    after = real.stat()
+    assert (after.st_uid, after.st_gid) == owner and stat.S_IMODE(after.st_mode) == 0o640
+    assert sorted(p.name for p in shared.iterdir()) == ["htpasswd", "htpasswd.lock"]
+
+
 def test_password_never_from_argv_and_terminal_prompt(tmp_path: Path) -> None:
     users = tmp_path / "htpasswd"
     no_tty = cli("user", "add", "alice", "--file", str(users), stdin="")

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import subprocess
 import sys
 import time
@@ -346,6 +347,11 @@ def test_keygen_rotate_keeps_the_last_signer_only(tmp_path: Path) -> None:
     assert [key.kid for key in once[1:]] == [original[0].kid] and once[0].kid != original[0].kid
     assert keys.certificate_chain(cert, once[0])  # the certificate is the new signer's
     assert key_file.stat().st_mode & 0o777 == 0o600
+    # Rotated by root, a key owned by the gateway's user (uid 10001 in the container) stays its.
+    owner = (10001, 10001) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(key_file, *owner)
     assert keygen("--key", str(key_file), "--rotate").returncode == 0
+    assert (key_file.stat().st_uid, key_file.stat().st_gid) == owner
+    assert key_file.stat().st_mode & 0o777 == 0o600
     twice = keys.load_all(key_file)
     assert [key.kid for key in twice[1:]] == [once[0].kid]  # the original is dropped

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+
+from gateway.files import replace_atomically
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -135,22 +136,11 @@ def write_private(key: SigningKey, path: Path, *previous: SigningKey) -> None:
         )
         for each in (key, *previous)
     )
-    _replace(path, pem, 0o600)
+    replace_atomically(path, pem, mode=0o600)
 
 
 def write_certificate(key: SigningKey, common_name: str, path: Path) -> None:
-    _replace(path, self_signed_certificate(key, common_name), 0o644)
-
-
-def _replace(path: Path, data: bytes, mode: int) -> None:
-    """`path` holds `data` at once (readers see the old file or the new one, never a part)."""
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    # A stale temporary file keeps the mode it was created with: set ours before writing.
-    os.fchmod(fd, mode)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.replace(temporary, path)
+    replace_atomically(path, self_signed_certificate(key, common_name), mode=0o644)
 
 
 def certificate_chain(path: Path, key: SigningKey) -> list[str]:
