@@ -456,7 +456,8 @@ def allowed_outright(
         gateway.authenticator.cache.hits += 1  # the login cache answered (or the memo, for it)
     upstream_authorization = None
     if authority is not None:
-        if identity.token_access is not None:
+        # The catalog needs no grant in a client's token (see app._upstream_token): ours it is.
+        if identity.token_access is not None and operation.route is not Route.CATALOG:
             upstream_authorization = _bearer(authorization)
         else:
             upstream_authorization = f"Bearer {authority.token_for(identity.user or '', needed(operation))}"

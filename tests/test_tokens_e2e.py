@@ -468,6 +468,23 @@ def test_registry_in_token_mode_trusts_the_gateway(tmp_path: Path, dockerd: Dock
         assert status == 200 and json.loads(body)["tags"] == ["1"]
         status, _, body = http_request(gateway.host, "GET", "/v2/_catalog", ("alice", USERS["alice"]))
         assert status == 200 and "alice/app" in json.loads(body)["repositories"]
+        # With a token of alice's own, which grants no catalog: the gateway filters the catalog
+        # for any valid token, reading it from the registry with a token it mints for that.
+        query = "/token?service=registry-gateway&scope=repository:alice/app:pull"
+        status, _, body = http_request(gateway.host, "GET", query, ("alice", USERS["alice"]))
+        assert status == 200
+        own = {"Authorization": f"Bearer {json.loads(body)['token']}"}
+        status, _, body = http_request(gateway.host, "GET", "/v2/_catalog", headers=own)
+        assert status == 200 and json.loads(body)["repositories"] == ["alice/app"], body
+        # admin's ACL entry grants the whole catalog: forwarded as it is (on the fast path), with
+        # that same token of the gateway's.
+        query = "/token?service=registry-gateway&scope=repository:public/lib:pull"
+        status, _, body = http_request(gateway.host, "GET", query, ("admin", USERS["admin"]))
+        assert status == 200
+        own = {"Authorization": f"Bearer {json.loads(body)['token']}"}
+        for _ in range(2):
+            status, _, body = http_request(gateway.host, "GET", "/v2/_catalog", headers=own)
+            assert status == 200 and json.loads(body)["repositories"] == ["alice/app", "public/lib"], body
         through = f"{gateway.host}/alice/app:1"
         assert (
             cli("login", "-u", "alice", "--password-stdin", gateway.host, stdin=USERS["alice"] + "\n")[0] == 0
