@@ -266,10 +266,12 @@ def _parse_request(method: str, target: str) -> Operation | RouteError:
             return params
         mount_from = None
         forward_target = target
-        if route is Route.UPLOAD_START and ("mount" in params or "from" in params):
+        if "mount" in params or "from" in params:
             # distribution mounts only when both are non-empty (r.FormValue returns "" for absent);
             # otherwise it starts an ordinary upload, and so do we, without the inert parameters.
-            if params.get("mount") and params.get("from"):
+            # Elsewhere they do nothing, but a registry checking tokens itself demands pull on
+            # `from` on every repository route: never forwarded there.
+            if route is Route.UPLOAD_START and params.get("mount") and params.get("from"):
                 mount_from = params["from"]
                 if not valid_name(mount_from):
                     return _unknown(400, "NAME_INVALID", "invalid repository name in the from parameter")

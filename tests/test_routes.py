@@ -97,6 +97,26 @@ def test_mount_that_distribution_would_not_attempt_is_an_ordinary_upload(query: 
     assert result.target == "/v2/dst/blobs/uploads/?x=1"
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v2/dst/tags/list"),
+        ("HEAD", "/v2/dst/manifests/1"),
+        ("PUT", "/v2/dst/manifests/1"),
+        ("GET", f"/v2/dst/blobs/{DIGEST}"),
+        ("PATCH", "/v2/dst/blobs/uploads/abc"),
+        ("PUT", "/v2/dst/blobs/uploads/abc"),
+    ],
+)
+def test_mount_parameters_never_reach_other_routes(method: str, path: str) -> None:
+    """They do nothing there, but a registry checking tokens itself reads `from` on every
+    repository route (r.FormValue in app.authorized) and demands pull on it."""
+    result = parse_request(method, f"{path}?mount={DIGEST}&n=1&fr%6Fm=library%2Fsrc")
+    assert isinstance(result, Operation)
+    assert result.mount_from is None
+    assert result.target == f"{path}?n=1"
+
+
 # A digest as go-digest's digest.Parse takes it, and what distribution 2.8 would do otherwise.
 SHA384 = "sha384:" + "b" * 96
 SHA512 = "sha512:" + "c" * 128

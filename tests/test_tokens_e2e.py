@@ -466,6 +466,11 @@ def test_registry_in_token_mode_trusts_the_gateway(tmp_path: Path, dockerd: Dock
             gateway.host, "GET", "/v2/alice/app/tags/list", ("alice", USERS["alice"])
         )
         assert status == 200 and json.loads(body)["tags"] == ["1"]
+        # `from` means nothing on a tags list, but this registry would demand pull on it.
+        status, _, body = http_request(
+            gateway.host, "GET", "/v2/alice/app/tags/list?from=public%2Flib", ("alice", USERS["alice"])
+        )
+        assert status == 200 and json.loads(body)["tags"] == ["1"]
         status, _, body = http_request(gateway.host, "GET", "/v2/_catalog", ("alice", USERS["alice"]))
         assert status == 200 and "alice/app" in json.loads(body)["repositories"]
         # With a token of alice's own, which grants no catalog: the gateway filters the catalog
