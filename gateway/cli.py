@@ -322,6 +322,8 @@ def _serve(args: argparse.Namespace) -> int:
     except docker_auth.DockerAuthError as exc:
         print(f"registry-gateway: invalid configuration:\n  {exc}", file=sys.stderr)
         return 2
+    for note in docker_auth.not_applied(settings, store.snapshot.policy):
+        log.warning("policy file %s: %s", settings.policy, note)
     store.use_docker_auth_service(settings.token_service)
     if settings.workers > 1:
         return supervise(settings)
@@ -416,10 +418,13 @@ def _check_config(args: argparse.Namespace) -> int:
         return 1
     if settings.policy is not None:
         try:
-            settings = docker_auth.apply(settings, policyfile.load(settings.policy))
+            policy = policyfile.load(settings.policy)
+            settings = docker_auth.apply(settings, policy)
         except (policyfile.PolicyError, docker_auth.DockerAuthError) as exc:
             print(exc, file=sys.stderr)
             return 1
+        for note in docker_auth.not_applied(settings, policy):
+            print(f"warning: policy file {settings.policy}: {note}", file=sys.stderr)
     print("configuration OK; effective settings:")
     for key in config.DEFAULTS:
         value: object = (
@@ -498,8 +503,14 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
     try:
         settings = config.load(_config_file(args), os.environ, {}, check_files=False)
+        if settings.policy is not None:
+            # A docker_auth policy's server: section may say where the gateway listens.
+            settings = docker_auth.apply(settings, policyfile.load(settings.policy))
     except config.ConfigError as exc:
         print("unhealthy: invalid configuration: " + "; ".join(exc.problems), file=sys.stderr)
+        return 1
+    except (policyfile.PolicyError, docker_auth.DockerAuthError) as exc:
+        print(f"unhealthy: invalid configuration: {exc}", file=sys.stderr)
         return 1
     healthy, detail = healthcheck(settings)
     print(("healthy: " if healthy else "unhealthy: ") + detail, file=sys.stdout if healthy else sys.stderr)

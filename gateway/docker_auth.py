@@ -18,37 +18,59 @@ class DockerAuthError(Exception):
     """A docker_auth section that cannot be used as it is; the message names the key."""
 
 
-def apply(settings: Settings, policy: Policy | None) -> Settings:
-    if policy is None or policy.docker_auth is None:
-        return settings
+def _section_values(policy: Policy) -> list[tuple[str, str, object]]:
+    """(docker_auth key, setting, value) for each setting the file's server: and token: sections
+    stand for, in the order they are applied. The listen address is the setting `listen`, a
+    (host, port) pair."""
     sections = policy.docker_auth
-    defaults = {key for key, origin in settings.origins.items() if origin == "default"}
-    changes: dict[str, object] = {}
-    if sections.addr is not None and "listen" in defaults:
+    if sections is None:
+        return []
+    values: list[tuple[str, str, object]] = []
+    if sections.addr is not None:
         host, _, port = sections.addr.rpartition(":")
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise DockerAuthError(f"server.addr: expected [HOST]:PORT, not {sections.addr!r}")
-        changes["listen_host"], changes["listen_port"] = host.strip("[]") or "0.0.0.0", int(port)
-    if sections.server_certificate and sections.server_key and "tls_cert" in defaults:
-        changes["tls_cert"], changes["tls_key"] = Path(sections.server_certificate), Path(sections.server_key)
+        values.append(("server.addr", "listen", (host.strip("[]") or "0.0.0.0", int(port))))
+    if sections.server_certificate and sections.server_key:
+        values.append(("server.certificate", "tls_cert", Path(sections.server_certificate)))
+        values.append(("server.key", "tls_key", Path(sections.server_key)))
     if sections.issuer is not None:
         # docker_auth is a token server: so is the gateway with its token section.
-        if "challenge" in defaults:
-            changes["challenge"] = "bearer"
-        if "token_issuer" in defaults:
-            changes["token_issuer"] = sections.issuer
-        if sections.expiration is not None and "token_lifetime" in defaults:
-            changes["token_lifetime"] = sections.expiration
+        values.append(("token.issuer", "challenge", "bearer"))
+        values.append(("token.issuer", "token_issuer", sections.issuer))
+        if sections.expiration is not None:
+            values.append(("token.expiration", "token_lifetime", sections.expiration))
         # As docker_auth does, the token key and certificate default to the server's.
         key = sections.token_key or sections.server_key
         certificate = sections.token_certificate or sections.server_certificate
-        if key is not None and "token_key" in defaults:
-            changes["token_key"] = Path(key)
-            if certificate is not None and "token_cert" in defaults:
-                changes["token_cert"] = Path(certificate)
+        if key is not None:
+            values.append(("token.key", "token_key", Path(key)))
+            if certificate is not None:
+                values.append(("token.certificate", "token_cert", Path(certificate)))
+    return values
+
+
+def _current(settings: Settings, setting: str) -> object:
+    if setting == "listen":
+        return (settings.listen_host, settings.listen_port)
+    return getattr(settings, setting)
+
+
+def apply(settings: Settings, policy: Policy | None) -> Settings:
+    if policy is None or policy.docker_auth is None:
+        return settings
+    defaults = {key for key, origin in settings.origins.items() if origin == "default"}
+    changes: dict[str, object] = {}
+    for _, setting, value in _section_values(policy):
+        # The TLS pair goes together, and a token certificate only with the key it carries.
+        decides = {"tls_key": "tls_cert", "token_cert": "token_key"}.get(setting, setting)
+        if setting in defaults and decides in defaults:
+            changes[setting] = value
     origins = dict(settings.origins)
-    for field_name in changes:
-        origins["listen" if field_name.startswith("listen_") else field_name] = FROM_DOCKER_AUTH
+    for setting in changes:
+        origins[setting] = FROM_DOCKER_AUTH
+    if "listen" in changes:
+        changes["listen_host"], changes["listen_port"] = changes.pop("listen")  # type: ignore[misc]
     applied = dataclasses.replace(settings, origins=MappingProxyType(origins), **changes)  # type: ignore[arg-type]
     # The settings as they now stand are checked together, as config.load checks its own (a token
     # section turns on bearer challenges, which need a key with several workers, for one).
@@ -57,6 +79,28 @@ def apply(settings: Settings, policy: Policy | None) -> Settings:
     if problems:
         raise DockerAuthError("\n  ".join(problems))
     return applied
+
+
+def not_applied(applied: Settings, policy: Policy | None) -> list[str]:
+    """What the file's server: and token: sections say that the settings (after `apply`) do not,
+    because the setting was set elsewhere: an explicit setting wins, but not in silence (the
+    example config spells out defaults, and a token issuer the registry does not expect would
+    fail every token)."""
+    if policy is None:
+        return []
+    notes = []
+    for source, setting, value in _section_values(policy):
+        current = _current(applied, setting)
+        if current != value:
+            where = config.where(setting, applied.origins.get(setting, "default"))
+            notes.append(f"{source} ({_shown(value)}) not applied: {where} is set to {_shown(current)}")
+    return notes
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, tuple):
+        return ":".join(str(part) for part in value)
+    return str(value)
 
 
 FROM_DOCKER_AUTH = "docker_auth section of the policy file"

@@ -212,10 +212,18 @@ def test_server_and_token_sections_become_settings_where_left_at_defaults(tmp_pa
     )
     assert (applied.token_key, applied.token_cert) == (key, cert)  # the server's, as in docker_auth
     assert applied.origins["token_issuer"] == "docker_auth section of the policy file"
-    # An explicit setting wins over the section.
-    explicit = config.load(None, {}, {"htpasswd": str(users), "listen": "127.0.0.1:7000"})
+    assert docker_auth.not_applied(applied, policy) == []
+    # An explicit setting wins over the section, and says so (serve logs it, check-config prints it).
+    flags = {"htpasswd": str(users), "listen": "127.0.0.1:7000"}
+    explicit = config.load(None, {"GATEWAY_TOKEN_ISSUER": "registry-gateway"}, flags)
     applied = docker_auth.apply(explicit, policy)
     assert (applied.listen_host, applied.listen_port) == ("127.0.0.1", 7000)
+    assert (applied.token_issuer, applied.token_lifetime) == ("registry-gateway", 900)
+    assert docker_auth.not_applied(applied, policy) == [
+        "server.addr (0.0.0.0:5001) not applied: listen (--listen) is set to 127.0.0.1:7000",
+        "token.issuer (Acme auth server) not applied: token_issuer (GATEWAY_TOKEN_ISSUER) is set to "
+        "registry-gateway",
+    ]
     bad = policyfile.parse({"server": {"addr": "nowhere"}, "acl": [{"match": {}, "actions": []}]})
     with pytest.raises(docker_auth.DockerAuthError):
         docker_auth.apply(config.load(None, {}, {"htpasswd": str(users)}), bad)

@@ -72,6 +72,10 @@ def test_healthcheck_command_probes_what_the_settings_say(
     try:
         assert healthcheck(metrics_listen=metrics) == 0  # /healthz on the metrics listener
         assert healthcheck(listen=gateway.host) == 0  # no metrics: the listener's 401 is an answer
+        # A docker_auth policy's server: section says where the gateway listens.
+        policy = tmp_path / "auth_config.yml"
+        policy.write_text(f'server: {{addr: "{gateway.host}"}}\nacl: [{{match: {{}}, actions: []}}]\n')
+        assert healthcheck(policy=str(policy)) == 0
     finally:
         stop(gateway.process)
     assert healthcheck(metrics_listen=metrics) == 1
