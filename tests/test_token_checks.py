@@ -271,6 +271,32 @@ def test_previous_keys_in_the_file_keep_refresh_tokens_until_taken_out(tmp_path:
     assert first.kid not in authority.verifier.keys
 
 
+def test_a_signer_replaced_without_being_kept_keeps_its_access_tokens_not_its_refresh_tokens(
+    tmp_path: Path,
+) -> None:
+    """A key overwritten in the file (`token keygen --force`, or by hand) stays accepted for the
+    access tokens it signed, minutes long; its refresh tokens, days long, end at once. Before,
+    the verifier of access tokens checked refresh tokens too, retired signer included."""
+    from gateway.htpasswd import StoredHash
+
+    first = keys.generate()
+    settings = {"refresh_token_lifetime": "86400", "token_lifetime": "60"}
+    authority, key_file = authority_with(tmp_path, first, **settings)
+    stored = {"alice": StoredHash("bcrypt", "$2y$05$" + "a" * 53)}
+    refresh = authority.issue_refresh("alice", stored["alice"])
+    access, _ = authority.issue("alice", ACCESS)
+
+    keys.write_private(keys.generate(), key_file)  # replaced, not kept
+    assert authority.reload_if_changed()
+    assert authority.verify(access).subject == "alice"  # nobody is cut off mid-push
+    with pytest.raises(InvalidToken):
+        authority.refresh_subject(refresh, stored)
+    # The retired signer's own refresh tokens are not made valid by its access tokens' grace.
+    assert [key.kid for key, _ in authority._retired] == [first.kid]
+    # A refresh token of the new signer works as ever.
+    assert authority.refresh_subject(authority.issue_refresh("alice", stored["alice"]), stored) == "alice"
+
+
 def test_a_certificate_written_after_its_key_is_taken_when_it_comes(tmp_path: Path) -> None:
     """With token_cert, a reload reads both files; before, a key written before its certificate
     was refused once (the old certificate) and never tried again."""

@@ -5,7 +5,7 @@ Rotation: the key file holds the key that signs, then previous keys still accept
 they stay in it (refresh tokens live for days: `token keygen --rotate` keeps the last signer).
 When the file changes, new tokens are signed with its first key; a signer that left the file
 altogether is still accepted for the access tokens it signed, until they expire, so nobody is
-logged out mid-push.
+logged out mid-push, but not for its refresh tokens: they would outlive it by days.
 """
 
 from __future__ import annotations
@@ -54,16 +54,24 @@ class TokenAuthority:
         self.revoked = revocations.read(self.revocations_path)
         self._revocations_signature = signature(self.revocations_path)
         self._retired_at: dict[str, float] = {}  # kid -> when it stopped signing
-        self.verifier = self._verifier()
+        self.verifier, self.refresh_verifier = self._verifiers()
         self._minted: dict[tuple[str, str], tuple[str, float]] = {}
 
     def issue(self, subject: str, access: list[Scope]) -> tuple[str, int]:
         return issue(self.key, self.issuer, self.service, subject, access, self.lifetime, self.x5c)
 
-    def _verifier(self) -> Verifier:
-        keys_ = [self.key, *self._previous, *(key for key, _ in self._retired)]
+    def _verifiers(self) -> tuple[Verifier, Verifier]:
+        """The verifier of access tokens, and that of refresh tokens. A retired signer (replaced
+        without being kept in the file) is only in the first: its grace is for the access tokens
+        it signed, minutes long, so that nobody is cut off mid-push; its refresh tokens would keep
+        a replaced key good for days, which only keeping it in the file should do."""
+        in_file = [self.key, *self._previous]
+        retired = [key for key, _ in self._retired]
         longest = max(self.lifetime, self.refresh_lifetime)
-        return Verifier(keys_, self.issuer, self.service, longest, dict(self._retired_at))
+        return (
+            Verifier([*in_file, *retired], self.issuer, self.service, longest, dict(self._retired_at)),
+            Verifier(in_file, self.issuer, self.service, longest, dict(self._retired_at)),
+        )
 
     def token_for(self, subject: str, access: list[Scope]) -> str:
         """A token for a request the gateway already authorized (for a registry that checks tokens
@@ -96,15 +104,16 @@ class TokenAuthority:
         )
 
     def refresh_subject(self, token: str, users: Mapping[str, StoredHash]) -> str:
-        """The user a refresh token stands for, while it is valid: signed by our key, not expired,
-        the user still there with the same password. Raises InvalidToken."""
-        claims = self.verifier.verify_refresh(token)
+        """The user a refresh token stands for, while it is valid: signed by a key in the key file
+        (never a retired signer), not expired, the user still there with the same password.
+        Raises InvalidToken."""
+        claims = self.refresh_verifier.verify_refresh(token)
         if revocations.is_revoked(self.revoked, claims.subject, claims.issued):
             raise InvalidToken("revoked: log in again")
         stored = users.get(claims.subject)
         if stored is None:
             raise InvalidToken("the user is gone")
-        key = self.verifier.keys.get(claims.kid)
+        key = self.refresh_verifier.keys.get(claims.kid)
         if key is None or not hmac.compare_digest(password_fingerprint(key, stored), claims.fingerprint):
             raise InvalidToken("the password changed since this token was issued: log in again")
         return claims.subject
@@ -127,7 +136,7 @@ class TokenAuthority:
         if len(kept) != len(self._retired):
             # A retired key whose tokens have all expired is no longer accepted at all.
             self._retired = kept
-            self.verifier = self._verifier()
+            self.verifier, self.refresh_verifier = self._verifiers()
         if files_now == self._signature:
             return False
         self._signature = files_now
@@ -156,7 +165,7 @@ class TokenAuthority:
         # it is not accepted any more (it stopped signing before this change).
         self._retired = [(key, until) for key, until in self._retired if key.kid not in in_file]
         self._previous = previous
-        self.verifier = self._verifier()
+        self.verifier, self.refresh_verifier = self._verifiers()
         log.info(
             "token key reloaded from %s (kid %s signs; %d previous key(s) accepted)",
             self.path,
