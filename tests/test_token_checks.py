@@ -297,6 +297,56 @@ def test_a_signer_replaced_without_being_kept_keeps_its_access_tokens_not_its_re
     assert authority.refresh_subject(authority.issue_refresh("alice", stored["alice"]), stored) == "alice"
 
 
+async def test_a_refresh_grant_for_another_service_is_refused_as_the_other_grants_are(
+    tmp_path: Path,
+) -> None:
+    """`service` names whom the token is for: the refresh grant answers another service's name
+    with the 400 that GET and the password grant answer, counted the same. Before, it issued a
+    token for our service as if asked for it."""
+    from aiohttp import ClientSession
+    from aiohttp.test_utils import TestServer
+
+    from gateway.app import METRICS_KEY, create_app
+    from tests.conftest import free_port
+
+    _, key_file = authority_with(tmp_path, keys.generate())
+    settings = authority_settings(
+        tmp_path,
+        key_file,
+        refresh_token_lifetime="86400",
+        upstream="http://127.0.0.1:1",  # the token endpoint never asks the registry
+        listen="127.0.0.1:1",
+    )
+    app = create_app(settings)
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    url = f"http://127.0.0.1:{server.port}/token"
+
+    def refused_for_service() -> float | None:
+        labels = {"result": "rejected", "reason": "service"}
+        return app[METRICS_KEY].registry.get_sample_value("registry_gateway_tokens_total", labels)
+
+    try:
+        async with ClientSession() as session:
+            login = {"grant_type": "password", "username": "alice", "password": "pw"}
+            async with session.post(url, data={**login, "access_type": "offline"}) as response:
+                assert response.status == 200, await response.text()
+                refresh_token = (await response.json())["refresh_token"]
+            refresh = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+            answers = []
+            for form in ({**login, "service": "elsewhere"}, {**refresh, "service": "elsewhere"}):
+                async with session.post(url, data=form) as response:
+                    answers.append((response.status, await response.json()))
+            assert answers[0][0] == 400 and answers[1] == answers[0]
+            assert refused_for_service() == 2.0
+            for form in (refresh, {**refresh, "service": SERVICE}):
+                async with session.post(url, data=form) as response:
+                    assert response.status == 200, await response.text()
+                    assert (await response.json())["token"]
+    finally:
+        await server.close()
+
+
 def test_a_certificate_written_after_its_key_is_taken_when_it_comes(tmp_path: Path) -> None:
     """With token_cert, a reload reads both files; before, a key written before its certificate
     was refused once (the old certificate) and never tried again."""

@@ -147,10 +147,9 @@ async def token_endpoint(
     else:
         return error_response(405, "UNSUPPORTED", "the token endpoint takes GET and POST")
 
-    service = params.get("service")
-    if service is not None and service != authority.service:
-        metrics.tokens.labels("rejected", "service").inc()
-        return error_response(400, "UNSUPPORTED", f"unknown service {service!r}")
+    refused = _other_service(params, authority, metrics)
+    if refused is not None:
+        return refused
     record.client_id = (params.get("client_id") or "")[:AUDIT_TEXT] or None
     scopes = merge(parse_scopes(params.getall("scope", [])))
     record.scopes_requested = [str(scope) for scope in scopes]
@@ -193,6 +192,18 @@ async def token_endpoint(
     return _answer(
         authority, metrics, record, snapshot, settings, scopes, user, client, refresh, labels, extra
     )
+
+
+def _other_service(
+    params: MultiMapping[str], authority: TokenAuthority, metrics: Metrics
+) -> web.Response | None:
+    """The answer to a request for another service's token, whatever the grant: the token would
+    carry our audience all the same, and a client asking for another is misconfigured."""
+    service = params.get("service")
+    if service is None or service == authority.service:
+        return None
+    metrics.tokens.labels("rejected", "service").inc()
+    return error_response(400, "UNSUPPORTED", f"unknown service {service!r}")
 
 
 def _answer(
@@ -239,6 +250,9 @@ async def _refresh(
     ask_program: AskProgram | None = None,
 ) -> web.Response:
     """grant_type=refresh_token: what moby, containerd and skopeo send once they hold one."""
+    refused = _other_service(form, authority, metrics)
+    if refused is not None:
+        return refused
     snapshot = authenticator.store.snapshot
     record.client_id = (form.get("client_id") or "")[:AUDIT_TEXT] or None
     scopes = merge(parse_scopes(form.getall("scope", [])))
