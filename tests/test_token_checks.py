@@ -172,10 +172,29 @@ def test_explicit_revocation_voids_earlier_tokens(tmp_path: Path) -> None:
         authority.verify(access)
     with pytest.raises(InvalidToken):
         authority.refresh_subject(refresh, stored)
-    time.sleep(1.1)  # tokens carry whole seconds: those of the revocation's second are void too
+    # A login once the command has returned gets a token that works, at once.
     fresh, _ = authority.issue("alice", ACCESS)
     assert authority.verify(fresh).subject == "alice"
     assert revocations.read(revoked_file).keys() == {"alice"}
+
+
+def test_a_token_issued_right_after_a_revocation_returns_is_accepted(tmp_path: Path) -> None:
+    """Tokens carry whole seconds: a revocation voids those of its own second too, so `revoke`
+    returns once that second is over. Before, a login within the same second as `token revoke
+    alice` got a token refused at once. The revocation starts just after a second begins, so a
+    `revoke` that does not wait leaves the rest of that second to the next login."""
+    from gateway.tokens import revocations
+
+    revoked_file = tmp_path / "revoked"
+    authority, _ = authority_with(tmp_path, keys.generate(), token_revocations=str(revoked_file))
+    before, _ = authority.issue("alice", ACCESS)
+    time.sleep(1 - time.time() % 1 + 0.01)
+    revocations.revoke(revoked_file, "alice")
+    authority.reload_if_changed()
+    with pytest.raises(InvalidToken):
+        authority.verify(before)
+    after, _ = authority.issue("alice", ACCESS)
+    assert authority.verify(after).subject == "alice"
 
 
 def test_oversized_non_ascii_and_overlong_tokens_are_refused(key: keys.SigningKey) -> None:

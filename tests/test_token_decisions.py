@@ -1,5 +1,5 @@
 """Token decisions as tables, no I/O: scopes as clients send them, grants under both policies,
-what an operation needs, and what a token covers."""
+what an operation needs, what a token covers, and which tokens a revocation voids."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 
 from gateway import policyfile
 from gateway.routes import Operation, parse_request
+from gateway.tokens import revocations
 from gateway.tokens.grants import grant
 from gateway.tokens.scopes import Scope, covers, merge, needed, parse_scopes
 
@@ -185,3 +186,30 @@ def test_scopes_no_entry_matches_go_to_the_program(user: str | None, asked: str,
 
     scopes = parse_scopes([asked])
     assert [str(scope) for scope in unmatched(scopes, user, UNMATCHED_POLICY, "10.0.0.1", None)] == left
+
+
+@pytest.mark.parametrize(
+    ("revoked_at", "issued_at", "refused"),
+    [
+        (100.5, 99.9, True),  # before
+        (100.5, 100.2, True),  # before, in the revocation's second
+        (100.5, 100.7, True),  # after, but in that second: `token revoke` has not returned yet
+        (100.5, 101.0, False),  # once `token revoke` has returned
+        (100.5, 250.0, False),
+        (100.0, 100.0, True),  # at the same moment: refused
+        (100.0, 100.999, True),
+        (100.999, 101.0, False),
+        (100.999, 100.998, True),
+    ],
+)
+def test_a_revocation_voids_tokens_issued_before_it_returned(
+    revoked_at: float, issued_at: float, refused: bool
+) -> None:
+    iat = int(issued_at)  # as tokens carry it (jwt_tokens.issue)
+    assert revocations.is_revoked({"alice": revoked_at}, "alice", iat) is refused
+    assert not revocations.is_revoked({"alice": revoked_at}, "bob", iat)
+    assert not revocations.is_revoked({}, "alice", iat)
+    # What `token revoke` waits for: every token issued from then on is accepted.
+    assert revocations.is_revoked({"alice": revoked_at}, "alice", iat) is (
+        issued_at < revocations.first_accepted_second(revoked_at)
+    )

@@ -77,6 +77,7 @@ def issue(
 ) -> tuple[str, int]:
     """A signed token and its issue time (epoch seconds). With `x5c` (base64 DER certificates,
     the key's first) the header carries the chain, which distribution 3.x needs."""
+    # Whole seconds: distribution 2.8 reads iat, nbf and exp as integers (revocations.py copes).
     now = int(time.time())
     claims = _standard_claims(issuer, service, subject, now, lifetime)
     claims.update(nbf=now - 1, access=[scope.claim() for scope in access])

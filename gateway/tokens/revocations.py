@@ -1,5 +1,7 @@
 """Explicit revocation: `registry-gateway token revoke USER` records when; tokens issued to that
-user before then (refresh tokens above all, since they live long) are refused.
+user before then (refresh tokens above all, since they live long) are refused, and so are those of
+the rest of that second: `revoke` returns once it is over, and every token issued after that is
+accepted.
 
 One line per user, `USER<TAB>EPOCH-SECONDS`, in the `token_revocations` file, written atomically
 under a lock; every gateway sharing the file (and the key) honours it, within reload_interval.
@@ -8,6 +10,7 @@ under a lock; every gateway sharing the file (and the key) honours it, within re
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -38,9 +41,13 @@ def read(path: Path | None) -> dict[str, float]:
     return revoked
 
 
-def revoke(path: Path, user: str, now: float | None = None) -> float:
-    """Record that tokens issued to `user` until now are void; returns the time recorded."""
-    moment = time.time() if now is None else now
+def revoke(path: Path, user: str) -> float:
+    """Record that tokens issued to `user` until now are void, and return once the tokens issued
+    from now on are accepted (within a second: see first_accepted_second); returns the time
+    recorded."""
+    # Milliseconds, as the file keeps them, cut rather than rounded: 100.9996 rounded would be
+    # recorded as 101.000, refusing tokens of second 101 that were issued after we returned.
+    moment = math.floor(time.time() * 1000) / 1000
     lock_path = path.with_name(path.name + ".lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -52,9 +59,25 @@ def revoke(path: Path, user: str, now: float | None = None) -> float:
         os.replace(temporary, path)
     finally:
         os.close(fd)
+    # A login right after `token revoke` returns must get a token that works. Gateways on other
+    # machines are only as close as their clocks are.
+    while (left := first_accepted_second(moment) - time.time()) > 0:
+        time.sleep(left)
     return moment
+
+
+def first_accepted_second(revoked_at: float) -> int:
+    """The issue time (`iat`) from which a user's tokens are accepted again after a revocation.
+
+    Tokens carry whole seconds (an integer `iat`, which distribution 2.8 requires), so a token of
+    the revocation's own second may have been issued before it or after it, and cannot be told
+    apart: all of them are refused, since accepting one issued before would undo the revocation.
+    `revoke` waits for the next second before returning, so that no token issued after it
+    returned is refused. (The recorded time keeps its fractions: the file tells when, and gateways
+    that compared `iat <= recorded` decide the same.)"""
+    return math.floor(revoked_at) + 1
 
 
 def is_revoked(revoked: Mapping[str, float], user: str, issued: float) -> bool:
     cutoff = revoked.get(user)
-    return cutoff is not None and issued <= cutoff
+    return cutoff is not None and issued < first_accepted_second(cutoff)
