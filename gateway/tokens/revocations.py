@@ -16,6 +16,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from gateway.files import replace_atomically
+
 
 class RevocationsError(Exception):
     """The revocations file exists but cannot be read; the last good set stays in force."""
@@ -54,9 +56,8 @@ def revoke(path: Path, user: str) -> float:
         fcntl.flock(fd, fcntl.LOCK_EX)
         current = read(path)
         current[user] = moment
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(f"{name}\t{when:.3f}\n" for name, when in sorted(current.items())))
-        os.replace(temporary, path)
+        text = "".join(f"{name}\t{when:.3f}\n" for name, when in sorted(current.items()))
+        replace_atomically(path, text.encode("utf-8"), new_mode=0o644)
     finally:
         os.close(fd)
     # A login right after `token revoke` returns must get a token that works. Gateways on other
