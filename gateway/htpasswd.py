@@ -2,7 +2,8 @@
 
 Reads the formats Apache's `htpasswd` writes and nginx's `auth_basic` reads: bcrypt (`$2y$`,
 `$2a$`, `$2b$`, the one we recommend), `$apr1$` (htpasswd's MD5 default), `{SHA}`, `{SSHA}`,
-the `crypt(3)` schemes `$1$`, `$5$`, `$6$`, and `{PLAIN}`. bcrypt goes through pyca/bcrypt; the
+the `crypt(3)` schemes `$1$`, `$5$`, `$6$` and traditional DES (`htpasswd -d`, 13 characters, of
+which only a password's first 8 count, as for nginx), and `{PLAIN}`. bcrypt goes through pyca/bcrypt; the
 other crypt schemes through libpass (the maintained fork of passlib), never hand-written crypto.
 """
 
@@ -12,13 +13,14 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import bcrypt
-from passlib.hash import apr_md5_crypt, md5_crypt, sha256_crypt, sha512_crypt
+from passlib.hash import apr_md5_crypt, des_crypt, md5_crypt, sha256_crypt, sha512_crypt
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,13 @@ def classify(stored: str) -> str | None:
         return "salted-sha1"
     if stored.startswith("{PLAIN}"):
         return "plain"
+    if _DES_CRYPT.fullmatch(stored):
+        return "des-crypt"
     return None
+
+
+# Two salt characters and eleven of hash, from crypt(3)'s alphabet; no prefix.
+_DES_CRYPT = re.compile(r"[./0-9A-Za-z]{13}")
 
 
 def well_formed(scheme: str, stored: str) -> bool:
@@ -108,6 +116,7 @@ _CRYPT_HANDLERS = {
     "md5-crypt": md5_crypt,
     "sha256-crypt": sha256_crypt,
     "sha512-crypt": sha512_crypt,
+    "des-crypt": des_crypt,
 }
 
 

@@ -29,6 +29,20 @@ def test_apache_htpasswd_formats_verify(tmp_path: Path, flag: str, scheme: str) 
     assert not htpasswd.verify("", stored)
 
 
+def test_traditional_des_crypt_reads_as_nginx_does(tmp_path: Path) -> None:
+    """`htpasswd -d`: crypt(3)'s DES, which nginx reads; only a password's first 8 bytes count."""
+    path = tmp_path / "htpasswd"
+    htpasswd_add(path, "old", "secret12", "-d")
+    parsed = htpasswd.parse(path.read_text())
+    stored = parsed.users["old"]
+    assert stored.scheme == "des-crypt" and stored.weak
+    assert any("weak des-crypt hash" in warning for warning in parsed.warnings)
+    assert htpasswd.verify("secret12", stored)
+    assert htpasswd.verify("secret12-and-more", stored)  # as crypt(3) and nginx: 8 bytes
+    assert not htpasswd.verify("secret1", stored)
+    assert not htpasswd.verify("", stored)
+
+
 def test_bcrypt_variants_and_cost() -> None:
     for prefix in (b"2a", b"2b"):
         hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4, prefix=prefix)).decode()
