@@ -321,7 +321,7 @@ async def test_a_refresh_grant_for_another_service_is_refused_as_the_other_grant
 ) -> None:
     """`service` names whom the token is for: the refresh grant answers another service's name
     with the 400 that GET and the password grant answer, counted the same. Before, it issued a
-    token for our service as if asked for it."""
+    token for our service as if asked for it. And a POST's query is read after its body."""
     from aiohttp import ClientSession
     from aiohttp.test_utils import TestServer
 
@@ -362,6 +362,14 @@ async def test_a_refresh_grant_for_another_service_is_refused_as_the_other_grant
                 async with session.post(url, data=form) as response:
                     assert response.status == 200, await response.text()
                     assert (await response.json())["token"]
+            # A POST is read as Go's FormValue and docker_auth read it: the body's values, then
+            # the query's (a scope in the query is asked for; the body's service wins).
+            query = "?scope=repository:alice/app:pull&service=elsewhere"
+            async with session.post(url + query, data={**login, "service": SERVICE}) as response:
+                assert response.status == 200, await response.text()
+                token = (await response.json())["token"]
+            claims = jwt.decode(token, options={"verify_signature": False})
+            assert claims["access"] == [{"type": "repository", "name": "alice/app", "actions": ["pull"]}]
     finally:
         await server.close()
 

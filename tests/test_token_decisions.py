@@ -46,7 +46,12 @@ def test_merge_unites_actions_per_repository() -> None:
 
 
 def test_scope_count_is_bounded() -> None:
-    assert len(parse_scopes(["repository:a:pull " * 1000])) == 16
+    assert [str(s) for s in parse_scopes(["repository:a:pull " * 1000])] == ["repository:a:pull"]
+    # Names are counted, not repeats: a repeated scope never pushes a later name out.
+    asked = ["repository:a:pull"] * 17 + ["repository:b:push"]
+    assert [str(s) for s in parse_scopes(asked)] == ["repository:a:pull", "repository:b:push"]
+    many = [f"repository:r{i}:pull repository:r{i}:push" for i in range(40)]
+    assert [s.name for s in parse_scopes(many)] == [f"r{i}" for i in range(16)]
 
 
 POLICY = policyfile.parse(

@@ -125,6 +125,8 @@ async def token_endpoint(
         form = await _form(request, settings.body_timeout)
         if form is None:
             return _oauth_error(400, "invalid_request", "expected a form of at most 64 KiB")
+        # As Go's FormValue and docker_auth read a POST: the body's values, then the query's.
+        form.extend(request.query)
         params = form
         grant_type = form.get("grant_type", "")
         if grant_type == "refresh_token" and authority.refresh_lifetime:

@@ -28,18 +28,25 @@ class Scope:
         return f"{self.type}:{self.name}:{','.join(sorted(self.actions))}"
 
 
-MAX_SCOPES = 16  # a push asks for two or three (a mount's source); more is not a client
+MAX_SCOPES = 16  # names; a push asks for two or three (a mount's source); more is not a client
 
 
 def parse_scopes(values: Iterable[str]) -> list[Scope]:
-    """Every well-formed scope in `values`; malformed ones are skipped (they grant nothing)."""
-    scopes: list[Scope] = []
+    """Every well-formed scope in `values`, merged by (type, name) as `merge` does, for at most
+    MAX_SCOPES names (a repeated scope never pushes a later name out); malformed ones are skipped
+    (they grant nothing)."""
+    merged: dict[tuple[str, str], frozenset[str]] = {}
     for value in values:
         for text in value.split():
             scope = parse_scope(text)
-            if scope is not None and len(scopes) < MAX_SCOPES:
-                scopes.append(scope)
-    return scopes
+            if scope is None:
+                continue
+            key = (scope.type, scope.name)
+            if key in merged:
+                merged[key] |= scope.actions
+            elif len(merged) < MAX_SCOPES:
+                merged[key] = scope.actions
+    return [Scope(kind, name, actions) for (kind, name), actions in merged.items()]
 
 
 def parse_scope(text: str) -> Scope | None:
