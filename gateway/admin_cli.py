@@ -72,8 +72,8 @@ def _configured(args: argparse.Namespace) -> config.Settings:
 
 def _read_password(args: argparse.Namespace, confirm: bool, stdin: TextIO) -> str:
     if args.password_stdin:
-        line = stdin.readline()
-        return line[:-1] if line.endswith("\n") else line
+        # As docker login --password-stdin reads it: one line, without its "\n" or "\r\n".
+        return stdin.readline().removesuffix("\n").removesuffix("\r")
     if not stdin.isatty():
         raise userfile.UserFileError("no terminal to ask for the password: use --password-stdin")
     first = getpass.getpass("Password: ")

@@ -73,8 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--cert", type=Path, default=None, help="certificate file (default: KEY with .crt)")
     keygen.add_argument("--rsa", action="store_true", help="RSA 3072 instead of EC P-256")
     keygen.add_argument("--name", default="registry-gateway token signer", help="certificate common name")
-    keygen.add_argument("--force", action="store_true", help="replace existing files")
-    keygen.add_argument(
+    replacing = keygen.add_mutually_exclusive_group()  # one says "drop the key", the other "keep it"
+    replacing.add_argument("--force", action="store_true", help="replace existing files")
+    replacing.add_argument(
         "--rotate",
         action="store_true",
         help="a new signing key in front of KEY's current one, which stays accepted (refresh tokens"

@@ -136,6 +136,13 @@ def test_another_owner_and_a_symlinked_file_are_kept(tmp_path: Path) -> None:
     assert sorted(p.name for p in shared.iterdir()) == ["htpasswd", "htpasswd.lock"]
 
 
+def test_a_password_line_ending_in_crlf_is_read_as_docker_reads_it(tmp_path: Path) -> None:
+    users = tmp_path / "htpasswd"
+    added = cli("user", "add", "win", "--file", str(users), "--password-stdin", "--cost", "4", stdin="pw\r\n")
+    assert added.returncode == 0, added.stderr
+    assert apache_verifies(users, "win", "pw") and not apache_verifies(users, "win", "pw\r")
+
+
 def test_password_never_from_argv_and_terminal_prompt(tmp_path: Path) -> None:
     users = tmp_path / "htpasswd"
     no_tty = cli("user", "add", "alice", "--file", str(users), stdin="")

@@ -439,6 +439,8 @@ def test_keygen_rotate_keeps_the_last_signer_only(tmp_path: Path) -> None:
     key_file, cert = tmp_path / "token.pem", tmp_path / "token.crt"
     refused = keygen("--key", str(key_file), "--rotate")
     assert refused.returncode == 2 and "cannot rotate" in refused.stderr and not key_file.exists()
+    both = keygen("--key", str(key_file), "--rotate", "--force")
+    assert both.returncode == 2 and "not allowed with" in both.stderr and not key_file.exists()
     assert keygen("--key", str(key_file)).returncode == 0
     original = keys.load_all(key_file)
     assert len(original) == 1
