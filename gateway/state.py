@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ from gateway.files import Signature, describe_read_error, signature
 log = logging.getLogger(__name__)
 
 DEFAULT_DUMMY_COST = 10
+# Apache's htpasswd rewrites its file in place (opened with O_TRUNC, then written): a file read
+# half-written can be a valid one with users missing. A changed file is read once it has held
+# still this long; one still changing is left to the next poll.
+SETTLE_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,11 @@ class AccessStore:
         signatures = self._current_signatures()
         if signatures == self._signatures and not force:
             return False
+        if signatures != self._signatures:
+            time.sleep(SETTLE_SECONDS)  # in the watcher's thread (authn.Authenticator.reload_if_changed)
+            if self._current_signatures() != signatures:
+                log.info("a followed file is being written: read at the next check")
+                return False
         self._signatures = signatures
         try:
             snapshot = self._load()

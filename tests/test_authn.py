@@ -233,3 +233,34 @@ def test_the_login_cache_tells_which_entries_it_still_holds() -> None:
     assert cache.peek(second, 1) is None  # another users generation
     cache.clear()
     assert not cache.holds(second)
+
+
+def test_a_file_rewritten_in_place_is_read_whole_never_half_written(tmp_path: Path) -> None:
+    """Apache's htpasswd truncates its file and writes it again in place. A check between the
+    two must not take the valid-looking first half (users missing) for the new file."""
+    import threading
+
+    path = tmp_path / "htpasswd"
+    lines = [f"user{i}:{{PLAIN}}pw{i}\n" for i in range(20)]
+    path.write_text("".join(lines[:10]))
+    store = AccessStore(path)
+    seen: list[int] = []
+    first_half_written = threading.Event()
+
+    def rewrite_in_place() -> None:
+        with path.open("w") as out:  # O_TRUNC, as htpasswd opens it
+            out.write("".join(lines[:5]))
+            out.flush()
+            first_half_written.set()
+            time.sleep(0.03)
+            out.write("".join(lines[5:]))
+
+    writer = threading.Thread(target=rewrite_in_place)
+    writer.start()
+    first_half_written.wait()
+    store.reload_if_changed()  # caught half-way: the five users are not taken for the file
+    seen.append(len(store.snapshot.users))
+    writer.join()
+    store.reload_if_changed()
+    seen.append(len(store.snapshot.users))
+    assert seen == [10, 20]
