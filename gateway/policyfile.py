@@ -100,6 +100,13 @@ class Policy:
     def account(self, name: str) -> Account:
         return self.accounts.get(name, _NO_ACCOUNT)
 
+    @property
+    def read_files(self) -> tuple[Path, ...]:
+        """Files the policy was read from besides itself: followed as it is (a change reloads)."""
+        if self.ldap is not None and self.ldap.bind_password_file is not None:
+            return (Path(self.ldap.bind_password_file),)
+        return ()
+
 
 _NO_ACCOUNT = Account()
 

@@ -96,16 +96,19 @@ class AccessStore:
         # docker_auth matches `service` against what the client asked for: the registry's service,
         # which is token_service here. A docker_auth file without `service:` compares with that.
         self.docker_auth_service = docker_auth_service
+        self._read_files: tuple[Path, ...] = ()  # what the policy read besides itself
         self._signatures = self._current_signatures()
         self._generation = 0
         self.snapshot = self._load()  # raises at start-up: refuse to run on bad files
+        self._signatures = self._current_signatures()
         self.reloads_ok = 0
         self.reloads_failed = 0
         # The watcher reloads from a thread, SIGHUP from the event loop: one at a time.
         self._reload_lock = threading.Lock()
 
-    def _current_signatures(self) -> tuple[Signature, Signature]:
-        return (signature(self.htpasswd_path), signature(self.policy_path))
+    def _current_signatures(self) -> tuple[Signature, ...]:
+        paths = (self.htpasswd_path, self.policy_path, *self._read_files)
+        return tuple(signature(path) for path in paths)
 
     def _load(self) -> Snapshot:
         users, policy, warnings = build(self.htpasswd_path, self.policy_path)
@@ -119,6 +122,7 @@ class AccessStore:
         for warning in warnings:
             log.warning("%s", warning)
         self._generation += 1
+        self._read_files = policy.read_files if policy is not None else ()
         dummy = htpasswd.make_dummy(_typical_bcrypt_cost(users))
         return Snapshot(MappingProxyType(users), policy, self._generation, dummy)
 
@@ -143,6 +147,7 @@ class AccessStore:
                 log.info("a followed file is being written: read at the next check")
                 return False
         self._signatures = signatures
+        read_before = self._read_files
         try:
             snapshot = self._load()
         except StateError as exc:
@@ -156,6 +161,8 @@ class AccessStore:
             log.exception("reload of %s failed, keeping the last good users and rules: %s", files, exc)
             return False
         self.snapshot = snapshot
+        if self._read_files != read_before:  # the policy now reads other files: follow those
+            self._signatures = self._current_signatures()
         self.reloads_ok += 1
         rules = "default policy" if snapshot.policy is None else f"{len(snapshot.policy.acl)} rules"
         log.info("reloaded: %d users, %s", len(snapshot.users), rules)

@@ -194,6 +194,31 @@ def test_ldap_section_parses(tmp_path: Path) -> None:
     assert "secret" not in repr(policy.ldap)
 
 
+def test_a_rotated_bind_password_file_reloads_the_policy(tmp_path: Path) -> None:
+    """The service account's secret is rotated in its own file: followed as the policy file is,
+    so the directory is asked with the new one within reload_interval, not after a restart."""
+    from gateway.state import AccessStore
+
+    password = tmp_path / "pw"
+    password.write_text("first\n")
+    policy = tmp_path / "policy.yml"
+    policy.write_text(
+        "acl: [{match: {account: '/.+/'}, actions: [pull]}]\n"
+        "ldap_auth: {addr: 'ldap.example.com:636', base: 'dc=example,dc=com', filter: '(uid=${account})',"
+        f" bind_dn: 'cn=svc,dc=example,dc=com', bind_password_file: '{password}'}}\n"
+    )
+    users = tmp_path / "htpasswd"
+    users.write_text("")
+    store = AccessStore(users, policy)
+    assert store.snapshot.policy is not None and store.snapshot.policy.ldap is not None
+    assert store.snapshot.policy.ldap.bind_password == "first"
+    assert not store.reload_if_changed()
+    password.write_text("second\n")
+    assert store.reload_if_changed()
+    assert store.snapshot.policy.ldap.bind_password == "second"
+    assert not store.reload_if_changed()  # followed from now on as before, no reload without change
+
+
 # --- a real directory --------------------------------------------------------------------------
 
 ACL = """\

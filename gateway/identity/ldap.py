@@ -67,6 +67,7 @@ class LdapSettings:
     ca_certificate: str | None = None
     bind_dn: str | None = None
     bind_password: str | None = field(default=None, repr=False)  # read from bind_password_file
+    bind_password_file: str | None = None  # followed: a rotated secret reloads the policy
     labels: Mapping[str, LabelSpec] = field(default_factory=dict)
     initial_bind_as_user: bool = False
     connect_timeout: float = 5.0
@@ -320,6 +321,7 @@ def parse_section(c: Problems, raw: Mapping[str, Any], path: str = "ldap_auth") 
         ca_certificate=ca_certificate,
         bind_dn=bind_dn,
         bind_password=bind_password,
+        bind_password_file=password_file,
         labels=MappingProxyType(labels),
         initial_bind_as_user=initial_bind_as_user,
         connect_timeout=_seconds(c, raw, "connect_timeout", path, 5.0),
