@@ -160,6 +160,15 @@ class AccessStore:
             files = str(self.htpasswd_path) + (f", {self.policy_path}" if self.policy_path else "")
             log.exception("reload of %s failed, keeping the last good users and rules: %s", files, exc)
             return False
+        before = self.snapshot.policy.docker_auth if self.snapshot.policy is not None else None
+        after = snapshot.policy.docker_auth if snapshot.policy is not None else None
+        if before != after:
+            # They stand for settings (listen, TLS, the token issuer...), which are set at start.
+            log.warning(
+                "%s: its server: and token: sections changed: they take effect at the next start "
+                "(the rest of the file did now)",
+                self.policy_path,
+            )
         self.snapshot = snapshot
         if self._read_files != read_before:  # the policy now reads other files: follow those
             self._signatures = self._current_signatures()

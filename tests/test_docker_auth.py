@@ -267,3 +267,25 @@ def test_settings_a_docker_auth_file_fills_in_are_checked_together(tmp_path: Pat
     assert "tls_cert (from the docker_auth section of the policy file): cannot load with tls_key" in message
     assert "token_key (from the docker_auth section of the policy file)" in message
     assert "not an unencrypted PEM private key" in message
+
+
+def test_a_reload_says_that_server_and_token_changes_wait_for_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gateway.state import AccessStore
+
+    users = tmp_path / "htpasswd"
+    users.write_text("")
+    policy = tmp_path / "auth_config.yml"
+    policy.write_text("token: {issuer: 'Acme'}\nacl: [{match: {account: admin}, actions: ['*']}]\n")
+    store = AccessStore(users, policy)
+    policy.write_text("token: {issuer: 'Acme'}\nacl: [{match: {account: root}, actions: ['*']}]\n")
+    with caplog.at_level("WARNING"):
+        assert store.reload_if_changed()
+    assert "next start" not in caplog.text  # only the acl changed: in force now, nothing to say
+    policy.write_text("token: {issuer: 'Other'}\nacl: [{match: {account: root}, actions: ['*']}]\n")
+    with caplog.at_level("WARNING"):
+        assert store.reload_if_changed()
+    assert f"{policy}: its server: and token: sections changed: they take effect at the next start" in (
+        caplog.text
+    )
