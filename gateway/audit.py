@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TextIO
 
+from gateway.files import describe_write_error
 from gateway.routes import DELETE, PUSH, Operation, Route
 
 log = logging.getLogger(__name__)
@@ -80,23 +81,36 @@ def record_entry(record: AuditRecord) -> dict[str, object]:
     return entry
 
 
+class AuditLogError(Exception):
+    """The audit log cannot be opened; the message says why, in words an operator can act on."""
+
+
 class AuditLog:
-    """Appends records to a file (reopened on SIGHUP, for logrotate) or to stdout."""
+    """Appends records to a file (reopened on SIGHUP, for logrotate) or to stdout. A file that
+    cannot be opened at start-up is an AuditLogError."""
 
     def __init__(self, target: str | None) -> None:
         self.target = target
         self._stream: TextIO | None = None
-        self.reopen()
+        if target == "-":
+            self._stream = sys.stdout
+        elif target is not None:
+            try:
+                self._stream = self._open(Path(target))
+            except OSError as exc:
+                raise AuditLogError(describe_write_error(Path(target), exc)) from None
+
+    @staticmethod
+    def _open(path: Path) -> TextIO:
+        # Kept open for the life of the process (line-buffered: each record reaches the file whole).
+        return path.open("a", encoding="utf-8", buffering=1)
 
     def reopen(self) -> None:
-        if self.target is None:
-            return
-        if self.target == "-":
-            self._stream = sys.stdout
+        if self.target is None or self.target == "-":
             return
         if self._stream is not None:
             self._stream.close()
-        self._stream = Path(self.target).open("a", encoding="utf-8", buffering=1)  # noqa: SIM115 (long-lived)
+        self._stream = self._open(Path(self.target))
 
     def write(self, record: AuditRecord) -> None:
         if self._stream is None:

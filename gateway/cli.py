@@ -145,7 +145,11 @@ def configure_logging(level: str, log_format: str = "text") -> None:
 CANNOT_LISTEN = 3  # a worker's exit status when its address is taken
 
 
-class ListenError(Exception):
+class StartupError(Exception):
+    """The gateway cannot start as configured; the message names the setting and what is wrong."""
+
+
+class ListenError(StartupError):
     """An address the gateway is configured to listen on cannot be bound."""
 
 
@@ -158,7 +162,8 @@ async def _start_site(site: web.TCPSite, key: str, host: str, port: int) -> None
 
 
 async def run_server(settings: config.Settings, store: AccessStore) -> None:
-    """Serve until SIGTERM or SIGINT. Raises ListenError, after cleaning up, when an address is taken."""
+    """Serve until SIGTERM or SIGINT. Raises StartupError (ListenError when an address is taken),
+    after cleaning up, when it cannot start."""
     from gateway.app import (
         AUDIT_KEY,
         AUTHENTICATOR_KEY,
@@ -168,11 +173,16 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
         SESSION_KEY,
         create_app,
     )
+    from gateway.audit import AuditLogError
     from gateway.metrics import metrics_app
     from gateway.server import ConnectionLimits, GatewayRunner
     from gateway.tls import TlsContext
 
-    app = create_app(settings, store)
+    try:
+        app = create_app(settings, store)
+    except AuditLogError as exc:
+        origin = settings.origins.get("audit_log", "default")
+        raise StartupError(f"{config.where('audit_log', origin)}: {exc}") from None
     tls = TlsContext(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
     limits = ConnectionLimits(settings.max_connections, settings.header_timeout, settings.max_head_size)
     runner = GatewayRunner(app, limits, access_log=None, shutdown_timeout=settings.shutdown_grace)
@@ -330,7 +340,7 @@ def _serve(args: argparse.Namespace) -> int:
         return supervise(settings)
     try:
         run_event_loop(run_server(settings, store))
-    except ListenError as exc:
+    except StartupError as exc:
         log.error("%s", exc)
         return 2
     return 0

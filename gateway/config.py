@@ -21,7 +21,7 @@ import yaml
 from yarl import URL
 
 from gateway import state, tls, yaml_files
-from gateway.files import describe_read_error
+from gateway.files import append_problem, describe_read_error
 
 ENV_PREFIX = "GATEWAY_"
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -481,6 +481,13 @@ def load(
             state.build(values["htpasswd"], values["policy"])
         except state.StateError as exc:
             problems.extend(f"{where(key, merged[key][1])}: {message}" for key, message in exc.by_key)
+
+    if check_files and values.get("audit_log") not in (None, "-"):
+        # With the other files: check-config reports it, and serve refuses it among every other
+        # problem, before anything starts.
+        problem = append_problem(Path(values["audit_log"]))
+        if problem is not None:
+            problems.append(f"{where('audit_log', merged['audit_log'][1])}: {problem}")
 
     problems += combination_problems(values, check_files, lambda key: where(key, merged[key][1]))
 

@@ -1,6 +1,6 @@
-"""The files the gateway reads: why one cannot be read, in words an operator can act on, and
-whether one changed since last looked at (every file it follows is polled this way); and how the
-files it writes (htpasswd, token keys) are replaced.
+"""The files the gateway reads and appends to: why one cannot be read or written, in words an
+operator can act on, and whether one changed since last looked at (every file it follows is polled
+this way); and how the files it writes (htpasswd, token keys) are replaced.
 
 The container runs as uid 10001: an htpasswd file made under umask 077 (mode 0600, owned by
 root) is unreadable to it, and "[Errno 13] Permission denied" alone does not say who needs access.
@@ -9,6 +9,7 @@ root) is unreadable to it, and "[Errno 13] Permission denied" alone does not say
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -48,6 +49,59 @@ def describe_read_error(path: Path, exc: OSError | UnicodeDecodeError) -> str:
             f"({owner}); make it readable by that user, for example: chmod 644 {path}"
         )
     return f"{path}: cannot read: {exc.strerror or exc}"
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` exists; False too when a directory on the way cannot be searched."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _runs_as() -> str:
+    return f"uid {os.geteuid()} (gid {os.getegid()}), which the gateway runs as"
+
+
+def describe_write_error(path: Path, exc: OSError) -> str:
+    """Why `path` cannot be opened to append to, from the error that opening it raised."""
+    if isinstance(exc, FileNotFoundError):
+        return f"no such directory: {path.parent} (create it, or choose a path in a directory that exists)"
+    if isinstance(exc, NotADirectoryError):
+        return f"{path.parent} is not a directory"
+    if isinstance(exc, IsADirectoryError):
+        return f"{path} is a directory, not a file"
+    if isinstance(exc, PermissionError):
+        if _exists(path):
+            return f"{path}: permission denied for {_runs_as()}; make the file writable by that user"
+        return (
+            f"cannot create {path}: permission denied for {_runs_as()}; make {path.parent} writable"
+            " by that user"
+        )
+    return f"{path}: cannot write: {exc.strerror or exc}"
+
+
+def append_problem(path: Path) -> str | None:
+    """Why the gateway could not append to `path` (creating it if missing), in words, or None.
+
+    Leaves no trace, since `check-config` asks too: an existing file is opened for appending and
+    closed unchanged; for a missing one only its directory is looked at, and the file is not made.
+    """
+    try:
+        if _exists(path):
+            path.open("ab").close()
+            return None
+        directory = path.parent
+        if not directory.exists():
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        if not directory.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+        # The effective ids, as open() would use them (a setuid start, or a container's --user).
+        if not os.access(directory, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    except OSError as exc:
+        return describe_write_error(path, exc)
+    return None
 
 
 def replace_atomically(path: Path, data: bytes, *, mode: int | None = None, new_mode: int = 0o640) -> None:

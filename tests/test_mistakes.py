@@ -194,35 +194,38 @@ def test_tls_key_that_does_not_match_its_certificate(tmp_path: Path, users: Path
     assert status == 1 and "holds no PEM private key" in output
 
 
-def test_unreadable_htpasswd_names_the_user_who_needs_it(users: Path) -> None:
-    """As the container runs it: a non-root uid, a file made under umask 077."""
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder of root's that any user may enter (pytest's own are root's alone)."""
     folder = Path(tempfile.mkdtemp(prefix="gw-perm-"))
     try:
         folder.chmod(0o755)
-        secret = folder / "htpasswd"
-        shutil.copy(users, secret)
-        secret.chmod(0o600)
-        command = [
-            require("setpriv"),
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            sys.executable,
-            "-m",
-            "gateway",
-            "check-config",
-            "--htpasswd",
-            str(secret),
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, cwd=folder)
-        output = done.stdout + done.stderr
-        assert done.returncode == 1, output
-        assert f"{secret}: permission denied for uid 65534 (gid 65534)" in output
-        assert "mode 0600, owner uid 0" in output and f"chmod 644 {secret}" in output
-        assert "Traceback" not in output
+        yield folder
     finally:
         shutil.rmtree(folder)
+
+
+def gateway_as_nobody(folder: Path, *args: str) -> tuple[int, str]:
+    """The gateway as the container runs it, as a non-root uid (65534), in `folder`."""
+    command = [require("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    done = subprocess.run(
+        [*command, "-m", "gateway", *args], capture_output=True, text=True, env=env, timeout=60, cwd=folder
+    )
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output, output
+    return done.returncode, output
+
+
+def test_unreadable_htpasswd_names_the_user_who_needs_it(users: Path, open_folder: Path) -> None:
+    """As the container runs it: a non-root uid, a file made under umask 077."""
+    secret = open_folder / "htpasswd"
+    shutil.copy(users, secret)
+    secret.chmod(0o600)
+    status, output = gateway_as_nobody(open_folder, "check-config", "--htpasswd", str(secret))
+    assert status == 1, output
+    assert f"{secret}: permission denied for uid 65534 (gid 65534)" in output
+    assert "mode 0600, owner uid 0" in output and f"chmod 644 {secret}" in output
 
 
 def test_user_add_without_a_usable_file(tmp_path: Path) -> None:
@@ -288,3 +291,40 @@ def test_sigterm_on_an_idle_gateway_exits_promptly(tmp_path: Path, registry: Reg
     assert gateway.process.returncode == 0
     assert took < 10, f"SIGTERM took {took:.1f} s on an idle gateway"
     assert "stopped after" in gateway.log.read_text()
+
+
+def test_audit_log_that_cannot_be_written_is_refused_by_key(tmp_path: Path, users: Path) -> None:
+    missing = tmp_path / "nodir" / "audit.log"
+    base = ("--htpasswd", str(users), "--upstream", f"http://127.0.0.1:{free_port()}")
+    status, output = gateway_cli("check-config", *base, "--audit-log", str(missing))
+    assert status == 1, output
+    assert f"audit_log (--audit-log): no such directory: {missing.parent}" in output
+    assert "configuration OK" not in output
+    status, output = gateway_cli(
+        "serve", *base, "--listen", f"127.0.0.1:{free_port()}", "--audit-log", str(missing)
+    )
+    assert status == 2 and f"audit_log (--audit-log): no such directory: {missing.parent}" in output
+    status, output = gateway_cli("check-config", *base, env={"GATEWAY_AUDIT_LOG": str(tmp_path)})
+    assert status == 1 and f"audit_log (GATEWAY_AUDIT_LOG): {tmp_path} is a directory, not a file" in output
+    status, output = gateway_cli("check-config", *base, "--audit-log", "-")  # standard output
+    assert status == 0 and "audit_log              -  [flag --audit-log]" in output
+    assert not missing.parent.exists()  # nothing made by the check
+
+
+def test_audit_log_directory_not_writable_names_the_user(users: Path, open_folder: Path) -> None:
+    """As the container runs it: a non-root uid, a log directory left to root."""
+    readable = open_folder / "htpasswd"
+    shutil.copy(users, readable)
+    readable.chmod(0o644)
+    audit = open_folder / "audit.log"
+    check = ("check-config", "--htpasswd", str(readable), "--upstream", f"http://127.0.0.1:{free_port()}")
+    status, output = gateway_as_nobody(open_folder, *check, "--audit-log", str(audit))
+    assert status == 1, output
+    assert f"audit_log (--audit-log): cannot create {audit}: permission denied for uid 65534" in output
+    assert f"make {open_folder} writable by that user" in output
+    assert not audit.exists()
+    audit.touch(mode=0o644)  # there, but root's
+    status, output = gateway_as_nobody(open_folder, *check, "--audit-log", str(audit))
+    assert status == 1, output
+    assert f"audit_log (--audit-log): {audit}: permission denied for uid 65534" in output
+    assert audit.read_bytes() == b""

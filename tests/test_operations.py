@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.audit import AuditLog, AuditLogError
 from gateway.sample_image import write_image
 from tests.conftest import (
     USERS,
@@ -619,3 +620,10 @@ def test_a_cached_login_forgets_failures_unless_locked() -> None:
     short.cached_login("10.0.0.1", "alice", 106.0)
     short.failed("10.0.0.1", "alice", 107.0, b"a")  # a new guess after a login, not a repeat
     assert len(short) == 1
+
+
+def test_audit_log_that_cannot_be_opened_at_start_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(AuditLogError, match=f"no such directory: {tmp_path / 'nodir'}"):
+        AuditLog(str(tmp_path / "nodir" / "audit.log"))
+    with pytest.raises(AuditLogError, match=f"{tmp_path} is a directory, not a file"):
+        AuditLog(str(tmp_path))
