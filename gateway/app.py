@@ -678,6 +678,8 @@ class Gateway:
         # in the start-up log.
         self.authenticator.ldap_source()
         self.audit = audit or AuditLog(settings.audit_log)
+        if self.audit.target is not None:
+            self.metrics.audit_records_lost = lambda: self.audit.lost
         self.lockout = Lockout(settings.lockout_attempts, settings.lockout_window)
         self.authority = TokenAuthority(settings) if settings.challenge == "bearer" else None
         self.upstream: UpstreamPool | None = None

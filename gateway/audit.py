@@ -6,6 +6,7 @@ it never holds a password, an Authorization header or a query string (upload sta
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -86,12 +87,18 @@ class AuditLogError(Exception):
 
 
 class AuditLog:
-    """Appends records to a file (reopened on SIGHUP, for logrotate) or to stdout. A file that
-    cannot be opened at start-up is an AuditLogError."""
+    """Appends records to a file (reopened on SIGHUP, for logrotate) or to stdout.
+
+    A file that cannot be opened at start-up is an AuditLogError. Once serving, no audit failure
+    stops a request: a reopen that fails keeps the stream in use, and a write that fails is logged
+    (once until writes succeed again) and counted in `lost`.
+    """
 
     def __init__(self, target: str | None) -> None:
         self.target = target
         self._stream: TextIO | None = None
+        self.lost = 0  # records that could not be written
+        self._failing = False  # a write failed and none has succeeded since: logged already
         if target == "-":
             self._stream = sys.stdout
         elif target is not None:
@@ -105,20 +112,54 @@ class AuditLog:
         # Kept open for the life of the process (line-buffered: each record reaches the file whole).
         return path.open("a", encoding="utf-8", buffering=1)
 
-    def reopen(self) -> None:
+    def reopen(self) -> bool:
+        """Open the file anew (logrotate has moved the old one away); False when it cannot be
+        opened, and the records go on to the file open until now."""
         if self.target is None or self.target == "-":
-            return
-        if self._stream is not None:
-            self._stream.close()
-        self._stream = self._open(Path(self.target))
+            return False
+        path = Path(self.target)
+        # Opened before the current stream is closed: on failure (the directory moved, a full
+        # disk, permissions) the current one keeps taking records; none is lost to a closed file.
+        try:
+            fresh = self._open(path)
+        except OSError as exc:
+            log.error(
+                "audit log %s not reopened, records still go to the file open until now: %s",
+                path,
+                describe_write_error(path, exc),
+            )
+            return False
+        previous, self._stream = self._stream, fresh
+        if previous is not None:
+            # Line-buffered, so nothing is pending: a file that fails as it closes must not keep
+            # the fresh one from taking records.
+            with contextlib.suppress(OSError, ValueError):
+                previous.close()
+        return True
 
     def write(self, record: AuditRecord) -> None:
         if self._stream is None:
             return
+        line = json.dumps(record_entry(record), separators=(",", ":")) + "\n"
         try:
-            self._stream.write(json.dumps(record_entry(record), separators=(",", ":")) + "\n")
-        except OSError as exc:
-            log.error("audit log write failed: %s", exc)
+            self._stream.write(line)
+        except (OSError, ValueError) as exc:  # ValueError: the stream was closed
+            # Written as the request finishes: raising here would turn its answer into a 500.
+            # Logged once a run of failures, not for every request (a full disk would flood the
+            # diagnostic log), and counted, so that what is missing is known.
+            self.lost += 1
+            if not self._failing:
+                self._failing = True
+                log.error(
+                    "audit log write failed, records are lost until writes succeed again (counted in"
+                    " registry_gateway_audit_records_lost_total): %s: %s",
+                    self.target,
+                    exc,
+                )
+            return
+        if self._failing:
+            self._failing = False
+            log.warning("audit log writes succeed again; %d record(s) lost so far", self.lost)
 
     def close(self) -> None:
         if self._stream is not None and self._stream is not sys.stdout:

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +161,15 @@ async def _start_site(site: web.TCPSite, key: str, host: str, port: int) -> None
         raise ListenError(f"{key}: cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
 
 
+def run_each(steps: Sequence[tuple[str, Callable[[], object]]]) -> None:
+    """Run every step, whatever the others do: one that raises is logged, and the rest still run."""
+    for name, step in steps:
+        try:
+            step()
+        except Exception:
+            log.exception("%s failed; the other steps went on", name)
+
+
 async def run_server(settings: config.Settings, store: AccessStore) -> None:
     """Serve until SIGTERM or SIGINT. Raises StartupError (ListenError when an address is taken),
     after cleaning up, when it cannot start."""
@@ -249,16 +258,24 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
 
     reloads: set[asyncio.Task[bool]] = set()
 
-    def on_hup() -> None:
+    def reload_users() -> None:
         task = asyncio.create_task(app[AUTHENTICATOR_KEY].reload_if_changed(True))
         reloads.add(task)  # keep a reference until it is done
         task.add_done_callback(reloads.discard)
-        app[AUDIT_KEY].reopen()
+
+    def on_hup() -> None:
+        # Independent reloads: one that fails must not keep a renewed certificate or token key
+        # from being taken.
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("SIGHUP: reloading users and rules", reload_users),
+            ("SIGHUP: reopening the audit log", app[AUDIT_KEY].reopen),
+        ]
         if tls is not None:
-            tls.reload_if_changed()
+            steps.append(("SIGHUP: reloading the TLS certificate", tls.reload_if_changed))
         authority = app.get(AUTHORITY_KEY)
         if authority is not None:
-            authority.reload_if_changed()
+            steps.append(("SIGHUP: reloading the token key", authority.reload_if_changed))
+        run_each(steps)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
 

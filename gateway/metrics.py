@@ -55,6 +55,13 @@ class _StateCollector(Collector):
                 "1 when the last exchange with the LDAP directory succeeded, 0 when it failed",
                 value=0 if problem else 1,
             )
+        audit_lost = self.metrics.audit_records_lost
+        if audit_lost is not None:
+            yield CounterMetricFamily(
+                "registry_gateway_audit_records_lost",
+                "Audit records that could not be written to the audit log",
+                value=audit_lost(),
+            )
         cache = CounterMetricFamily(
             "registry_gateway_credential_cache", "Verified-credential cache lookups", labels=["result"]
         )
@@ -125,6 +132,8 @@ class Metrics:
         self.fast_answer_reused = 0  # answers made from a head read before (upstream.KnownHead)
         # The directory's last problem (None: fine), when logins go to one.
         self.directory_state: Callable[[], str | None] | None = None
+        # Audit records that could not be written so far, when there is an audit log.
+        self.audit_records_lost: Callable[[], int] | None = None
         self.registry.register(_StateCollector(cache, store, self))
         # Every request is counted and (when forwarded) timed: plain counts, read at scrape time.
         # prometheus_client's Counter and Histogram take a lock per update and its Histogram a

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import AuditLog, AuditLogError
+from gateway.audit import AuditLog, AuditLogError, AuditRecord, new_record
+from gateway.cli import run_each
 from gateway.sample_image import write_image
 from tests.conftest import (
     USERS,
@@ -622,8 +623,136 @@ def test_a_cached_login_forgets_failures_unless_locked() -> None:
     assert len(short) == 1
 
 
+def _record(path: str) -> AuditRecord:
+    return new_record("192.0.2.7", "GET", path)
+
+
 def test_audit_log_that_cannot_be_opened_at_start_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(AuditLogError, match=f"no such directory: {tmp_path / 'nodir'}"):
         AuditLog(str(tmp_path / "nodir" / "audit.log"))
     with pytest.raises(AuditLogError, match=f"{tmp_path} is a directory, not a file"):
         AuditLog(str(tmp_path))
+
+
+def test_failed_audit_reopen_keeps_writing_to_the_open_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "adir"
+    directory.mkdir()
+    audit = AuditLog(str(directory / "audit.log"))
+    audit.write(_record("/v2/before"))
+    directory.rename(tmp_path / "adir-moved")  # the directory moved away, then SIGHUP
+    assert not audit.reopen()
+    assert f"audit log {directory / 'audit.log'} not reopened" in caplog.text
+    assert f"no such directory: {directory}" in caplog.text
+    audit.write(_record("/v2/after"))
+    moved = [
+        json.loads(line)["path"] for line in (tmp_path / "adir-moved" / "audit.log").read_text().splitlines()
+    ]
+    assert moved == ["/v2/before", "/v2/after"] and audit.lost == 0
+    directory.mkdir()  # put right: the next reopen takes the new file
+    assert audit.reopen()
+    audit.write(_record("/v2/fresh"))
+    audit.close()
+    assert [json.loads(line)["path"] for line in (directory / "audit.log").read_text().splitlines()] == [
+        "/v2/fresh"
+    ]
+
+
+def test_audit_writes_survive_a_closed_or_failing_stream(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    audit = AuditLog(str(tmp_path / "audit.log"))
+    audit._stream.close()  # type: ignore[union-attr]  # what a reopen that failed half-way left
+    for _ in range(3):
+        audit.write(_record("/v2/"))  # neither raises nor logs a line per record
+    assert audit.lost == 3
+    assert caplog.text.count("audit log write failed") == 1
+    full = AuditLog("/dev/full")  # every write fails: no space left on device
+    full.write(_record("/v2/"))
+    full.write(_record("/v2/"))
+    assert full.lost == 2 and caplog.text.count("audit log write failed") == 2
+    full.target = str(tmp_path / "audit.log")
+    assert full.reopen()
+    full.write(_record("/v2/back"))
+    assert "audit log writes succeed again; 2 record(s) lost so far" in caplog.text
+    full.close()
+    assert json.loads((tmp_path / "audit.log").read_text())["path"] == "/v2/back"
+
+
+def test_a_failing_reload_step_does_not_skip_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    ran: list[str] = []
+
+    def failing() -> None:
+        ran.append("audit")
+        raise RuntimeError("broken")
+
+    run_each(
+        [("first", lambda: ran.append("users")), ("second", failing), ("third", lambda: ran.append("tls"))]
+    )
+    assert ran == ["users", "audit", "tls"]
+    assert "second failed; the other steps went on" in caplog.text and "RuntimeError: broken" in caplog.text
+
+
+def test_failed_audit_reopen_on_sighup_keeps_records_and_reloads_tls(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    """logrotate's SIGHUP after the audit log's directory moved: before, the reopen closed the
+    file, failed, and raised out of the signal handler: the TLS certificate was never reloaded and
+    every later record was a traceback instead of a line."""
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_ca(pki)
+    issue_cert(pki, "server", "2001")
+    directory = tmp_path / "adir"
+    directory.mkdir()
+    metrics_port = free_port()
+    gw = start_gateway(
+        tmp_path,
+        registry.url,
+        users_file,
+        "--audit-log",
+        str(directory / "audit.log"),
+        "--tls-cert",
+        str(pki / "server.crt"),
+        "--tls-key",
+        str(pki / "server.key"),
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+        scheme="https",
+        env={"GATEWAY_RELOAD_INTERVAL": "3600"},  # the certificate is taken on SIGHUP only
+    )
+    context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    basic = "Basic " + base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
+
+    def get(path: str) -> int:
+        conn = http.client.HTTPSConnection(gw.host, context=context, timeout=10)
+        try:
+            conn.request("GET", path, headers={"Authorization": basic})
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+    try:
+        assert get("/v2/") == 200
+        issue_cert(pki, "server", "2002")  # a renewal, taken at the same SIGHUP
+        directory.rename(tmp_path / "adir-moved")
+        gw.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while served_serial(gw.host, pki / "ca.crt") != 2002:
+            assert time.monotonic() < deadline, "the renewed certificate was not taken on SIGHUP"
+            time.sleep(0.2)
+        assert [get("/v2/_catalog") for _ in range(3)] == [200, 200, 200]
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as page:
+            exposition = page.read().decode()
+        assert "registry_gateway_audit_records_lost_total 0.0" in exposition
+    finally:
+        stop(gw.process)
+    log = gw.log.read_text()
+    assert f"audit log {directory / 'audit.log'} not reopened" in log
+    assert f"no such directory: {directory}" in log
+    assert "Traceback" not in log and "error handling request" not in log
+    records = [json.loads(line) for line in (tmp_path / "adir-moved" / "audit.log").read_text().splitlines()]
+    assert [r["path"] for r in records if r["operation"] == "catalog"] == ["/v2/_catalog"] * 3
