@@ -15,6 +15,8 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +144,7 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
-CANNOT_LISTEN = 3  # a worker's exit status when its address is taken
+CANNOT_START = 3  # a worker's exit status when it could not start serving
 
 
 class StartupError(Exception):
@@ -170,9 +172,11 @@ def run_each(steps: Sequence[tuple[str, Callable[[], object]]]) -> None:
             log.exception("%s failed; the other steps went on", name)
 
 
-async def run_server(settings: config.Settings, store: AccessStore) -> None:
-    """Serve until SIGTERM or SIGINT. Raises StartupError (ListenError when an address is taken),
-    after cleaning up, when it cannot start."""
+async def run_server(
+    settings: config.Settings, store: AccessStore, on_serving: Callable[[], None] | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT; `on_serving` is called once the listeners answer. Raises
+    StartupError (ListenError when an address is taken), after cleaning up, when it cannot start."""
     from gateway.app import (
         AUDIT_KEY,
         AUTHENTICATOR_KEY,
@@ -251,6 +255,8 @@ async def run_server(settings: config.Settings, store: AccessStore) -> None:
         settings.listen_port,
         settings.upstream,
     )
+    if on_serving is not None:
+        on_serving()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -363,15 +369,42 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_main(settings: config.Settings) -> None:
+def _worker_main(settings: config.Settings, report: Connection) -> None:
+    """One worker: tells the supervisor through `report` that it serves (None) or why it could not
+    start (the message), then serves."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
     try:
         store = AccessStore(settings.htpasswd, settings.policy, docker_auth_service=settings.token_service)
-        run_event_loop(run_server(settings, store))
-    except ListenError as exc:
-        log.error("%s", exc)
-        sys.exit(CANNOT_LISTEN)
+        run_event_loop(run_server(settings, store, on_serving=lambda: report.send(None)))
+    except StartupError as exc:
+        report.send(str(exc))
+        sys.exit(CANNOT_START)
+    except StateError as exc:
+        # The files changed since the supervisor read them (it refuses bad ones at start-up).
+        report.send("cannot load users and rules: " + "; ".join(exc.problems))
+        sys.exit(CANNOT_START)
+
+
+@dataclass
+class _Worker:
+    """A worker process, and the supervisor's end of the pipe on which it reports its start."""
+
+    process: multiprocessing.process.BaseProcess
+    reports: Connection
+    serving: bool = False
+    failure: str | None = None  # why it could not start, as it said
+
+    def read_reports(self) -> None:
+        try:
+            while self.reports.poll():
+                message = self.reports.recv()
+                if message is None:
+                    self.serving = True
+                else:
+                    self.failure = str(message)
+        except (EOFError, OSError):
+            pass  # it has exited: all it sent has been read
 
 
 def supervise(settings: config.Settings) -> int:
@@ -379,28 +412,32 @@ def supervise(settings: config.Settings) -> int:
 
     Each worker loads users and rules itself and keeps its own credential cache. SIGTERM/SIGINT
     stop them all (each finishes its transfers in flight); SIGHUP is passed on; a worker that dies
-    is started again.
+    after it started serving is started again; one that cannot start stops them all (exit 2).
     """
     context = multiprocessing.get_context("fork")
-    workers: list[multiprocessing.process.BaseProcess] = []
+    workers: list[_Worker] = []
     stopping = False
 
-    def start() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_worker_main, args=(settings,), name="registry-gateway-worker")
+    def start() -> _Worker:
+        reports, report = context.Pipe(duplex=False)
+        process = context.Process(
+            target=_worker_main, args=(settings, report), name="registry-gateway-worker"
+        )
         process.start()
-        return process
+        report.close()  # the worker's end: once it exits, reading finds the end of its reports
+        return _Worker(process, reports)
 
     def on_stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for process in workers:
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signal.SIGTERM)
+        for worker in workers:
+            if worker.process.pid is not None and worker.process.is_alive():
+                os.kill(worker.process.pid, signal.SIGTERM)
 
     def on_hup(_signum: int, _frame: object) -> None:
-        for process in workers:
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signal.SIGHUP)
+        for worker in workers:
+            if worker.process.pid is not None and worker.process.is_alive():
+                os.kill(worker.process.pid, signal.SIGHUP)
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
@@ -408,20 +445,38 @@ def supervise(settings: config.Settings) -> int:
     workers.extend(start() for _ in range(settings.workers))
     log.info("supervising %d workers on %s:%d", settings.workers, settings.listen_host, settings.listen_port)
     while True:
-        for index, process in enumerate(workers):
-            process.join(timeout=0.2)
-            if process.is_alive() or stopping:
+        for index, worker in enumerate(workers):
+            worker.process.join(timeout=0.2)
+            worker.read_reports()
+            if worker.process.is_alive() or stopping:
                 continue
-            if process.exitcode == CANNOT_LISTEN:
-                # Starting it again would fail the same way: stop them all, as a single process would.
+            worker.read_reports()  # what it sent just before it exited
+            worker.reports.close()
+            exitcode = worker.process.exitcode
+            if not worker.serving and exitcode is not None and exitcode >= 0:
+                # A worker that could not start would fail the same way at every try: what stopped
+                # it (a file the settings name, missing or invalid; an address taken) is in the
+                # files and the machine as they are now, and a new worker reads the same. Started
+                # again and again, it only printed a traceback a second while the gateway ran short
+                # of workers. So, as gunicorn does with a worker that fails to boot, all of them
+                # stop (each finishing its transfers in flight) and the supervisor exits 2 with the
+                # worker's message: what a single process does at start-up, and what a process
+                # manager or orchestrator shows an operator. One killed by a signal (the OOM
+                # killer, an operator's kill) did not fail to start: it is replaced, as is one that
+                # dies after it started serving.
+                why = worker.failure or (
+                    f"worker {worker.process.pid} exited with {exitcode} before it"
+                    " served (its error is logged above)"
+                )
+                log.error("%s; a worker could not start: stopping all workers", why)
                 on_stop(signal.SIGTERM, None)
                 for other in workers:
-                    other.join()
+                    other.process.join()
                 return 2
-            log.error("worker %d exited with %s; starting another", process.pid, process.exitcode)
+            log.error("worker %d exited with %s; starting another", worker.process.pid, exitcode)
             time.sleep(1)
             workers[index] = start()
-        if stopping and not any(process.is_alive() for process in workers):
+        if stopping and not any(worker.process.is_alive() for worker in workers):
             return 0
 
 

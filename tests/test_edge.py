@@ -277,3 +277,74 @@ def test_workers_share_the_port_reload_and_stop_together(
         assert not any(Path(f"/proc/{child}").exists() for child in children)
     finally:
         stop(gw.process)
+
+
+def worker_pids(gw: Gateway, count: int) -> list[str]:
+    """The supervisor's `count` workers, once it has that many."""
+    deadline = time.monotonic() + 15
+    while True:
+        children = Path(f"/proc/{gw.process.pid}/task/{gw.process.pid}/children").read_text().split()
+        if len(children) == count:
+            return children
+        assert time.monotonic() < deadline, f"workers: {children}"
+        time.sleep(0.1)
+
+
+VALID_POLICY = 'acl:\n  - match: {account: "alice"}\n    actions: ["pull"]\n'
+INVALID_POLICY = (
+    'acl:\n  - match: {account: "alice"}\n    actions: ["pull"]\naccounts:\n  alice: {expires: 2027-13-31}\n'
+)
+
+
+@pytest.mark.parametrize("broken", ["audit_log", "policy"])
+def test_a_worker_that_cannot_start_stops_them_all(
+    tmp_path: Path, registry: Registry, users_file: Path, broken: str
+) -> None:
+    """Before, a replacement worker that failed at start-up was started again every second,
+    forever, a traceback each time. A worker that dies while serving is still replaced."""
+    directory = tmp_path / "adir"
+    directory.mkdir()
+    policy = tmp_path / "policy.yml"
+    policy.write_text(VALID_POLICY)
+    gw = start_gateway(
+        tmp_path,
+        registry.url,
+        users_file,
+        "--workers",
+        "2",
+        "--audit-log",
+        str(directory / "audit.log"),
+        "--policy",
+        str(policy),
+        env={"GATEWAY_RELOAD_INTERVAL": "3600"},  # the running workers keep what they loaded
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while gw.log.read_text().count(" listening on ") < 2:  # both serve
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.1)
+        first = worker_pids(gw, 2)[0]
+        os.kill(int(first), signal.SIGKILL)  # dies while serving: replaced
+        deadline = time.monotonic() + 15
+        # Two workers started, and the replacement: serving before the files are broken.
+        while gw.log.read_text().count(" listening on ") < 3:
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            time.sleep(0.1)
+        replaced = worker_pids(gw, 2)
+        assert first not in replaced
+        assert all(get_status(gw) == 200 for _ in range(10))
+
+        if broken == "audit_log":
+            directory.rename(tmp_path / "adir-moved")
+            expected = f"audit_log (--audit-log): no such directory: {directory}"
+        else:
+            policy.write_text(INVALID_POLICY)
+            expected = "cannot load users and rules: "
+        os.kill(int(replaced[0]), signal.SIGKILL)  # its replacement cannot start
+        assert gw.process.wait(timeout=30) == 2
+        assert not any(Path(f"/proc/{child}").exists() for child in replaced)
+    finally:
+        stop(gw.process)
+    log = gw.log.read_text()
+    assert expected in log and "a worker could not start: stopping all workers" in log
+    assert "Traceback" not in log
