@@ -340,7 +340,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "audit_log": _optional_text,
     "metrics_listen": _optional_host_port,
     "lockout_attempts": _count(0),
-    "lockout_window": _seconds,
+    "lockout_window": _positive_seconds,  # 0 would count no failure at all: lockout_attempts: 0 is off
     "tls_cert": _optional_path,
     "tls_key": _optional_path,
     "hsts_max_age": _count(0),
@@ -383,6 +383,14 @@ def read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
     return {str(k): v for k, v in data.items()}, []
 
 
+def _same_socket(first: tuple[Any, Any], second: tuple[Any, Any]) -> bool:
+    """Whether two listen addresses would take the same port (a wildcard host takes every one)."""
+    wildcard = ("", "0.0.0.0", "::")
+    return bool(
+        first[1] == second[1] and (first[0] == second[0] or first[0] in wildcard or second[0] in wildcard)
+    )
+
+
 def combination_problems(
     values: Mapping[str, Any], check_files: bool, where: Callable[[str], str]
 ) -> list[str]:
@@ -390,6 +398,10 @@ def combination_problems(
     they name when `check_files`; `where` names a key as its source set it. Run by `load`, and
     again once a docker_auth file has filled in settings (gateway.docker_auth)."""
     problems: list[str] = []
+    listen = values.get("listen") or (values.get("listen_host"), values.get("listen_port"))
+    for other in ("metrics_listen", "redirect_listen"):
+        if values.get(other) is not None and _same_socket(listen, values[other]):
+            problems.append(f"{where(other)}: the same address as listen; give it one of its own")
     if ("tls_cert" in values) and ("tls_key" in values):
         cert, key = values["tls_cert"], values["tls_key"]
         if (cert is None) != (key is None):

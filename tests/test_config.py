@@ -90,6 +90,33 @@ def test_counts_are_whole_numbers(tmp_path: Path, users: Path, text: str, proble
     assert info.value.problems == [problem]
 
 
+SAME_ADDRESS = "metrics_listen: the same address as listen"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("lockout_window: 0", "lockout_window: must be greater than zero"),
+        ("listen: 127.0.0.1:8080\nmetrics_listen: 127.0.0.1:8080", SAME_ADDRESS),
+        ("listen: 0.0.0.0:8080\nmetrics_listen: 127.0.0.1:8080", SAME_ADDRESS),
+    ],
+)
+def test_settings_that_would_silently_not_work(tmp_path: Path, users: Path, text: str, problem: str) -> None:
+    """lockout_window: 0 turned the lockout off unsaid; one port for two listeners failed later,
+    blaming whatever else used the address."""
+    file = tmp_path / "gateway.yml"
+    file.write_text(text + "\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(file, {}, {"htpasswd": str(users)})
+    assert len(info.value.problems) == 1 and info.value.problems[0].startswith(problem)
+
+
+def test_listeners_on_other_ports_or_hosts_are_fine(tmp_path: Path, users: Path) -> None:
+    file = tmp_path / "gateway.yml"
+    file.write_text("listen: 127.0.0.1:8080\nmetrics_listen: 127.0.0.2:8080\n")
+    assert config.load(file, {}, {"htpasswd": str(users)}).metrics_listen == ("127.0.0.2", 8080)
+
+
 def test_a_whole_float_is_a_count(tmp_path: Path, users: Path) -> None:
     file = tmp_path / "gateway.yml"
     file.write_text("workers: 2.0\n")
