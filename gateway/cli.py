@@ -407,12 +407,16 @@ class _Worker:
             pass  # it has exited: all it sent has been read
 
 
+MIN_RESTART_SECONDS, MAX_RESTART_SECONDS = 1.0, 30.0
+
+
 def supervise(settings: config.Settings) -> int:
     """Run `settings.workers` processes sharing the port (SO_REUSEPORT), so every core serves.
 
     Each worker loads users and rules itself and keeps its own credential cache. SIGTERM/SIGINT
     stop them all (each finishes its transfers in flight); SIGHUP is passed on; a worker that dies
-    after it started serving is started again; one that cannot start stops them all (exit 2).
+    is started again; one of the first that cannot start stops them all (exit 2), a replacement
+    that cannot start is tried again with a growing delay while the others serve.
     """
     context = multiprocessing.get_context("fork")
     workers: list[_Worker] = []
@@ -444,38 +448,59 @@ def supervise(settings: config.Settings) -> int:
     signal.signal(signal.SIGHUP, on_hup)
     workers.extend(start() for _ in range(settings.workers))
     log.info("supervising %d workers on %s:%d", settings.workers, settings.listen_host, settings.listen_port)
+    up = False  # every first worker has served once
+    retry_at: dict[int, float] = {}  # index -> when to start a worker there again
+    backoff = MIN_RESTART_SECONDS
+    serving: set[int | None] = set()  # the workers that said they serve
     while True:
         for index, worker in enumerate(workers):
+            if index in retry_at:
+                if time.monotonic() < retry_at[index] or stopping:
+                    time.sleep(0.2)
+                    continue
+                del retry_at[index]
+                workers[index] = start()
+                continue
             worker.process.join(timeout=0.2)
             worker.read_reports()
+            if worker.serving and worker.process.pid not in serving:
+                serving.add(worker.process.pid)
+                backoff = MIN_RESTART_SECONDS  # a worker started: the files are good again
             if worker.process.is_alive() or stopping:
                 continue
             worker.read_reports()  # what it sent just before it exited
             worker.reports.close()
             exitcode = worker.process.exitcode
-            if not worker.serving and exitcode is not None and exitcode >= 0:
-                # A worker that could not start would fail the same way at every try: what stopped
-                # it (a file the settings name, missing or invalid; an address taken) is in the
-                # files and the machine as they are now, and a new worker reads the same. Started
-                # again and again, it only printed a traceback a second while the gateway ran short
-                # of workers. So, as gunicorn does with a worker that fails to boot, all of them
-                # stop (each finishing its transfers in flight) and the supervisor exits 2 with the
-                # worker's message: what a single process does at start-up, and what a process
-                # manager or orchestrator shows an operator. One killed by a signal (the OOM
-                # killer, an operator's kill) did not fail to start: it is replaced, as is one that
-                # dies after it started serving.
-                why = worker.failure or (
-                    f"worker {worker.process.pid} exited with {exitcode} before it"
-                    " served (its error is logged above)"
-                )
+            failed_to_start = not worker.serving and exitcode is not None and exitcode >= 0
+            why = worker.failure or (
+                f"worker {worker.process.pid} exited with {exitcode} before it served"
+                " (its error is logged above)"
+            )
+            if failed_to_start and not up:
+                # At start-up, a worker that cannot start would fail the same way at every try:
+                # what stopped it (an address taken, a file the settings name) is the machine and
+                # the files as they are, and a new worker reads the same. As gunicorn does with a
+                # worker that fails to boot, all stop (each finishing its transfers in flight) and
+                # the supervisor exits 2 with the worker's message: what a single process does,
+                # and what a process manager shows an operator.
                 log.error("%s; a worker could not start: stopping all workers", why)
                 on_stop(signal.SIGTERM, None)
                 for other in workers:
                     other.process.join()
                 return 2
+            if failed_to_start:
+                # Later, the others serve on the users and rules they loaded while a file is
+                # broken (a reload keeps the last good ones): stopping them all would turn one
+                # crashed worker and one bad edit into an outage. The replacement is tried again,
+                # less and less often, until the files are fixed.
+                log.error("%s; the other workers keep serving; another try in %gs", why, backoff)
+                retry_at[index] = time.monotonic() + backoff
+                backoff = min(backoff * 2, MAX_RESTART_SECONDS)
+                continue
             log.error("worker %d exited with %s; starting another", worker.process.pid, exitcode)
-            time.sleep(1)
-            workers[index] = start()
+            retry_at[index] = time.monotonic() + MIN_RESTART_SECONDS
+        if not up and all(worker.serving for worker in workers):
+            up = True
         if stopping and not any(worker.process.is_alive() for worker in workers):
             return 0
 
@@ -586,15 +611,15 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
     try:
         settings = config.load(_config_file(args), os.environ, {}, check_files=False)
-        if settings.policy is not None:
-            # A docker_auth policy's server: section may say where the gateway listens.
-            settings = docker_auth.apply(settings, policyfile.load(settings.policy))
     except config.ConfigError as exc:
         print("unhealthy: invalid configuration: " + "; ".join(exc.problems), file=sys.stderr)
         return 1
-    except (policyfile.PolicyError, docker_auth.DockerAuthError) as exc:
-        print(f"unhealthy: invalid configuration: {exc}", file=sys.stderr)
-        return 1
+    if settings.policy is not None:
+        # A docker_auth policy's server: section may say where the gateway listens. A policy
+        # broken since start-up is no sign of ill health (the gateway serves on the last good
+        # one): then the settings' own address is probed.
+        with contextlib.suppress(policyfile.PolicyError, docker_auth.DockerAuthError):
+            settings = docker_auth.apply(settings, policyfile.load(settings.policy), check_files=False)
     healthy, detail = healthcheck(settings)
     print(("healthy: " if healthy else "unhealthy: ") + detail, file=sys.stdout if healthy else sys.stderr)
     return 0 if healthy else 1

@@ -56,7 +56,7 @@ def _current(settings: Settings, setting: str) -> object:
     return getattr(settings, setting)
 
 
-def apply(settings: Settings, policy: Policy | None) -> Settings:
+def apply(settings: Settings, policy: Policy | None, check_files: bool = True) -> Settings:
     if policy is None or policy.docker_auth is None:
         return settings
     defaults = {key for key, origin in settings.origins.items() if origin == "default"}
@@ -75,7 +75,9 @@ def apply(settings: Settings, policy: Policy | None) -> Settings:
     # The settings as they now stand are checked together, as config.load checks its own (a token
     # section turns on bearer challenges, which need a key with several workers, for one).
     values = {field.name: getattr(applied, field.name) for field in dataclasses.fields(applied)}
-    problems = config.combination_problems(values, True, lambda name: _where(name, origins.get(name, "")))
+    problems = config.combination_problems(
+        values, check_files, lambda name: _where(name, origins.get(name, ""))
+    )
     if problems:
         raise DockerAuthError("\n  ".join(problems))
     return applied

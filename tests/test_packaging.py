@@ -76,6 +76,10 @@ def test_healthcheck_command_probes_what_the_settings_say(
         policy = tmp_path / "auth_config.yml"
         policy.write_text(f'server: {{addr: "{gateway.host}"}}\nacl: [{{match: {{}}, actions: []}}]\n')
         assert healthcheck(policy=str(policy)) == 0
+        # A policy broken since (the gateway serves on the last good one) is no sign of ill health.
+        broken = tmp_path / "broken.yml"
+        broken.write_text("acl: [{match: {nonsense: 1}}\n")
+        assert healthcheck(listen=gateway.host, policy=str(broken)) == 0
     finally:
         stop(gateway.process)
     assert healthcheck(metrics_listen=metrics) == 1
