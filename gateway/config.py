@@ -265,6 +265,13 @@ def _positive_seconds(value: Any) -> float:
     return number
 
 
+def _lockout_window(value: Any) -> float:
+    number = _seconds(value)
+    if number == 0:  # it counted no failure at all, which turned the lockout off unsaid
+        raise ValueError("must be greater than zero (lockout_attempts: 0 turns the lockout off)")
+    return number
+
+
 def _count(minimum: int) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         # YAML gives ints, floats (2.9, .inf) and text; the environment text. Only a whole number
@@ -340,7 +347,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "audit_log": _optional_text,
     "metrics_listen": _optional_host_port,
     "lockout_attempts": _count(0),
-    "lockout_window": _positive_seconds,  # 0 would count no failure at all: lockout_attempts: 0 is off
+    "lockout_window": _lockout_window,
     "tls_cert": _optional_path,
     "tls_key": _optional_path,
     "hsts_max_age": _count(0),
@@ -384,11 +391,15 @@ def read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
 
 
 def _same_socket(first: tuple[Any, Any], second: tuple[Any, Any]) -> bool:
-    """Whether two listen addresses would take the same port (a wildcard host takes every one)."""
-    wildcard = ("", "0.0.0.0", "::")
-    return bool(
-        first[1] == second[1] and (first[0] == second[0] or first[0] in wildcard or second[0] in wildcard)
-    )
+    """Whether two listen addresses would take the same port: the same host, or a wildcard of
+    the other's family ("" is both; asyncio binds "::" with IPV6_V6ONLY)."""
+    if first[1] != second[1]:
+        return False
+    hosts = {str(first[0]).strip("[]"), str(second[0]).strip("[]")}
+    if len(hosts) == 1 or "" in hosts:
+        return True
+    families = {":" in host for host in hosts}
+    return len(families) == 1 and bool(hosts & {"0.0.0.0", "::"})
 
 
 def combination_problems(

@@ -26,6 +26,7 @@ DEFAULT_DUMMY_COST = 10
 # half-written can be a valid one with users missing. A changed file is read once it has held
 # still this long; one still changing is left to the next poll.
 SETTLE_SECONDS = 0.1
+FORCED_SETTLE_TRIES = 10
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class AccessStore:
         self._signatures = self._current_signatures()
         self._generation = 0
         self.snapshot = self._load()  # raises at start-up: refuse to run on bad files
-        self._signatures = self._current_signatures()
+        self._follow_read_files()
         self.reloads_ok = 0
         self.reloads_failed = 0
         # The watcher reloads from a thread, SIGHUP from the event loop: one at a time.
@@ -109,6 +110,24 @@ class AccessStore:
     def _current_signatures(self) -> tuple[Signature, ...]:
         paths = (self.htpasswd_path, self.policy_path, *self._read_files)
         return tuple(signature(path) for path in paths)
+
+    def _follow_read_files(self) -> None:
+        """After a load: the files the policy read are followed from now on. The two files' own
+        signatures stay those taken before they were read, so a change while they were read is
+        still seen as one."""
+        self._signatures = self._signatures[:2] + tuple(signature(path) for path in self._read_files)
+
+    def _settled(self, signatures: tuple[Signature, ...], force: bool) -> bool:
+        """Whether the changed files have held still for SETTLE_SECONDS (in the watcher's thread:
+        authn.Authenticator.reload_if_changed). A SIGHUP's reload waits a little longer for them,
+        then reads them as they are: nothing else would ask again before the next poll."""
+        for _ in range(FORCED_SETTLE_TRIES if force else 1):
+            time.sleep(SETTLE_SECONDS)
+            now = self._current_signatures()
+            if now == signatures:
+                return True
+            signatures = now
+        return force
 
     def _load(self) -> Snapshot:
         users, policy, warnings = build(self.htpasswd_path, self.policy_path)
@@ -141,11 +160,10 @@ class AccessStore:
         signatures = self._current_signatures()
         if signatures == self._signatures and not force:
             return False
-        if signatures != self._signatures:
-            time.sleep(SETTLE_SECONDS)  # in the watcher's thread (authn.Authenticator.reload_if_changed)
-            if self._current_signatures() != signatures:
-                log.info("a followed file is being written: read at the next check")
-                return False
+        if signatures != self._signatures and not self._settled(signatures, force):
+            log.info("a followed file is being written: read at the next check")
+            return False
+        signatures = self._current_signatures() if force else signatures
         self._signatures = signatures
         read_before = self._read_files
         try:
@@ -171,7 +189,7 @@ class AccessStore:
             )
         self.snapshot = snapshot
         if self._read_files != read_before:  # the policy now reads other files: follow those
-            self._signatures = self._current_signatures()
+            self._follow_read_files()
         self.reloads_ok += 1
         rules = "default policy" if snapshot.policy is None else f"{len(snapshot.policy.acl)} rules"
         log.info("reloaded: %d users, %s", len(snapshot.users), rules)

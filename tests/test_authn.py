@@ -6,6 +6,7 @@ import asyncio
 import base64
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
@@ -235,32 +236,28 @@ def test_the_login_cache_tells_which_entries_it_still_holds() -> None:
     assert not cache.holds(second)
 
 
-def test_a_file_rewritten_in_place_is_read_whole_never_half_written(tmp_path: Path) -> None:
+def test_a_file_rewritten_in_place_is_read_whole_never_half_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Apache's htpasswd truncates its file and writes it again in place. A check between the
-    two must not take the valid-looking first half (users missing) for the new file."""
-    import threading
-
+    two must not take the valid-looking first half (users missing) for the new file; a SIGHUP's
+    reload waits for the writer a little longer, then reads what it wrote."""
     path = tmp_path / "htpasswd"
     lines = [f"user{i}:{{PLAIN}}pw{i}\n" for i in range(20)]
     path.write_text("".join(lines[:10]))
     store = AccessStore(path)
-    seen: list[int] = []
-    first_half_written = threading.Event()
 
-    def rewrite_in_place() -> None:
+    def rewrite_in_place() -> Iterator[None]:
         with path.open("w") as out:  # O_TRUNC, as htpasswd opens it
-            out.write("".join(lines[:5]))
-            out.flush()
-            first_half_written.set()
-            time.sleep(0.03)
-            out.write("".join(lines[5:]))
+            for start in range(0, 20, 5):  # a quarter of the file each time the reader waits
+                out.write("".join(lines[start : start + 5]))
+                out.flush()
+                yield
 
-    writer = threading.Thread(target=rewrite_in_place)
-    writer.start()
-    first_half_written.wait()
-    store.reload_if_changed()  # caught half-way: the five users are not taken for the file
-    seen.append(len(store.snapshot.users))
-    writer.join()
-    store.reload_if_changed()
-    seen.append(len(store.snapshot.users))
-    assert seen == [10, 20]
+    writer = rewrite_in_place()
+    next(writer)  # caught after the first quarter
+    monkeypatch.setattr(time, "sleep", lambda _seconds: next(writer, None))  # the store's waits
+    assert not store.reload_if_changed()  # still being written: left for the next check
+    assert len(store.snapshot.users) == 10
+    assert store.reload_if_changed(force=True)  # SIGHUP: waits while it changes, then reads it
+    assert len(store.snapshot.users) == 20

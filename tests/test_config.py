@@ -96,9 +96,10 @@ SAME_ADDRESS = "metrics_listen: the same address as listen"
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ("lockout_window: 0", "lockout_window: must be greater than zero"),
+        ("lockout_window: 0", "lockout_window: must be greater than zero (lockout_attempts: 0 turns"),
         ("listen: 127.0.0.1:8080\nmetrics_listen: 127.0.0.1:8080", SAME_ADDRESS),
         ("listen: 0.0.0.0:8080\nmetrics_listen: 127.0.0.1:8080", SAME_ADDRESS),
+        ("listen: '[::]:8080'\nmetrics_listen: '[::1]:8080'", SAME_ADDRESS),
     ],
 )
 def test_settings_that_would_silently_not_work(tmp_path: Path, users: Path, text: str, problem: str) -> None:
@@ -111,10 +112,21 @@ def test_settings_that_would_silently_not_work(tmp_path: Path, users: Path, text
     assert len(info.value.problems) == 1 and info.value.problems[0].startswith(problem)
 
 
-def test_listeners_on_other_ports_or_hosts_are_fine(tmp_path: Path, users: Path) -> None:
+@pytest.mark.parametrize(
+    ("listen", "metrics"),
+    [
+        ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ("127.0.0.1:8080", "127.0.0.1:9090"),
+        ("0.0.0.0:8080", "[::1]:8080"),  # a wildcard takes its own family's addresses only
+        ("[::]:8080", "127.0.0.1:8080"),
+    ],
+)
+def test_listeners_on_other_ports_hosts_or_families_are_fine(
+    tmp_path: Path, users: Path, listen: str, metrics: str
+) -> None:
     file = tmp_path / "gateway.yml"
-    file.write_text("listen: 127.0.0.1:8080\nmetrics_listen: 127.0.0.2:8080\n")
-    assert config.load(file, {}, {"htpasswd": str(users)}).metrics_listen == ("127.0.0.2", 8080)
+    file.write_text(f"listen: '{listen}'\nmetrics_listen: '{metrics}'\n")
+    assert config.load(file, {}, {"htpasswd": str(users)}).metrics_listen is not None
 
 
 def test_a_whole_float_is_a_count(tmp_path: Path, users: Path) -> None:

@@ -460,3 +460,19 @@ def test_keygen_rotate_keeps_the_last_signer_only(tmp_path: Path) -> None:
     assert key_file.stat().st_mode & 0o777 == 0o600
     twice = keys.load_all(key_file)
     assert [key.kid for key in twice[1:]] == [once[0].kid]  # the original is dropped
+
+
+def test_revocations_through_a_symlink_lock_and_replace_the_real_file(tmp_path: Path) -> None:
+    """Two `token revoke` runs reaching the file by different ways take one lock (beside the
+    file itself), and the link stays a link."""
+    from gateway.tokens import revocations
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    real = shared / "revocations"
+    real.write_text("bob\t1.000\n")
+    link = tmp_path / "revocations"
+    link.symlink_to(real)
+    revocations.revoke(link, "alice")
+    assert link.is_symlink() and set(revocations.read(real)) == {"alice", "bob"}
+    assert (shared / "revocations.lock").exists() and not (tmp_path / "revocations.lock").exists()

@@ -50,7 +50,8 @@ def revoke(path: Path, user: str) -> float:
     # Milliseconds, as the file keeps them, cut rather than rounded: 100.9996 rounded would be
     # recorded as 101.000, refusing tokens of second 101 that were issued after we returned.
     moment = math.floor(time.time() * 1000) / 1000
-    lock_path = path.with_name(path.name + ".lock")
+    real = Path(os.path.realpath(path))  # one lock for every way to the file, as it is replaced
+    lock_path = real.with_name(real.name + ".lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
