@@ -123,7 +123,8 @@ def replace_atomically(path: Path, data: bytes, *, mode: int | None = None, new_
         with os.fdopen(fd, "wb") as out:
             os.fchmod(out.fileno(), mode)
             if st is not None:
-                with contextlib.suppress(PermissionError):
+                # Not ours to set (not root, or an owner a user namespace does not map): left.
+                with contextlib.suppress(OSError):
                     os.fchown(out.fileno(), st.st_uid, st.st_gid)
             out.write(data)
             out.flush()

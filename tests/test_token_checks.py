@@ -370,6 +370,10 @@ async def test_a_refresh_grant_for_another_service_is_refused_as_the_other_grant
                 token = (await response.json())["token"]
             claims = jwt.decode(token, options={"verify_signature": False})
             assert claims["access"] == [{"type": "repository", "name": "alice/app", "actions": ["pull"]}]
+            # But no secret from a URL, which proxies in front log.
+            query = f"?password={login['password']}"
+            async with session.post(url + query, data={**login, "password": ""}) as response:
+                assert response.status == 401
     finally:
         await server.close()
 
@@ -460,6 +464,12 @@ def test_keygen_rotate_keeps_the_last_signer_only(tmp_path: Path) -> None:
     assert key_file.stat().st_mode & 0o777 == 0o600
     twice = keys.load_all(key_file)
     assert [key.kid for key in twice[1:]] == [once[0].kid]  # the original is dropped
+    key_file.chmod(0o640)  # shared with the gateway's group on purpose: kept
+    assert keygen("--key", str(key_file), "--rotate").returncode == 0
+    assert key_file.stat().st_mode & 0o777 == 0o640
+    key_file.chmod(0o604)  # a mistake: rotating never keeps a key readable by others
+    assert keygen("--key", str(key_file), "--rotate").returncode == 0
+    assert key_file.stat().st_mode & 0o777 == 0o600
 
 
 def test_revocations_through_a_symlink_lock_and_replace_the_real_file(tmp_path: Path) -> None:

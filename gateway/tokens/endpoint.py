@@ -44,6 +44,10 @@ def _oauth_error(status: int, error: str, description: str) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
 
 
+# What a POST may also give in its query string: everything but passwords and tokens.
+QUERY_KEYS = frozenset({"scope", "service", "client_id", "account", "offline_token", "access_type"})
+
+
 async def _form(request: web.BaseRequest, idle_timeout: float) -> MultiDict[str] | None:
     media_type = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/x-www-form-urlencoded":
@@ -125,8 +129,9 @@ async def token_endpoint(
         form = await _form(request, settings.body_timeout)
         if form is None:
             return _oauth_error(400, "invalid_request", "expected a form of at most 64 KiB")
-        # As Go's FormValue and docker_auth read a POST: the body's values, then the query's.
-        form.extend(request.query)
+        # As Go's FormValue and docker_auth read a POST: the body's values, then the query's;
+        # but no secret from a URL, which every proxy in front would log.
+        form.extend((key, value) for key, value in request.query.items() if key in QUERY_KEYS)
         params = form
         grant_type = form.get("grant_type", "")
         if grant_type == "refresh_token" and authority.refresh_lifetime:

@@ -136,7 +136,11 @@ def write_private(key: SigningKey, path: Path, *previous: SigningKey) -> None:
         )
         for each in (key, *previous)
     )
-    replace_atomically(path, pem, mode=0o600)
+    try:  # a key shared with the gateway's group (0640) stays so; never readable by others
+        mode = path.stat().st_mode & 0o770
+    except FileNotFoundError:
+        mode = 0o600
+    replace_atomically(path, pem, mode=mode)
 
 
 def write_certificate(key: SigningKey, common_name: str, path: Path) -> None:
