@@ -69,7 +69,8 @@ def _build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="token signing keys")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     keygen = token_commands.add_parser(
-        "keygen", help="write a signing key (mode 0600) and a self-signed certificate for the registry"
+        "keygen",
+        help="write a signing key (mode 0600; 0640 if it was) and a self-signed certificate for the registry",
     )
     keygen.add_argument("--key", type=Path, required=True, help="private key file to write (PEM)")
     keygen.add_argument("--cert", type=Path, default=None, help="certificate file (default: KEY with .crt)")
@@ -369,11 +370,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+SUPERVISED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def _worker_main(settings: config.Settings, report: Connection) -> None:
     """One worker: tells the supervisor through `report` that it serves (None) or why it could not
     start (the message), then serves."""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in SUPERVISED_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISED_SIGNALS)  # blocked by supervise's start
     try:
         store = AccessStore(settings.htpasswd, settings.policy, docker_auth_service=settings.token_service)
         run_event_loop(run_server(settings, store, on_serving=lambda: report.send(None)))
@@ -393,6 +398,7 @@ class _Worker:
     process: multiprocessing.process.BaseProcess
     reports: Connection
     serving: bool = False
+    counted: bool = False  # its start has reset the supervisor's backoff
     failure: str | None = None  # why it could not start, as it said
 
     def read_reports(self) -> None:
@@ -422,14 +428,26 @@ def supervise(settings: config.Settings) -> int:
     workers: list[_Worker] = []
     stopping = False
 
-    def start() -> _Worker:
+    def start(index: int | None = None) -> _Worker:
+        """A new worker, at `index` of `workers` (or appended). The signals the supervisor handles
+        wait meanwhile: a SIGTERM must find the new worker in the list, and a SIGHUP must not reach
+        the child before it has put the default handlers back (_worker_main unblocks them)."""
         reports, report = context.Pipe(duplex=False)
         process = context.Process(
             target=_worker_main, args=(settings, report), name="registry-gateway-worker"
         )
-        process.start()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISED_SIGNALS)
+        try:
+            process.start()
+            worker = _Worker(process, reports)
+            if index is None:
+                workers.append(worker)
+            else:
+                workers[index] = worker
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         report.close()  # the worker's end: once it exits, reading finds the end of its reports
-        return _Worker(process, reports)
+        return worker
 
     def on_stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -446,12 +464,12 @@ def supervise(settings: config.Settings) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
-    workers.extend(start() for _ in range(settings.workers))
+    for _ in range(settings.workers):
+        start()
     log.info("supervising %d workers on %s:%d", settings.workers, settings.listen_host, settings.listen_port)
     up = False  # every first worker has served once
     retry_at: dict[int, float] = {}  # index -> when to start a worker there again
     backoff = MIN_RESTART_SECONDS
-    serving: set[int | None] = set()  # the workers that said they serve
     while True:
         for index, worker in enumerate(workers):
             if index in retry_at:
@@ -459,12 +477,12 @@ def supervise(settings: config.Settings) -> int:
                     time.sleep(0.2)
                     continue
                 del retry_at[index]
-                workers[index] = start()
+                start(index)
                 continue
             worker.process.join(timeout=0.2)
             worker.read_reports()
-            if worker.serving and worker.process.pid not in serving:
-                serving.add(worker.process.pid)
+            if worker.serving and not worker.counted:
+                worker.counted = True
                 backoff = MIN_RESTART_SECONDS  # a worker started: the files are good again
             if worker.process.is_alive() or stopping:
                 continue
@@ -599,7 +617,8 @@ def _keygen(args: argparse.Namespace) -> int:
     # The certificate first: a gateway with token_cert reloads both when the key file changes.
     keys.write_certificate(key, args.name, cert_path)
     keys.write_private(key, key_path, *current[:1])
-    print(f"wrote {key_path} (mode 0600, {key.algorithm}, kid {key.kid}) and {cert_path}")
+    mode = key_path.stat().st_mode & 0o777
+    print(f"wrote {key_path} (mode {mode:04o}, {key.algorithm}, kid {key.kid}) and {cert_path}")
     if current:
         dropped = f"; {len(current) - 1} older key(s) dropped" if len(current) > 1 else ""
         print(f"kid {current[0].kid} stops signing and stays accepted while it is in {key_path}{dropped}")
@@ -615,11 +634,9 @@ def _healthcheck(args: argparse.Namespace) -> int:
         print("unhealthy: invalid configuration: " + "; ".join(exc.problems), file=sys.stderr)
         return 1
     if settings.policy is not None:
-        # A docker_auth policy's server: section may say where the gateway listens. A policy
-        # broken since start-up is no sign of ill health (the gateway serves on the last good
-        # one): then the settings' own address is probed.
-        with contextlib.suppress(policyfile.PolicyError, docker_auth.DockerAuthError):
-            settings = docker_auth.apply(settings, policyfile.load(settings.policy), check_files=False)
+        # A docker_auth policy's server: section may say where the gateway listens; a policy
+        # broken since start-up is no sign of ill health (the gateway serves on the last good one).
+        settings = docker_auth.apply_leniently(settings, settings.policy)
     healthy, detail = healthcheck(settings)
     print(("healthy: " if healthy else "unhealthy: ") + detail, file=sys.stdout if healthy else sys.stderr)
     return 0 if healthy else 1

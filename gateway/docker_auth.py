@@ -5,11 +5,12 @@ for, wherever the settings were left at their defaults (an explicit setting wins
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from types import MappingProxyType
 
-from gateway import config
+from gateway import config, policyfile, yaml_files
 from gateway.config import Settings
 from gateway.policyfile import Policy
 
@@ -81,6 +82,23 @@ def apply(settings: Settings, policy: Policy | None, check_files: bool = True) -
     if problems:
         raise DockerAuthError("\n  ".join(problems))
     return applied
+
+
+def apply_leniently(settings: Settings, path: Path) -> Settings:
+    """For the healthcheck: the settings as the policy file's server: section leaves them (where
+    the gateway listens, and whether with TLS), even when the file does not load as a whole, for
+    the gateway serves on the last good one; the settings as they are when even that section
+    cannot be read. Never raises."""
+    with contextlib.suppress(Exception):  # any failure of the file: its server: section alone
+        return apply(settings, policyfile.load(path), check_files=False)
+    try:
+        data = yaml_files.load(path.read_text(encoding="utf-8"), str(path))
+        server = data.get("server") if isinstance(data, dict) else None
+        if not isinstance(server, dict):
+            return settings
+        return apply(settings, policyfile.parse({"server": server, "acl": []}, str(path)), check_files=False)
+    except Exception:  # the settings' own address is probed then
+        return settings
 
 
 def not_applied(applied: Settings, policy: Policy | None) -> list[str]:

@@ -123,9 +123,12 @@ def replace_atomically(path: Path, data: bytes, *, mode: int | None = None, new_
         with os.fdopen(fd, "wb") as out:
             os.fchmod(out.fileno(), mode)
             if st is not None:
-                # Not ours to set (not root, or an owner a user namespace does not map): left.
+                # Not ours to set (not root, or an owner a user namespace does not map): left,
+                # and then the group's bits go, as they would be another group's.
                 with contextlib.suppress(OSError):
                     os.fchown(out.fileno(), st.st_uid, st.st_gid)
+                if os.fstat(out.fileno()).st_gid != st.st_gid:
+                    os.fchmod(out.fileno(), mode & ~0o070)
             out.write(data)
             out.flush()
             os.fsync(out.fileno())

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import pty
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -279,3 +281,30 @@ def test_policy_check_reports_every_problem_and_dead_rules(tmp_path: Path) -> No
 
     via_env = cli("policy", "check", env={"GATEWAY_POLICY": str(dead)})
     assert via_env.returncode == 0
+
+
+def test_a_group_that_cannot_be_kept_loses_its_bits(tmp_path: Path) -> None:
+    """Replaced by a user who may not give the file its group back (not root, not a member), the
+    file would have the same mode for the user's own group: the group's bits go instead."""
+    if os.geteuid() != 0:
+        raise AssertionError("needs root to make a file of another group")
+    folder = Path(tempfile.mkdtemp(prefix="gateway-group-"))
+    try:
+        folder.chmod(0o777)
+        secret = folder / "token.pem"
+        secret.write_text("old\n")
+        os.chown(secret, 65534, 0)  # owned by nobody, of root's group
+        secret.chmod(0o640)
+        script = (
+            "import sys; from pathlib import Path; from gateway.files import replace_atomically; "
+            "replace_atomically(Path(sys.argv[1]), b'new\\n')"
+        )
+        command = [require("setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+        root = Path(__file__).parent.parent
+        done = subprocess.run([*command, "-c", script, str(secret)], capture_output=True, text=True, cwd=root)
+        assert done.returncode == 0, done.stderr
+        after = secret.stat()
+        assert secret.read_text() == "new\n" and after.st_gid == 65534
+        assert stat.S_IMODE(after.st_mode) == 0o600
+    finally:
+        shutil.rmtree(folder)

@@ -76,9 +76,14 @@ def test_healthcheck_command_probes_what_the_settings_say(
         policy = tmp_path / "auth_config.yml"
         policy.write_text(f'server: {{addr: "{gateway.host}"}}\nacl: [{{match: {{}}, actions: []}}]\n')
         assert healthcheck(policy=str(policy)) == 0
-        # A policy broken since (the gateway serves on the last good one) is no sign of ill health.
+        # A policy broken since (the gateway serves on the last good one) is no sign of ill health:
+        # its server: section still says where the gateway listens, and without one the settings do.
         broken = tmp_path / "broken.yml"
+        broken.write_text(f'server: {{addr: "{gateway.host}"}}\nacl: [{{match: {{nonsense: 1}}}}]\n')
+        assert healthcheck(policy=str(broken)) == 0
         broken.write_text("acl: [{match: {nonsense: 1}}\n")
+        assert healthcheck(listen=gateway.host, policy=str(broken)) == 0
+        broken.write_text("server: {addr: ':\u00b2'}\n")  # not even the section: no traceback
         assert healthcheck(listen=gateway.host, policy=str(broken)) == 0
     finally:
         stop(gateway.process)

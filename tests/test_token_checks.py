@@ -370,10 +370,14 @@ async def test_a_refresh_grant_for_another_service_is_refused_as_the_other_grant
                 token = (await response.json())["token"]
             claims = jwt.decode(token, options={"verify_signature": False})
             assert claims["access"] == [{"type": "repository", "name": "alice/app", "actions": ["pull"]}]
-            # But no secret from a URL, which proxies in front log.
-            query = f"?password={login['password']}"
-            async with session.post(url + query, data={**login, "password": ""}) as response:
-                assert response.status == 401
+            # But no secret from a URL, which proxies in front log (grant_type and username are
+            # none: read from there too).
+            query = f"?grant_type=password&username=alice&password={login['password']}"
+            async with session.post(url + query, data={}) as response:
+                assert response.status == 401, await response.text()
+            query = f"?grant_type=refresh_token&refresh_token={refresh_token}"
+            async with session.post(url + query, data={}) as response:
+                assert response.status == 401 and "token" not in await response.json()
     finally:
         await server.close()
 

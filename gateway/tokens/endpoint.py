@@ -45,7 +45,9 @@ def _oauth_error(status: int, error: str, description: str) -> web.Response:
 
 
 # What a POST may also give in its query string: everything but passwords and tokens.
-QUERY_KEYS = frozenset({"scope", "service", "client_id", "account", "offline_token", "access_type"})
+QUERY_KEYS = frozenset(
+    {"grant_type", "username", "scope", "service", "client_id", "account", "offline_token", "access_type"}
+)
 
 
 async def _form(request: web.BaseRequest, idle_timeout: float) -> MultiDict[str] | None:

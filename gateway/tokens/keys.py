@@ -128,16 +128,17 @@ def self_signed_certificate(key: SigningKey, common_name: str, days: int = 3650)
 
 
 def write_private(key: SigningKey, path: Path, *previous: SigningKey) -> None:
-    """The key in PKCS#8 PEM, then the previous keys still to be accepted, mode 0600 from the
-    start (never readable by others, not even briefly), replacing `path` at once."""
+    """The key in PKCS#8 PEM, then the previous keys still to be accepted, replacing `path` at
+    once: mode 0600 from the start (never readable by others, not even briefly), or 0640 when the
+    file it replaces was readable by its group."""
     pem = b"".join(
         each.private.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         for each in (key, *previous)
     )
-    try:  # a key shared with the gateway's group (0640) stays so; never readable by others
-        mode = path.stat().st_mode & 0o770
+    try:  # a key shared with the gateway's group (0640) stays so; never more than that
+        mode = 0o600 | (path.stat().st_mode & 0o040)
     except FileNotFoundError:
         mode = 0o600
     replace_atomically(path, pem, mode=mode)
