@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -191,13 +192,28 @@ async def run_server(
     from gateway.metrics import metrics_app
     from gateway.server import ConnectionLimits, GatewayRunner
     from gateway.tls import TlsContext
+    from gateway.tokens.keys import KeyError_
+    from gateway.tokens.revocations import RevocationsError
 
+    def where(key: str) -> str:
+        return config.where(key, settings.origins.get(key, "default"))
+
+    # Checked at start-up, but a worker started later (with workers > 1) reads the files as they
+    # are then: what went wrong since is said in a line naming the setting, not a traceback.
     try:
         app = create_app(settings, store)
     except AuditLogError as exc:
-        origin = settings.origins.get("audit_log", "default")
-        raise StartupError(f"{config.where('audit_log', origin)}: {exc}") from None
-    tls = TlsContext(settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+        raise StartupError(f"{where('audit_log')}: {exc}") from None
+    except KeyError_ as exc:
+        raise StartupError(f"{where('token_key')}: {exc}") from None
+    except RevocationsError as exc:
+        raise StartupError(f"{where('token_revocations')}: {exc}") from None
+    tls = None
+    try:
+        if settings.tls_cert and settings.tls_key:
+            tls = TlsContext(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"{where('tls_cert')}: cannot load with tls_key: {exc}") from None
     limits = ConnectionLimits(settings.max_connections, settings.header_timeout, settings.max_head_size)
     runner = GatewayRunner(app, limits, access_log=None, shutdown_timeout=settings.shutdown_grace)
     await runner.setup()

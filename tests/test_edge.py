@@ -296,7 +296,7 @@ INVALID_POLICY = (
 )
 
 
-@pytest.mark.parametrize("broken", ["audit_log", "policy"])
+@pytest.mark.parametrize("broken", ["audit_log", "policy", "token_key"])
 def test_a_replacement_that_cannot_start_is_retried_while_the_others_serve(
     tmp_path: Path, registry: Registry, users_file: Path, broken: str
 ) -> None:
@@ -304,10 +304,16 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_others_serve(
     other workers go on serving on what they loaded (before, the replacement was started every
     second, forever, a traceback each time), it is tried again less and less often, and it
     starts once the file is fixed."""
+    from gateway.tokens import keys
+
     directory = tmp_path / "adir"
     directory.mkdir()
     policy = tmp_path / "policy.yml"
     policy.write_text(VALID_POLICY)
+    key = tmp_path / "token.pem"
+    keys.write_private(keys.generate(), key)
+    good_key = key.read_bytes()
+    bearer = {"GATEWAY_CHALLENGE": "bearer", "GATEWAY_TOKEN_KEY": str(key)} if broken == "token_key" else {}
     gw = start_gateway(
         tmp_path,
         registry.url,
@@ -318,7 +324,7 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_others_serve(
         str(directory / "audit.log"),
         "--policy",
         str(policy),
-        env={"GATEWAY_RELOAD_INTERVAL": "3600"},  # the running workers keep what they loaded
+        env={"GATEWAY_RELOAD_INTERVAL": "3600", **bearer},  # the running workers keep what they loaded
     )
 
     def wait_for_listening(count: int, what: str) -> None:
@@ -340,9 +346,12 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_others_serve(
             moved = tmp_path / "adir-moved"
             directory.rename(moved)
             expected = f"audit_log (--audit-log): no such directory: {directory}"
-        else:
+        elif broken == "policy":
             policy.write_text(INVALID_POLICY)
             expected = "cannot load users and rules: "
+        else:
+            key.write_text("not a key\n")
+            expected = f"token_key (GATEWAY_TOKEN_KEY): {key}"
         os.kill(int(replaced[0]), signal.SIGKILL)  # its replacement cannot start
         deadline = time.monotonic() + 20
         while gw.log.read_text().count("the other workers keep serving") < 2:  # tried twice
@@ -352,8 +361,10 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_others_serve(
         assert all(get_status(gw) == 200 for _ in range(10))  # the other worker serves
         if broken == "audit_log":
             moved.rename(directory)
-        else:
+        elif broken == "policy":
             policy.write_text(VALID_POLICY)
+        else:
+            key.write_bytes(good_key)
         wait_for_listening(4, "the replacement did not start once the file was fixed")
         assert len(worker_pids(gw, 2)) == 2
     finally:
