@@ -84,6 +84,20 @@ def test_port_in_use_is_one_line_naming_the_setting(
     assert "Unclosed" not in output
 
 
+def test_a_first_worker_that_cannot_start_stops_the_supervisor_with_its_line(
+    users: Path, listening: str
+) -> None:
+    """With workers, the address is bound by each worker: the first that cannot start stops them
+    all, and the supervisor exits 2 with that worker's one line, as a single process would."""
+    env = {"GATEWAY_HTPASSWD": str(users), "GATEWAY_UPSTREAM": "http://127.0.0.1:9"}
+    env.update(GATEWAY_LISTEN=listening, GATEWAY_WORKERS="2")
+    status, output = gateway_cli("serve", env=env)
+    assert status == 2
+    assert f"listen: cannot listen on {listening}" in output and "address already in use" in output
+    assert "a worker could not start: stopping all workers" in output
+    assert "Traceback" not in output
+
+
 def test_demo_refuses_busy_ports_and_names_the_option(tmp_path: Path, listening: str) -> None:
     require("docker-registry")
     status, output = gateway_cli(
