@@ -444,7 +444,7 @@ def supervise(settings: config.Settings) -> int:
     workers: list[_Worker] = []
     stopping = False
 
-    def start(index: int | None = None) -> _Worker:
+    def start(index: int | None = None) -> None:
         """A new worker, at `index` of `workers` (or appended). The signals the supervisor handles
         wait meanwhile: a SIGTERM must find the new worker in the list, and a SIGHUP must not reach
         the child before it has put the default handlers back (_worker_main unblocks them)."""
@@ -463,7 +463,6 @@ def supervise(settings: config.Settings) -> int:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         report.close()  # the worker's end: once it exits, reading finds the end of its reports
-        return worker
 
     def on_stop(signum: int, _frame: object) -> None:
         nonlocal stopping

@@ -38,15 +38,14 @@ def describe_read_error(path: Path, exc: OSError | UnicodeDecodeError) -> str:
     if isinstance(exc, IsADirectoryError):
         return f"{path} is a directory, not a file"
     if isinstance(exc, PermissionError):
-        uid, gid = os.geteuid(), os.getegid()
         try:
             st = path.stat()
             owner = f"mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid} gid {st.st_gid}"
         except OSError:
             owner = "its folder is not searchable"
         return (
-            f"{path}: permission denied for uid {uid} (gid {gid}), which the gateway runs as "
-            f"({owner}); make it readable by that user, for example: chmod 644 {path}"
+            f"{path}: permission denied for {_runs_as()} ({owner}); make it readable by that user,"
+            f" for example: chmod 644 {path}"
         )
     return f"{path}: cannot read: {exc.strerror or exc}"
 

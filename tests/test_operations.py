@@ -263,6 +263,15 @@ def issue_cert(directory: Path, name: str, serial: str) -> None:
     os.replace(directory / f"{name}.crt.new", directory / f"{name}.crt")
 
 
+def issue_cert_aside(pki: Path, directory: Path, serial: str) -> Path:
+    """`directory`, holding a server pair from the CA in `pki`, to be moved in a file at a time."""
+    directory.mkdir()
+    for name in ("ca.crt", "ca.key"):
+        (directory / name).write_bytes((pki / name).read_bytes())
+    issue_cert(directory, "server", serial)
+    return directory
+
+
 def served_serial(host: str, ca: Path) -> int:
     context = ssl.create_default_context(cafile=str(ca))
     address, port = host.split(":")
@@ -349,11 +358,7 @@ def test_tls_push_pull_and_certificate_renewal(tmp_path: Path, registry: Registr
             time.sleep(0.2)
         # A renewal caught half-way: the new certificate is there, its key not yet. The pair in
         # use keeps serving, handshake after handshake, until the key comes.
-        renewal = tmp_path / "renewal"
-        renewal.mkdir()
-        for name in ("ca.crt", "ca.key"):
-            (renewal / name).write_bytes((pki / name).read_bytes())
-        issue_cert(renewal, "server", "1003")
+        renewal = issue_cert_aside(pki, tmp_path / "renewal", "1003")
         os.replace(renewal / "server.crt", pki / "server.crt")
         deadline = time.monotonic() + 10
         while b"TLS certificate not reloaded" not in gw.log.read_bytes():
@@ -522,11 +527,7 @@ def test_tls_context_is_modern_and_bad_renewals_keep_the_old_pair(tmp_path: Path
     # A certificate that does not belong to the key: OpenSSL would install it, then refuse the
     # key; loaded into the context in use, no handshake would succeed after it.
     (tmp_path / "server.key").write_bytes(key)
-    other = tmp_path / "other"
-    other.mkdir()
-    for name in ("ca.crt", "ca.key"):
-        (other / name).write_bytes((tmp_path / name).read_bytes())
-    issue_cert(other, "server", "8")
+    other = issue_cert_aside(tmp_path, tmp_path / "other", "8")
     os.replace(other / "server.crt", tmp_path / "server.crt")
     assert not tls.reload_if_changed()
     assert handshake_serial(tls.context, tmp_path / "ca.crt") == 7
