@@ -160,7 +160,7 @@ async def token_endpoint(
     if refused is not None:
         return refused
     record.client_id = (params.get("client_id") or "")[:AUDIT_TEXT] or None
-    scopes = merge(parse_scopes(params.getall("scope", [])))
+    scopes = parse_scopes(params.getall("scope", []))  # merged by name
     record.scopes_requested = [str(scope) for scope in scopes]
 
     snapshot = authenticator.store.snapshot
@@ -264,7 +264,7 @@ async def _refresh(
         return refused
     snapshot = authenticator.store.snapshot
     record.client_id = (form.get("client_id") or "")[:AUDIT_TEXT] or None
-    scopes = merge(parse_scopes(form.getall("scope", [])))
+    scopes = parse_scopes(form.getall("scope", []))  # merged by name
     record.scopes_requested = [str(scope) for scope in scopes]
     try:
         user = authority.refresh_subject(form.get("refresh_token", ""), snapshot.users)
