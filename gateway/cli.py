@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import ipaddress
 import json
 import logging
 import multiprocessing
@@ -24,6 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import __version__, admin_cli, config, docker_auth, policyfile
+from gateway.errors import error_response
 from gateway.forwarding import valid_host
 from gateway.state import AccessStore, StateError
 
@@ -157,9 +159,10 @@ class ListenError(StartupError):
     """An address the gateway is configured to listen on cannot be bound."""
 
 
-async def _start_site(site: web.TCPSite, key: str, host: str, port: int) -> None:
+async def _start_site(runner: web.BaseRunner, key: str, host: str, port: int, **options: Any) -> None:
+    """Listen on host:port with `runner` (set up); `key` names the setting in the error."""
     try:
-        await site.start()
+        await web.TCPSite(runner, host, port, **options).start()
     except OSError as exc:
         hint = " (choose another address or stop what uses it)" if exc.errno == errno.EADDRINUSE else ""
         raise ListenError(f"{key}: cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
@@ -189,8 +192,8 @@ async def run_server(
         create_app,
     )
     from gateway.audit import AuditLogError
-    from gateway.metrics import metrics_app
-    from gateway.server import ConnectionLimits, GatewayRunner
+    from gateway.metrics import ScrapeToken, metrics_app
+    from gateway.server import ListenerRunner, listener_runner
     from gateway.tls import TlsContext
     from gateway.tokens.keys import KeyError_
     from gateway.tokens.revocations import RevocationsError
@@ -214,50 +217,56 @@ async def run_server(
             tls = TlsContext(settings.tls_cert, settings.tls_key)
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"{where('tls_cert')}: cannot load with tls_key: {exc}") from None
-    limits = ConnectionLimits(settings.max_connections, settings.header_timeout, settings.max_head_size)
-    runner = GatewayRunner(app, limits, access_log=None, shutdown_timeout=settings.shutdown_grace)
+    # Every listener is built by listener_runner: the same limits, error handling and headers.
+    runner = listener_runner(app, settings)
     await runner.setup()
-    extra_runners: list[web.BaseRunner] = []
+    listeners: list[ListenerRunner] = [runner]
+
+    async def open_extra(key: str, extra: ListenerRunner, address: tuple[str, int]) -> None:
+        await extra.setup()
+        listeners.append(extra)
+        await _start_site(extra, key, *address)
+
     try:
         if settings.metrics_listen is not None:
-            metrics_runner = web.AppRunner(
-                metrics_app(
-                    app[METRICS_KEY], app[SESSION_KEY], settings.upstream, app[GATEWAY_KEY].directory_status
-                ),
-                access_log=None,
+            scrape_token = None
+            if settings.metrics_token_file is not None:
+                try:
+                    scrape_token = ScrapeToken(settings.metrics_token_file)
+                except ValueError as exc:  # checked at start-up; a worker started later reads it anew
+                    raise StartupError(f"{where('metrics_token_file')}: {exc}") from None
+            if scrape_token is None and not _loopback(settings.metrics_listen[0]):
+                log.warning(
+                    "%s: /metrics is open to everyone who reaches %s:%d; set metrics_token_file",
+                    where("metrics_listen"),
+                    *settings.metrics_listen,
+                )
+            metrics = metrics_app(
+                app[METRICS_KEY],
+                app[SESSION_KEY],
+                settings.upstream,
+                app[GATEWAY_KEY].directory_status,
+                scrape_token,
             )
-            await metrics_runner.setup()
-            extra_runners.append(metrics_runner)
-            await _start_site(
-                web.TCPSite(metrics_runner, *settings.metrics_listen),
-                "metrics_listen",
-                *settings.metrics_listen,
-            )
+            await open_extra("metrics_listen", listener_runner(metrics, settings), settings.metrics_listen)
         if settings.redirect_listen is not None:
             https_port = settings.redirect_to_port or settings.listen_port
-            redirect_runner = web.AppRunner(_redirect_app(https_port), access_log=None)
-            await redirect_runner.setup()
-            extra_runners.append(redirect_runner)
-            await _start_site(
-                web.TCPSite(redirect_runner, *settings.redirect_listen),
-                "redirect_listen",
-                *settings.redirect_listen,
-            )
+            redirect = listener_runner(_redirect_app(https_port), settings)
+            await open_extra("redirect_listen", redirect, settings.redirect_listen)
         # The main listener last: once it answers (what start-up checks and healthchecks wait
         # for), the metrics and redirect listeners answer too.
-        site = web.TCPSite(
+        await _start_site(
             runner,
+            "listen",
             settings.listen_host,
             settings.listen_port,
             backlog=1024,
             reuse_port=settings.workers > 1,
             ssl_context=tls.context if tls else None,
         )
-        await _start_site(site, "listen", settings.listen_host, settings.listen_port)
     except ListenError:
-        for extra in extra_runners:
+        for extra in reversed(listeners):  # the main runner last, as at shutdown
             await extra.cleanup()
-        await runner.cleanup()
         app[AUDIT_KEY].close()
         raise
     # What exists now (modules, settings, users, rules) lives as long as the process: moved out of
@@ -313,26 +322,36 @@ async def run_server(
     finally:
         log.info("shutting down: finishing transfers in flight (up to %s s)", settings.shutdown_grace)
         watcher.cancel()
-        for extra in extra_runners:
+        for extra in listeners[1:]:
             await extra.cleanup()
         started = time.monotonic()
         await runner.cleanup()
         # A finished response may still sit in a transport's write buffer: connections count as
         # closed only once it is flushed (connection_lost), so wait for them before the loop ends.
-        if limits.open > 0:
-            remaining = max(0.0, settings.shutdown_grace - (time.monotonic() - started))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(limits.idle.wait(), remaining)
+        for listener in listeners:
+            if listener.limits.open > 0:
+                remaining = max(0.0, settings.shutdown_grace - (time.monotonic() - started))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(listener.limits.idle.wait(), remaining)
         app[AUDIT_KEY].close()
         log.info("stopped after %.1f s of shutdown", time.monotonic() - started)
+
+
+def _loopback(host: str) -> bool:
+    """Whether a listen address is reachable from this host (or container) only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _redirect_app(https_port: int) -> web.Application:
     """Plain HTTP that sends every request to the same path over HTTPS."""
 
     async def redirect(request: web.Request) -> web.StreamResponse:
+        # Only a path reaches here (gateway.server refuses other request targets).
         if not valid_host(request.host):
-            raise web.HTTPBadRequest(text="invalid Host header")
+            return error_response(400, "UNSUPPORTED", "invalid Host header")
         host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
         port = "" if https_port == 443 else f":{https_port}"
         raise web.HTTPMovedPermanently(f"https://{host}{port}{request.raw_path}")

@@ -73,6 +73,8 @@ class Settings:
     refresh_token_lifetime: int
     token_revocations: Path | None
     fast_path: bool = True
+    # A file holding the token /metrics asks for (Bearer, or Basic's password); None: open.
+    metrics_token_file: Path | None = None
     # Where each key's value came from: default, file, env or flag (what check-config prints).
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -128,6 +130,7 @@ DEFAULTS: dict[str, Any] = {
     "refresh_token_lifetime": 0,
     "token_revocations": None,
     "fast_path": True,
+    "metrics_token_file": None,
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -370,6 +373,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "refresh_token_lifetime": _count(0),
     "token_revocations": _optional_path,
     "fast_path": _boolean,
+    "metrics_token_file": _optional_path,
 }
 
 
@@ -450,6 +454,16 @@ def combination_problems(
         problems.append("refresh_token_lifetime: needs token_key (refresh tokens must outlive the process)")
     if values.get("workers", 1) > 1 and values.get("metrics_listen") is not None:
         problems.append("metrics_listen: not available with workers > 1 (each worker counts on its own)")
+    if values.get("metrics_token_file") is not None:
+        if values.get("metrics_listen") is None:
+            problems.append(f"{where('metrics_token_file')}: only used with metrics_listen")
+        elif check_files:
+            from gateway.metrics import read_scrape_token
+
+            try:
+                read_scrape_token(values["metrics_token_file"])
+            except ValueError as exc:
+                problems.append(f"{where('metrics_token_file')}: {exc}")
 
     return problems
 

@@ -6,8 +6,13 @@ Each app gets its own registry, so several gateways in one process (the tests) d
 
 from __future__ import annotations
 
+import base64
+import binascii
 import bisect
+import hmac
+import logging
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -16,8 +21,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from yarl import URL
 
+from gateway import files
 from gateway.authn import CredentialCache
+from gateway.errors import error_response
 from gateway.state import AccessStore
+
+log = logging.getLogger("gateway.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -159,13 +168,84 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+MIN_TOKEN_LENGTH = 16
+
+
+def read_scrape_token(path: Path) -> bytes:
+    """The token in a metrics_token_file: one line of at least MIN_TOKEN_LENGTH visible ASCII
+    characters. Raises ValueError saying what is wrong, never quoting the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(files.describe_read_error(path, exc)) from None
+    token = text.strip()
+    if not token:
+        raise ValueError(f"{path} is empty; put a token in it (for example: openssl rand -hex 32)")
+    if not all("!" <= ch <= "~" for ch in token):
+        raise ValueError(f"{path}: the token must be one line of visible ASCII without spaces")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(f"{path}: the token must be at least {MIN_TOKEN_LENGTH} characters long")
+    return token.encode()
+
+
+class ScrapeToken:
+    """The token /metrics asks for, from metrics_token_file: Prometheus sends it as a bearer token
+    (authorization.credentials_file) or as the password of Basic credentials, whatever the user
+    name (basic_auth.password_file). The file is looked at on every scrape and re-read when it
+    changed, so a new token needs no restart; while it cannot be read, the last good one holds."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._signature = files.signature(path)
+        self._token = read_scrape_token(path)  # checked at start-up (config): no reason to fail here
+
+    def _current(self) -> bytes:
+        signature = files.signature(self.path)
+        if signature != self._signature:
+            self._signature = signature
+            try:
+                self._token = read_scrape_token(self.path)
+            except ValueError as exc:
+                log.warning("metrics_token_file: %s; keeping the last good token", exc)
+        return self._token
+
+    def allows(self, authorization: str | None) -> bool:
+        if not authorization:
+            return False
+        scheme, _, credentials = authorization.strip().partition(" ")
+        offered = credentials.strip().encode("utf-8", "replace")
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(offered, validate=True)
+            except (binascii.Error, ValueError):
+                return False
+            offered = decoded.partition(b":")[2]
+        elif scheme.lower() != "bearer":
+            return False
+        # Constant time: a scraper's wrong guesses learn nothing from how long a refusal takes.
+        return hmac.compare_digest(offered, self._current())
+
+
 def metrics_app(
     metrics: Metrics,
     session: aiohttp.ClientSession,
     upstream: URL,
     directory_status: Callable[[], Awaitable[str | None]] | None = None,
+    scrape_token: ScrapeToken | None = None,
 ) -> web.Application:
-    async def metrics_page(_request: web.Request) -> web.Response:
+    """/metrics (behind `scrape_token` when there is one), /healthz and /readyz (always open: the
+    image's HEALTHCHECK and orchestrators' probes carry no credentials, and they say nothing but
+    whether the gateway and its registry answer)."""
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        if scrape_token is not None and not scrape_token.allows(request.headers.get("Authorization")):
+            log.info("refused a /metrics scrape from %s without the metrics token", request.remote)
+            return error_response(
+                401,
+                "UNAUTHORIZED",
+                "the metrics token is required",
+                headers={"WWW-Authenticate": 'Bearer realm="registry-gateway metrics"'},
+            )
         return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(_request: web.Request) -> web.Response:

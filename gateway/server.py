@@ -1,4 +1,6 @@
-"""The HTTP server around the app: aiohttp's, with requests it cannot parse answered in registry format.
+"""The HTTP server around every listener (listen, metrics_listen, redirect_listen): aiohttp's, with
+requests it cannot parse answered in registry format. `listener_runner` builds each of them, so
+every one has the same limits, error handling and headers.
 
 aiohttp answers unparsable requests (oversized headers, bad request lines) itself, in plain text,
 and logs a traceback for each. On the internet edge that is noise an attacker controls, and the
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
@@ -36,6 +38,7 @@ from gateway.fastpath import FastPathConnection, Sections
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+    from gateway.config import Settings
 
 log = logging.getLogger("gateway.server")
 
@@ -388,10 +391,38 @@ class _Server(web.Server):
         connection.resume(transport, data, head_started)
 
 
-class GatewayRunner(web.AppRunner):
+def _not_origin_form(request: BaseRequest) -> web.StreamResponse | None:
+    """The answer to a request whose target is not a path (absolute-form `GET http://x/`,
+    authority-form `CONNECT x:80`, asterisk-form `OPTIONS *`): a proxy's requests, which aiohttp's
+    router would read as a path (a redirect listener made `https://xhttp//x/` of one), or None."""
+    if request.raw_path.startswith("/"):
+        return None
+    log.info("refused a request target that is not a path from %s", request.remote)
+    response = error_response(400, "UNSUPPORTED", "the request target must be a path")
+    response.headers["Server"] = SERVER_NAME  # no app saw this request, so no hook adds it
+    response.force_close()
+    return response
+
+
+class ListenerRunner(web.AppRunner):
+    """Every listener the gateway opens (listen, metrics_listen, redirect_listen) runs on this,
+    built by `listener_runner`: the same connection limits (max_connections, header_timeout,
+    max_head_size, max_header_size, keepalive_timeout), requests it cannot parse answered in the
+    registry's error format with one log line, and no software versions in the Server header.
+
+    The gateway's own app is served by `Gateway.serve` directly, on the fast path when it is on;
+    any other app through its router, with request targets other than a path refused and its
+    error answers (404, 405...) in the registry's format."""
+
     def __init__(self, app: web.Application, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.limits = limits
+        from gateway.app import GATEWAY_KEY
+
+        self._gateway = app.get(GATEWAY_KEY)
+        if self._gateway is None:
+            # Added before the runner's setup freezes the app.
+            app.on_response_prepare.append(_server_header)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -408,12 +439,60 @@ class GatewayRunner(web.AppRunner):
             return make_request(message, *args)
 
         server.request_factory = request_factory
+        cast(_Server, server).sections = Sections()
+        gateway = self._gateway
+        if gateway is None:
+            cast(_Server, server).gateway = None
+            server.request_handler = _routed(server.request_handler)
+            return server
         # Straight to the gateway: aiohttp's router, middleware and signals would cost as much per
         # request as all of the gateway's own decisions (the app has one catch-all route anyway).
-        from gateway.app import GATEWAY_KEY
-
-        gateway = self.app[GATEWAY_KEY]
         server.request_handler = gateway.serve
         cast(_Server, server).gateway = gateway if gateway.settings.fast_path else None
-        cast(_Server, server).sections = Sections()
         return server
+
+
+async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    """A routed app's responses: aiohttp would send `Server: Python/3.x aiohttp/3.x`."""
+    response.headers["Server"] = SERVER_NAME
+
+
+def _routed(
+    handle: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
+    """An app's router behind the checks every listener makes: only a path as the target, and
+    the router's own error answers (404, 405) in the registry's format."""
+
+    async def serve(request: BaseRequest) -> web.StreamResponse:
+        refused = _not_origin_form(request)
+        if refused is not None:
+            return refused
+        try:
+            return await handle(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise  # a redirect: aiohttp sends it as it is
+            headers = {
+                name: value for name, value in exc.headers.items() if name.lower() in _KEPT_ERROR_HEADERS
+            }
+            return error_response(exc.status, "UNSUPPORTED", exc.reason.lower(), headers=headers)
+
+    return serve
+
+
+_KEPT_ERROR_HEADERS = ("allow", "www-authenticate")
+
+
+def listener_runner(app: web.Application, settings: Settings) -> ListenerRunner:
+    """The one way the gateway builds a listener: every one gets the same limits from the settings
+    (each its own count of connections), error handling and headers (ListenerRunner)."""
+    limits = ConnectionLimits(settings.max_connections, settings.header_timeout, settings.max_head_size)
+    return ListenerRunner(
+        app,
+        limits,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_grace,
+        max_line_size=settings.max_header_size,
+        max_field_size=settings.max_header_size,
+        keepalive_timeout=settings.keepalive_timeout,
+    )

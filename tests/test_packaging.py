@@ -46,7 +46,7 @@ def test_compose_and_dockerfile_use_real_settings(users_file: Path) -> None:
         {"GATEWAY_HTPASSWD": str(users_file)},
         check_files=True,
     )
-    assert image_settings.metrics_listen == ("0.0.0.0", 9090)
+    assert image_settings.metrics_listen == ("127.0.0.1", 9090)  # for the HEALTHCHECK, no other container
     ignored = [
         line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if not line.startswith("#")
     ]
