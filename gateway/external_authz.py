@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 
 from gateway import acl
-from gateway.identity.external import ExternalSettings, ProgramFailed, run_program
+from gateway.identity.external import ExternalSettings, ProgramFailed, run_program, shown_output
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class ExternalAuthorizer:
                 return None
         if status not in (GRANTED, DENIED):
             self.failures += 1
-            stderr = errors[:300].decode("utf-8", "replace").strip()
+            stderr = shown_output(errors)
             log.warning(
                 "ext_authz failed for %s %s: exited with %d: %s",
                 request.account,

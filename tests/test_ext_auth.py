@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -425,5 +429,181 @@ def test_ext_authz_grants_token_scopes_no_entry_matches(tmp_path: Path, registry
             gateway.host, "HEAD", "/v2/other/app/manifests/1", headers={"Authorization": f"Bearer {token}"}
         )
         assert status == 401 and 'error="insufficient_scope"' in headers["WWW-Authenticate"]
+    finally:
+        stop(gateway.process)
+
+
+# --- a program's children end with it ---------------------------------------------------------
+
+# Each branch starts a child that sleeps far past the 1 s timeout, its PID in {pids}/USER: in the
+# foreground (a hung curl), left behind after a decision (still holding standard output), or in a
+# session of its own (setsid: out of the program's process group, still holding it).
+CHILDREN_SH = """\
+#!/bin/sh
+read u p
+case "$u" in
+  hang) sh -c 'echo $$ > "$0"; exec sleep 20' "{pids}/$u" ;;
+  leave) sleep 20 & echo $! > "{pids}/$u"; echo '{{"labels": {{"level": ["max"]}}}}'; exit 0 ;;
+  escape)
+    setsid sh -c 'echo $$ > "$0"; exec sleep 20' "{pids}/$u" &
+    until [ -s "{pids}/$u" ]; do sleep 0.05; done  # in its own session by then
+    echo '{{"labels": {{"level": ["max"]}}}}'; exit 0 ;;
+esac
+exit 1
+"""
+
+
+def child_pid(pids: Path, name: str) -> int:
+    return int((pids / name).read_text())
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its parent to read its status has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def ended(pid: int) -> bool:
+    deadline = time.monotonic() + 3
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not alive(pid)
+
+
+def timed_request(host: str, method: str, path: str, credentials: tuple[str, str]) -> tuple[int, float]:
+    started = time.monotonic()
+    status = http_request(host, method, path, credentials)[0]
+    return status, time.monotonic() - started
+
+
+def test_a_programs_children_do_not_outlive_its_timeout_or_hold_the_login(
+    tmp_path: Path, registry: Registry
+) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = program(tmp_path, "children.sh", CHILDREN_SH.format(pids=pids))
+    gateway = start(tmp_path, registry, f'ext_auth:\n  command: "{script}"\n  timeout: 1\n')
+    escaped = None
+    try:
+        # The program is killed at its timeout, and its child with it: the login waits 1 s, not 20.
+        status, took = timed_request(gateway.host, "GET", "/v2/", ("hang", "pw"))
+        assert status == 401 and took < 3, (status, took)
+        assert ended(child_pid(pids, "hang"))
+        assert "did not finish in 1 s" in gateway.log.read_text()
+        # A program that decided and left a child behind: its decision counts, now, and the child
+        # that still held its standard output is ended.
+        status, took = timed_request(gateway.host, "GET", "/v2/", ("leave", "pw"))
+        assert status == 200 and took < 1, (status, took)
+        assert ended(child_pid(pids, "leave"))
+        # A child in a session of its own is out of reach, but its open pipe holds nothing up.
+        status, took = timed_request(gateway.host, "GET", "/v2/", ("escape", "pw"))
+        escaped = child_pid(pids, "escape")
+        assert status == 200 and took < 1, (status, took)
+        assert alive(escaped)
+    finally:
+        stop(gateway.process)
+        if escaped is not None and alive(escaped):
+            os.kill(escaped, signal.SIGKILL)
+
+
+def test_an_authz_programs_children_do_not_outlive_its_timeout(tmp_path: Path, registry: Registry) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = program(
+        tmp_path,
+        "authz.sh",
+        f"#!/bin/sh\nread j\nsh -c 'echo $$ > \"$0\"; exec sleep 20' {pids}/hang\nexit 0\n",
+    )
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, "reader", "reader-pw-1", "-B")
+    policy = tmp_path / "policy.yml"
+    policy.write_text(AUTHZ_ACL + f'ext_authz:\n  command: "{script}"\n  timeout: 1\n')
+    gateway = start_gateway(tmp_path, registry.url, users, "--policy", str(policy))
+    try:
+        status, took = timed_request(
+            gateway.host, "HEAD", "/v2/other/app/manifests/1", ("reader", "reader-pw-1")
+        )
+        assert status == 403 and took < 3, (status, took)  # failed closed at the timeout
+        assert ended(child_pid(pids, "hang"))
+        assert "ext_authz failed for reader other/app: " in gateway.log.read_text()
+    finally:
+        stop(gateway.process)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_run_program_ends_the_group_on_either_event_loop(tmp_path: Path, loop: str) -> None:
+    """The gateway runs on uvloop when installed, else on asyncio's loop, whose Process.wait()
+    also waits for the pipes (CPython gh-119710): a hung child held a login 20 s there."""
+    import asyncio
+
+    from gateway.identity.external import ExternalSettings, run_program
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = program(tmp_path, "children.sh", CHILDREN_SH.format(pids=pids))
+    settings = ExternalSettings(str(script), (), 1.0)
+
+    async def timed(user: str) -> tuple[object, float]:
+        started = time.monotonic()
+        try:
+            result: object = await run_program(settings, f"{user} pw".encode())
+        except Exception as exc:  # the failure is the result here
+            result = exc
+        return result, time.monotonic() - started
+
+    async def main() -> None:
+        failed, took = await timed("hang")
+        assert "did not finish in 1 s" in str(failed) and took < 2.5, (failed, took)
+        assert ended(child_pid(pids, "hang"))
+        decided, took = await timed("leave")
+        assert decided == (0, b'{"labels": {"level": ["max"]}}\n', b"") and took < 1, (decided, took)
+        assert ended(child_pid(pids, "leave"))
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+# docker_auth's examples/ext_auth.sh as it is now (since its commit cfe7979): `#!/bin/sh`, with
+# bash's `==` in `[ ]`. busybox's sh (docker_auth's Alpine image) takes `==`; dash, the /bin/sh of
+# the gateway's Debian image, does not: every `[` fails, and the script denies everyone.
+DOCKER_AUTH_EXT_AUTH_SH_NOW = DOCKER_AUTH_EXT_AUTH_SH.replace("#!/bin/bash", "#!/bin/sh", 1)
+
+
+def under_dash(text: str) -> str:
+    """The script as the image runs it: its `#!/bin/sh` is dash (as here on Debian, or named)."""
+    if Path("/bin/sh").resolve().name == "dash":
+        return text
+    dash = shutil.which("dash")
+    assert dash is not None, "dash is required (apt-get install dash)"
+    return text.replace("#!/bin/sh", f"#!{dash}", 1)
+
+
+def test_docker_auths_current_example_under_dash_says_why_it_denies_and_the_fix_works(
+    tmp_path: Path, registry: Registry
+) -> None:
+    script = program(tmp_path, "ext_auth.sh", under_dash(DOCKER_AUTH_EXT_AUTH_SH_NOW))
+    gateway = start(tmp_path, registry, f'ext_auth:\n  command: "{script}"\n')
+    try:
+        assert http_request(gateway.host, "GET", "/v2/", ("user", "pass"))[0] == 401
+        log = gateway.log.read_text()
+        assert f"ext_auth: {script} exited with 1 for 'user' and wrote on standard error: " in log
+        # dash's complaints about both `[`, on the one log line.
+        assert "8: [: user: unexpected operator; " in log and "12: [: user: unexpected operator\n" in log
+    finally:
+        stop(gateway.process)
+    # The change the README gives: `=` for `==` (POSIX test), and it runs under dash.
+    program(tmp_path, "ext_auth.sh", under_dash(DOCKER_AUTH_EXT_AUTH_SH_NOW.replace(" == ", " = ")))
+    gateway = start(tmp_path, registry, f'ext_auth:\n  command: "{script}"\n')
+    try:
+        assert http_request(gateway.host, "GET", "/v2/", ("user", "pass"))[0] == 200
+        assert http_request(gateway.host, "GET", "/v2/", ("bofh", "LART"))[0] == 200
+        assert http_request(gateway.host, "GET", "/v2/", ("bofh", "wrong"))[0] == 401
+        assert "wrote on standard error" not in gateway.log.read_text()
     finally:
         stop(gateway.process)

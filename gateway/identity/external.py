@@ -5,20 +5,24 @@ user name and password on standard input as `USER PASSWORD` (one space, no newli
 status decides: 0 allowed (standard output may hold `{"labels": {"KEY": ["VALUE", ...]}}`), 1
 denied, 2 no such user here (the login is then refused like any unknown name), anything else an
 error. The password is never in argv or the environment; the program gets the gateway's
-environment less its GATEWAY_* settings. It has `timeout` seconds (ours; 10) before it is killed.
+environment less its GATEWAY_* settings. It has `timeout` seconds (ours; 10) before it is killed,
+with whatever it started; what it leaves running when it exits is ended too (its process group).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from gateway.identity import Labels, Rejected, Unavailable, Unknown, Verdict, Verified
 
@@ -79,38 +83,108 @@ def parse_labels(output: bytes) -> Labels:
     return MappingProxyType(labels)
 
 
-def _redacted(text: bytes, password: str) -> str:
-    shown = text[:300].decode("utf-8", "replace")
-    return shown.replace(password, "***") if password else shown
+def shown_output(text: bytes, password: str = "") -> str:
+    """What a program wrote, for a log line: its password masked (before cutting, so that no part
+    of it shows at the cut), its lines joined with "; " (so it cannot start log lines of its own),
+    the first 300 characters."""
+    shown = text.decode("utf-8", "replace")
+    if password:
+        shown = shown.replace(password, "***")
+    return "; ".join(line.strip() for line in shown.splitlines() if line.strip())[:300]
 
 
 class ProgramFailed(Exception):
     """The program could not be run, or did not finish in time."""
 
 
+# After the program exits, how long its output pipes may stay open: only a process that left the
+# program's process group (setsid) can still hold them then, and its output is not waited for.
+PIPES_GRACE = 0.5
+
+
+class _Program(asyncio.SubprocessProtocol):
+    """What one run of the program wrote (each stream bounded to MAX_OUTPUT + 1 bytes), and when
+    it exited, known apart from when its pipes close: asyncio's Process.wait() waits for both, so
+    a child that keeps the pipes open would hold it (CPython gh-119710)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.output = {1: bytearray(), 2: bytearray()}
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.pipes_closed: asyncio.Future[None] = loop.create_future()
+        self._open_pipes = {1, 2}
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        kept = self.output[fd]
+        if len(kept) <= MAX_OUTPUT:
+            kept += data[: MAX_OUTPUT + 1 - len(kept)]
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self._open_pipes.discard(fd)
+        if not self._open_pipes and not self.pipes_closed.done():
+            self.pipes_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+def _end_group(group: int) -> None:
+    """SIGKILL to the program's process group: whatever it started and left running goes with it.
+    The group outlives its leader while members remain, so its ID is not reused while they do."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signal.SIGKILL)
+
+
+async def _settled(future: asyncio.Future[None], seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await asyncio.shield(future)
+
+
 async def run_program(settings: ExternalSettings, data: bytes) -> tuple[int, bytes, bytes]:
     """Run the program with `data` on standard input: (exit status, stdout, stderr). No shell; the
-    gateway's environment less GATEWAY_*; killed after `timeout`. Raises ProgramFailed."""
+    gateway's environment less GATEWAY_*; in a process group of its own, which is killed when the
+    program exits or after `timeout`, so that no child it started (a `sleep`, a hung `curl`) holds
+    the login, its slot or its pipes any longer. Raises ProgramFailed."""
     environment = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
+    loop = asyncio.get_running_loop()
     try:
-        process = await asyncio.create_subprocess_exec(
+        transport, program = await loop.subprocess_exec(
+            lambda: _Program(loop),
             settings.command,
             *settings.args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=environment,
+            start_new_session=True,  # its own session and process group, whose ID is its PID
         )
     except OSError as exc:
         raise ProgramFailed(f"cannot run {settings.command}: {exc.strerror or exc}") from None
+    group = transport.get_pid()
     try:
-        async with asyncio.timeout(settings.timeout):
-            output, errors = await process.communicate(data)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise ProgramFailed(f"{settings.command} did not finish in {settings.timeout:g} s") from None
-    return process.returncode if process.returncode is not None else -1, output, errors
+        # A write transport (uvloop's does not derive from asyncio.WriteTransport: no isinstance).
+        stdin = cast(asyncio.WriteTransport | None, transport.get_pipe_transport(0))
+        if stdin is not None:
+            # A program that exits without reading its input closes the pipe: nothing to report.
+            with contextlib.suppress(OSError):
+                stdin.write(data)
+            stdin.close()
+        try:
+            async with asyncio.timeout(settings.timeout):
+                await asyncio.shield(program.exited)
+        except TimeoutError:
+            raise ProgramFailed(f"{settings.command} did not finish in {settings.timeout:g} s") from None
+        finally:
+            _end_group(group)
+        # What it wrote before it exited is in the pipes, which close now that the group is gone.
+        await _settled(program.pipes_closed, PIPES_GRACE)
+        status = transport.get_returncode()
+        return status if status is not None else -1, bytes(program.output[1]), bytes(program.output[2])
+    finally:
+        if not program.exited.done():
+            await _settled(program.exited, PIPES_GRACE)  # killed: reaped in a moment
+        transport.close()
 
 
 class ExternalSource:
@@ -133,6 +207,17 @@ class ExternalSource:
                 status, output, errors = await run_program(settings, f"{user} {password}".encode())
             except ProgramFailed as exc:
                 return self._unavailable(str(exc))
+        if status in (ALLOWED, DENIED, NO_MATCH) and errors.strip():
+            # A decision with something on standard error is often a broken program deciding by
+            # accident: docker_auth's example under dash denies everyone, saying only
+            # "[: user: unexpected operator" there.
+            log.warning(
+                "ext_auth: %s exited with %d for %r and wrote on standard error: %s",
+                settings.command,
+                status,
+                user,
+                shown_output(errors, password),
+            )
         if status == ALLOWED:
             try:
                 labels = parse_labels(output[:MAX_OUTPUT])
@@ -143,9 +228,7 @@ class ExternalSource:
         if status in (DENIED, NO_MATCH):
             self.last_problem = None
             return Rejected() if status == DENIED else Unknown()
-        return self._unavailable(
-            f"{settings.command} exited with {status}: {_redacted(errors, password).strip()}"
-        )
+        return self._unavailable(f"{settings.command} exited with {status}: {shown_output(errors, password)}")
 
     def _unavailable(self, problem: str) -> Unavailable:
         self.last_problem = problem
