@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import functools
 import heapq
-import ipaddress
 import itertools
 import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from gateway.addresses import IPNetwork, parse_ip
 
 _VARIABLE = re.compile(r"\$\{(account|name|type|service|labels:[^}]+)\}")
 _LABEL_VARIABLE = re.compile(r"\$\{labels:([^}]+)\}")
@@ -177,10 +176,8 @@ class Match:
         if self.ip is not None:
             if request.ip is None:
                 return False
-            try:
-                if ipaddress.ip_address(request.ip) not in self.ip:
-                    return False
-            except ValueError:
+            ip = parse_ip(request.ip)
+            if ip is None or ip not in self.ip:
                 return False
         if not (
             match_pattern(self.account, request.account, request)

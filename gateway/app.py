@@ -342,6 +342,7 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
         # anonymous clients are challenged first, as for any request they may not make.
         if user is None and identity.token_access is None:
             return _unauthorized(request, None, "authentication required")
+        record.decision = "refused"  # the gateway's own answer to a request it cannot forward
         error = route_error or RouteError(404, "NOT_FOUND", "unknown registry API endpoint")
         return error_response(error.status, error.code, error.message)
 
@@ -667,7 +668,13 @@ class Gateway:
     cost as much per request as all of our own decisions.
     """
 
-    def __init__(self, settings: Settings, store: AccessStore | None, audit: AuditLog | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: AccessStore | None,
+        audit: AuditLog | None,
+        lockout: Lockout | None = None,
+    ) -> None:
         self.settings = settings
         cache = CredentialCache(settings.cache_size, settings.cache_ttl)
         access = store or AccessStore(settings.htpasswd, settings.policy)
@@ -680,7 +687,7 @@ class Gateway:
         self.audit = audit or AuditLog(settings.audit_log)
         if self.audit.target is not None:
             self.metrics.audit_records_lost = lambda: self.audit.lost
-        self.lockout = Lockout(settings.lockout_attempts, settings.lockout_window)
+        self.lockout = Lockout(settings.lockout_attempts, settings.lockout_window) if lockout is None else lockout
         self.authority = TokenAuthority(settings) if settings.challenge == "bearer" else None
         self.upstream: UpstreamPool | None = None
         self._authorizer: ExternalAuthorizer | None = None
@@ -731,7 +738,7 @@ class Gateway:
             except web.HTTPException as exc:
                 response = error_response(exc.status, "UNSUPPORTED", exc.reason)
             except Exception:
-                log.exception("internal error handling %s %s", request.method, request.path)
+                log.exception("internal error handling %s %s", request.method, record.path)
                 record.decision = "error"
                 response = error_response(500, "UNKNOWN", "internal gateway error")
             if not response.prepared:
@@ -838,7 +845,10 @@ async def _no_early_continue(_request: web.Request) -> None:
 
 
 def create_app(
-    settings: Settings, store: AccessStore | None = None, audit: AuditLog | None = None
+    settings: Settings,
+    store: AccessStore | None = None,
+    audit: AuditLog | None = None,
+    lockout: Lockout | None = None,
 ) -> web.Application:
     """The gateway as an aiohttp application: its start-up and shutdown, and one route to
     `Gateway.serve` (gateway.server's runner calls `serve` directly, without the router)."""
@@ -851,7 +861,7 @@ def create_app(
             "keepalive_timeout": settings.keepalive_timeout,
         },
     )
-    gateway = Gateway(settings, store, audit)
+    gateway = Gateway(settings, store, audit, lockout)
     app[GATEWAY_KEY] = gateway
     app[SETTINGS_KEY] = settings
     app[AUTHENTICATOR_KEY] = gateway.authenticator

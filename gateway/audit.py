@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TextIO
 
+from gateway.addresses import canonical_ip
 from gateway.files import describe_write_error
 from gateway.routes import DELETE, PUSH, Operation, Route
 
@@ -58,9 +59,27 @@ def operation_name(operation: Operation) -> str:
     return "pull"
 
 
+def loggable_target(target: str) -> str:
+    """A request target as any log may hold it: the one redaction of what a client sends. No
+    query (upload state, tokens, passwords in a form sent in the URL), no fragment, and no
+    userinfo: `http://bob:PW@host/v2/` (absolute form) and `//bob:PW@host/v2/` (which aiohttp
+    reads as a path) keep their host and path, never the password, and so does the authority
+    form (`bob:PW@host:443`); at most 1024 characters."""
+    path = target.partition("?")[0].partition("#")[0]
+    if not path.startswith("/") or path.startswith("//"):
+        # An authority follows "scheme://" or "//" and ends at the next "/"; without "//" the
+        # whole target is one (CONNECT's form). Its userinfo ends at its last "@", as URL
+        # parsers read it.
+        scheme, sep, rest = path.partition("//") if "//" in path else ("", "", path)
+        authority, slash, after = rest.partition("/")
+        if "@" in authority:
+            path = f"{scheme}{sep}***@{authority.rpartition('@')[2]}{slash}{after}"
+    return path[:1024]
+
+
 def new_record(client: str, method: str, raw_path: str) -> AuditRecord:
     # The time is formatted only if the record is written (most gateways write none).
-    return AuditRecord(time.time(), client, method, raw_path.partition("?")[0][:1024])
+    return AuditRecord(time.time(), canonical_ip(client), method, loggable_target(raw_path))
 
 
 _FIELDS = tuple(field.name for field in fields(AuditRecord) if field.name != "started")

@@ -161,12 +161,6 @@ class Authenticator:
             self._directory_users.clear()
         return changed
 
-    def already_verified(self, credentials: Credentials, snapshot: Snapshot) -> Verified | None:
-        """The login if these exact credentials were verified recently (the login cache), with
-        no password check: what a locked-out address may still use, since it teaches a guesser
-        nothing."""
-        return self.cache.get(self.cache.key(credentials), snapshot.generation)
-
     def ldap_source(self, snapshot: Snapshot | None = None) -> LdapSource | None:
         """The directory of the current rules (one source, kept while its settings stay)."""
         snapshot = snapshot or self.store.snapshot

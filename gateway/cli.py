@@ -27,6 +27,7 @@ from aiohttp import web
 from gateway import __version__, admin_cli, config, docker_auth, policyfile
 from gateway.errors import error_response
 from gateway.forwarding import valid_host
+from gateway.lockout import Lockout
 from gateway.state import AccessStore, StateError
 
 log = logging.getLogger("gateway")
@@ -178,10 +179,14 @@ def run_each(steps: Sequence[tuple[str, Callable[[], object]]]) -> None:
 
 
 async def run_server(
-    settings: config.Settings, store: AccessStore, on_serving: Callable[[], None] | None = None
+    settings: config.Settings,
+    store: AccessStore,
+    on_serving: Callable[[], None] | None = None,
+    lockout: Lockout | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT; `on_serving` is called once the listeners answer. Raises
-    StartupError (ListenError when an address is taken), after cleaning up, when it cannot start."""
+    """Serve until SIGTERM or SIGINT; `on_serving` is called once the listeners answer; `lockout`
+    is the table of failed logins when the workers share one. Raises StartupError (ListenError
+    when an address is taken), after cleaning up, when it cannot start."""
     from gateway.app import (
         AUDIT_KEY,
         AUTHENTICATOR_KEY,
@@ -204,7 +209,7 @@ async def run_server(
     # Checked at start-up, but a worker started later (with workers > 1) reads the files as they
     # are then: what went wrong since is said in a line naming the setting, not a traceback.
     try:
-        app = create_app(settings, store)
+        app = create_app(settings, store, lockout=lockout)
     except AuditLogError as exc:
         raise StartupError(f"{where('audit_log')}: {exc}") from None
     except KeyError_ as exc:
@@ -408,7 +413,7 @@ def _serve(args: argparse.Namespace) -> int:
 SUPERVISED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def _worker_main(settings: config.Settings, report: Connection) -> None:
+def _worker_main(settings: config.Settings, report: Connection, lockout: Lockout) -> None:
     """One worker: tells the supervisor through `report` that it serves (None) or why it could not
     start (the message), then serves."""
     for signum in SUPERVISED_SIGNALS:
@@ -416,7 +421,7 @@ def _worker_main(settings: config.Settings, report: Connection) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISED_SIGNALS)  # blocked by supervise's start
     try:
         store = AccessStore(settings.htpasswd, settings.policy, docker_auth_service=settings.token_service)
-        run_event_loop(run_server(settings, store, on_serving=lambda: report.send(None)))
+        run_event_loop(run_server(settings, store, on_serving=lambda: report.send(None), lockout=lockout))
     except StartupError as exc:
         report.send(str(exc))
         sys.exit(CANNOT_START)
@@ -460,6 +465,8 @@ def supervise(settings: config.Settings) -> int:
     that cannot start is tried again with a growing delay while the others serve.
     """
     context = multiprocessing.get_context("fork")
+    # Made before any worker, so every worker (and every replacement) maps the same table.
+    lockout = Lockout(settings.lockout_attempts, settings.lockout_window)
     workers: list[_Worker] = []
     stopping = False
 
@@ -469,7 +476,7 @@ def supervise(settings: config.Settings) -> int:
         the child before it has put the default handlers back (_worker_main unblocks them)."""
         reports, report = context.Pipe(duplex=False)
         process = context.Process(
-            target=_worker_main, args=(settings, report), name="registry-gateway-worker"
+            target=_worker_main, args=(settings, report, lockout), name="registry-gateway-worker"
         )
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISED_SIGNALS)
         try:

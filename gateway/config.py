@@ -8,7 +8,6 @@ by its key and where it came from.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -21,10 +20,10 @@ import yaml
 from yarl import URL
 
 from gateway import state, tls, yaml_files
+from gateway.addresses import IPNetwork, parse_network
 from gateway.files import append_problem, describe_read_error
 
 ENV_PREFIX = "GATEWAY_"
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -235,7 +234,7 @@ def _networks(value: Any) -> tuple[IPNetwork, ...]:
     networks = []
     for item in _listify(value):
         try:
-            networks.append(ipaddress.ip_network(str(item), strict=False))
+            networks.append(parse_network(str(item)))
         except ValueError:
             raise ValueError(f"{item!r} is not an IP address or CIDR") from None
     return tuple(networks)

@@ -385,8 +385,7 @@ def allowed_outright(
 ) -> Forward | None:
     """The decision `app.handle` makes, for requests that need no waiting: a Forward when the
     answer is "allowed", None when the full path must answer (it then decides the same way,
-    with every refusal, challenge and log line of its own). No side effects but one: a cached
-    login forgets its address's failed attempts, as a login does."""
+    with every refusal, challenge and log line of its own). No side effects."""
     settings = gateway.settings
     section = head.section
     headers = section.headers
@@ -422,9 +421,12 @@ def allowed_outright(
         identity = _remembered(gateway, section.memo, authorization, view.address, snapshot.generation, now)
     if identity is not None:
         user = identity.user
-        if user is not None and identity.basic:
-            # As login_if_cached does on every request: the lockout reset.
-            gateway.lockout.cached_login(view.address, user, now)
+        if (
+            user is not None
+            and identity.basic
+            and gateway.lockout.locked(view.address, user, now) is not None
+        ):
+            return None  # as login_if_cached: a locked pair is the full path's to answer (429)
     else:
         found = _identity(gateway, authorization, view.address, snapshot)
         if found is None:

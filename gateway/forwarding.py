@@ -7,14 +7,13 @@ taken from a client we do not trust, or it could point another step of the push 
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.config import IPNetwork
+from gateway.addresses import IPNetwork, canonical_ip, parse_ip
 
 # RFC 9110 hop-by-hop headers, plus those a proxy must set itself.
 HOP_BY_HOP = frozenset(
@@ -63,11 +62,8 @@ class ClientView:
 
 
 def _is_trusted(address: str, trusted: Iterable[IPNetwork]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in trusted)
+    ip = parse_ip(address)
+    return ip is not None and any(ip in network for network in trusted)
 
 
 def valid_host(host: str) -> bool:
@@ -86,12 +82,15 @@ def client_view(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
     trusted: tuple[IPNetwork, ...],
 ) -> ClientView:
-    """Who the client is. Forwarding headers count only when the peer is a trusted proxy."""
+    """Who the client is. Forwarding headers count only when the peer is a trusted proxy. Every
+    address in it is canonical (addresses.canonical_ip): what policy, lockout, audit and metrics
+    key on."""
+    peer = canonical_ip(peer)
     if not trusted or not _is_trusted(peer, trusted):
         return ClientView(peer, (peer,), scheme, host)
     chain: list[str] = []
     for value in headers.getall("X-Forwarded-For", []):
-        chain.extend(part.strip() for part in value.split(",") if part.strip())
+        chain.extend(canonical_ip(part.strip()) for part in value.split(",") if part.strip())
     chain.append(peer)
     # The real client is the last address a trusted proxy vouches for: walk in from the right.
     address = peer

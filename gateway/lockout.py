@@ -1,27 +1,65 @@
 """Password-guessing protection: too many failed logins for one (client address, user) pair locks it.
 
 After `attempts` failures within `window` seconds of the first one, the pair is answered 429 with
-`Retry-After` until the window ends, without any bcrypt check, so guessing costs the attacker
-time and us nothing. State is one small entry per pair in a bounded LRU: an attack from many
-addresses can evict old entries, never grow memory.
+`Retry-After` until the window ends, whatever it sends: no password is checked, no cached login
+is used, so nothing in the answer depends on the secret tried and guessing costs the attacker
+time and us nothing. The address is counted as `addresses.lockout_key` reads it (IPv6 by /64).
+
+The counts live in one table of fixed size in shared memory, made before the workers are forked
+(`supervise`), so every worker of one gateway counts the same failures: a guesser spreading its
+connections over the workers gets `attempts` password checks in all, not per worker. Writes take
+a POSIX record lock on the table's file, which the kernel releases if a worker dies holding it.
+Replicas on other hosts count on their own (see the README, "Password guessing").
+
+The table is open-addressed: a pair's slot is one of PROBE slots from its keyed hash. When those
+are all taken, an unlocked entry is replaced before a locked one, and the oldest first, so an
+attack from many addresses can evict entries but never grow memory, and cannot free a locked
+pair without first locking PROBE others, each with `attempts` failures of its own.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+
+from gateway.addresses import lockout_key
 
 REPEAT_WINDOW = 10.0  # seconds within which the same wrong password is one attempt
+DEFAULT_SLOTS = 1 << 16  # 3 MiB: far more pairs than a window sees outside an attack
+PROBE = 8
+
+# Header: the end of the latest lock (time.monotonic(), which is CLOCK_MONOTONIC, one clock for
+# every process of the host), read without the lock: until then no pair can be locked.
+_HEADER = struct.Struct("<d56x")
+# A slot: the pair's keyed hash (zeros: empty), when its first counted failure was, how many
+# there are, and the last failed attempt (a keyed hash of the password tried, and when).
+_SLOT = struct.Struct("<16sdI4x8sd")
+_EMPTY = bytes(16)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    index: int
+    started: float
+    failures: int
+    attempt: bytes
+    attempt_at: float
 
 
 class Lockout:
-    def __init__(self, attempts: int, window: float, max_entries: int = 100_000) -> None:
+    def __init__(self, attempts: int, window: float, slots: int = DEFAULT_SLOTS) -> None:
         self.attempts = attempts
         self.window = window
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
-        # The last failed attempt of each pair (a keyed hash of the password tried, and when):
-        # containerd sends one wrong password twice (POST, then GET); that is one guess.
-        self._last_attempt: dict[tuple[str, str], tuple[bytes, float]] = {}
+        self.slots = max(slots, PROBE)
+        self._secret = os.urandom(32)  # inherited by forked workers: one keying for all
+        size = _HEADER.size + self.slots * _SLOT.size
+        self._fd = _anonymous_file(size)
+        self._map = mmap.mmap(self._fd, size)  # MAP_SHARED: forked workers see one table
 
     @property
     def enabled(self) -> bool:
@@ -31,46 +69,128 @@ class Lockout:
         """Seconds the pair must wait, or None when it may try."""
         if not self.enabled:
             return None
-        entry = self._entries.get((address, user))
-        if entry is None:
+        key = self._key(address, user)
+        with self._locked(fcntl.LOCK_SH):
+            entry = self._find(key)
+        if entry is None or now >= entry.started + self.window or entry.failures < self.attempts:
             return None
-        started, failures = entry
-        if now >= started + self.window:
-            del self._entries[(address, user)]
-            return None
-        return started + self.window - now if failures >= self.attempts else None
+        return entry.started + self.window - now
 
-    def failed(self, address: str, user: str, now: float, attempt: bytes | None = None) -> None:
-        """Count a failed login; the same `attempt` (a keyed hash of the password) again within
-        REPEAT_WINDOW seconds is the same guess, not counted twice."""
+    def locked(self, address: str, user: str, now: float) -> float | None:
+        """`retry_after` for the request path's every login: one read of shared memory, unless
+        some pair is locked right now."""
+        if not self.enabled or now >= _HEADER.unpack_from(self._map, 0)[0]:
+            return None
+        return self.retry_after(address, user, now)
+
+    def failed(self, address: str, user: str, now: float, secret: bytes | None = None) -> None:
+        """Count a failed login; the same `secret` (the password tried) again within
+        REPEAT_WINDOW seconds is the same guess, not counted twice (containerd sends one wrong
+        password twice: POST, then GET, maybe to two workers)."""
         if not self.enabled:
             return
-        key = (address, user)
-        if attempt is not None:
-            last = self._last_attempt.get(key)
-            self._last_attempt[key] = (attempt, now)
-            if len(self._last_attempt) > self.max_entries:
-                self._last_attempt.pop(next(iter(self._last_attempt)))
-            if last is not None and last[0] == attempt and now - last[1] < REPEAT_WINDOW:
-                return
-        started, failures = self._entries.get(key, (now, 0))
-        if now >= started + self.window:
-            started, failures = now, 0
-        self._entries[key] = (started, failures + 1)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        key = self._key(address, user)
+        attempt = (
+            bytes(8) if secret is None else hashlib.blake2b(secret, key=self._secret, digest_size=8).digest()
+        )
+        with self._locked(fcntl.LOCK_EX):
+            entry = self._find(key)
+            if entry is not None and now < entry.started + self.window:
+                started, failures = entry.started, entry.failures
+                if secret is not None and entry.attempt == attempt and now - entry.attempt_at < REPEAT_WINDOW:
+                    return
+                index = entry.index
+            else:
+                started, failures = now, 0
+                index = entry.index if entry is not None else self._free_slot(key, now)
+            failures += 1
+            _SLOT.pack_into(self._map, _offset(index), key, started, failures, attempt, now)
+            if failures >= self.attempts:
+                until = started + self.window
+                if until > _HEADER.unpack_from(self._map, 0)[0]:
+                    _HEADER.pack_into(self._map, 0, until)
 
     def succeeded(self, address: str, user: str) -> None:
-        self._entries.pop((address, user), None)
-        self._last_attempt.pop((address, user), None)
-
-    def cached_login(self, address: str, user: str, now: float) -> None:
-        """A login the login cache vouched for: the pair's failures are forgotten unless it is
-        locked out (it then stays locked). Nothing to look up when no failure is recorded at all,
-        as on every request of a busy gateway nobody guesses against."""
-        if (self._entries or self._last_attempt) and self.retry_after(address, user, now) is None:
-            self.succeeded(address, user)
+        """A password checked and right: the pair's failures are forgotten."""
+        if not self.enabled:
+            return
+        key = self._key(address, user)
+        with self._locked(fcntl.LOCK_EX):
+            entry = self._find(key)
+            if entry is not None:
+                _SLOT.pack_into(self._map, _offset(entry.index), _EMPTY, 0.0, 0, bytes(8), 0.0)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Pairs with failures counted (some of them may be past their window)."""
+        with self._locked(fcntl.LOCK_SH):
+            return sum(
+                1 for index in range(self.slots) if self._map[_offset(index) : _offset(index) + 16] != _EMPTY
+            )
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
+
+    def _key(self, address: str, user: str) -> bytes:
+        pair = f"{lockout_key(address)}\0{user}".encode()
+        return hashlib.blake2b(pair, key=self._secret, digest_size=16).digest()
+
+    def _window(self, key: bytes) -> range:
+        first = int.from_bytes(key[:8], "little") % self.slots
+        return range(first, first + PROBE)
+
+    def _find(self, key: bytes) -> _Entry | None:
+        for position in self._window(key):
+            index = position % self.slots
+            found, started, failures, attempt, attempt_at = _SLOT.unpack_from(self._map, _offset(index))
+            if found == key:
+                return _Entry(index, started, failures, attempt, attempt_at)
+        return None
+
+    def _free_slot(self, key: bytes, now: float) -> int:
+        """Where a new pair goes: an empty slot or one past its window, else the unlocked entry
+        with the oldest start, else the lock that ends first."""
+        best: tuple[int, float, int] | None = None
+        for position in self._window(key):
+            index = position % self.slots
+            found, started, failures, _, _ = _SLOT.unpack_from(self._map, _offset(index))
+            if found == _EMPTY or now >= started + self.window:
+                return index
+            rank = (1 if failures >= self.attempts else 0, started, index)
+            if best is None or rank < best:
+                best = rank
+        assert best is not None
+        return best[2]
+
+    def _locked(self, operation: int) -> _FileLock:
+        return _FileLock(self._fd, operation)
+
+
+class _FileLock:
+    """A POSIX record lock on the whole table: one per process (fcntl locks are), released by
+    the kernel when the process ends."""
+
+    def __init__(self, fd: int, operation: int) -> None:
+        self._fd = fd
+        self._operation = operation
+
+    def __enter__(self) -> None:
+        fcntl.lockf(self._fd, self._operation)
+
+    def __exit__(self, *_: object) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+
+def _offset(index: int) -> int:
+    return _HEADER.size + index * _SLOT.size
+
+
+def _anonymous_file(size: int) -> int:
+    """A file of `size` zero bytes with no name: memory only where the system has memfd."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("registry-gateway-lockout", os.MFD_CLOEXEC)
+    else:
+        with tempfile.TemporaryFile() as file:
+            fd = os.dup(file.fileno())
+    os.ftruncate(fd, size)
+    return fd

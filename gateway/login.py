@@ -1,6 +1,7 @@
 """Checking Basic credentials, the same for registry requests and token requests: the lockout
-first (no password check for a locked pair, unless these exact credentials were verified before),
-then the password (cached, bcrypt off the event loop), then the account's expiry date."""
+first (a locked pair is answered 429 whatever it sends: no password check, no cached login, so
+the answer never depends on the password), then the password (cached, bcrypt off the event
+loop), then the account's expiry date."""
 
 from __future__ import annotations
 
@@ -43,25 +44,21 @@ async def check_login(
 ) -> LoggedIn | Locked | Refused:
     wait = lockout.retry_after(client, credentials.username, time.monotonic())
     if wait is not None:
-        # Many clients may share one address (behind NAT, or docker's userland proxy, every
-        # client is the bridge's address): a guesser there must not lock out the user, so
-        # credentials verified before still work. They cost no bcrypt and teach nothing.
-        verified = authenticator.already_verified(credentials, snapshot)
-        if verified is None:
-            return Locked(wait)
-    else:
-        verdict = await authenticator.login(credentials, snapshot)
-        if isinstance(verdict, Unavailable):
-            # Fail closed, and count no failed attempt: the user may have done nothing wrong.
-            log.warning("login of %r refused: %s", credentials.username, verdict.reason)
-            return Refused("source_unavailable")
-        if not isinstance(verdict, Verified):
-            attempt = authenticator.cache.key(credentials)
-            lockout.failed(client, credentials.username, time.monotonic(), attempt)
-            return Refused("bad_credentials")
-        verified = verdict
-        lockout.succeeded(client, credentials.username)
-    return _logged_in(verified, snapshot)
+        # Even credentials verified before (in the login cache) are not used: were they, the
+        # right password would get 200 and a wrong one 429, an oracle with no limit and no
+        # bcrypt. So the user shares the lock of a guesser at the same address (behind NAT)
+        # until the window ends; other addresses are not affected.
+        return Locked(wait)
+    verdict = await authenticator.login(credentials, snapshot)
+    if isinstance(verdict, Unavailable):
+        # Fail closed, and count no failed attempt: the user may have done nothing wrong.
+        log.warning("login of %r refused: %s", credentials.username, verdict.reason)
+        return Refused("source_unavailable")
+    if not isinstance(verdict, Verified):
+        lockout.failed(client, credentials.username, time.monotonic(), credentials.password.encode())
+        return Refused("bad_credentials")
+    lockout.succeeded(client, credentials.username)
+    return _logged_in(verdict, snapshot)
 
 
 def login_if_cached(
@@ -70,17 +67,18 @@ def login_if_cached(
     """`check_login` without waiting: the login when these exact credentials are in the login
     cache and pass every check, until when (time.monotonic()) that holds without a change to
     the users (the cache entry's end, the account's expiry), and the entry's cache key. None
-    whenever `check_login` is needed to answer (no cached login, or a refusal), which it then
-    does with the same outcome and side effects (a locked pair stays locked; a success forgets
-    the pair's failures, as check_login's own cache hit does). The lookup is not counted: a
-    caller that answers from it counts the hit (the full path counts its own lookup)."""
+    whenever `check_login` is needed to answer (a locked pair, no cached login, or a refusal),
+    which it then does with the same outcome. The lockout comes first, as in check_login. The
+    lookup is not counted: a caller that answers from it counts the hit (the full path counts
+    its own lookup)."""
+    if lockout.locked(client, credentials.username, time.monotonic()) is not None:
+        return None
     cache = authenticator.cache
     key = cache.key(credentials)
     found = cache.peek(key, snapshot.generation)
     if found is None:
         return None
     verified, until = found
-    lockout.cached_login(client, credentials.username, time.monotonic())
     logged_in = _logged_in(verified, snapshot)
     if not isinstance(logged_in, LoggedIn):
         return None

@@ -22,7 +22,6 @@ Groups become values of the label `group`. Every problem is reported at once wit
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import yaml
 
 from gateway import acl, htpasswd, yaml_files
 from gateway.acl import Rules
+from gateway.addresses import parse_network
 from gateway.files import describe_read_error
 from gateway.identity import external as external_identity
 from gateway.identity import ldap as ldap_identity
@@ -168,7 +168,7 @@ def _match(c: _Collector, value: Any, path: str) -> acl.Match | None:
             fields[key] = _pattern(c, raw[key], f"{path}.{key}")
     if "ip" in raw:
         try:
-            fields["ip"] = ipaddress.ip_network(str(raw["ip"]), strict=False)
+            fields["ip"] = parse_network(str(raw["ip"]))
         except ValueError:
             c.bad(f"{path}.ip", f"{raw['ip']!r} is not an IP address or CIDR")
     if "labels" in raw:
