@@ -120,8 +120,9 @@ class Lockout:
             if entry is not None:
                 _SLOT.pack_into(self._map, _offset(entry.index), _EMPTY, 0.0, 0, bytes(8), 0.0)
 
-    def __len__(self) -> int:
-        """Pairs with failures counted (some of them may be past their window)."""
+    def count(self) -> int:
+        """Pairs with failures counted (some of them may be past their window). Not __len__: an
+        empty table must not be falsy where a Lockout is optional."""
         with self._locked(fcntl.LOCK_SH):
             return sum(
                 1 for index in range(self.slots) if self._map[_offset(index) : _offset(index) + 16] != _EMPTY

@@ -598,7 +598,7 @@ def test_a_checked_password_forgets_failures_and_a_lock_ends_with_its_window() -
     from gateway.lockout import Lockout
 
     lockout = Lockout(attempts=2, window=300)
-    assert lockout.locked("10.0.0.1", "alice", 100.0) is None and len(lockout) == 0
+    assert lockout.locked("10.0.0.1", "alice", 100.0) is None and lockout.count() == 0
     lockout.failed("10.0.0.1", "alice", 100.0, b"a")
     lockout.failed("10.0.0.2", "bob", 100.0, b"a")
     lockout.failed("10.0.0.2", "bob", 100.0, b"b")  # locked
@@ -639,7 +639,7 @@ def test_a_full_lockout_table_evicts_unlocked_pairs_before_locks() -> None:
     lockout.failed("10.0.0.1", "victim-of-a-guess", 100.0, b"b")  # locked
     for address in range(100):  # a spray of single failures from many addresses
         lockout.failed(f"192.0.2.{address}", "alice", 101.0 + address, b"a")
-    assert len(lockout) == PROBE
+    assert lockout.count() == PROBE
     assert lockout.locked("10.0.0.1", "victim-of-a-guess", 250.0) is not None
 
 
