@@ -252,6 +252,7 @@ async def run_server(
                 settings.upstream,
                 app[GATEWAY_KEY].directory_status,
                 scrape_token,
+                app[GATEWAY_KEY].lockout,
             )
             await open_extra("metrics_listen", listener_runner(metrics, settings), settings.metrics_listen)
         if settings.redirect_listen is not None:

@@ -11,6 +11,7 @@ import binascii
 import bisect
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -22,8 +23,11 @@ from prometheus_client.registry import Collector
 from yarl import URL
 
 from gateway import files
+from gateway.addresses import canonical_ip
 from gateway.authn import CredentialCache
 from gateway.errors import error_response
+from gateway.lockout import Lockout
+from gateway.login import Locked, locked_response
 from gateway.state import AccessStore
 
 log = logging.getLogger("gateway.metrics")
@@ -226,26 +230,53 @@ class ScrapeToken:
         return hmac.compare_digest(offered, self._current())
 
 
+# The name the metrics token's failures are counted under: no account has it (htpasswd and
+# Basic credentials cannot hold a colon in a user name).
+SCRAPER = ":metrics"
+
+
+def _check_scraper(token: ScrapeToken, lockout: Lockout | None, request: web.Request) -> web.Response | None:
+    """None when the scrape carries the token; else the answer (429 for a locked pair, 401)."""
+    client = canonical_ip(request.remote or "")
+    authorization = request.headers.get("Authorization")
+    if lockout is not None:
+        wait = lockout.retry_after(client, SCRAPER, time.monotonic())
+        if wait is not None:
+            return locked_response(Locked(wait))
+    if token.allows(authorization):
+        if lockout is not None:
+            lockout.succeeded(client, SCRAPER)
+        return None
+    if lockout is not None and authorization:
+        lockout.failed(client, SCRAPER, time.monotonic(), authorization.encode())
+    log.info("refused a /metrics scrape from %s without the metrics token", client)
+    return error_response(
+        401,
+        "UNAUTHORIZED",
+        "the metrics token is required",
+        headers={"WWW-Authenticate": 'Bearer realm="registry-gateway metrics"'},
+    )
+
+
 def metrics_app(
     metrics: Metrics,
     session: aiohttp.ClientSession,
     upstream: URL,
     directory_status: Callable[[], Awaitable[str | None]] | None = None,
     scrape_token: ScrapeToken | None = None,
+    lockout: Lockout | None = None,
 ) -> web.Application:
     """/metrics (behind `scrape_token` when there is one), /healthz and /readyz (always open: the
     image's HEALTHCHECK and orchestrators' probes carry no credentials, and they say nothing but
-    whether the gateway and its registry answer)."""
+    whether the gateway and its registry answer). The token is a secret like a password: the
+    lockout is consulted before it is compared, and a wrong one counts as a failed login of
+    the pair (client address, SCRAPER)."""
 
     async def metrics_page(request: web.Request) -> web.Response:
-        if scrape_token is not None and not scrape_token.allows(request.headers.get("Authorization")):
-            log.info("refused a /metrics scrape from %s without the metrics token", request.remote)
-            return error_response(
-                401,
-                "UNAUTHORIZED",
-                "the metrics token is required",
-                headers={"WWW-Authenticate": 'Bearer realm="registry-gateway metrics"'},
-            )
+        if scrape_token is not None:
+            refused = _check_scraper(scrape_token, lockout, request)
+            if refused is not None:
+                return refused
         return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(_request: web.Request) -> web.Response:

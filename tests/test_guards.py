@@ -388,3 +388,40 @@ def test_no_userinfo_reaches_the_audit_or_diagnostic_log(
     assert "Sekr3tPW" not in records
     assert "***@" in records  # the host is still there to read
     assert "Sekr3tPW" not in gateway.log.read_text()
+
+
+def test_the_metrics_token_is_guarded_by_the_lockout(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    """metrics_token_file is a secret like a password: guesses lock the scraper's address out,
+    and then the right token gets the same 429 as a wrong one."""
+    token = "metrics-token-0123456789abcdef"
+    token_file = tmp_path / "metrics.token"
+    token_file.write_text(token + "\n")
+    metrics = f"127.0.0.1:{free_port()}"
+    gateway = start_gateway(
+        tmp_path,
+        registry.url,
+        users_file,
+        env={
+            "GATEWAY_METRICS_LISTEN": metrics,
+            "GATEWAY_METRICS_TOKEN_FILE": str(token_file),
+            "GATEWAY_LOCKOUT_ATTEMPTS": "3",
+        },
+    )
+    scraper = Gateway(f"http://{metrics}", metrics, gateway.process, gateway.log)
+    try:
+        right = {"Authorization": f"Bearer {token}"}
+        assert ask(scraper, "GET", "/metrics", headers=right)[0] == 200
+        for attempt in range(3):
+            assert (
+                ask(scraper, "GET", "/metrics", headers={"Authorization": f"Bearer guess-{attempt}"})[0]
+                == 401
+            )
+        assert ask(scraper, "GET", "/metrics", headers=right)[0] == 429
+        assert ask(scraper, "GET", "/metrics", headers={"Authorization": "Bearer guess-9"})[0] == 429
+        assert ask(scraper, "GET", "/metrics", headers=right, source="127.0.0.2")[0] == 200  # another address
+        assert ask(scraper, "GET", "/healthz")[0] == 200  # probes carry no token, and guess nothing
+    finally:
+        stop(gateway.process)
+    assert token not in gateway.log.read_text()
