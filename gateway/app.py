@@ -87,7 +87,9 @@ def _challenge_headers(
     if settings.challenge == "basic" or basic or view is None:
         return {"WWW-Authenticate": f'Basic realm="{settings.realm}"'}
     realm = settings.token_realm or f"{view.scheme}://{view.host}{TOKEN_PATH}"
-    parts = [f'realm="{realm}"', f'service="{settings.token_service}"']
+    # A quoted-string, as distribution writes it (%q): a service may hold quotes or backslashes.
+    service = settings.token_service.replace("\\", "\\\\").replace('"', '\\"')
+    parts = [f'realm="{realm}"', f'service="{service}"']
     wanted = needed(operation) if operation is not None else []
     if wanted:
         parts.append('scope="' + " ".join(str(scope) for scope in wanted) + '"')

@@ -36,6 +36,10 @@ def _section_values(policy: Policy) -> list[tuple[str, str, object]]:
         values.append(("server.certificate", "tls_cert", Path(sections.server_certificate)))
         values.append(("server.key", "tls_key", Path(sections.server_key)))
     if sections.issuer is not None:
+        try:  # what gateway.yml and the environment may say, the file may say: no more, no less
+            config.token_text(sections.issuer)
+        except ValueError as exc:
+            raise DockerAuthError(f"token.issuer: {exc}") from None
         # docker_auth is a token server: so is the gateway with its token section.
         values.append(("token.issuer", "challenge", "bearer"))
         values.append(("token.issuer", "token_issuer", sections.issuer))
@@ -105,7 +109,7 @@ def not_applied(applied: Settings, policy: Policy | None) -> list[str]:
     """What the file's server: and token: sections say that the settings (after `apply`) do not,
     because the setting was set elsewhere: an explicit setting wins, but not in silence (the
     example config spells out defaults, and a token issuer the registry does not expect would
-    fail every token)."""
+    fail every token). And the one token setting such a file cannot say: the service."""
     if policy is None:
         return []
     notes = []
@@ -114,6 +118,17 @@ def not_applied(applied: Settings, policy: Policy | None) -> list[str]:
         if current != value:
             where = config.where(setting, applied.origins.get(setting, "default"))
             notes.append(f"{source} ({_shown(value)}) not applied: {where} is set to {_shown(current)}")
+    sections = policy.docker_auth
+    issues_tokens = sections is not None and (sections.issuer is not None or applied.challenge == "bearer")
+    if issues_tokens and applied.origins.get("token_service", "default") == "default":
+        # docker_auth takes each token's audience from the request's `service`; the gateway
+        # from token_service, and a registry whose service differs refuses every token (a
+        # 400 to clients, which skopeo shows as a bare "invalid status code").
+        notes.append(
+            f"token: has no service key (docker_auth takes it from each request); set token_service "
+            f"(or {config.env_name('token_service')}) to the registry's auth.token.service: tokens are "
+            f"issued for the default, {applied.token_service!r}"
+        )
     return notes
 
 

@@ -127,13 +127,13 @@ def authority_settings(tmp_path: Path, key_file: Path, **settings: str) -> confi
     return config.load(None, {}, {**flags, **settings})
 
 
-def test_rotation_keeps_old_tokens_valid_until_they_expire(tmp_path: Path) -> None:
+def test_rotation_keeps_old_tokens_valid_while_the_old_key_is_in_the_file(tmp_path: Path) -> None:
     first = keys.generate()
     authority, key_file = authority_with(tmp_path, first)
     assert key_file.stat().st_mode & 0o777 == 0o600
     old_token, _ = authority.issue("alice", ACCESS)
     second = keys.generate()
-    keys.write_private(second, key_file)
+    keys.write_private(second, key_file, first)  # as `token keygen --rotate` writes it
     assert authority.reload_if_changed()
     new_token, _ = authority.issue("alice", ACCESS)
     assert jwt.get_unverified_header(new_token)["kid"] == second.kid != first.kid
@@ -207,25 +207,42 @@ def test_oversized_non_ascii_and_overlong_tokens_are_refused(key: keys.SigningKe
     assert "longer" in refused(key, long_lived)  # what only a leaked key would sign
 
 
-def test_a_retired_key_is_dropped_once_its_tokens_expire(tmp_path: Path) -> None:
-    first = keys.generate()
-    authority, key_file = authority_with(tmp_path, first, token_lifetime="60")
-    keys.write_private(keys.generate(), key_file)
+def test_a_key_replaced_by_hand_is_refused_at_once_for_every_token(tmp_path: Path) -> None:
+    """Replacing the key file is the answer to a leak: from the reload on, nothing the old key
+    signed is accepted, whenever it says it was issued. Before, the replaced signer kept a grace
+    of token_lifetime + 60 s for "its" access tokens, and whoever held the leaked key could sign
+    such tokens (issued a second before the replacement, say) through all of it."""
+    from gateway.htpasswd import StoredHash
+
+    first, second = keys.generate(), keys.generate()
+    settings = {"refresh_token_lifetime": "86400", "token_lifetime": "300"}
+    authority, key_file = authority_with(tmp_path, first, **settings)
+    stored = {"alice": StoredHash("bcrypt", "$2y$05$" + "a" * 53)}
+    access, _ = authority.issue("alice", ACCESS)
+    refresh = authority.issue_refresh("alice", stored["alice"])
+    assert authority.verify(access).subject == "alice"  # now cached: the cache must not keep it
+
+    keys.write_private(second, key_file)  # by hand, the old key not kept
     assert authority.reload_if_changed()
     now = int(time.time())
-    # Signed with the retired key after its retirement: refused at once (a leaked old key).
-    late = jwt.encode(
-        claims(iat=now + 120, nbf=now, exp=now + 150),
-        first.private,
-        algorithm="ES256",
-        headers={"kid": first.kid},
-    )
-    with pytest.raises(InvalidToken):
-        authority.verify(late)
-    # Once every token it signed has expired, the retired key is not accepted at all.
-    authority._retired = [(k, 0.0) for k, _ in authority._retired]
-    authority.reload_if_changed()
-    assert first.kid not in authority.verifier.keys
+    minted_by_the_leak = [
+        jwt.encode(
+            claims(iat=issued, nbf=issued, exp=issued + 300),
+            first.private,
+            algorithm="ES256",
+            headers={"kid": first.kid},
+        )
+        for issued in (now - 1, now, now + 30)
+    ]
+    for token in (access, *minted_by_the_leak):
+        with pytest.raises(InvalidToken, match="does not hold"):
+            authority.verify(token)
+    with pytest.raises(InvalidToken, match="does not hold"):
+        authority.refresh_subject(refresh, stored)
+    assert first.kid not in authority.verifier.keys and first.kid not in authority.refresh_verifier.keys
+    # The new key's tokens work as ever.
+    assert authority.verify(authority.issue("alice", ACCESS)[0]).subject == "alice"
+    assert authority.refresh_subject(authority.issue_refresh("alice", stored["alice"]), stored) == "alice"
 
 
 def test_an_unreadable_revocations_file_keeps_the_last_good_set(tmp_path: Path) -> None:
@@ -268,7 +285,6 @@ def test_previous_keys_in_the_file_keep_refresh_tokens_until_taken_out(tmp_path:
     assert jwt.get_unverified_header(authority.issue("alice", ACCESS)[0])["kid"] == second.kid
     assert authority.refresh_subject(refresh, stored) == "alice"
     assert authority.verify(access).subject == "alice"
-    assert not authority._retired  # accepted because it is in the file, not for a while
     restarted = TokenAuthority(authority_settings(tmp_path, key_file, **settings))
     assert restarted.refresh_subject(refresh, stored) == "alice"
     # The previous key signs nothing new that is accepted (a leaked old key).
@@ -290,30 +306,35 @@ def test_previous_keys_in_the_file_keep_refresh_tokens_until_taken_out(tmp_path:
     assert first.kid not in authority.verifier.keys
 
 
-def test_a_signer_replaced_without_being_kept_keeps_its_access_tokens_not_its_refresh_tokens(
-    tmp_path: Path,
-) -> None:
-    """A key overwritten in the file (`token keygen --force`, or by hand) stays accepted for the
-    access tokens it signed, minutes long; its refresh tokens, days long, end at once. Before,
-    the verifier of access tokens checked refresh tokens too, retired signer included."""
+def test_a_refresh_token_has_its_own_audience(tmp_path: Path) -> None:
+    """A registry checking tokens itself (distribution's `auth: token`) reads `iss`, `aud`, the
+    signature and `access`, never `token_use`: a refresh token with the service's audience was an
+    access token there, for days, out of reach of `token revoke`. Refresh tokens are now for the
+    token endpoint alone, and one of the old kind is no refresh token any more."""
     from gateway.htpasswd import StoredHash
+    from gateway.tokens.jwt_tokens import refresh_audience
 
-    first = keys.generate()
-    settings = {"refresh_token_lifetime": "86400", "token_lifetime": "60"}
-    authority, key_file = authority_with(tmp_path, first, **settings)
+    signer = keys.generate()
+    authority, _ = authority_with(tmp_path, signer, refresh_token_lifetime="86400")
     stored = {"alice": StoredHash("bcrypt", "$2y$05$" + "a" * 53)}
     refresh = authority.issue_refresh("alice", stored["alice"])
-    access, _ = authority.issue("alice", ACCESS)
-
-    keys.write_private(keys.generate(), key_file)  # replaced, not kept
-    assert authority.reload_if_changed()
-    assert authority.verify(access).subject == "alice"  # nobody is cut off mid-push
+    audience = jwt.decode(refresh, options={"verify_signature": False})["aud"]
+    assert audience == refresh_audience(SERVICE) and audience != SERVICE
+    assert authority.refresh_subject(refresh, stored) == "alice"
+    # What a registry with the gateway's service and issuer does with it: refused.
+    with pytest.raises(jwt.InvalidAudienceError):
+        jwt.decode(refresh, signer.public, algorithms=["ES256"], audience=SERVICE, issuer=ISSUER)
     with pytest.raises(InvalidToken):
-        authority.refresh_subject(refresh, stored)
-    # The retired signer's own refresh tokens are not made valid by its access tokens' grace.
-    assert [key.kid for key, _ in authority._retired] == [first.kid]
-    # A refresh token of the new signer works as ever.
-    assert authority.refresh_subject(authority.issue_refresh("alice", stored["alice"]), stored) == "alice"
+        authority.verify(refresh)
+    # An access token is no refresh token, and a refresh token with the service's audience (as
+    # they were) is refused at the token endpoint too.
+    with pytest.raises(InvalidToken):
+        authority.refresh_subject(authority.issue("alice", ACCESS)[0], stored)
+    old_kind = jwt.decode(refresh, options={"verify_signature": False})
+    old_kind["aud"] = SERVICE
+    resigned = jwt.encode(old_kind, signer.private, algorithm="ES256", headers={"kid": signer.kid})
+    with pytest.raises(InvalidToken):
+        authority.refresh_subject(resigned, stored)
 
 
 async def test_a_refresh_grant_for_another_service_is_refused_as_the_other_grants_are(

@@ -2,10 +2,12 @@
 changes, or ephemeral), the keys it still accepts, and the verifier over them.
 
 Rotation: the key file holds the key that signs, then previous keys still accepted for as long as
-they stay in it (refresh tokens live for days: `token keygen --rotate` keeps the last signer).
-When the file changes, new tokens are signed with its first key; a signer that left the file
-altogether is still accepted for the access tokens it signed, until they expire, so nobody is
-logged out mid-push, but not for its refresh tokens: they would outlive it by days.
+they stay in it (refresh tokens live for days: `token keygen --rotate` keeps the last signer, and
+that is the grace a planned rotation has). When the file changes, new tokens are signed with its
+first key, and a key that left the file is refused at once, for every token: the file is the
+whole list of keys the gateway trusts. Replacing a key by hand is what an operator does after a
+leak, and whoever holds the leaked key can sign tokens that look older than the replacement; a
+grace for "its own" tokens would be a grace for those too.
 """
 
 from __future__ import annotations
@@ -16,16 +18,26 @@ import logging
 import time
 from collections.abc import Mapping
 
+from gateway import config
 from gateway.config import Settings
 from gateway.files import signature
 from gateway.htpasswd import StoredHash
 from gateway.tokens import keys, revocations
-from gateway.tokens.jwt_tokens import LEEWAY, Claims, InvalidToken, Verifier, issue, issue_refresh
+from gateway.tokens.jwt_tokens import (
+    Claims,
+    InvalidToken,
+    Verifier,
+    issue,
+    issue_refresh,
+    refresh_audience,
+)
 from gateway.tokens.scopes import Scope
 
 log = logging.getLogger(__name__)
 
 MINTED_CACHE_SIZE = 10_000
+LOGGED_SERVICES = 32  # distinct wrong services logged per process: a client cannot flood the log
+SHOWN_SERVICE = 100  # characters of a client's `service` shown back and logged
 
 
 class TokenAuthority:
@@ -49,28 +61,41 @@ class TokenAuthority:
         self.x5c = keys.certificate_chain(self.cert_path, self.key) if self.cert_path else []
         # Both files: a certificate that comes after its key is taken when it comes.
         self._signature = (signature(self.path), signature(self.cert_path))
-        self._retired: list[tuple[keys.SigningKey, float]] = []  # (key, accepted until)
         self.revocations_path = settings.token_revocations
         self.revoked = revocations.read(self.revocations_path)
         self._revocations_signature = signature(self.revocations_path)
-        self._retired_at: dict[str, float] = {}  # kid -> when it stopped signing
+        self._retired_at: dict[str, float] = {}  # kid of a previous key -> when it stopped signing
         self.verifier, self.refresh_verifier = self._verifiers()
         self._minted: dict[tuple[str, str], tuple[str, float]] = {}
+        self._services_logged: set[str] = set()
+
+    def wrong_service(self, asked: str) -> str:
+        """What to tell, and log, when a token is asked for another service than token_service:
+        which setting to change. A registry names its service in its challenge and clients ask
+        for that one, so a mismatch is a configuration mistake, never the client's."""
+        shown = asked[:SHOWN_SERVICE]
+        message = (
+            f"this gateway issues tokens for service {self.service!r}, not {shown!r}: set "
+            f"token_service (gateway.yml, or {config.env_name('token_service')}) to the registry's "
+            "auth.token.service (REGISTRY_AUTH_TOKEN_SERVICE)"
+        )
+        if shown not in self._services_logged and len(self._services_logged) < LOGGED_SERVICES:
+            self._services_logged.add(shown)
+            log.warning("token request refused: %s", message)
+        return message
 
     def issue(self, subject: str, access: list[Scope]) -> tuple[str, int]:
         return issue(self.key, self.issuer, self.service, subject, access, self.lifetime, self.x5c)
 
     def _verifiers(self) -> tuple[Verifier, Verifier]:
-        """The verifier of access tokens, and that of refresh tokens. A retired signer (replaced
-        without being kept in the file) is only in the first: its grace is for the access tokens
-        it signed, minutes long, so that nobody is cut off mid-push; its refresh tokens would keep
-        a replaced key good for days, which only keeping it in the file should do."""
+        """The verifier of access tokens, and that of refresh tokens (their own audience): both
+        over the keys in the file and no other."""
         in_file = [self.key, *self._previous]
-        retired = [key for key, _ in self._retired]
         longest = max(self.lifetime, self.refresh_lifetime)
+        retired_at = dict(self._retired_at)
         return (
-            Verifier([*in_file, *retired], self.issuer, self.service, longest, dict(self._retired_at)),
-            Verifier(in_file, self.issuer, self.service, longest, dict(self._retired_at)),
+            Verifier(in_file, self.issuer, self.service, longest, retired_at),
+            Verifier(in_file, self.issuer, refresh_audience(self.service), longest, retired_at),
         )
 
     def token_for(self, subject: str, access: list[Scope]) -> str:
@@ -104,8 +129,8 @@ class TokenAuthority:
         )
 
     def refresh_subject(self, token: str, users: Mapping[str, StoredHash]) -> str:
-        """The user a refresh token stands for, while it is valid: signed by a key in the key file
-        (never a retired signer), not expired, the user still there with the same password.
+        """The user a refresh token stands for, while it is valid: signed by a key in the key file,
+        not expired, the user still there with the same password.
         Raises InvalidToken."""
         claims = self.refresh_verifier.verify_refresh(token)
         if revocations.is_revoked(self.revoked, claims.subject, claims.issued):
@@ -131,12 +156,6 @@ class TokenAuthority:
         if self.path is None:
             return False
         files_now = (signature(self.path), signature(self.cert_path))
-        now = time.time()
-        kept = [(key, until) for key, until in self._retired if until > now]
-        if len(kept) != len(self._retired):
-            # A retired key whose tokens have all expired is no longer accepted at all.
-            self._retired = kept
-            self.verifier, self.refresh_verifier = self._verifiers()
         if files_now == self._signature:
             return False
         self._signature = files_now
@@ -151,19 +170,18 @@ class TokenAuthority:
             self._minted.clear()  # tokens minted for the registry carry the chain
             if new.kid == self.key.kid:
                 log.info("token certificate reloaded from %s", self.cert_path)
-        in_file = {key.kid for key in (new, *previous)}
         if new.kid == self.key.kid and [key.kid for key in previous] == [key.kid for key in self._previous]:
             return False
         if new.kid != self.key.kid:
-            self._retired_at[self.key.kid] = now  # nothing it signs from now on is ours
+            self._retired_at[self.key.kid] = time.time()  # nothing it signs from now on is ours
             self._retired_at.pop(new.kid, None)  # a key signing again (a rotation undone)
-            if self.key.kid not in in_file:
-                self._retired.append((self.key, now + self.lifetime + LEEWAY))
             self.key = new
             self._minted.clear()
-        # A key back in the file is accepted for as long as it stays; a previous key taken out of
-        # it is not accepted any more (it stopped signing before this change).
-        self._retired = [(key, until) for key, until in self._retired if key.kid not in in_file]
+        # Only the keys in the file are accepted from now on: a key taken out of it, the signer
+        # of a moment ago included, is refused for every token it signed (the verifiers are new,
+        # so are their caches of verified tokens).
+        in_file = {key.kid for key in (new, *previous)}
+        self._retired_at = {kid: when for kid, when in self._retired_at.items() if kid in in_file}
         self._previous = previous
         self.verifier, self.refresh_verifier = self._verifiers()
         log.info(

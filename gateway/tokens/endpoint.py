@@ -212,7 +212,7 @@ def _other_service(
     if service is None or service == authority.service:
         return None
     metrics.tokens.labels("rejected", "service").inc()
-    return error_response(400, "UNSUPPORTED", f"unknown service {service!r}")
+    return error_response(400, "UNSUPPORTED", authority.wrong_service(service))
 
 
 def _answer(

@@ -48,6 +48,14 @@ class InvalidToken(Exception):
 REFRESH_USE = "refresh"  # the `token_use` claim of refresh tokens; access tokens have none
 
 
+def refresh_audience(service: str) -> str:
+    """The `aud` of refresh tokens: the gateway's token endpoint for that service, never the
+    service itself. A registry checking tokens (distribution's `auth: token`) compares `aud` with
+    its service and ignores `token_use`: a refresh token with the service's audience would be an
+    access token there, for days, out of reach of `token revoke`."""
+    return f"refresh-token:{service}"
+
+
 def _standard_claims(issuer: str, service: str, subject: str, now: int, lifetime: int) -> dict[str, object]:
     return {
         "iss": issuer,
@@ -87,8 +95,9 @@ def issue(
 def issue_refresh(
     key: SigningKey, issuer: str, service: str, subject: str, fingerprint: str, lifetime: int
 ) -> str:
-    """A refresh token (docker's identity token): who, and the fingerprint of their password."""
-    claims = _standard_claims(issuer, service, subject, int(time.time()), lifetime)
+    """A refresh token (docker's identity token): who, and the fingerprint of their password;
+    for the gateway's token endpoint alone (its own audience)."""
+    claims = _standard_claims(issuer, refresh_audience(service), subject, int(time.time()), lifetime)
     claims.update(token_use=REFRESH_USE, pwd=fingerprint)
     return _sign(key, claims)
 
@@ -98,13 +107,13 @@ class Verifier:
         self,
         keys: Sequence[SigningKey],
         issuer: str,
-        service: str,
+        audience: str,
         longest_lifetime: int = 86400,
         retired_at: dict[str, float] | None = None,
     ) -> None:
         self.keys = {key.kid: key for key in keys}
         self.issuer = issuer
-        self.service = service
+        self.audience = audience  # the service for access tokens, refresh_audience() for refresh tokens
         self.longest_lifetime = longest_lifetime  # no token of ours lives longer (a leaked key's would)
         self.retired_at = retired_at or {}  # kid -> when it stopped signing: nothing newer is ours
         self._cache: OrderedDict[bytes, Claims] = OrderedDict()
@@ -162,7 +171,7 @@ class Verifier:
                 token,
                 key.public,
                 algorithms=[key.algorithm],
-                audience=self.service,
+                audience=self.audience,
                 issuer=self.issuer,
                 leeway=LEEWAY,
                 options={"require": ["exp", "iss", "aud", "sub"]},
