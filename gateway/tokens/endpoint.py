@@ -12,6 +12,7 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
@@ -31,7 +32,7 @@ from gateway.policy import acl_request
 from gateway.state import Snapshot
 from gateway.tokens.authority import TokenAuthority
 from gateway.tokens.grants import grant, unmatched
-from gateway.tokens.jwt_tokens import InvalidToken
+from gateway.tokens.jwt_tokens import InvalidToken, claimed_subject
 from gateway.tokens.scopes import Scope, merge, parse_scopes
 
 TOKEN_PATH = "/token"
@@ -138,7 +139,7 @@ async def token_endpoint(
         grant_type = form.get("grant_type", "")
         if grant_type == "refresh_token" and authority.refresh_lifetime:
             return await _refresh(
-                form, settings, authority, authenticator, metrics, record, client, ask_program
+                form, settings, authority, authenticator, lockout, metrics, record, client, ask_program
             )
         if grant_type != "password":
             # containerd then asks again with GET and Basic credentials.
@@ -253,12 +254,15 @@ async def _refresh(
     settings: Settings,
     authority: TokenAuthority,
     authenticator: Authenticator,
+    lockout: Lockout,
     metrics: Metrics,
     record: AuditRecord,
     client: str,
     ask_program: AskProgram | None = None,
 ) -> web.Response:
-    """grant_type=refresh_token: what moby, containerd and skopeo send once they hold one."""
+    """grant_type=refresh_token: what moby, containerd and skopeo send once they hold one. A
+    refresh token is a secret like a password: the lockout of the pair (client, the user the
+    token claims) is consulted before it is checked, and a refused one counts as a failure."""
     refused = _other_service(form, authority, metrics)
     if refused is not None:
         return refused
@@ -266,9 +270,18 @@ async def _refresh(
     record.client_id = (form.get("client_id") or "")[:AUDIT_TEXT] or None
     scopes = parse_scopes(form.getall("scope", []))  # merged by name
     record.scopes_requested = [str(scope) for scope in scopes]
+    token = form.get("refresh_token", "")
+    claimed = claimed_subject(token)
+    record.user = claimed[:AUDIT_TEXT] or None
+    wait = lockout.retry_after(client, claimed, time.monotonic())
+    if wait is not None:
+        record.decision = "locked"
+        metrics.tokens.labels("rejected", "locked").inc()
+        return locked_response(Locked(wait))
     try:
-        user = authority.refresh_subject(form.get("refresh_token", ""), snapshot.users)
+        user = authority.refresh_subject(token, snapshot.users)
     except InvalidToken as exc:
+        lockout.failed(client, claimed, time.monotonic(), token.encode())
         metrics.tokens.labels("rejected", "refresh").inc()
         return _oauth_error(401, "invalid_grant", str(exc))
     record.user = user
