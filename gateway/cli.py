@@ -575,7 +575,7 @@ def _origin(settings: config.Settings, key: str) -> str:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from gateway.probes import registry_problem
+    from gateway.probes import directory_problem, registry_problem
 
     try:
         settings = _settings(args)
@@ -591,8 +591,19 @@ def _check_config(args: argparse.Namespace) -> int:
         except (policyfile.PolicyError, docker_auth.DockerAuthError) as exc:
             print(exc, file=sys.stderr)
             return 1
-        for note in docker_auth.not_applied(settings, policy):
+        for note in [*policy.warnings, *docker_auth.not_applied(settings, policy)]:
             print(f"warning: policy file {settings.policy}: {note}", file=sys.stderr)
+        if policy.ldap is not None:
+            # The directory as logins will use it: a refused service account or the wrong tls
+            # would otherwise show only as every directory login refused.
+            directory = directory_problem(policy.ldap)
+            if directory is not None and directory[1]:
+                print(f"policy file {settings.policy}: {directory[0]}", file=sys.stderr)
+                return 1
+            if directory is not None:
+                print(f"warning: the directory: {directory[0]}", file=sys.stderr)
+            else:
+                print(f"the directory at {policy.ldap.addr} takes the service account's bind")
     print("configuration OK; effective settings:")
     for key in config.DEFAULTS:
         value: object = (

@@ -316,7 +316,8 @@ def parse(data: Any, source: str = "policy") -> Policy:
     docker_auth = _docker_auth_sections(c, top) if "server" in top or "token" in top else None
     ldap = None
     if "ldap_auth" in top:
-        raw_ldap = c.mapping(top["ldap_auth"], "ldap_auth", ldap_identity.SECTION_KEYS)
+        # Its keys are checked by parse_section, which names what replaces another integration's.
+        raw_ldap = c.mapping(top["ldap_auth"], "ldap_auth", None)
         if raw_ldap is not None:
             ldap = ldap_identity.parse_section(c, raw_ldap)
     external = None

@@ -11,6 +11,7 @@ from yarl import URL
 
 from gateway.config import Settings
 from gateway.errors import API_VERSION_HEADER
+from gateway.identity.ldap import LdapSettings
 
 TIMEOUT = 4.0
 
@@ -69,3 +70,36 @@ def registry_problem(upstream: URL) -> str | None:
     if headers.get(API_VERSION_HEADER) is None:
         return f"{url} answers, but not as a registry (no {API_VERSION_HEADER} header)"
     return None
+
+
+def directory_problem(settings: LdapSettings) -> tuple[str, bool] | None:
+    """Why the directory does not take a bind as the service account (anonymous with no bind_dn
+    or with initial_bind_as_user), naming the key to change, and whether the configuration is the
+    cause (True) rather than a directory that does not answer (False); None when it binds."""
+    import asyncio
+    import dataclasses
+
+    from gateway.identity.ldap import LdapSource
+
+    async def attempt(settings: LdapSettings) -> tuple[str, bool] | None:
+        source = LdapSource(settings)
+        try:
+            problem = await source.check()
+        finally:
+            await source.close()
+        return None if problem is None else (str(problem), problem.misconfigured)
+
+    problem = asyncio.run(attempt(settings))
+    if problem is None or problem[1] or settings.tls != "always":
+        return problem
+    # LDAPS failed: does the port speak plain LDAP (docker_auth's reading of a missing tls, off
+    # port 636)? Asked anonymously, so that no password crosses the network unencrypted.
+    plain = dataclasses.replace(settings, tls="never", bind_dn=None, bind_password=None)
+    answer = asyncio.run(attempt(plain))
+    if answer is None or answer[1]:
+        return (
+            f"ldap_auth.tls: always (LDAPS), but {settings.addr} speaks plain LDAP: set tls: starttls "
+            "(or never, on a trusted network)",
+            True,
+        )
+    return problem

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -643,4 +644,151 @@ def test_tokens_for_directory_users_carry_their_group_grants(
         )
         assert status == 401
     finally:
+        stop(gateway.process)
+
+
+# --- docker_auth's reading of the section, and saying what is wrong ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("tls", "addr", "url"),
+    [
+        (None, "ldap.example.com:389", "ldap://ldap.example.com:389"),  # docker_auth: plain
+        (None, "ldap.example.com:636", "ldaps://ldap.example.com:636"),  # docker_auth: LDAPS on 636
+        ("", "ldap.example.com:3890", "ldap://ldap.example.com:3890"),
+        ("", "ldap.example.com:636", "ldaps://ldap.example.com:636"),
+        ("none", "ldap.example.com:636", "ldap://ldap.example.com:636"),
+        ("always", "ldap.example.com:389", "ldaps://ldap.example.com:389"),
+    ],
+)
+def test_a_missing_tls_is_read_as_docker_auth_reads_it(tls: str | None, addr: str, url: str) -> None:
+    section: dict[str, object] = {"addr": addr, "base": "dc=example,dc=com", "filter": "(uid=${account})"}
+    if tls is not None:
+        section["tls"] = tls
+    policy = policyfile.parse({"acl": [], "ldap_auth": section})
+    assert policy.ldap is not None and policy.ldap.url == url
+    # Plain LDAP nobody asked for by name is said: passwords cross the network unencrypted.
+    implicit_plain = tls in (None, "") and url.startswith("ldap:")
+    assert any("ldap_auth.tls: not set, so plain LDAP" in w for w in policy.warnings) == implicit_plain
+
+
+@pytest.mark.parametrize("key", ["group_filter", "group_base_dn"])
+def test_group_search_keys_name_what_replaces_them(key: str) -> None:
+    problems = _policy_problems(
+        "acl: []\nldap_auth: {addr: 'ldap.example.com:636', base: 'dc=example,dc=com',"
+        f" filter: '(uid=${{account}})', {key}: '(member=${{dn}})'}}\n"
+    )
+    [problem] = problems
+    assert problem.startswith(f"ldap_auth.{key}: not a docker_auth ldap_auth key: ")
+    assert "labels: {group: {attribute: memberOf, parse_cn: true}}" in problem
+    assert "${labels:group}" in problem and "did you mean" not in problem
+
+
+def check_config(tmp: Path, policy_text: str) -> subprocess.CompletedProcess[str]:
+    users = tmp / "htpasswd"
+    if not users.exists():
+        htpasswd_add(users, "admin", "admin-pw-1", "-B")
+    policy = tmp / "policy.yml"
+    policy.write_text(policy_text)
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "check-config",
+            "--htpasswd",
+            str(users),
+            "--policy",
+            str(policy),
+            "--upstream",
+            f"http://127.0.0.1:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment,
+    )
+
+
+def test_a_docker_auth_section_without_tls_logs_in_on_a_plain_port(
+    tmp_path: Path, registry: Registry, directory: Directory
+) -> None:
+    """docker_auth reads no tls on port 389 as plain LDAP: so does the gateway, and check-config
+    tries the bind and says so."""
+    checked = check_config(tmp_path, ACL + ldap_section(directory, tmp_path, tls=None))
+    assert checked.returncode == 0, checked.stderr
+    assert f"the directory at {directory.addr} takes the service account's bind" in checked.stdout
+    assert "ldap_auth.tls: not set, so plain LDAP" in checked.stderr
+    gateway = start(tmp_path, registry, directory, tls=None)
+    try:
+        assert http_request(gateway.host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
+        assert http_request(gateway.host, "GET", "/v2/", ("alice", "wrong"))[0] == 401
+    finally:
+        stop(gateway.process)
+
+
+def test_check_config_tries_the_directory_bind_and_names_the_key(
+    tmp_path: Path, directory: Directory
+) -> None:
+    # LDAPS against the plain-LDAP port: refused, with the key to change.
+    tls = check_config(tmp_path, ACL + ldap_section(directory, tmp_path, tls="always"))
+    assert tls.returncode == 1, tls.stdout
+    assert (
+        f"ldap_auth.tls: always (LDAPS), but {directory.addr} speaks plain LDAP: set tls: starttls"
+        in tls.stderr
+    )
+    # A stale service password: bind_dn and bind_password_file named, the password not shown.
+    stale = tmp_path / "stale.pw"
+    stale.write_text("an-old-service-pw\n")
+    refused = check_config(tmp_path, ACL + ldap_section(directory, tmp_path, bind_password_file=str(stale)))
+    assert refused.returncode == 1, refused.stdout
+    assert "the directory refused the service account (Invalid credentials" in refused.stderr
+    assert f"check ldap_auth.bind_dn ({ldap_server.SERVICE_DN})" in refused.stderr
+    assert f"the password in ldap_auth.bind_password_file ({stale})" in refused.stderr
+    assert "an-old-service-pw" not in refused.stdout + refused.stderr
+    # A directory that does not answer is a warning, as a registry that does not answer is.
+    directory.stop()
+    down = check_config(tmp_path, ACL + ldap_section(directory, tmp_path))
+    assert down.returncode == 0, down.stderr
+    assert f"warning: the directory: cannot connect to ldap://{directory.addr}" in down.stderr
+    assert "Traceback" not in down.stderr
+
+
+def test_log_lines_name_the_service_account_and_the_timeout(
+    tmp_path: Path, registry: Registry, directory: Directory
+) -> None:
+    stale = tmp_path / "stale.pw"
+    stale.write_text("an-old-service-pw\n")
+    gateway = start(tmp_path, registry, directory, bind_password_file=str(stale))
+    try:
+        assert http_request(gateway.host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 401
+        log = gateway.log.read_text()
+        assert "the directory refused the service account (Invalid credentials" in log
+        assert "check ldap_auth.bind_dn" in log and f"ldap_auth.bind_password_file ({stale})" in log
+        assert "this is not about the user's password" in log and "an-old-service-pw" not in log
+    finally:
+        stop(gateway.process)
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    gateway = start(frozen, registry, directory, connect_timeout=1, operation_timeout=1)
+    assert directory.process is not None
+    try:
+        assert http_request(gateway.host, "GET", "/v2/", ("alice", PASSWORDS["alice"]))[0] == 200
+        # The directory stops answering (frozen, its connections open): a search on the pooled
+        # connection runs out of operation_timeout, a new connection out of connect_timeout.
+        directory.process.send_signal(signal.SIGSTOP)
+        time.sleep(0.2)
+        assert http_request(gateway.host, "GET", "/v2/", ("bob", PASSWORDS["bob"]))[0] == 401
+        assert http_request(gateway.host, "GET", "/v2/", ("carol", PASSWORDS["carol"]))[0] == 401
+        log = gateway.log.read_text()
+        assert "login of 'bob' refused: directory " in log
+        assert "unavailable: no answer to the search within ldap_auth.operation_timeout (1 s)" in log
+        assert (
+            f"unavailable: no answer within ldap_auth.connect_timeout (1 s) connecting to "
+            f"ldap://{directory.addr} (binding as the service account)" in log
+        )
+        assert "TimeoutError:" not in log
+    finally:
+        directory.process.send_signal(signal.SIGCONT)
         stop(gateway.process)

@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from gateway.identity import Labels, Rejected, Unavailable, Unknown, Verdict, Verified
+from gateway.yaml_files import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,16 @@ SECTION_KEYS = (
     "max_connections",
 )
 LABEL_KEYS = ("attribute", "parse_cn", "lower_case")
+# Keys of other LDAP integrations (a separate group search) that docker_auth's section does not
+# have: what replaces them, rather than a near key's name. Groups are read from the user's entry.
+_GROUPS_FROM_THE_ENTRY = (
+    "groups are read from the user's own entry instead: labels: {group: {attribute: memberOf, "
+    'parse_cn: true}}, then ACL entries such as name: "${labels:group}/*" (no separate group search)'
+)
+REPLACED_KEYS = {
+    "group_filter": f"not a docker_auth ldap_auth key: {_GROUPS_FROM_THE_ENTRY}",
+    "group_base_dn": f"not a docker_auth ldap_auth key: {_GROUPS_FROM_THE_ENTRY}",
+}
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,13 @@ class LdapSettings:
 
 class Problems(Protocol):
     def bad(self, path: str, message: str) -> None: ...
+
+
+def warn(c: Problems, message: str) -> None:
+    """A warning, where the collector keeps them (the policy file's does)."""
+    warnings = getattr(c, "warnings", None)
+    if isinstance(warnings, list):
+        warnings.append(message)
 
 
 # --- pure: escaping, DNs, labels, the section --------------------------------------------------
@@ -234,9 +252,16 @@ def _seconds(c: Problems, raw: Mapping[str, Any], key: str, path: str, default: 
 
 
 def parse_section(c: Problems, raw: Mapping[str, Any], path: str = "ldap_auth") -> LdapSettings | None:
-    """Validate an `ldap_auth` mapping (unknown keys were reported by the caller); every problem is
-    reported with its key path. The bind password is read from its file here."""
+    """Validate an `ldap_auth` mapping; every problem is reported with its key path, an unknown
+    key with the key that replaces it when it is another integration's. The bind password is read
+    from its file here."""
     problems_before = len(getattr(c, "problems", []))
+    for key in raw:
+        if key in REPLACED_KEYS:
+            c.bad(f"{path}.{key}", REPLACED_KEYS[key])
+        elif key not in SECTION_KEYS:
+            hint = did_you_mean(str(key), SECTION_KEYS)
+            c.bad(f"{path}.{key}", f"unknown key{hint} (expected one of: {', '.join(SECTION_KEYS)})")
     if importlib.util.find_spec("bonsai") is None:
         c.bad(
             path, "needs the LDAP client: pip install 'registry-gateway[ldap]' (bonsai; Debian: libldap2-dev)"
@@ -258,11 +283,20 @@ def parse_section(c: Problems, raw: Mapping[str, Any], path: str = "ldap_auth") 
         c.bad(f"{path}.method", "give tls or its older name method, not both")
     if "method" in raw and raw["method"] not in old_methods:
         c.bad(f"{path}.method", "expected one of: plain, simple_tls, starttls")
-    tls = old_methods.get(raw["method"], "always") if "method" in raw else raw.get("tls", "always")
-    if tls in ("", "none", None):
-        tls = "never"  # docker_auth's spellings of an unencrypted connection
+    tls = old_methods.get(raw["method"], "always") if "method" in raw else raw.get("tls")
+    if tls in ("", None) and "method" not in raw:
+        # As docker_auth's NewLDAPAuth reads it: no tls is LDAPS on port 636, plain LDAP elsewhere.
+        tls = "always" if addr is not None and addr.endswith(":636") else "never"
+        if tls == "never":
+            warn(
+                c,
+                f"{path}.tls: not set, so plain LDAP, as docker_auth reads it (LDAPS only on port 636): "
+                "passwords cross the network unencrypted; set tls: starttls (or always, for an LDAPS port)",
+            )
+    if tls == "none":
+        tls = "never"  # docker_auth's spelling of an unencrypted connection
     if tls not in TLS_MODES:
-        c.bad(f"{path}.tls", f"expected one of: {', '.join(TLS_MODES)}")
+        c.bad(f"{path}.tls", f'expected one of: {", ".join(TLS_MODES)} (or docker_auth\'s "" or none)')
         tls = "always"
     skip_verify = _flag(c, raw, "insecure_tls_skip_verify", path)
     ca_certificate = _text(c, raw, "ca_certificate", path)
@@ -336,6 +370,20 @@ def parse_section(c: Problems, raw: Mapping[str, Any], path: str = "ldap_auth") 
 # --- the directory ------------------------------------------------------------------------------
 
 
+# The steps of a login, for saying which one failed.
+SERVICE_BIND, SEARCH, USER_BIND = "binding as the service account", "searching", "binding as the user"
+
+
+class DirectoryUnavailable(Exception):
+    """A step of a login the directory did not complete, in words that name the setting concerned.
+    `misconfigured`: the directory answered and refused the configuration itself (the service
+    account's bind), rather than not answering."""
+
+    def __init__(self, message: str, misconfigured: bool = False) -> None:
+        super().__init__(message)
+        self.misconfigured = misconfigured
+
+
 class LdapSource:
     """Logins against one directory. Never blocks the event loop (bonsai's asyncio connections),
     at most `max_connections` at once, every connect and operation under its timeout."""
@@ -357,6 +405,45 @@ class LdapSource:
                 settings.addr,
             )
 
+    def _failure(self, step: str, exc: BaseException) -> DirectoryUnavailable:
+        """Why `step` failed, naming the keys to look at: a refused service account is its
+        bind_dn and password file (not a user's password), a silent directory is the timeout it
+        ran out of (bonsai's TimeoutError says nothing more)."""
+        bonsai = self._bonsai
+        settings = self.settings
+        detail = str(exc).strip()
+        if isinstance(exc, bonsai.TimeoutError | TimeoutError):
+            if step == SEARCH:
+                seconds = settings.operation_timeout
+                return DirectoryUnavailable(
+                    f"no answer to the search within ldap_auth.operation_timeout ({seconds:g} s)"
+                )
+            return DirectoryUnavailable(
+                f"no answer within ldap_auth.connect_timeout ({settings.connect_timeout:g} s) "
+                f"connecting to {settings.url} ({step})"
+            )
+        if step == SERVICE_BIND and isinstance(exc, bonsai.AuthenticationError):
+            if settings.bind_dn is None:
+                return DirectoryUnavailable(
+                    f"the directory refuses an anonymous search ({detail}): set ldap_auth.bind_dn and "
+                    "ldap_auth.bind_password_file",
+                    misconfigured=True,
+                )
+            return DirectoryUnavailable(
+                f"the directory refused the service account ({detail}): check ldap_auth.bind_dn "
+                f"({settings.bind_dn}) and the password in ldap_auth.bind_password_file "
+                f"({settings.bind_password_file}); this is not about the user's password",
+                misconfigured=True,
+            )
+        if isinstance(exc, bonsai.ConnectionError):
+            hint = ""
+            if settings.tls == "always" and "TLS" in detail:
+                # It answered, but not with TLS: most likely a plain-LDAP port (389).
+                hint = "; if that port speaks plain LDAP, set ldap_auth.tls: starttls (tls: always is LDAPS)"
+            where = f"ldap_auth.addr, tls: {settings.tls}; {step}"
+            return DirectoryUnavailable(f"cannot connect to {settings.url} ({where}): {detail}{hint}")
+        return DirectoryUnavailable(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__)
+
     def _client(self, dn: str | None, password: str | None) -> Any:
         bonsai = self._bonsai
         settings = self.settings
@@ -369,9 +456,19 @@ class LdapSource:
             client.set_credentials("SIMPLE", user=dn, password=password or "")
         return client
 
-    async def _connect(self, dn: str | None, password: str | None) -> Any:
-        client = self._client(dn, password)
-        return await client.connect(is_async=True, timeout=self.settings.connect_timeout)
+    async def _connect(self, dn: str | None, password: str | None, step: str) -> Any:
+        """A connection bound as `dn`. A user's wrong password is bonsai's AuthenticationError,
+        for the caller to decide; every other failure is DirectoryUnavailable."""
+        bonsai = self._bonsai
+        try:
+            client = self._client(dn, password)
+            return await client.connect(is_async=True, timeout=self.settings.connect_timeout)
+        except bonsai.AuthenticationError as exc:
+            if step == USER_BIND:
+                raise
+            raise self._failure(step, exc) from None
+        except (bonsai.LDAPError, OSError, TimeoutError) as exc:
+            raise self._failure(step, exc) from None
 
     async def _service_connection(self) -> Any:
         """A connection bound as the service account (or anonymous): pooled, since every login
@@ -380,7 +477,7 @@ class LdapSource:
             connection = self._idle.pop()
             if not connection.closed:
                 return connection
-        return await self._connect(self.settings.bind_dn, self.settings.bind_password)
+        return await self._connect(self.settings.bind_dn, self.settings.bind_password, SERVICE_BIND)
 
     def _return(self, connection: Any, healthy: bool) -> None:
         if healthy and not connection.closed and len(self._idle) < self.settings.max_connections:
@@ -390,48 +487,53 @@ class LdapSource:
 
     async def _find(self, user: str, search_as: tuple[str, str] | None) -> list[Any]:
         """The entries the filter finds for `user`: searched as the service account (pooled), or
-        as `search_as` (initial_bind_as_user). Raises bonsai's errors."""
+        as `search_as` (initial_bind_as_user; its wrong password is bonsai's AuthenticationError).
+        Raises DirectoryUnavailable."""
         bonsai = self._bonsai
         settings = self.settings
+        failures = (bonsai.LDAPError, OSError, TimeoutError)
 
         async def search(connection: Any) -> list[Any]:
-            found: list[Any] = await connection.search(
-                settings.base,
-                bonsai.LDAPSearchScope.SUBTREE,
-                user_filter(settings.filter, user),
-                attrlist=[
-                    *(spec.attribute for spec in settings.labels.values()),
-                    *account_attributes(settings.filter),
-                ]
-                or ["1.1"],
-                timeout=settings.operation_timeout,
-            )
+            try:
+                found: list[Any] = await connection.search(
+                    settings.base,
+                    bonsai.LDAPSearchScope.SUBTREE,
+                    user_filter(settings.filter, user),
+                    attrlist=[
+                        *(spec.attribute for spec in settings.labels.values()),
+                        *account_attributes(settings.filter),
+                    ]
+                    or ["1.1"],
+                    timeout=settings.operation_timeout,
+                )
+            except BaseException:
+                connection.close()
+                raise
             return found
 
         if search_as is not None:
-            connection = await self._connect(*search_as)
+            connection = await self._connect(*search_as, USER_BIND)
             try:
                 return await search(connection)
+            except failures as exc:
+                raise self._failure(SEARCH, exc) from None
             finally:
                 connection.close()
         pooled = bool(self._idle)
         connection = await self._service_connection()
         try:
             entries = await search(connection)
-        except bonsai.ConnectionError:
-            connection.close()
+        except bonsai.ConnectionError as exc:
             if not pooled:
-                raise
+                raise self._failure(SEARCH, exc) from None
             # A pooled connection the directory dropped (it restarted): once more, on a new one.
-            connection = await self._connect(settings.bind_dn, settings.bind_password)
+            connection = await self._connect(settings.bind_dn, settings.bind_password, SERVICE_BIND)
             try:
                 entries = await search(connection)
-            except BaseException:
-                connection.close()
-                raise
-        except BaseException:
-            connection.close()
-            raise
+            except failures as retried:
+                raise self._failure(SEARCH, retried) from None
+        except failures as exc:
+            raise self._failure(SEARCH, exc) from None
         self._return(connection, healthy=True)
         return entries
 
@@ -458,9 +560,7 @@ class LdapSource:
                         else None,
                     )
                 except bonsai.AuthenticationError:
-                    if settings.initial_bind_as_user:
-                        return Rejected()
-                    raise
+                    return Rejected()  # initial_bind_as_user: the user's own bind, refused
                 self.last_problem = None
                 if not entries:
                     return Unknown()
@@ -472,26 +572,24 @@ class LdapSource:
                     log.info("ldap_auth: %r is not the directory's spelling of that name: refused", user)
                     return Rejected()
                 try:
-                    user_connection = await self._connect(str(entry.dn), password)
+                    user_connection = await self._connect(str(entry.dn), password, USER_BIND)
                 except bonsai.AuthenticationError:
                     return Rejected()
                 user_connection.close()
                 return Verified(user, self._labels(entry), self.name)
-            except (bonsai.LDAPError, OSError, TimeoutError) as exc:
-                problem = f"{type(exc).__name__}: {exc}".strip()
-                self.last_problem = problem
-                return Unavailable(f"directory {settings.addr} unavailable: {problem}")
+            except DirectoryUnavailable as exc:
+                self.last_problem = str(exc)
+                return Unavailable(f"directory {settings.addr} unavailable: {exc}")
 
     async def lookup(self, user: str) -> tuple[str, Labels] | Unknown | Unavailable:
         """The entry's DN and labels, found as the service account, with no password check (for
         `policy explain`)."""
-        bonsai = self._bonsai
         if self.settings.initial_bind_as_user:
             return Unavailable("initial_bind_as_user: the directory is searched only with a user's password")
         try:
             entries = await self._find(user, None)
-        except (bonsai.LDAPError, OSError, TimeoutError) as exc:
-            return Unavailable(f"directory {self.settings.addr} unavailable: {type(exc).__name__}: {exc}")
+        except DirectoryUnavailable as exc:
+            return Unavailable(f"directory {self.settings.addr} unavailable: {exc}")
         if len(entries) != 1:
             return Unknown()
         if not names_entry(self._attributes(entries[0]), account_attributes(self.settings.filter), user):
@@ -502,14 +600,21 @@ class LdapSource:
         while self._idle:
             self._idle.pop().close()
 
+    async def check(self) -> DirectoryUnavailable | None:
+        """None when the directory answers a bind as the service account (or anonymously, with
+        initial_bind_as_user or no bind_dn), else why not."""
+        bind_dn = None if self.settings.initial_bind_as_user else self.settings.bind_dn
+        try:
+            connection = await self._connect(bind_dn, self.settings.bind_password, SERVICE_BIND)
+        except DirectoryUnavailable as exc:
+            return exc
+        except Exception as exc:  # any failure is the answer here
+            return self._failure(SERVICE_BIND, exc)
+        connection.close()
+        return None
+
     async def probe(self) -> str | None:
         """None when the directory answers a bind as the service account (or anonymously)."""
-        try:
-            bind_dn = None if self.settings.initial_bind_as_user else self.settings.bind_dn
-            connection = await self._connect(bind_dn, self.settings.bind_password)
-            connection.close()
-            self.last_problem = None
-            return None
-        except Exception as exc:  # any failure is the answer here
-            self.last_problem = f"{type(exc).__name__}: {exc}"
-            return self.last_problem
+        problem = await self.check()
+        self.last_problem = None if problem is None else str(problem)
+        return self.last_problem
