@@ -689,7 +689,9 @@ class Gateway:
         self.audit = audit or AuditLog(settings.audit_log)
         if self.audit.target is not None:
             self.metrics.audit_records_lost = lambda: self.audit.lost
-        self.lockout = Lockout(settings.lockout_attempts, settings.lockout_window) if lockout is None else lockout
+        self.lockout = (
+            Lockout(settings.lockout_attempts, settings.lockout_window) if lockout is None else lockout
+        )
         self.authority = TokenAuthority(settings) if settings.challenge == "bearer" else None
         self.upstream: UpstreamPool | None = None
         self._authorizer: ExternalAuthorizer | None = None
