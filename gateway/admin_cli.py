@@ -76,10 +76,27 @@ def _read_password(args: argparse.Namespace, confirm: bool, stdin: TextIO) -> st
         return stdin.readline().removesuffix("\n").removesuffix("\r")
     if not stdin.isatty():
         raise userfile.UserFileError("no terminal to ask for the password: use --password-stdin")
-    first = getpass.getpass("Password: ")
-    if confirm and getpass.getpass("Repeat password: ") != first:
-        raise userfile.UserFileError("passwords do not match")
+    try:
+        first = getpass.getpass("Password: ")
+        if confirm and getpass.getpass("Repeat password: ") != first:
+            raise userfile.UserFileError("passwords do not match")
+    except (EOFError, KeyboardInterrupt) as exc:
+        # Ctrl-D or Ctrl-C at the prompt: the operator changed their mind, not a crash. getpass
+        # leaves the cursor after the prompt; on a terminal the message goes on a line of its own.
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        if isinstance(exc, KeyboardInterrupt):
+            raise PromptAbandoned("interrupted (Ctrl-C)", 130) from None  # 128 + SIGINT, as shells say
+        raise PromptAbandoned("end of input (Ctrl-D)", 1) from None
     return first
+
+
+class PromptAbandoned(Exception):
+    """The password prompt was left with Ctrl-C or Ctrl-D: nothing was changed."""
+
+    def __init__(self, how: str, exit_status: int) -> None:
+        super().__init__(f"{how} at the password prompt: nothing changed")
+        self.exit_status = exit_status
 
 
 def run_user(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
@@ -115,6 +132,9 @@ def run_user(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
         userfile.set_user(path, args.name, hashed, must_exist=command == "passwd")
         print(f"{'added' if command == 'add' else 'changed password of'} {args.name} in {path}")
         return 0
+    except PromptAbandoned as exc:
+        print(f"registry-gateway user: {exc}", file=sys.stderr)
+        return exc.exit_status
     except (userfile.UserFileError, config.ConfigError, OSError) as exc:
         print(f"registry-gateway user: {exc}", file=sys.stderr)
         return 2

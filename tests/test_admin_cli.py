@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import pty
+import select
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -176,6 +179,65 @@ def test_password_never_from_argv_and_terminal_prompt(tmp_path: Path) -> None:
     assert os.waitstatus_to_exitcode(status) == 0, transcript
     assert b"tty secret" not in transcript  # not echoed
     assert apache_verifies(users, "bob", "tty secret")
+
+
+def on_a_terminal(args: list[str], keys: list[bytes]) -> tuple[int, str]:
+    """Run the CLI on a pty, typing each of `keys` once its next password prompt is shown; its
+    exit status and all it showed on the terminal."""
+    pid, fd = pty.fork()
+    if pid == 0:  # child: run the CLI on the pty, Ctrl-C interrupting it whatever pytest inherited
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.execv(sys.executable, [sys.executable, "-m", "gateway", *args])
+    transcript = b""
+    deadline = time.monotonic() + 60
+    try:
+        for prompts, key in enumerate(keys, start=1):
+            # Typed before its prompt, a key could be discarded (getpass flushes the terminal's input).
+            while transcript.count(b"assword: ") < prompts:
+                assert time.monotonic() < deadline, transcript
+                if select.select([fd], [], [], 1)[0]:
+                    transcript += os.read(fd, 1024)
+            os.write(fd, key)
+        while time.monotonic() < deadline:
+            if not select.select([fd], [], [], 1)[0]:
+                continue
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:  # EIO: the child has exited and closed the terminal
+                break
+            if not chunk:
+                break
+            transcript += chunk
+    finally:
+        exited, status = os.waitpid(pid, os.WNOHANG)
+        if exited == 0:
+            os.kill(pid, signal.SIGKILL)  # a hung CLI fails the test, never the suite
+            _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return os.waitstatus_to_exitcode(status), transcript.decode(errors="replace")
+
+
+def test_ctrl_c_or_ctrl_d_at_the_password_prompt_is_one_line(tmp_path: Path) -> None:
+    users = tmp_path / "htpasswd"
+    add = ["user", "add", "bob", "--file", str(users), "--cost", "4"]
+    # \x03 and \x04 are what the terminal turns Ctrl-C (SIGINT) and Ctrl-D (end of input) into.
+    status, shown = on_a_terminal(add, [b"\x03"])
+    assert status == 130, shown
+    assert "Traceback" not in shown and "KeyboardInterrupt" not in shown
+    assert "registry-gateway user: interrupted (Ctrl-C) at the password prompt: nothing changed" in shown
+    status, shown = on_a_terminal(add, [b"a secret\n", b"\x04"])
+    assert status == 1 and "Traceback" not in shown and "EOFError" not in shown, shown
+    assert "registry-gateway user: end of input (Ctrl-D) at the password prompt: nothing changed" in shown
+    assert not users.exists()
+
+    htpasswd_add(users, "bob", "old-pw")
+    before = users.read_bytes()
+    passwd = ["user", "passwd", "bob", "--file", str(users), "--cost", "4"]
+    for keys, expected in (([b"\x04"], 1), ([b"new secret\n", b"\x03"], 130)):
+        status, shown = on_a_terminal(passwd, keys)
+        assert status == expected and "Traceback" not in shown, shown
+        assert shown.strip().splitlines()[-1].startswith("registry-gateway user: "), shown
+    assert users.read_bytes() == before
 
 
 def test_refuses_bad_names_and_long_passwords(tmp_path: Path) -> None:
