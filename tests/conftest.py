@@ -30,6 +30,17 @@ if os.environ.get("CI"):
 
 REGISTRY_BIN = os.environ.get("REGISTRY_BIN", "/usr/bin/docker-registry")
 
+
+@pytest.fixture(autouse=True)
+def _no_operator_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GATEWAY_* variables of the shell that runs the tests (an operator's
+    GATEWAY_CONFIG=/etc/registry-gateway/gateway.yml) reach no test and no process a test starts:
+    each test names its own files, so none reads or writes the machine's configuration."""
+    for name in list(os.environ):
+        if name.startswith("GATEWAY_"):
+            monkeypatch.delenv(name)
+
+
 USERS = {
     "admin": "admin-secret-pw",
     "alice": "alice-secret-pw",

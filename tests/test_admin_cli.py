@@ -315,8 +315,10 @@ def test_policy_explain(tmp_path: Path) -> None:
         (("", "public/x", "pull"), 0, "ALLOWED: anonymous pull public/x: by acl[3]"),
         (("gone", "library/x", "pull"), 1, "DENIED: gone: account expired"),
     ]
+    # explain looks the user up in the configured htpasswd file: this test's own, never the machine's.
+    users = {"GATEWAY_HTPASSWD": str(tmp_path / "htpasswd")}
     for args, code, expected in cases:
-        result = cli("policy", "explain", *args, "--policy", str(policy))
+        result = cli("policy", "explain", *args, "--policy", str(policy), env=users)
         assert result.returncode == code, (args, result.stdout, result.stderr)
         assert result.stdout.startswith(expected), (args, result.stdout)
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -63,7 +64,8 @@ acl:
 
 def program(tmp: Path, name: str, text: str) -> Path:
     path = tmp / name
-    path.write_text(text)
+    # The tests' own interpreter runs a Python program, never whichever python3 PATH finds first.
+    path.write_text(text.replace("#!/usr/bin/env python3\n", f"#!{sys.executable}\n", 1))
     path.chmod(0o755)
     return path
 

@@ -530,11 +530,13 @@ def test_policy_explain_shows_the_directory_entry_and_its_labels(
     policy.write_text(ACL + ldap_section(directory, tmp_path))
 
     def explain(*args: str) -> subprocess.CompletedProcess[str]:
+        # GATEWAY_HTPASSWD: explain looks users up in the htpasswd file first; this test's, not the machine's.
         return subprocess.run(
             [sys.executable, "-m", "gateway", "policy", "explain", *args, "--policy", str(policy)],
             capture_output=True,
             text=True,
             timeout=60,
+            env={**os.environ, "GATEWAY_HTPASSWD": str(tmp_path / "htpasswd")},
         )
 
     alice = explain("alice", "backend/app", "push")

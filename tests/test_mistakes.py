@@ -12,11 +12,12 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from tests import etc_view
 from tests.conftest import (
     Registry,
     free_port,
@@ -32,12 +33,16 @@ ROOT = Path(__file__).parent.parent
 
 
 def gateway_cli(
-    *args: str, env: dict[str, str] | None = None, stdin: str = "", timeout: float = 60
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: str = "",
+    timeout: float = 60,
+    wrapper: Sequence[str] = (),
 ) -> tuple[int, str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     environment.update(env or {})
     done = subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
+        [*wrapper, sys.executable, "-m", "gateway", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -172,10 +177,14 @@ def test_reload_of_an_impossible_date_names_the_policy_and_counts(
 def test_duplicate_and_unknown_keys(tmp_path: Path, users: Path) -> None:
     settings = tmp_path / "gateway.yml"
     settings.write_text(f"htpasswd: {users}\nworkers: 1\nworkers: 2\n")
-    status, output = gateway_cli("check-config", "--config", str(settings))
+    # --htpasswd: a file that cannot be parsed names no htpasswd file; the default is the machine's.
+    own_users = ("--htpasswd", str(users))
+    status, output = gateway_cli("check-config", "--config", str(settings), *own_users)
     assert status == 1 and "duplicate key 'workers'" in output and str(settings) in output
     settings.write_text(f"htpasswd: {users}\nlisten_adress: 0.0.0.0:80\n")
-    status, output = gateway_cli("check-config", "--config", str(settings), env={"GATEWAY_UPSTREEM": "x"})
+    status, output = gateway_cli(
+        "check-config", "--config", str(settings), *own_users, env={"GATEWAY_UPSTREEM": "x"}
+    )
     assert status == 1
     assert "listen_adress: unknown key" in output and "did you mean 'listen'?" in output
     assert "GATEWAY_UPSTREEM: unknown environment variable (did you mean 'GATEWAY_UPSTREAM'?)" in output
@@ -243,7 +252,12 @@ def test_unreadable_htpasswd_names_the_user_who_needs_it(users: Path, open_folde
 
 
 def test_user_add_without_a_usable_file(tmp_path: Path) -> None:
-    status, output = gateway_cli("user", "add", "bob", "--password-stdin", stdin="a-long-password\n")
+    # The default location on a machine without it: seen in a private view of /etc, whatever this
+    # machine's /etc/registry-gateway holds (a test never reads or writes an installed gateway's).
+    no_default = etc_view.command(tmp_path / "etc-view", decoy=None)
+    status, output = gateway_cli(
+        "user", "add", "bob", "--password-stdin", stdin="a-long-password\n", wrapper=no_default
+    )
     assert status == 2
     assert "/etc/registry-gateway/htpasswd (the htpasswd file, from the default) cannot be used" in output
     assert "--file PATH" in output and "mkdir -p /etc/registry-gateway" in output

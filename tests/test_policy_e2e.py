@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -291,7 +292,7 @@ def test_live_user_add_policy_edit_and_expiry(setup: Setup) -> None:
     # A user added with the CLI logs in within a few seconds, without a restart.
     added = subprocess.run(
         [
-            os.environ.get("PYTHON", "python3"),
+            sys.executable,  # the interpreter running the tests, with its packages; not PATH's python3
             "-m",
             "gateway",
             "user",
