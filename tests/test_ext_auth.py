@@ -376,9 +376,13 @@ def test_policy_explain_takes_a_programs_labels(tmp_path: Path) -> None:
         "--policy",
         str(policy),
     ]
-    without = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    # GATEWAY_HTPASSWD: explain looks users up in the htpasswd file first; this test's, not the machine's.
+    own = {**os.environ, "GATEWAY_HTPASSWD": str(tmp_path / "htpasswd")}
+    without = subprocess.run(base, capture_output=True, text=True, timeout=60, env=own)
     assert without.returncode == 1 and "source: ext_auth program" in without.stdout
-    given = subprocess.run([*base, "--label", "level=max"], capture_output=True, text=True, timeout=60)
+    given = subprocess.run(
+        [*base, "--label", "level=max"], capture_output=True, text=True, timeout=60, env=own
+    )
     assert given.returncode == 0 and given.stdout.startswith("ALLOWED: bofh push vip/app: by acl[0]")
     assert "labels: level=max" in given.stdout
 
