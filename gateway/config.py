@@ -4,13 +4,20 @@ Precedence is flag > environment > file > default. Every key has one environment
 `GATEWAY_` + the key in upper case (the way the registry maps `REGISTRY_*`); lists are
 comma-separated there. Unknown keys are errors, and every problem is reported at once, each named
 by its key and where it came from.
+
+Each setting is defined once, as a `Setting` record in SETTINGS (its type in words, default,
+parser, description, and what a running gateway re-reads without a restart); the loader,
+check-config's listing, docs/configuration.md and config/gateway.yml all follow from that table.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
-from collections.abc import Callable, Mapping
+import sys
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -83,54 +90,6 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
         self.problems = problems
 
-
-# key -> (default, description). The description is what `check-config` and the README show.
-DEFAULTS: dict[str, Any] = {
-    "listen": "0.0.0.0:8080",
-    "upstream": "http://registry:5000",
-    "htpasswd": "/etc/registry-gateway/htpasswd",
-    "policy": None,
-    "admin_prefix": "admin",
-    "realm": "Registry realm",
-    "trusted_proxies": [],
-    "block_old_clients": False,
-    "connect_timeout": 10.0,
-    "read_timeout": 900.0,
-    "upstream_connections": 256,
-    "cache_ttl": 300.0,
-    "cache_size": 10000,
-    "reload_interval": 2.0,
-    "max_header_size": 16384,
-    "log_level": "info",
-    "workers": 1,
-    "audit_log": None,
-    "metrics_listen": None,
-    "lockout_attempts": 10,
-    "lockout_window": 300.0,
-    "tls_cert": None,
-    "tls_key": None,
-    "hsts_max_age": 0,
-    "redirect_listen": None,
-    "max_connections": 4096,
-    "header_timeout": 30.0,
-    "log_format": "text",
-    "shutdown_grace": 30.0,
-    "body_timeout": 60.0,
-    "keepalive_timeout": 75.0,
-    "max_head_size": 65536,
-    "redirect_to_port": None,
-    "challenge": "basic",
-    "token_key": None,
-    "token_cert": None,
-    "token_issuer": "registry-gateway",
-    "token_service": "registry-gateway",
-    "token_lifetime": 300,
-    "token_realm": None,
-    "refresh_token_lifetime": 0,
-    "token_revocations": None,
-    "fast_path": True,
-    "metrics_token_file": None,
-}
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -334,52 +293,487 @@ def _log_format(value: Any) -> str:
     return text
 
 
-PARSERS: dict[str, Callable[[Any], Any]] = {
-    "listen": _host_port,
-    "upstream": _upstream,
-    "htpasswd": _path,
-    "policy": _optional_path,
-    "admin_prefix": _text,
-    "realm": _realm,
-    "trusted_proxies": _networks,
-    "block_old_clients": _boolean,
-    "connect_timeout": _positive_seconds,
-    "read_timeout": _positive_seconds,
-    "upstream_connections": _count(1),
-    "cache_ttl": _seconds,
-    "cache_size": _count(0),
-    "reload_interval": _positive_seconds,
-    "max_header_size": _count(1024),
-    "log_level": _log_level,
-    "workers": _count(1),
-    "audit_log": _optional_text,
-    "metrics_listen": _optional_host_port,
-    "lockout_attempts": _count(0),
-    "lockout_window": _lockout_window,
-    "tls_cert": _optional_path,
-    "tls_key": _optional_path,
-    "hsts_max_age": _count(0),
-    "redirect_listen": _optional_host_port,
-    "max_connections": _count(0),
-    "header_timeout": _seconds,
-    "log_format": _log_format,
-    "shutdown_grace": _seconds,
-    "body_timeout": _positive_seconds,
-    "keepalive_timeout": _positive_seconds,
-    "max_head_size": _count(1024),
-    "redirect_to_port": _optional_port,
-    "challenge": _challenge,
-    "token_key": _optional_path,
-    "token_cert": _optional_path,
-    "token_issuer": token_text,
-    "token_service": token_text,
-    "token_lifetime": _count(60),
-    "token_realm": _optional_realm_url,
-    "refresh_token_lifetime": _count(0),
-    "token_revocations": _optional_path,
-    "fast_path": _boolean,
-    "metrics_token_file": _optional_path,
-}
+@dataclass(frozen=True)
+class Setting:
+    """One setting, defined here once: `DEFAULTS`, `PARSERS`, the environment names, check-config's
+    listing, docs/configuration.md and config/gateway.yml all come from these records (the last
+    two written by `python -m gateway.config`, and compared with the table by tests/test_docs.py).
+    `Settings` keeps a typed field of the same name (`listen` is two: listen_host, listen_port)."""
+
+    key: str
+    kind: str  # what an operator writes, in words
+    default: Any  # the raw value, as it would be written in the YAML file
+    parse: Callable[[Any], Any]
+    description: str  # Markdown, one paragraph; config/gateway.yml shows it without the backticks
+    section: str
+    # What a running gateway picks up without a restart, in words; "" when a change takes one.
+    reload: str = ""
+    flag: bool = False  # also a flag of `serve` and `check-config` (gateway.cli's SETTING_FLAGS)
+    example: str | None = None  # a value to show, commented out, in config/gateway.yml (no default)
+
+    @property
+    def env(self) -> str:
+        return env_name(self.key)
+
+    @property
+    def option(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+LISTENING = "Listening and the registry"
+USERS = "Users, rules and logins"
+TOKENS = "Tokens"
+HTTPS = "HTTPS"
+LIMITS = "Limits on clients"
+LOGS = "Logs and metrics"
+PROCESSES = "Processes"
+
+_WATCHED = "within `reload_interval` of a change, and on SIGHUP"
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "listen",
+        "HOST:PORT",
+        "0.0.0.0:8080",
+        _host_port,
+        "Address to listen on.",
+        LISTENING,
+        flag=True,
+    ),
+    Setting(
+        "upstream",
+        "URL",
+        "http://registry:5000",
+        _upstream,
+        "The registry (distribution, `registry:2`): scheme, host and port only (no path, query or "
+        "credentials).",
+        LISTENING,
+        flag=True,
+    ),
+    Setting(
+        "trusted_proxies",
+        "list of addresses or CIDRs",
+        [],
+        _networks,
+        "Proxies whose `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` are believed; "
+        "from any other client those headers are dropped. Empty: none.",
+        LISTENING,
+    ),
+    Setting(
+        "connect_timeout",
+        "seconds, more than 0",
+        10.0,
+        _positive_seconds,
+        "Seconds to get a connection to the registry, a new one or a free one of the pool (then "
+        "504; a registry that refuses connections: 502).",
+        LISTENING,
+    ),
+    Setting(
+        "read_timeout",
+        "seconds, more than 0",
+        900.0,
+        _positive_seconds,
+        "Seconds the registry may stay silent, before answering or between body bytes (then 504). "
+        "There is no total limit: a big layer takes as long as it needs while bytes flow.",
+        LISTENING,
+    ),
+    Setting(
+        "upstream_connections",
+        "whole number, at least 1",
+        256,
+        _count(1),
+        "Keep-alive connections to the registry, at most (the pool).",
+        LISTENING,
+    ),
+    Setting(
+        "htpasswd",
+        "file path",
+        "/etc/registry-gateway/htpasswd",
+        _path,
+        "Apache htpasswd file with the users; it must exist and parse. bcrypt (`htpasswd -B -C 10`, "
+        "or `registry-gateway user add`) is the format to use; `$apr1$`, `{SHA}`, `{SSHA}`, `$1$`, "
+        "`$5$`, `$6$` and `{PLAIN}` are read too, with a warning for the weak ones.",
+        USERS,
+        reload=f"the file: {_WATCHED}; one that does not parse is logged and the last good users stay",
+        flag=True,
+    ),
+    Setting(
+        "policy",
+        "file path, or none",
+        None,
+        _optional_path,
+        "Policy file: per-repository rules (docker_auth's `acl:` format), static users, labels, "
+        "groups and expiry dates, and docker_auth's `ldap_auth:`, `ext_auth:` and `ext_authz:` "
+        "sections (docs/authentication.md). None: the `admin_prefix` policy.",
+        USERS,
+        reload=f"the file, and the files it names: {_WATCHED}, validated whole with the htpasswd file "
+        "and swapped in at once; an invalid change is logged and the last good rules stay",
+        flag=True,
+        example="/etc/registry-gateway/policy.yml",
+    ),
+    Setting(
+        "admin_prefix",
+        "text",
+        "admin",
+        _text,
+        "Without a policy file: users whose name starts with this may use every method (push, "
+        "delete); everyone else only `GET` and `HEAD`. An empty string makes nobody an admin.",
+        USERS,
+        flag=True,
+    ),
+    Setting(
+        "realm",
+        "printable text without quotes or backslashes",
+        "Registry realm",
+        _realm,
+        "Realm of the `WWW-Authenticate: Basic` challenge.",
+        USERS,
+        flag=True,
+    ),
+    Setting(
+        "reload_interval",
+        "seconds, more than 0",
+        2.0,
+        _positive_seconds,
+        "Seconds between checks of the files a running gateway follows (htpasswd, policy, TLS pair, "
+        "token key and revocations) for changes.",
+        USERS,
+    ),
+    Setting(
+        "cache_ttl",
+        "seconds",
+        300.0,
+        _seconds,
+        "Seconds a verified login (password, directory or login program) is remembered (0: no "
+        "cache); a change in a directory (a user leaving a group) takes effect within it.",
+        USERS,
+    ),
+    Setting(
+        "cache_size",
+        "whole number",
+        10000,
+        _count(0),
+        "Verified logins remembered at most.",
+        USERS,
+    ),
+    Setting(
+        "lockout_attempts",
+        "whole number",
+        10,
+        _count(0),
+        "Failed logins for one (client address, user) pair before it gets 429 (0: off); see "
+        "docs/operations.md, 'Password guessing'.",
+        USERS,
+    ),
+    Setting(
+        "lockout_window",
+        "seconds, more than 0",
+        300.0,
+        _lockout_window,
+        "Seconds from the first failure that the count, and the lockout, last (`lockout_attempts: "
+        "0` turns the lockout off).",
+        USERS,
+    ),
+    Setting(
+        "block_old_clients",
+        "true or false",
+        False,
+        _boolean,
+        "Answer 404 to docker clients older than 1.6 (the nginx recipe's `User-Agent` filter).",
+        USERS,
+    ),
+    Setting(
+        "challenge",
+        "basic or bearer",
+        "basic",
+        _challenge,
+        "`basic`: the Basic challenge (curl, skopeo, podman, containerd, and docker after `docker "
+        "login`). `bearer`: the gateway also issues and checks tokens at `/token` (the distribution "
+        "token flow), which the docker CLI needs for anonymous pulls and which a registry in `auth: "
+        "token` mode can trust; Basic credentials sent directly still work. See "
+        "docs/authentication.md, 'Tokens'.",
+        TOKENS,
+    ),
+    Setting(
+        "token_key",
+        "file path, or none",
+        None,
+        _optional_path,
+        "PEM signing key (EC P-256 or RSA), then any previous keys still accepted; `registry-gateway "
+        "token keygen --key FILE` writes one (mode 0600) and `FILE.crt` beside it. None: an "
+        "ephemeral key, for one process only (so needed with `workers` above 1, and for refresh "
+        "tokens).",
+        TOKENS,
+        reload=f"the file (with `token_cert`): {_WATCHED}; a key that fails to load is logged and the "
+        "current one stays",
+        example="/etc/registry-gateway/token.pem",
+    ),
+    Setting(
+        "token_cert",
+        "file path, or none",
+        None,
+        _optional_path,
+        "The signing key's certificate chain, sent in each token's `x5c` header (distribution 3.x "
+        "needs it; 2.8 is content with the `kid` every token carries); the registry's "
+        "`auth.token.rootcertbundle` is this file. Needs `token_key`.",
+        TOKENS,
+        reload=f"the file (with `token_key`): {_WATCHED}",
+        example="/etc/registry-gateway/token.crt",
+    ),
+    Setting(
+        "token_issuer",
+        "printable text",
+        "registry-gateway",
+        token_text,
+        "The tokens' `iss`; a registry in token mode is configured with the same "
+        "(`auth.token.issuer`). Any printable text, spaces and quotes included.",
+        TOKENS,
+    ),
+    Setting(
+        "token_service",
+        "printable text",
+        "registry-gateway",
+        token_text,
+        "The tokens' `aud`, and the service ACL entries match on unless the policy sets its own; a "
+        "registry in token mode is configured with the same (`auth.token.service`). Any printable "
+        "text, spaces and quotes included (`Docker registry`, as distribution's examples have it).",
+        TOKENS,
+    ),
+    Setting(
+        "token_lifetime",
+        "whole number of seconds, at least 60",
+        300,
+        _count(60),
+        "Seconds a token is valid (clients treat less than 60 as 60).",
+        TOKENS,
+    ),
+    Setting(
+        "token_realm",
+        "absolute http:// or https:// URL, or none",
+        None,
+        _optional_realm_url,
+        "The realm announced in challenges. None: built from how the client reached the gateway "
+        "(scheme and host, behind `trusted_proxies` too) plus `/token`.",
+        TOKENS,
+        example="https://registry.example.com/token",
+    ),
+    Setting(
+        "refresh_token_lifetime",
+        "whole number of seconds",
+        0,
+        _count(0),
+        "Seconds a refresh token (docker's identity token) is valid; 0: none are issued. Needs `token_key`.",
+        TOKENS,
+    ),
+    Setting(
+        "token_revocations",
+        "file path, or none",
+        None,
+        _optional_path,
+        "Where `registry-gateway token revoke USER` records revocations: tokens issued to USER "
+        "before then are refused by every gateway that reads this file.",
+        TOKENS,
+        reload=f"the file: {_WATCHED}",
+        example="/etc/registry-gateway/token-revocations",
+    ),
+    Setting(
+        "tls_cert",
+        "file path, or none",
+        None,
+        _optional_path,
+        "PEM certificate chain; with `tls_key` the gateway serves HTTPS (TLS 1.2 and 1.3, Mozilla's "
+        "intermediate ciphers). Give both or neither.",
+        HTTPS,
+        reload=f"the pair: {_WATCHED}, for new connections; a pair that fails to load is logged and "
+        "the old one keeps serving",
+        flag=True,
+        example="/etc/registry-gateway/tls/fullchain.pem",
+    ),
+    Setting(
+        "tls_key",
+        "file path, or none",
+        None,
+        _optional_path,
+        "PEM private key of `tls_cert`.",
+        HTTPS,
+        reload="with `tls_cert`",
+        flag=True,
+        example="/etc/registry-gateway/tls/privkey.pem",
+    ),
+    Setting(
+        "hsts_max_age",
+        "whole number of seconds",
+        0,
+        _count(0),
+        "With TLS: send `Strict-Transport-Security: max-age=N` (0: not sent).",
+        HTTPS,
+    ),
+    Setting(
+        "redirect_listen",
+        "HOST:PORT, or none",
+        None,
+        _optional_host_port,
+        "With TLS: a plain-HTTP address answering 301 to HTTPS.",
+        HTTPS,
+        example="0.0.0.0:80",
+    ),
+    Setting(
+        "redirect_to_port",
+        "port, or none",
+        None,
+        _optional_port,
+        "With `redirect_listen`: the HTTPS port redirects name, when a port mapping publishes HTTPS "
+        "on another port than `listen`'s (`compose.tls.yml`: 8443 inside, 443 outside).",
+        HTTPS,
+        example="443",
+    ),
+    Setting(
+        "max_connections",
+        "whole number",
+        4096,
+        _count(0),
+        "Client connections open at once; more are closed at once (0: no limit).",
+        LIMITS,
+    ),
+    Setting(
+        "header_timeout",
+        "seconds",
+        30.0,
+        _seconds,
+        "Seconds every request head has, from its first byte (from the connection's opening, for "
+        "the first), to arrive whole (slowloris); 0: no limit.",
+        LIMITS,
+    ),
+    Setting(
+        "max_header_size",
+        "bytes, at least 1024",
+        16384,
+        _count(1024),
+        "Longest request line or header line, in bytes (longer: 400).",
+        LIMITS,
+    ),
+    Setting(
+        "max_head_size",
+        "bytes, at least 1024",
+        65536,
+        _count(1024),
+        "Bytes a request head may have in all, request line and headers (more: 431 and the "
+        "connection closed); at least `max_header_size`.",
+        LIMITS,
+    ),
+    Setting(
+        "keepalive_timeout",
+        "seconds, more than 0",
+        75.0,
+        _positive_seconds,
+        "Seconds an idle kept-alive client connection stays open (aiohttp's own default is an hour).",
+        LIMITS,
+    ),
+    Setting(
+        "body_timeout",
+        "seconds, more than 0",
+        60.0,
+        _positive_seconds,
+        "Seconds a client may pause while sending a request body (then 408 and the upstream request "
+        "is cut) or while taking a 256 KiB piece of a response (then the connection is cut); a "
+        "request body must also bring 16 KiB in every such period. No total limit.",
+        LIMITS,
+    ),
+    Setting(
+        "log_level",
+        "debug, info, warning or error",
+        "info",
+        _log_level,
+        "How much the diagnostic log on stderr says.",
+        LOGS,
+    ),
+    Setting(
+        "log_format",
+        "text or json",
+        "text",
+        _log_format,
+        "The diagnostic log on stderr: `text`, or `json` (one object a line, for log shippers).",
+        LOGS,
+    ),
+    Setting(
+        "audit_log",
+        "file path, `-`, or none",
+        None,
+        _optional_text,
+        "Audit log: one JSON object a line per request (`-`: standard output). Its directory must "
+        "exist and be writable by the gateway's user (checked at start-up and by `check-config`). "
+        "See docs/operations.md, 'Audit log'.",
+        LOGS,
+        reload="reopened on SIGHUP (logrotate's `postrotate`); if that fails, records go on to the "
+        "file open until then",
+        flag=True,
+        example="/var/log/registry-gateway/audit.jsonl",
+    ),
+    Setting(
+        "metrics_listen",
+        "HOST:PORT, or none",
+        None,
+        _optional_host_port,
+        "An address of its own serving `/metrics` (Prometheus), `/healthz` and `/readyz`. Not "
+        "available with `workers` above 1 (each worker would count alone).",
+        LOGS,
+        flag=True,
+        example="127.0.0.1:9090",
+    ),
+    Setting(
+        "metrics_token_file",
+        "file path, or none",
+        None,
+        _optional_path,
+        "A file holding a token (one line, at least 16 visible characters: `openssl rand -hex 32`) "
+        "that `/metrics` then asks for: `Authorization: Bearer TOKEN` (Prometheus "
+        "`authorization.credentials_file`) or Basic with any user name and TOKEN as password "
+        "(`basic_auth.password_file`); compared in constant time, wrong ones counted by the "
+        "lockout. `/healthz` and `/readyz` stay open for probes. None: `/metrics` is open to "
+        "whoever reaches `metrics_listen` (a warning at start-up unless that is a loopback "
+        "address). Needs `metrics_listen`.",
+        LOGS,
+        reload="the file: at the next scrape after it changes; while it cannot be read, the last "
+        "good token holds",
+        example="/etc/registry-gateway/metrics-token",
+    ),
+    Setting(
+        "workers",
+        "whole number, at least 1",
+        1,
+        _count(1),
+        "Worker processes sharing the port (`SO_REUSEPORT`), so every core serves. Each keeps its "
+        "own login cache; one that dies is replaced; one of the first that cannot start stops them "
+        "all (exit 2), a later one is retried while the others serve. Metrics need 1.",
+        PROCESSES,
+        flag=True,
+    ),
+    Setting(
+        "shutdown_grace",
+        "seconds",
+        30.0,
+        _seconds,
+        "Seconds transfers in flight, uploads included, may take to finish after SIGTERM or SIGINT.",
+        PROCESSES,
+    ),
+    Setting(
+        "fast_path",
+        "true or false",
+        True,
+        _boolean,
+        "Serve plain, allowed GET and HEAD requests (cached login or valid token, no body) on the "
+        "lean path (docs/performance.md, 'Where the time goes'); anything else takes the full path "
+        "either way. `false`: every request takes the full path.",
+        PROCESSES,
+    ),
+)
+
+SETTING_BY_KEY: Mapping[str, Setting] = MappingProxyType({setting.key: setting for setting in SETTINGS})
+# The views the loader and check-config read, derived from the table.
+DEFAULTS: Mapping[str, Any] = MappingProxyType({setting.key: setting.default for setting in SETTINGS})
+PARSERS: Mapping[str, Callable[[Any], Any]] = MappingProxyType(
+    {setting.key: setting.parse for setting in SETTINGS}
+)
 
 
 def read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
@@ -539,3 +933,113 @@ def load(
     host, port = values.pop("listen")
     origins = {key: origin for key, (_, origin) in merged.items()}
     return Settings(listen_host=host, listen_port=port, origins=MappingProxyType(origins), **values)
+
+
+# docs/configuration.md and config/gateway.yml, written from SETTINGS by `python -m gateway.config`.
+
+EXAMPLE_HEADER = """\
+# registry-gateway settings: every key, with its default or (commented out) an example value.
+# Written by `python -m gateway.config --example > config/gateway.yml` from the table in
+# gateway/config.py; docs/configuration.md says the same at more length.
+# Every key can also be set with an environment variable, GATEWAY_<KEY in upper case> (lists
+# comma-separated), and some with a flag of `registry-gateway serve`.
+# Precedence: flag > environment > this file > default. A changed setting takes a restart; the
+# files some settings name are followed while running ("While running" below).
+# Check a file with: registry-gateway check-config --config config/gateway.yml
+"""
+
+MARKDOWN_HEADER = """\
+# Configuration
+
+<!-- Written by `python -m gateway.config --markdown > docs/configuration.md` from the table in
+gateway/config.py (SETTINGS). Edit the table, not this file: tests/test_docs.py fails when the
+two differ. -->
+
+Every setting comes from, in order of precedence: a flag of `serve` (and `check-config`), an
+environment variable `GATEWAY_<KEY>` (the key in upper case; lists comma-separated), the YAML file
+given by `--config` or `GATEWAY_CONFIG`, and the default. Unknown keys in the file and unknown
+`GATEWAY_*` variables are errors. Every problem is reported at once, each named by its key and
+where it came from (`listen (--listen): expected HOST:PORT`); `serve` then refuses to start (exit
+2), `check-config` exits 1. `registry-gateway check-config` prints every effective setting and
+where it came from (default, file, environment, flag). `config/gateway.yml` is a commented example
+of every key, written from the same table as this page.
+
+**While running.** The gateway reads its settings once, at start: a changed setting takes a
+restart. What it follows while running are the files some settings name (each says so below): it
+looks at them every `reload_interval` seconds, and SIGHUP re-reads the htpasswd and policy files,
+the TLS pair and the token key and revocations at once and reopens the audit log, each on its own:
+one that fails is logged and keeps its last good state, and the others still happen. With
+`workers` above 1 the supervisor passes SIGHUP on to every worker.
+"""
+
+
+def _plain_value(value: Any) -> str:
+    """A default as it is written in YAML: 10 for 10.0, true, [] ."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    dumped = str(yaml.safe_dump(value, default_flow_style=True, width=1000))
+    return dumped.removesuffix("\n...\n").strip()  # the end-of-document mark of a lone scalar
+
+
+def _unmarked(text: str) -> str:
+    return text.replace("`", "")
+
+
+def render_markdown() -> str:
+    """docs/configuration.md."""
+    out = [MARKDOWN_HEADER]
+    section = ""
+    for setting in SETTINGS:
+        if setting.section != section:
+            section = setting.section
+            out.append(f"## {section}\n")
+        default = "none" if setting.default is None else f"`{_plain_value(setting.default)}`"
+        facts = [f"Type: {setting.kind}", f"default: {default}", f"environment: `{setting.env}`"]
+        if setting.flag:
+            facts.append(f"flag: `{setting.option}`")
+        out.append(f"### `{setting.key}`\n")
+        out.append(textwrap.fill(setting.description, 100, break_on_hyphens=False) + "\n")
+        out.append(" · ".join(facts) + "\n")
+        if setting.reload:
+            line = f"While running: {setting.reload}."
+            out.append(textwrap.fill(line, 100, break_on_hyphens=False) + "\n")
+    return "\n".join(out)
+
+
+def render_example() -> str:
+    """config/gateway.yml."""
+    out = [EXAMPLE_HEADER]
+    section = ""
+    for setting in SETTINGS:
+        if setting.section != section:
+            section = setting.section
+            out.append(f"\n# ---- {section} ----\n")
+        comment = _unmarked(setting.description)
+        if setting.reload:
+            comment += f" While running: {_unmarked(setting.reload)}."
+        out.append("\n")
+        for line in textwrap.wrap(comment, 98, break_on_hyphens=False):
+            out.append(f"# {line}\n")
+        if setting.default is None:
+            out.append(f"# {setting.key}: {setting.example}\n")
+        else:
+            out.append(f"{setting.key}: {_plain_value(setting.default)}\n")
+    return "".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.config", description="Write the settings table as a document."
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--markdown", action="store_true", help="docs/configuration.md")
+    which.add_argument("--example", action="store_true", help="config/gateway.yml")
+    args = parser.parse_args(argv)
+    sys.stdout.write(render_markdown() if args.markdown else render_example())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

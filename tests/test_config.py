@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gateway import config
 from tests.conftest import htpasswd_add
+
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture
@@ -223,13 +229,80 @@ def test_token_settings_are_checked(tmp_path: Path, users: Path) -> None:
     assert "refresh_token_lifetime: needs token_key" in problems and "token_realm" in problems
 
 
-def test_readme_documents_every_setting_and_serve_flag() -> None:
+def test_docs_document_every_setting_and_serve_flag() -> None:
+    """Each setting has its section in docs/configuration.md and a line in config/gateway.yml, and
+    each flag of `serve` is named with its setting."""
     from gateway.cli import SETTING_FLAGS
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    table = readme[readme.index("### Configuration") : readme.index("## What it does")]
-    missing = [key for key in config.DEFAULTS if f"`{key}`" not in table]
-    assert missing == [], f"settings missing from the README's table: {missing}"
-    commands = readme[readme.index("### Commands") : readme.index("### Configuration")]
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    example = (ROOT / "config" / "gateway.yml").read_text()
+    assert [key for key in config.DEFAULTS if f"### `{key}`" not in doc] == []
+    assert [key for key in config.DEFAULTS if not re.search(rf"^(# )?{key}: ", example, re.M)] == []
     flags = [f"--{key.replace('_', '-')}" for key, _ in SETTING_FLAGS]
-    assert [flag for flag in flags if flag not in commands] == []
+    assert [flag for flag in flags if f"flag: `{flag}`" not in doc] == []
+
+
+REGENERATE = (
+    "run `python -m gateway.config --markdown > docs/configuration.md` and "
+    "`python -m gateway.config --example > config/gateway.yml`"
+)
+
+
+def test_every_settings_field_has_exactly_one_record() -> None:
+    fields = {field.name for field in dataclasses.fields(config.Settings)} - {"origins"}
+    keys = [setting.key for setting in config.SETTINGS]
+    assert len(keys) == len(set(keys)), "a key defined twice"
+    # `listen` is the one key read into two fields.
+    assert set(keys) == (fields - {"listen_host", "listen_port"}) | {"listen"}
+
+
+def test_each_parser_returns_its_fields_type() -> None:
+    """What mypy knows of `settings.KEY` is what the key's parser gives."""
+    hints = typing.get_type_hints(config.Settings)
+    assert (hints.pop("listen_host"), hints.pop("listen_port")) == (str, int)
+    hints["listen"] = tuple[str, int]  # `listen` is read into those two
+    for setting in config.SETTINGS:
+        assert typing.get_type_hints(setting.parse)["return"] == hints[setting.key], setting.key
+
+
+def test_every_default_is_valid_and_every_optional_setting_has_an_example() -> None:
+    for setting in config.SETTINGS:
+        setting.parse(setting.default)
+        if setting.default is None:
+            assert setting.example is not None, setting.key
+            setting.parse(setting.example)
+        assert "|" not in setting.description and setting.description.endswith("."), setting.key
+
+
+def test_configuration_doc_is_written_from_the_table() -> None:
+    committed = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert committed == config.render_markdown(), (
+        f"docs/configuration.md drifted from the table: {REGENERATE}"
+    )
+
+
+def test_example_config_is_written_from_the_table() -> None:
+    committed = (ROOT / "config" / "gateway.yml").read_text(encoding="utf-8")
+    assert committed == config.render_example(), f"config/gateway.yml drifted from the table: {REGENERATE}"
+    # Its values are the defaults, written as an operator would write them.
+    values = yaml.safe_load(committed)
+    assert values == {key: value for key, value in config.DEFAULTS.items() if value is not None}
+
+
+def test_generator_command_writes_both(tmp_path: Path) -> None:
+    for option, name in (("--markdown", "docs/configuration.md"), ("--example", "config/gateway.yml")):
+        run = subprocess.run(
+            [sys.executable, "-m", "gateway.config", option],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            check=True,
+        )
+        assert run.stdout == (ROOT / name).read_text(encoding="utf-8")
+
+
+def test_serve_flags_are_the_tables_flags() -> None:
+    from gateway.cli import SETTING_FLAGS
+
+    assert {key for key, _ in SETTING_FLAGS} == {setting.key for setting in config.SETTINGS if setting.flag}
