@@ -18,7 +18,7 @@ from pathlib import Path
 import bcrypt
 
 from gateway import config
-from gateway.cli import ListenError, configure_logging, run_event_loop, run_server
+from gateway.runtime import ListenError, configure_logging, run_event_loop, run_server
 from gateway.sample_image import write_image
 from gateway.state import AccessStore
 

@@ -149,9 +149,9 @@ def test_one_function_builds_every_listener() -> None:
     gives it the limits, error handling and headers; no bare aiohttp runner or site is left."""
     import inspect
 
-    from gateway import cli
+    from gateway import runtime
 
-    source = inspect.getsource(cli.run_server)
+    source = inspect.getsource(runtime.run_server)
     assert "web.AppRunner" not in source and "web.TCPSite" not in source
     assert "GatewayRunner" not in source and source.count("listener_runner(") == 3
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gateway.audit import AuditLog, AuditLogError, AuditRecord, new_record
-from gateway.cli import run_each
+from gateway.runtime import run_each
 from gateway.sample_image import write_image
 from tests.conftest import (
     USERS,
