@@ -1,7 +1,10 @@
 """Side-by-side benchmark: the registry directly, the nginx recipe, and registry-gateway, in one run.
 
     python bench/bench.py                 # full run, a few minutes; writes bench/results/latest.json
-    python bench/bench.py --quick         # seconds-long smoke version (what the test suite runs)
+    python bench/bench.py --quick         # seconds-long smoke version; writes bench/results/quick.json
+
+bench/results/ keeps two runs: reference.json and latest.json (git has the earlier ones). Each
+records the commit it measured and the machine it ran on; compare figures from one run only.
 
 Everything runs on this machine: Debian's docker-registry, nginx configured as the seed recipe
 (auth_basic + auth_request, the same htpasswd file), and the gateway, measured in interleaved
@@ -949,12 +952,53 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def commit() -> dict[str, Any]:
+    """The build measured: the checkout's commit, and whether files differed from it."""
+
+    def git(*args: str) -> str | None:
+        try:
+            run = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        except OSError:
+            return None
+        return run.stdout.strip() if run.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "hash": git("rev-parse", "HEAD"),
+        "date": git("show", "-s", "--format=%cI", "HEAD"),
+        "dirty": None if status is None else bool(status),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """What the figures depend on besides the build."""
+    cpu_model = memory_mib = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.partition(":")[2].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_mib = int(line.split()[1]) // 1024
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_mib": memory_mib,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: bench/results/latest.json (--quick: quick.json)"
+    )
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None, help="length of one hey run")
     parser.add_argument(
@@ -965,6 +1009,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-skopeo", action="store_true")
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.out is None:
+        args.out = ROOT / "bench" / "results" / ("quick.json" if quick else "latest.json")
     rounds = args.rounds or (1 if quick else 3)
     seconds = args.seconds or (0.5 if quick else 3.0)
     blob_mib = args.blob_mib or (8 if quick else 512)
@@ -982,10 +1028,10 @@ def main(argv: list[str] | None = None) -> int:
         registry = bench.registry()
         seed_manifest(registry, work)
         results: dict[str, Any] = {
-            "machine": {
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-                "platform": platform.platform(),
+            "commit": commit(),
+            "machine": machine(),
+            "run": {
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "quick": quick,
                 "rounds": rounds,
                 "seconds_per_run": seconds,

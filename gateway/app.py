@@ -179,7 +179,7 @@ def _unauthorized(
     return error_response(401, "UNAUTHORIZED", message, _detail(operation), headers)
 
 
-@dataclass(slots=True)  # made per login check, never changed: not frozen (README, "Where the time goes")
+@dataclass(slots=True)  # made per login check: not frozen (docs/performance.md, "Records made per request")
 class Identity:
     """Who is asking: a user (None: anonymous) and, for a Bearer token, what the token grants."""
 

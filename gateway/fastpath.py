@@ -1,8 +1,8 @@
 """The fast path: plain GET and HEAD requests the gateway allows, served on asyncio protocols.
 
 Pulls are mostly small GET/HEAD requests (manifests, blob checks), and aiohttp's request and
-response objects cost more per request than every decision of ours together (README, "Where the
-time goes"). So every client connection starts here, on a protocol that parses request heads with
+response objects cost more per request than every decision of ours together (docs/performance.md,
+"Where the time goes"). So every client connection starts here, on a protocol that parses request heads with
 llhttp (httptools) and answers with bytes it builds itself.
 
 A request is served here only when its head is unambiguous and its answer is a plain "allowed":
@@ -139,7 +139,7 @@ class Sections:
     one: skopeo and podman send `Connection: close` with every request, and the docker CLI's
     connections carry a request or two, yet in a push, pull and copy 31 of skopeo's 36 GET/HEAD
     heads, and in a push and pull 14 of docker's 20, had a section seen before on another
-    connection (README, "Where the time goes").
+    connection (docs/performance.md, "Kept header sections").
 
     A section is kept the second time it is seen: the first time, only its hash is noted. A kept
     section costs memory (about 3 KiB in some 30 objects) and, once the oldest go, the work of
@@ -198,7 +198,7 @@ class Sections:
         self._kept = dict(items[dropped:])
 
 
-@dataclass(slots=True)  # made per request: not frozen (README, "Where the time goes")
+@dataclass(slots=True)  # made per request: not frozen (docs/performance.md, "Records made per request")
 class ParsedHead:
     """A request head the fast path may take: method, target, and its header section."""
 
@@ -344,7 +344,7 @@ def _with_section(line: bytes, max_line: int, section: Section) -> ParsedHead | 
     return ParsedHead(method, target, section)
 
 
-@dataclass(slots=True)  # made per request: not frozen (README, "Where the time goes")
+@dataclass(slots=True)  # made per request: not frozen (docs/performance.md, "Records made per request")
 class Forward:
     """An allowed request, and what forwarding it needs."""
 

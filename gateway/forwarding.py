@@ -51,7 +51,7 @@ CONTENT_HEADERS = frozenset({"content-type", "content-length", "content-encoding
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?")
 
 
-@dataclass(slots=True)  # made per request: not frozen (README, "Where the time goes")
+@dataclass(slots=True)  # made per request: not frozen (docs/performance.md, "Records made per request")
 class ClientView:
     """How the client reached us: its address, the scheme and the host it asked for."""
 

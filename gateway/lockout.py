@@ -9,7 +9,7 @@ The counts live in one table of fixed size in shared memory, made before the wor
 (`supervise`), so every worker of one gateway counts the same failures: a guesser spreading its
 connections over the workers gets `attempts` password checks in all, not per worker. Writes take
 a POSIX record lock on the table's file, which the kernel releases if a worker dies holding it.
-Replicas on other hosts count on their own (see the README, "Password guessing").
+Replicas on other hosts count on their own (see docs/operations.md, "Password guessing").
 
 The table is open-addressed: a pair's slot is one of PROBE slots from its keyed hash. When those
 are all taken, an unlocked entry is replaced before a locked one, and the oldest first, so an

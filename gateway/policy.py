@@ -23,7 +23,7 @@ class Outcome(enum.Enum):
     DENY = "deny"  # 403: known user, not allowed
 
 
-@dataclass(slots=True)  # made per request: not frozen (README, "Where the time goes")
+@dataclass(slots=True)  # made per request: not frozen (docs/performance.md, "Records made per request")
 class Decision:
     """The outcome, and what the request path needs to act on it."""
 

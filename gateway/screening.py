@@ -54,7 +54,7 @@ _FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-da
 _HEADER_TEXT = re.compile(r"[\x20-\x7e\t]*")
 
 
-@dataclass(slots=True)  # made per request: not frozen (README, "Where the time goes")
+@dataclass(slots=True)  # made per request: not frozen (docs/performance.md, "Records made per request")
 class Admitted:
     """A request the registry will read as we do, and how to forward it."""
 
@@ -84,7 +84,7 @@ def _one(headers: Headers, name: str) -> str | Refusal | None:
     return values[0]
 
 
-@dataclass(slots=True)  # made per request on the full path: not frozen (README, "Where the time goes")
+@dataclass(slots=True)  # made per request on the full path: not frozen (docs/performance.md)
 class HeaderFacts:
     """What a request's headers say, before its route is known (screen_headers): the same for every
     request that sends the same headers with the same method, so the fast path keeps it with a

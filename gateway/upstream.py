@@ -1,7 +1,7 @@
 """The registry client: a pool of keep-alive HTTP/1.1 connections on asyncio protocols.
 
 The request path's own client, instead of aiohttp's ClientSession, because that was the largest
-single cost per proxied request (about a third of the gateway's CPU in the profile, README's
+single cost per proxied request (about a third of the gateway's CPU in the profile, docs/performance.md,
 "Where the time goes"): a session request builds URL objects, header multidicts, a request and a
 response object, timers and a task per request. Here a request is one pre-built head written to a
 pooled transport, and the response head is parsed by llhttp (through httptools, the parser uvicorn
@@ -11,7 +11,7 @@ body byte had been half the gateway's CPU per byte pulled), other bodies go thro
 Two ways to send: `request`, a coroutine that waits for a connection and the answer head; and
 `send_at_once`, for the fast path's requests without a body, which sends on an idle
 pooled connection there and then and calls back with the answer head: no task, coroutine or
-future per request (README, "Where the time goes").
+future per request (docs/performance.md, "The registry's answer").
 
 What the registry sees is exactly what the caller built: the head bytes as given (see
 `forwarding.upstream_request_head`), then the body with the framing we chose: the declared length
@@ -902,7 +902,7 @@ class UpstreamPool:
         """Send a request without a body now, if a pooled connection is idle and a slot is free,
         and call `answered` with the response once its head is read, or with the failure (the
         exceptions `request` raises): an exchange without a task or coroutine, for the fast path
-        (README, "Where the time goes"). None: nothing was sent (`request` waits for a
+        (docs/performance.md, "The registry's answer"). None: nothing was sent (`request` waits for a
         connection). Until `answered` is called, the exchange may be given up with the returned
         connection's `cancel()`."""
         if self._closed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,12 @@ def test_quick_benchmark_produces_complete_results(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads(out.read_text())
+    # Which build ran where, inside the file (bench/results/ keeps the reference and the latest).
+    assert re.fullmatch(r"[0-9a-f]{40}", results["commit"]["hash"]) and results["commit"]["dirty"] in (
+        True,
+        False,
+    )
+    assert results["machine"]["cpus"] == os.cpu_count() and results["run"]["quick"] is True
     for case in ("cost10_c2", "cost10_c32", "cost5_c2", "cost5_c32"):
         for target in ("registry", "nginx", "nginx_plain", "gateway"):
             assert results["head"][case][target]["rps"] > 0

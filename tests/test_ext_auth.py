@@ -603,7 +603,7 @@ def test_docker_auths_current_example_under_dash_says_why_it_denies_and_the_fix_
         assert "8: [: user: unexpected operator; " in log and "12: [: user: unexpected operator\n" in log
     finally:
         stop(gateway.process)
-    # The change the README gives: `=` for `==` (POSIX test), and it runs under dash.
+    # The change docs/authentication.md gives: `=` for `==` (POSIX test), and it runs under dash.
     program(tmp_path, "ext_auth.sh", under_dash(DOCKER_AUTH_EXT_AUTH_SH_NOW.replace(" == ", " = ")))
     gateway = start(tmp_path, registry, f'ext_auth:\n  command: "{script}"\n')
     try:

@@ -116,7 +116,7 @@ def wait_healthy(docker: Docker, config: Path, container: str, timeout: float = 
 
 def run_with_own_settings(image: Docker, config: Path, folder: Path, name: str) -> None:
     """Start the image in the background with `folder` at /etc/registry-gateway and its
-    gateway.yml as the settings (as the README says to replace the image's); back once healthy."""
+    gateway.yml as the settings (as docs/operations.md says to replace the image's); back once healthy."""
     started = image.run(
         config, "run", "-d", "--name", name, "--network", "host", "--health-interval", "1s",
         "-v", f"{folder}:/etc/registry-gateway:ro",
