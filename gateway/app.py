@@ -9,19 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway import acl, catalog, forwarding
+from gateway import acl, answers, catalog, forwarding, pipeline
 from gateway.audit import AuditLog, AuditRecord, new_record, operation_name
 from gateway.authn import (
     Authenticator,
@@ -32,30 +29,25 @@ from gateway.authn import (
 from gateway.config import Settings
 from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_response
 from gateway.external_authz import ExternalAuthorizer
-from gateway.identity import Labels, merge_labels
 from gateway.identity.external import ExternalSettings
 from gateway.lockout import Lockout
 from gateway.login import Locked, Refused, check_login, locked_response
 from gateway.metrics import Metrics
-from gateway.policy import Decision, Outcome, acl_policy, acl_request, default_policy, may_pull
+from gateway.pipeline import Identity, Precheck, Scopes
+from gateway.policy import Decision, Outcome, acl_request, may_pull
 from gateway.policyfile import Policy
-from gateway.routes import MOUNT_KEYS, PULL, Operation, Route, RouteError, without_query_keys
+from gateway.routes import MOUNT_KEYS, Operation, Route, RouteError, without_query_keys
 from gateway.screening import Admitted, Refusal, screen
 from gateway.state import AccessStore, Snapshot
 from gateway.tokens.authority import TokenAuthority
 from gateway.tokens.endpoint import TOKEN_PATH, token_endpoint
-from gateway.tokens.jwt_tokens import InvalidToken
-from gateway.tokens.scopes import Scope, covers, needed
-from gateway.upstream import NoConnection, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
+from gateway.tokens.scopes import needed
+from gateway.upstream import NoConnection, UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
-# The nginx recipe's filter for docker clients older than 1.6, which speak only the v1 protocol.
-OLD_DOCKER_CLIENT = re.compile(r"(docker/1\.(3|4|5(?!\.[0-9]-dev))|Go ).*", re.DOTALL)
 # The least a client must send of a request body in every body_timeout (a slow trickle is cut).
 MIN_BODY_BYTES = 16 * 1024
-# How much of a registry error body we read to log it before answering with our own.
-UPSTREAM_ERROR_LOG_BYTES = 4096
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 AUTHENTICATOR_KEY = web.AppKey("authenticator", Authenticator)
@@ -66,7 +58,7 @@ LOCKOUT_KEY = web.AppKey("lockout", Lockout)
 AUDIT_RECORD = web.RequestKey("audit_record", AuditRecord)
 CLOSE_AFTER = web.RequestKey("close_after", bool)
 CLIENT_VIEW = web.RequestKey("client_view", forwarding.ClientView)
-UPSTREAM_TOKEN = web.RequestKey("upstream_token", str)
+UPSTREAM_AUTHORIZATION = web.RequestKey("upstream_authorization", str)
 AUTHORITY_KEY = web.AppKey("token_authority", TokenAuthority)
 
 
@@ -179,37 +171,13 @@ def _unauthorized(
     return error_response(401, "UNAUTHORIZED", message, _detail(operation), headers)
 
 
-@dataclass(slots=True)  # made per login check: not frozen (docs/performance.md, "Records made per request")
-class Identity:
-    """Who is asking: a user (None: anonymous) and, for a Bearer token, what the token grants."""
-
-    user: str | None
-    token_access: tuple[Scope, ...] | None = None
-    basic: bool = False  # Basic credentials were sent
-    labels: Labels | None = None  # the login's; None: the policy account's
-
-
 def _upstream_token(request: web.BaseRequest, identity: Identity, operation: Operation) -> None:
-    """In bearer mode the registry behind may check tokens itself (`auth: token`, the same key):
-    once a request is authorized it gets the client's token, or one minted for exactly what is
-    forwarded."""
-    authority = request[GATEWAY].authority
-    if authority is None:
-        return
-    # The catalog is the policy's to grant or filter for any valid token (see handle), so a
-    # client's token need not cover it: the gateway's own reads of it carry a token of its own.
-    if identity.token_access is not None and operation.route is not Route.CATALOG:
-        request[UPSTREAM_TOKEN] = request.headers.get("Authorization", "")[7:].strip()
-    else:
-        request[UPSTREAM_TOKEN] = authority.token_for(identity.user or "", needed(operation))
-
-
-def _still_valid(snapshot: Snapshot, user: str, directory_labels: Labels | None) -> bool:
-    """A token's user still exists (in the files, or a directory verified it within cache_ttl)
-    and has not expired (tokens outlive neither)."""
-    if user not in snapshot.users and directory_labels is None:
-        return False
-    return snapshot.policy is None or not snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC))
+    """What the registry gets as Authorization once a request is authorized (bearer mode)."""
+    authorization = pipeline.upstream_authorization(
+        request[GATEWAY].authority, identity, operation, request.headers.get("Authorization")
+    )
+    if authorization is not None:
+        request[UPSTREAM_AUTHORIZATION] = authorization
 
 
 async def _identify(
@@ -221,26 +189,18 @@ async def _identify(
     metrics = request[GATEWAY].metrics
     authorization = request.headers.get("Authorization")
     authority = request[GATEWAY].authority
-    if authority is not None and authorization is not None and authorization[:7].lower() == "bearer ":
-        try:
-            claims = authority.verify(authorization[7:].strip())
-        except InvalidToken as exc:
-            log.info("refused a token from %s: %s", view.address, exc)
-            metrics.tokens.labels("rejected", "invalid").inc()
-            return _unauthorized(request, operation, str(exc), error="invalid_token")
-        user = claims.subject or None
-        record.user = user
-        directory_labels = request[GATEWAY].authenticator.directory_labels(user) if user else None
-        if user is not None and not _still_valid(snapshot, user, directory_labels):
-            metrics.tokens.labels("rejected", "user").inc()
-            return _unauthorized(
-                request, operation, "the token's user is no longer valid", error="invalid_token"
-            )
-        labels = None
-        if user is not None and directory_labels is not None:
-            account_labels = snapshot.policy.account(user).labels if snapshot.policy is not None else {}
-            labels = merge_labels(account_labels, directory_labels)
-        return Identity(user, claims.access, labels=labels)
+    if authority is not None and authorization is not None and pipeline.is_bearer(authorization):
+        found = pipeline.token_identity(
+            authority, snapshot, authorization, request[GATEWAY].authenticator.directory_labels
+        )
+        if isinstance(found, pipeline.TokenRefused):
+            record.user = found.user
+            if found.metric == "invalid":
+                log.info("refused a token from %s: %s", view.address, found.reason)
+            metrics.tokens.labels("rejected", found.metric).inc()
+            return _unauthorized(request, operation, found.reason, error="invalid_token")
+        record.user = found.identity.user
+        return found.identity
 
     authenticator = request[GATEWAY].authenticator
     credentials = parse_basic_authorization(authorization)
@@ -265,14 +225,6 @@ async def _identify(
         message = "account expired" if login.reason == "expired" else "authentication required"
         return _unauthorized(request, operation, message, basic=True)
     return Identity(login.user, basic=True, labels=login.labels)
-
-
-def _decide(
-    snapshot: Snapshot, settings: Settings, identity: Identity, operation: Operation, ip: str
-) -> Decision:
-    if snapshot.policy is None:
-        return default_policy(identity.user, operation, settings.admin_prefix)
-    return acl_policy(snapshot.policy, identity.user, operation, ip, identity.labels)
 
 
 async def _ask_ext_authz(
@@ -307,11 +259,16 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
     record = request[AUDIT_RECORD]
     record.decision = "refused"
 
-    if settings.block_old_clients and OLD_DOCKER_CLIENT.fullmatch(request.headers.get("User-Agent", "")):
-        return error_response(404, "UNSUPPORTED", "this docker client is too old")
-
     authority = request[GATEWAY].authority
-    if authority is not None and request.raw_path.partition("?")[0] == TOKEN_PATH:
+    first = pipeline.precheck(
+        settings.block_old_clients,
+        authority is not None,
+        request.headers.get("User-Agent", ""),
+        request.raw_path.partition("?")[0],
+    )
+    if first is Precheck.OLD_CLIENT:
+        return error_response(404, "UNSUPPORTED", "this docker client is too old")
+    if first is Precheck.TOKEN_ENDPOINT and authority is not None:
         return await _token_request(request, authority)
 
     # Everything the registry would read from this request, decided in one place.
@@ -348,24 +305,17 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
         error = route_error or RouteError(404, "NOT_FOUND", "unknown registry API endpoint")
         return error_response(error.status, error.code, error.message)
 
-    drop_mount = False
-    if identity.token_access is not None:
-        # A token must grant the operation, and the policy of now must still allow it.
-        for wanted in needed(operation):
-            if covers(identity.token_access, wanted) or operation.route is Route.CATALOG:
-                continue  # the catalog is the policy's to filter, for any valid token
-            if wanted.name == operation.mount_from and wanted.actions == {PULL}:
-                drop_mount = True  # no pull on the source: an ordinary upload, as with Basic
-                continue
-            return _unauthorized(
-                request, operation, "the token does not grant this", error="insufficient_scope"
-            )
-        if operation.route is Route.BASE:
-            record.decision = "allow"
-            _upstream_token(request, identity, operation)
-            return await forward(request, settings, view, operation.target, screened)
+    # A token must grant the operation, and the policy of now must still allow it.
+    scopes = pipeline.scope_check(identity, operation)
+    if scopes is Scopes.INSUFFICIENT:
+        return _unauthorized(request, operation, "the token does not grant this", error="insufficient_scope")
+    drop_mount = scopes is Scopes.COVERED_BUT_MOUNT
+    if scopes is not Scopes.NOT_A_TOKEN and operation.route is Route.BASE:
+        record.decision = "allow"
+        _upstream_token(request, identity, operation)
+        return await forward(request, settings, view, operation.target, screened)
 
-    decision = _decide(snapshot, settings, identity, operation, view.address)
+    decision = pipeline.decide(snapshot, settings.admin_prefix, identity, operation, view.address)
     if (
         decision.outcome is Outcome.DENY
         and decision.rule is None
@@ -455,9 +405,9 @@ async def catalog_response(
         n, last = catalog.parse_paging(operation.params)
         # The catalog's own body-less GETs carry none of the client's headers, framing least of all.
         headers = CIMultiDict(forwarding.forwarding_headers(view))
-        upstream_token = request.get(UPSTREAM_TOKEN)
-        if upstream_token:
-            headers["Authorization"] = f"Bearer {upstream_token}"
+        upstream_authorization = request.get(UPSTREAM_AUTHORIZATION)
+        if upstream_authorization:
+            headers["Authorization"] = upstream_authorization
         session = request[GATEWAY].session
         if session is None:  # only before start-up or after shutdown
             return error_response(503, "UNAVAILABLE", "the gateway is not running")
@@ -489,8 +439,7 @@ async def forward(
     if upstream_pool is None:  # only before start-up or after shutdown
         return error_response(503, "UNAVAILABLE", "the gateway is not running")
     head_only = request.method == "HEAD"
-    upstream_token = request.get(UPSTREAM_TOKEN)
-    authorization = f"Bearer {upstream_token}" if upstream_token else None
+    authorization = request.get(UPSTREAM_AUTHORIZATION) or None
     # Framing we forward is framing we set: the length we will send, or chunked, never the
     # client's header as it was.
     chunked = screened.has_body and screened.content_length is None
@@ -522,50 +471,35 @@ async def forward(
     except ConnectionError:
         record.decision = "error"
         raise ConnectionResetError("client went away during the upload") from None
-    except NoConnection:
-        log.warning(
-            "no connection to the registry within %gs: %s %s",
-            settings.connect_timeout,
-            request.method,
-            request.path,
-        )
-        record.decision = "error"
-        message = (
-            "no connection to the registry in time: it is unreachable, or every connection to it is busy"
-        )
-        return error_response(504, "UNAVAILABLE", message)
-    except UpstreamTimeout:
-        log.warning("upstream timed out: %s %s", request.method, request.path)
-        record.decision = "error"
-        return error_response(504, "UNAVAILABLE", "the registry did not answer in time")
     except UpstreamError as exc:
         record.decision = "error"
-        if request.transport is None or request.transport.is_closing():
+        if (request.transport is None or request.transport.is_closing()) and not isinstance(
+            exc, NoConnection | UpstreamTimeout
+        ):
             raise ConnectionResetError("client went away during the upload") from exc
-        log.warning("upstream failed: %s %s: %s", request.method, request.path, exc)
-        return error_response(502, "UNAVAILABLE", "the registry is unreachable")
+        return answers.upstream_failed(exc, request.method, record.path, settings.connect_timeout)
     gateway.metrics.observe_upstream(record.operation or "other", time.monotonic() - started)
 
     async with upstream:
         record.digest = upstream.header(b"docker-content-digest")
-        if _needs_own_error_body(upstream.status, upstream.header(b"content-type") or ""):
+        if answers.needs_own_error_body(upstream.status, upstream.header(b"content-type") or ""):
             operation = screened.operation
             original = b""
             if request.method != "HEAD":
                 with contextlib.suppress(UpstreamError):
-                    original = await upstream.read_at_most(UPSTREAM_ERROR_LOG_BYTES)
+                    original = await upstream.read_at_most(answers.UPSTREAM_ERROR_LOG_BYTES)
             # The probe below needs a registry connection of its own: this one goes back first,
             # so that a full pool does not make the probe wait for itself.
             upstream.release()
             if (
                 upstream.status == 500
                 and isinstance(operation, Operation)
-                and await _is_plain_blob(upstream_pool, view, authorization, operation)
+                and await answers.is_plain_blob(upstream_pool, view, authorization, operation)
             ):
                 # distribution 2.8 answers 500 when a manifest is asked for by the digest of a
                 # layer or config blob (it fails to parse it); the truth is "no such manifest".
                 return error_response(404, "MANIFEST_UNKNOWN", "manifest unknown: the digest names a blob")
-            return _replace_error(request.method, request.path, upstream, original)
+            return answers.replace_error(request.method, request.path, upstream, original)
         headers = forwarding.downstream_response_headers(upstream.raw_headers)
         if API_VERSION_HEADER not in headers:
             headers[API_VERSION_HEADER] = API_VERSION
@@ -603,62 +537,6 @@ async def forward(
             raise UpstreamAborted("upstream failed mid-response") from exc
         await response.write_eof()
         return response
-
-
-async def _is_plain_blob(
-    pool: UpstreamPool, view: forwarding.ClientView, authorization: str | None, operation: Operation
-) -> bool:
-    """Whether a manifest reference by digest names a blob of the repository (a layer or config):
-    the registry links those, never manifests, under blobs/."""
-    if operation.route is not Route.MANIFEST or operation.method not in ("GET", "HEAD"):
-        return False
-    if operation.reference is None or ":" not in operation.reference:
-        return False
-    target = f"/v2/{operation.repository}/blobs/{operation.reference}"
-    head = forwarding.upstream_request_head("HEAD", target, (), view, authorization)
-    try:
-        async with await pool.request("HEAD", head) as probe:
-            return probe.status == 200
-    except UpstreamError:
-        return False
-
-
-def _needs_own_error_body(status: int, content_type: str) -> bool:
-    """Registry answers a client must not see as they are: 5xx bodies (they carry storage paths and
-    driver names) and errors that are not in the JSON error format (Go's `404 page not found`)."""
-    if status >= 500:
-        return True
-    return status >= 400 and content_type.split(";", 1)[0].strip().lower() != "application/json"
-
-
-def _replace_error(method: str, path: str, upstream: UpstreamResponse, original: bytes) -> web.Response:
-    """The registry's status, with an error body of our own; the original (its first bytes) goes
-    to the log."""
-    if upstream.status >= 500:
-        log.warning(
-            "registry answered %d to %s %s: %s",
-            upstream.status,
-            method,
-            path,
-            original.decode("utf-8", "replace"),
-        )
-        retry = upstream.header(b"retry-after")
-        return error_response(
-            upstream.status,
-            "UNKNOWN",
-            "the registry failed to handle the request",
-            headers={"Retry-After": retry} if retry else None,
-        )
-    kept = {
-        name: value
-        for name, value in forwarding.downstream_response_headers(upstream.raw_headers).items()
-        if name.lower() not in forwarding.CONTENT_HEADERS
-    }
-    if upstream.status == 404:
-        return error_response(404, "NOT_FOUND", "the registry does not serve this endpoint", headers=kept)
-    return error_response(
-        upstream.status, "UNSUPPORTED", f"the registry answered {upstream.status}", headers=kept
-    )
 
 
 class Gateway:
@@ -749,28 +627,43 @@ class Gateway:
                 self.finish_headers(request, response)
             return response
         finally:
-            metrics.in_flight -= 1
-            record.duration_ms = (time.monotonic() - started) * 1000  # rounded when written
             if response is not None:
                 record.status = response.status
                 body = response.body if isinstance(response, web.Response) else None
                 if isinstance(body, bytes | bytearray) and not record.bytes_out and request.method != "HEAD":
                     record.bytes_out = len(body)
-            metrics.count_request(record.operation or "invalid", record.status, record.decision)
-            if record.bytes_in:
-                metrics.bytes_in.inc(record.bytes_in)
-            if record.bytes_out:
-                metrics.bytes_out.inc(record.bytes_out)
-            self.audit.write(record)
+            self.finish_record(record, started)
+
+    def own_headers(self, closing: bool = False) -> list[tuple[str, str]]:
+        """The gateway's own header lines on every answer, on either transport: no software
+        versions for fingerprinting, HSTS when serving TLS and asked to, and `Connection: close`
+        when the connection ends with this answer."""
+        headers = [("Server", SERVER_NAME)]
+        if self.hsts is not None:
+            headers.append(("Strict-Transport-Security", self.hsts))
+        if closing:
+            headers.append(("Connection", "close"))
+        return headers
+
+    def finish_record(self, record: AuditRecord, started: float) -> None:
+        """A request is over, on either transport: timed, counted, and written to the audit log."""
+        metrics = self.metrics
+        metrics.in_flight -= 1
+        record.duration_ms = (time.monotonic() - started) * 1000  # rounded when written
+        metrics.count_request(record.operation or "invalid", record.status, record.decision)
+        if record.bytes_in:
+            metrics.bytes_in.inc(record.bytes_in)
+        if record.bytes_out:
+            metrics.bytes_out.inc(record.bytes_out)
+        self.audit.write(record)
 
     def finish_headers(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
         """No software versions for fingerprinting; HSTS when serving TLS and asked to; and the
         connection closed after any answer that leaves a request body unread (the client may be
         waiting to send it, after `Expect: 100-continue`, or still sending it) or that follows an
         upgrade request."""
-        response.headers["Server"] = SERVER_NAME
-        if self.hsts is not None:
-            response.headers["Strict-Transport-Security"] = self.hsts
+        for name, value in self.own_headers():
+            response.headers[name] = value
         unread_body = request.body_exists and (
             not request.content.is_eof() or request.content.exception() is not None
         )

@@ -25,7 +25,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import httptools
 from aiohttp import web
@@ -33,41 +32,24 @@ from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_re
 from aiohttp.http_parser import SINGLETON_HEADERS
 from multidict import CIMultiDict
 
-from gateway import forwarding
-from gateway.app import (
-    OLD_DOCKER_CLIENT,
-    UPSTREAM_ERROR_LOG_BYTES,
-    Gateway,
-    Identity,
-    _decide,
-    _is_plain_blob,
-    _needs_own_error_body,
-    _replace_error,
-    _still_valid,
-)
+from gateway import answers, forwarding, pipeline
+from gateway.app import Gateway
 from gateway.audit import AuditRecord, new_record, operation_name
 from gateway.authn import Malformed, parse_basic_authorization
-from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_response
-from gateway.identity import merge_labels
+from gateway.errors import API_VERSION, API_VERSION_HEADER, error_response
+from gateway.limits import ConnectionLimits
 from gateway.login import before_account_ends, login_if_cached
+from gateway.pipeline import Identity, Precheck, Scopes
 from gateway.policy import Outcome
 from gateway.routes import Operation, Route
 from gateway.screening import HeaderFacts, Refusal, screen, screen_headers
 from gateway.state import Snapshot
-from gateway.tokens.endpoint import TOKEN_PATH
-from gateway.tokens.jwt_tokens import InvalidToken
-from gateway.tokens.scopes import covers, needed
 from gateway.upstream import (
-    NoConnection,
     PendingExchange,
     UpstreamError,
     UpstreamResponse,
-    UpstreamTimeout,
     first_header,
 )
-
-if TYPE_CHECKING:
-    from gateway.server import ConnectionLimits
 
 log = logging.getLogger("gateway.fastpath")
 
@@ -390,18 +372,24 @@ def allowed_outright(
     section = head.section
     headers = section.headers
     view = section.view
+    authority = gateway.authority
+    if (
+        pipeline.precheck(
+            settings.block_old_clients,
+            authority is not None,
+            headers.get("User-Agent", ""),
+            head.target.partition("?")[0],
+        )
+        is not Precheck.REGISTRY
+    ):
+        return None
     if view is None:  # once per section (see Section)
-        if settings.block_old_clients and OLD_DOCKER_CLIENT.fullmatch(headers.get("User-Agent", "")):
-            return None
         host = headers.get("Host", "")
         if not forwarding.valid_host(host):
             return None
         view = forwarding.client_view(remote, scheme, host, headers, settings.trusted_proxies)
         section.authorization = headers.get("Authorization")
         section.view = view
-    authority = gateway.authority
-    if authority is not None and head.target.partition("?")[0] == TOKEN_PATH:
-        return None
     method = head.method
     facts = section.screened.get(method)
     if facts is None:  # once per section and method
@@ -444,26 +432,27 @@ def allowed_outright(
                     if authority is not None:
                         remembering.revoked, remembering.verifier = authority.revoked, authority.verifier
 
-    if identity.token_access is not None:
-        for wanted in needed(operation):
-            if not (covers(identity.token_access, wanted) or operation.route is Route.CATALOG):
-                return None
-        if operation.route is Route.BASE:
-            return Forward(operation, view, identity.user, None, _bearer(authorization))
+    scopes = pipeline.scope_check(identity, operation)
+    if scopes is not Scopes.COVERED and scopes is not Scopes.NOT_A_TOKEN:
+        return None  # a refusal, or a mount to drop: the full path's
+    if scopes is Scopes.COVERED and operation.route is Route.BASE:
+        authorization_upstream = pipeline.upstream_authorization(
+            authority, identity, operation, authorization
+        )
+        return Forward(operation, view, identity.user, None, authorization_upstream)
 
-    decision = _decide(snapshot, settings, identity, operation, view.address)
+    decision = pipeline.decide(snapshot, settings.admin_prefix, identity, operation, view.address)
     if decision.outcome is not Outcome.ALLOW or decision.drop_mount or decision.filter_catalog:
         return None
     if identity.basic:
         gateway.authenticator.cache.hits += 1  # the login cache answered (or the memo, for it)
-    upstream_authorization = None
-    if authority is not None:
-        # The catalog needs no grant in a client's token (see app._upstream_token): ours it is.
-        if identity.token_access is not None and operation.route is not Route.CATALOG:
-            upstream_authorization = _bearer(authorization)
-        else:
-            upstream_authorization = f"Bearer {authority.token_for(identity.user or '', needed(operation))}"
-    return Forward(operation, view, identity.user, decision.rule, upstream_authorization)
+    return Forward(
+        operation,
+        view,
+        identity.user,
+        decision.rule,
+        pipeline.upstream_authorization(authority, identity, operation, authorization),
+    )
 
 
 def _remembered(
@@ -490,11 +479,6 @@ def _remembered(
     return None
 
 
-def _bearer(authorization: str | None) -> str:
-    """The client's token as the registry gets it (as app._upstream_token passes it on)."""
-    return f"Bearer {(authorization or '')[7:].strip()}"
-
-
 def _identity(
     gateway: Gateway, authorization: str | None, address: str, snapshot: Snapshot
 ) -> tuple[Identity, float, bytes | None] | None:
@@ -503,34 +487,28 @@ def _identity(
     change to the users: the login cache entry's or the token's end, the account's expiry (0.0:
     not to be remembered), and a Basic login's login cache key. None: the full path must tell."""
     authority = gateway.authority
-    if authority is not None and authorization is not None and authorization[:7].lower() == "bearer ":
-        try:
-            claims = authority.verify(authorization[7:].strip())
-        except InvalidToken:
+    if authority is not None and authorization is not None and pipeline.is_bearer(authorization):
+        found = pipeline.token_identity(
+            authority, snapshot, authorization, gateway.authenticator.directory_labels
+        )
+        if isinstance(found, pipeline.TokenRefused):
             return None
-        user = claims.subject or None
-        directory_labels = gateway.authenticator.directory_labels(user) if user else None
-        if user is not None and not _still_valid(snapshot, user, directory_labels):
-            return None
-        labels = None
-        if user is not None and directory_labels is not None:
-            account_labels = snapshot.policy.account(user).labels if snapshot.policy is not None else {}
-            labels = merge_labels(account_labels, directory_labels)
         until = 0.0  # directory users: not remembered
-        if directory_labels is None:
-            until = time.monotonic() + (claims.expires - time.time())
+        user = found.identity.user
+        if not found.directory_user:
+            until = time.monotonic() + (found.claims.expires - time.time())
             if user is not None:
                 until = before_account_ends(snapshot, user, until)
-        return Identity(user, claims.access, labels=labels), until, None
+        return found.identity, until, None
     credentials = parse_basic_authorization(authorization)
     if isinstance(credentials, Malformed):
         return None
     if credentials is None:
         return Identity(None), 0.0, None
-    found = login_if_cached(gateway.authenticator, gateway.lockout, credentials, address, snapshot)
-    if found is None:
+    cached = login_if_cached(gateway.authenticator, gateway.lockout, credentials, address, snapshot)
+    if cached is None:
         return None
-    login, until, key = found
+    login, until, key = cached
     return Identity(login.user, basic=True, labels=login.labels), until, key
 
 
@@ -543,7 +521,7 @@ class AnswerHead:
     hsts: bool  # whether the gateway sends its own Strict-Transport-Security
     lines: bytes  # the status line and header lines
     digest: str | None  # Docker-Content-Digest, for the audit record
-    own_error_body: bool  # an error the gateway answers with a body of its own (_replace_error)
+    own_error_body: bool  # an error the gateway answers with a body of its own (answers.replace_error)
     empty: bool  # no body follows
     chunked: bool  # the body is sent in chunked encoding (the registry gave no length)
     add_date: bool  # the registry sent no Date
@@ -575,7 +553,7 @@ def answer_head(
         hsts,
         b"".join(lines),
         digest,
-        _needs_own_error_body(status, content_type or ""),
+        answers.needs_own_error_body(status, content_type or ""),
         empty,
         chunked,
         b"date" not in first,
@@ -1069,14 +1047,7 @@ class FastPathConnection(asyncio.Protocol):
 
     def _record_done(self, record: AuditRecord, started: float) -> None:
         self._open_record = None
-        gateway = self._gateway
-        metrics = gateway.metrics
-        metrics.in_flight -= 1
-        record.duration_ms = (time.monotonic() - started) * 1000  # rounded when written
-        metrics.count_request(record.operation or "invalid", record.status, record.decision)
-        if record.bytes_out:
-            metrics.bytes_out.inc(record.bytes_out)
-        gateway.audit.write(record)
+        self._gateway.finish_record(record, started)
         self._finished()
 
     def _finished(self) -> None:
@@ -1104,13 +1075,7 @@ class FastPathConnection(asyncio.Protocol):
             self._transport.resume_reading()
 
     def _extra_headers(self) -> list[tuple[str, str]]:
-        extra = [("Server", SERVER_NAME)]
-        hsts = self._gateway.hsts
-        if hsts is not None:
-            extra.append(("Strict-Transport-Security", hsts))
-        if self._closing:
-            extra.append(("Connection", "close"))
-        return extra
+        return self._gateway.own_headers(self._closing)
 
     def _write(self, data: bytes) -> bool:
         """Send data, if the client is still there to take it."""
@@ -1136,26 +1101,11 @@ class FastPathConnection(asyncio.Protocol):
         )
 
     def _upstream_failed(self, exc: UpstreamError, head: ParsedHead, record: AuditRecord) -> None:
-        settings = self._gateway.settings
-        head_only = head.method == "HEAD"
-        path = record.path
         record.decision = "error"
-        if isinstance(exc, NoConnection):
-            log.warning(
-                "no connection to the registry within %gs: %s %s", settings.connect_timeout, head.method, path
-            )
-            message = (
-                "no connection to the registry in time: it is unreachable, or every connection to it is busy"
-            )
-            self._answer(record, error_response(504, "UNAVAILABLE", message), head_only)
-        elif isinstance(exc, UpstreamTimeout):
-            log.warning("upstream timed out: %s %s", head.method, path)
-            self._answer(
-                record, error_response(504, "UNAVAILABLE", "the registry did not answer in time"), head_only
-            )
-        else:
-            log.warning("upstream failed: %s %s: %s", head.method, path, exc)
-            self._answer(record, error_response(502, "UNAVAILABLE", "the registry is unreachable"), head_only)
+        response = answers.upstream_failed(
+            exc, head.method, record.path, self._gateway.settings.connect_timeout
+        )
+        self._answer(record, response, head.method == "HEAD")
 
     def _answer_head(
         self, upstream: UpstreamResponse, head: ParsedHead, record: AuditRecord
@@ -1215,19 +1165,19 @@ class FastPathConnection(asyncio.Protocol):
             original = b""
             if not head_only:
                 with contextlib.suppress(UpstreamError):
-                    original = await upstream.read_at_most(UPSTREAM_ERROR_LOG_BYTES)
+                    original = await upstream.read_at_most(answers.UPSTREAM_ERROR_LOG_BYTES)
             upstream.release()
             pool = self._gateway.upstream
             if (
                 upstream.status == 500
                 and pool is not None
-                and await _is_plain_blob(pool, forward.view, forward.authorization, forward.operation)
+                and await answers.is_plain_blob(pool, forward.view, forward.authorization, forward.operation)
             ):
                 response = error_response(
                     404, "MANIFEST_UNKNOWN", "manifest unknown: the digest names a blob"
                 )
             else:
-                response = _replace_error(head.method, record.path, upstream, original)
+                response = answers.replace_error(head.method, record.path, upstream, original)
             self._answer(record, response, head_only)
         finally:
             upstream.release()

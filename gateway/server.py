@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -35,6 +34,7 @@ from aiohttp.web_request import BaseRequest
 
 from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_body, error_response
 from gateway.fastpath import FastPathConnection, Sections
+from gateway.limits import ConnectionLimits
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -45,36 +45,6 @@ log = logging.getLogger("gateway.server")
 
 class MalformedBody(HttpProcessingError):
     """A request body whose framing could not be parsed."""
-
-
-@dataclass
-class ConnectionLimits:
-    """Shared by every connection of one server: how many may be open, how long and how large a
-    request head may be."""
-
-    max_connections: int  # 0: no limit
-    header_timeout: float  # 0: no limit
-    max_head_size: int = 65536  # request line and every header line together
-    open: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def admit(self, transport: asyncio.BaseTransport) -> bool:
-        """Count a new connection in, or close it when max_connections are open."""
-        if self.max_connections and self.open >= self.max_connections:
-            log.warning("connection refused: %d connections open (max_connections)", self.open)
-            transport.close()
-            return False
-        self.opened()
-        return True
-
-    def opened(self) -> None:
-        self.open += 1
-        self.idle.clear()
-
-    def closed(self) -> None:
-        self.open -= 1
-        if self.open == 0:
-            self.idle.set()
 
 
 def _head_too_large_response() -> bytes:
