@@ -191,7 +191,7 @@ async def _identify(
     authority = request[GATEWAY].authority
     if authority is not None and authorization is not None and pipeline.is_bearer(authorization):
         found = pipeline.token_identity(
-            authority, snapshot, authorization, request[GATEWAY].authenticator.directory_labels
+            authority, snapshot, authorization, request[GATEWAY].authenticator.remembered_labels
         )
         if isinstance(found, pipeline.TokenRefused):
             record.user = found.user

@@ -19,6 +19,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -132,6 +133,29 @@ class CredentialCache:
         return len(self._entries)
 
 
+class FileUsers:
+    """The htpasswd file's users and the policy's static users (one snapshot's): a lasting source,
+    checked first."""
+
+    name = "htpasswd"
+    lasting = True  # a user stays a user until the files change
+    last_problem: str | None = None  # reading the files is the reload's business, not a login's
+
+    def __init__(
+        self,
+        users: Mapping[str, htpasswd.StoredHash],
+        check: Callable[[str, htpasswd.StoredHash], Awaitable[bool]],
+    ) -> None:
+        self._users = users
+        self._check = check
+
+    async def verify(self, user: str, password: str) -> Verdict:
+        stored = self._users.get(user)
+        if stored is None:
+            return Unknown()
+        return Verified(user) if await self._check(password, stored) else Rejected()
+
+
 class Authenticator:
     def __init__(
         self,
@@ -148,9 +172,9 @@ class Authenticator:
         self._in_flight: dict[tuple[bytes, int], asyncio.Future[Verdict]] = {}
         self._ldap: LdapSource | None = None
         self._external: ExternalSource | None = None
-        # Labels of users a directory verified, for requests that carry a token, not a password;
-        # kept as long as a cached login (cache_ttl).
-        self._directory_users: dict[str, tuple[Labels, float]] = {}
+        # Labels of users a source that is not lasting (a directory, a program) verified, for
+        # requests that carry a token, not a password; kept as long as a cached login (cache_ttl).
+        self._recent_logins: dict[str, tuple[Labels, float]] = {}
 
     async def reload_if_changed(self, force: bool = False) -> bool:
         """Re-read users and rules in a thread (parsing a big file must not stall streaming);
@@ -158,7 +182,7 @@ class Authenticator:
         changed = await asyncio.to_thread(self.store.reload_if_changed, force)
         if changed:
             self.cache.clear()
-            self._directory_users.clear()
+            self._recent_logins.clear()
         return changed
 
     def ldap_source(self, snapshot: Snapshot | None = None) -> LdapSource | None:
@@ -172,8 +196,9 @@ class Authenticator:
         return self._ldap
 
     def sources(self, snapshot: Snapshot) -> list[IdentitySource]:
-        """The identity sources after the files, in the order they are asked: LDAP, then ext_auth."""
-        found: list[IdentitySource] = []
+        """The identity sources in the order they are asked: the files (htpasswd and the policy's
+        static users), LDAP, then ext_auth. The dummy check after them is not a source (_verify)."""
+        found: list[IdentitySource] = [FileUsers(snapshot.users, self._check_hash)]
         directory = self.ldap_source(snapshot)
         if directory is not None:
             found.append(directory)
@@ -184,9 +209,10 @@ class Authenticator:
             found.append(self._external)
         return found
 
-    def directory_labels(self, user: str) -> Labels | None:
-        """A directory user's labels from a login within cache_ttl; None if there was none."""
-        entry = self._directory_users.get(user)
+    def remembered_labels(self, user: str) -> Labels | None:
+        """The labels of a user whom a source that is not lasting (a directory, a program)
+        verified within cache_ttl; None if there was no such login."""
+        entry = self._recent_logins.get(user)
         if entry is None or entry[1] < time.monotonic():
             return None
         return entry[0]
@@ -210,14 +236,14 @@ class Authenticator:
         future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
         self._in_flight[flight] = future
         try:
-            result = await self._verify(credentials, snapshot)
+            result, source = await self._verify(credentials, snapshot)
             if isinstance(result, Verified) and self.store.snapshot is snapshot:
                 self.cache.put(key, result, snapshot.generation)
-                if result.source != "htpasswd":
-                    self._directory_users.pop(result.user, None)
-                    self._directory_users[result.user] = (result.labels, time.monotonic() + self.cache.ttl)
-                    while len(self._directory_users) > max(1, self.cache.max_entries):
-                        del self._directory_users[next(iter(self._directory_users))]
+                if source is not None and not source.lasting:
+                    self._recent_logins.pop(result.user, None)
+                    self._recent_logins[result.user] = (result.labels, time.monotonic() + self.cache.ttl)
+                    while len(self._recent_logins) > max(1, self.cache.max_entries):
+                        del self._recent_logins[next(iter(self._recent_logins))]
             future.set_result(result)
             return result
         except asyncio.CancelledError:
@@ -230,22 +256,24 @@ class Authenticator:
         finally:
             del self._in_flight[flight]
 
-    async def _verify(self, credentials: Credentials, snapshot: Snapshot) -> Verdict:
-        # Each name is resolved by exactly one source: the htpasswd file and the policy's static
-        # users first; a name found there is never looked up in the directory.
-        stored = snapshot.users.get(credentials.username)
-        if stored is None:
-            for source in self.sources(snapshot):
-                verdict = await source.verify(credentials.username, credentials.password)
-                if not isinstance(verdict, Unknown):
-                    return verdict
-            # No source knows the name: the same bcrypt as for a wrong password, then refused.
-        known = stored is not None
-        target = stored if stored is not None else snapshot.dummy
-        loop = asyncio.get_running_loop()
+    async def _verify(
+        self, credentials: Credentials, snapshot: Snapshot
+    ) -> tuple[Verdict, IdentitySource | None]:
+        """The first source that knows the name decides (each name is resolved by exactly one: a
+        name in the htpasswd file is never looked up in the directory), with the source."""
+        for source in self.sources(snapshot):
+            verdict = await source.verify(credentials.username, credentials.password)
+            if not isinstance(verdict, Unknown):
+                return verdict, source
+        # No source knows the name: the same bcrypt as for a wrong password, then refused.
+        await self._check_hash(credentials.password, snapshot.dummy)
+        return Rejected(), None
+
+    async def _check_hash(self, password: str, stored: htpasswd.StoredHash) -> bool:
+        """A password against a stored hash, in the thread pool (bcrypt releases the GIL)."""
         self.cache.verifications += 1
-        ok = await loop.run_in_executor(self._executor, htpasswd.verify, credentials.password, target)
-        return Verified(credentials.username) if ok and known else Rejected()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, htpasswd.verify, password, stored)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

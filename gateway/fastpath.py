@@ -489,13 +489,13 @@ def _identity(
     authority = gateway.authority
     if authority is not None and authorization is not None and pipeline.is_bearer(authorization):
         found = pipeline.token_identity(
-            authority, snapshot, authorization, gateway.authenticator.directory_labels
+            authority, snapshot, authorization, gateway.authenticator.remembered_labels
         )
         if isinstance(found, pipeline.TokenRefused):
             return None
         until = 0.0  # directory users: not remembered
         user = found.identity.user
-        if not found.directory_user:
+        if not found.remembered_login:
             until = time.monotonic() + (found.claims.expires - time.time())
             if user is not None:
                 until = before_account_ends(snapshot, user, until)

@@ -75,7 +75,7 @@ def precheck(block_old_clients: bool, bearer_mode: bool, user_agent: str, path: 
 class TokenIdentity:
     identity: Identity
     claims: Claims
-    directory_user: bool  # its labels come from a directory login, on a clock of their own
+    remembered_login: bool  # its user is a directory's or a program's: on a clock of its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +89,11 @@ def is_bearer(authorization: str | None) -> bool:
     return authorization is not None and authorization[:7].lower() == "bearer "
 
 
-def still_valid(snapshot: Snapshot, user: str, directory_labels: Labels | None) -> bool:
-    """A token's user still exists (in the files, or a directory verified it within cache_ttl)
-    and has not expired (tokens outlive neither)."""
-    if user not in snapshot.users and directory_labels is None:
+def still_valid(snapshot: Snapshot, user: str, remembered_labels: Labels | None) -> bool:
+    """A token's user still exists (in the files, or a source that is not lasting, a directory
+    or a program, verified it within cache_ttl: `remembered_labels`) and has not expired (tokens
+    outlive neither)."""
+    if user not in snapshot.users and remembered_labels is None:
         return False
     return snapshot.policy is None or not snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC))
 
@@ -101,25 +102,24 @@ def token_identity(
     authority: TokenAuthority,
     snapshot: Snapshot,
     authorization: str,
-    directory_labels: Callable[[str], Labels | None],
+    remembered_labels: Callable[[str], Labels | None],
 ) -> TokenIdentity | TokenRefused:
-    """Who a Bearer `authorization` stands for. `directory_labels` gives a directory user's
-    labels from a login within cache_ttl (None when there was none), by user name."""
+    """Who a Bearer `authorization` stands for. `remembered_labels` gives the labels of a user
+    whom a source that is not lasting verified within cache_ttl (None when none did), by name
+    (Authenticator.remembered_labels)."""
     try:
         claims = authority.verify(authorization[7:].strip())
     except InvalidToken as exc:
         return TokenRefused(str(exc), "invalid")
     user = claims.subject or None
-    labels_of_directory = directory_labels(user) if user is not None else None
-    if user is not None and not still_valid(snapshot, user, labels_of_directory):
+    remembered = remembered_labels(user) if user is not None else None
+    if user is not None and not still_valid(snapshot, user, remembered):
         return TokenRefused("the token's user is no longer valid", "user", user)
     labels = None
-    if user is not None and labels_of_directory is not None:
+    if user is not None and remembered is not None:
         account_labels = snapshot.policy.account(user).labels if snapshot.policy is not None else {}
-        labels = merge_labels(account_labels, labels_of_directory)
-    return TokenIdentity(
-        Identity(user, claims.access, labels=labels), claims, labels_of_directory is not None
-    )
+        labels = merge_labels(account_labels, remembered)
+    return TokenIdentity(Identity(user, claims.access, labels=labels), claims, remembered is not None)
 
 
 # --- authorize --------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 
 from gateway import authn, htpasswd
 from gateway.authn import Authenticator, CredentialCache, Credentials, Malformed
-from gateway.identity import Verified
+from gateway.identity import Rejected, Unknown, Verdict, Verified
 from gateway.state import AccessStore
 
 
@@ -261,3 +261,49 @@ def test_a_file_rewritten_in_place_is_read_whole_never_half_written(
     assert len(store.snapshot.users) == 10
     assert store.reload_if_changed(force=True)  # SIGHUP: waits while it changes, then reads it
     assert len(store.snapshot.users) == 20
+
+
+class ProgramLike:
+    """A source as the contract has it (gateway.identity.IdentitySource): knows `carol` only."""
+
+    name = "program"
+    lasting = False
+    last_problem: str | None = None
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def verify(self, user: str, password: str) -> Verdict:
+        self.asked.append(user)
+        if user != "carol":
+            return Unknown()
+        return Verified("carol", {"team": ("ops",)}, self.name) if password == "pw" else Rejected()
+
+
+async def test_every_source_behind_one_contract(
+    tmp_path: Path, counting: CountingVerify, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files are a source like any other, asked first; a name no source knows costs the
+    dummy check; a source that is not lasting vouches for its users' tokens while their login is
+    cached, a lasting one (the files) for as long as the files say."""
+    path = tmp_path / "htpasswd"
+    _write_users(path, {"alice": "pw"})
+    auth = Authenticator(AccessStore(path), CredentialCache(100, 60))
+    program = ProgramLike()
+    chain = auth.sources
+    monkeypatch.setattr(auth, "sources", lambda snapshot: [*chain(snapshot), program])
+    try:
+        assert [source.name for source in auth.sources(auth.store.snapshot)] == ["htpasswd", "program"]
+        assert await auth.login(Credentials("alice", "pw")) == Verified("alice")
+        assert program.asked == []  # a name the files know is never asked elsewhere
+        assert await auth.login(Credentials("carol", "pw")) == Verified(
+            "carol", {"team": ("ops",)}, "program"
+        )
+        assert auth.remembered_labels("carol") == {"team": ("ops",)}
+        assert auth.remembered_labels("alice") is None  # the files vouch for alice, no login needed
+        checks = len(counting.checked)
+        assert isinstance(await auth.login(Credentials("mallory", "pw")), Rejected)
+        assert program.asked == ["carol", "mallory"]
+        assert len(counting.checked) == checks + 1 and counting.checked[-1] is auth.store.snapshot.dummy
+    finally:
+        auth.close()

@@ -290,7 +290,7 @@ def no_directory(_user: str) -> Labels | None:
 def test_token_identity(authority: TokenAuthority) -> None:
     minted = authority.token_for("alice", parse_scopes(["repository:alice/app:pull"]))
     found = pipeline.token_identity(authority, WITH_POLICY, f"Bearer {minted}", no_directory)
-    assert isinstance(found, TokenIdentity) and not found.directory_user
+    assert isinstance(found, TokenIdentity) and not found.remembered_login
     assert found.identity.user == "alice" and [str(s) for s in found.identity.token_access or ()] == [
         "repository:alice/app:pull"
     ]
@@ -311,7 +311,7 @@ def test_token_identity(authority: TokenAuthority) -> None:
         f"Bearer {authority.token_for('carol', [])}",
         lambda user: {"team": ("ops",)} if user == "carol" else None,
     )
-    assert isinstance(directory, TokenIdentity) and directory.directory_user
+    assert isinstance(directory, TokenIdentity) and directory.remembered_login
     assert directory.identity.labels == {"team": ("ops",)}
 
     for bad in ("Bearer ", "Bearer not-a-jwt", f"Bearer {minted}x"):

@@ -12,7 +12,18 @@ The contract every source keeps (docker_auth's `api.Authenticator`, with Caddy's
 
 Sources are asked in a documented order (the htpasswd file and the policy's static users first,
 then LDAP, then an external program) and each user name is resolved by exactly one source, the
-first that knows it: a name in the htpasswd file is never looked up in the directory.
+first that knows it: a name in the htpasswd file is never looked up in the directory. The chain's
+last step is not a source but the same bcrypt check against a dummy hash, so that a name no
+source knows costs what a wrong password costs (authn.Authenticator).
+
+Besides `verify`, a source declares what it can do:
+
+- `lasting`: whether a user it verified stays a user until the files change (the htpasswd file,
+  static users). A source that is not lasting (a directory, a program) only vouches for a login
+  it verified recently: a token of such a user is honoured while that login is cached
+  (`cache_ttl`), with the labels it gave;
+- `last_problem`: why its last verification could not decide, for /readyz and metrics;
+- `probe()`, optionally (`Probing`): whether it can answer now, for /readyz.
 """
 
 from __future__ import annotations
@@ -50,11 +61,18 @@ Verdict = Verified | Rejected | Unknown | Unavailable
 
 
 class IdentitySource(Protocol):
-    name: str
+    name: str  # what Verified.source says, the audit log and `policy explain` show
+    lasting: bool  # see the module's docstring
 
     async def verify(self, user: str, password: str) -> Verdict: ...
 
     last_problem: str | None  # why the last verification could not decide; None when it could
+
+
+class Probing(IdentitySource, Protocol):
+    async def probe(self) -> str | None:
+        """None when the source can answer now, else what is wrong (for /readyz)."""
+        ...
 
 
 def merge_labels(*sets: Labels) -> Labels:

@@ -191,6 +191,7 @@ class ExternalSource:
     """Runs the program once per login (logins are cached), at most 8 at a time."""
 
     name = "ext_auth"
+    lasting = False  # a program vouches for a login it verified, while it is cached
 
     def __init__(self, settings: ExternalSettings) -> None:
         self.settings = settings

@@ -389,6 +389,7 @@ class LdapSource:
     at most `max_connections` at once, every connect and operation under its timeout."""
 
     name = "ldap"
+    lasting = False  # a directory vouches for a login it verified, while it is cached
 
     def __init__(self, settings: LdapSettings) -> None:
         import bonsai  # an optional extra: imported only when a directory is configured
