@@ -12,13 +12,15 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway import acl, answers, catalog, forwarding, pipeline
+from gateway import acl, admission, catalog, forwarding, pipeline
+from gateway.admission import IdentityMemo
 from gateway.audit import AuditLog, AuditRecord, new_record, operation_name
 from gateway.authn import (
     Authenticator,
@@ -29,6 +31,10 @@ from gateway.authn import (
 from gateway.config import Settings
 from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_response
 from gateway.external_authz import ExternalAuthorizer
+from gateway.http import answers
+from gateway.http.fastpath import Forward, ParsedHead
+from gateway.http.server import APPLICATION_KEY
+from gateway.http.upstream import NoConnection, UpstreamError, UpstreamPool, UpstreamTimeout
 from gateway.identity.external import ExternalSettings
 from gateway.lockout import Lockout
 from gateway.login import Locked, Refused, check_login, locked_response
@@ -42,7 +48,6 @@ from gateway.state import AccessStore, Snapshot
 from gateway.tokens.authority import TokenAuthority
 from gateway.tokens.endpoint import TOKEN_PATH, token_endpoint
 from gateway.tokens.scopes import needed
-from gateway.upstream import NoConnection, UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -544,7 +549,7 @@ class Gateway:
 
     `serve` is the whole of it, for every request: timed, counted and written to the audit log; any
     unexpected failure a logged 500 in registry format, never a bare traceback page. The server
-    calls it directly (gateway.server), without aiohttp's router, middleware and signals, which
+    calls it directly (gateway.http.server), without aiohttp's router, middleware and signals, which
     cost as much per request as all of our own decisions.
     """
 
@@ -633,6 +638,14 @@ class Gateway:
                 if isinstance(body, bytes | bytearray) and not record.bytes_out and request.method != "HEAD":
                     record.bytes_out = len(body)
             self.finish_record(record, started)
+
+    def allowed_outright(self, head: ParsedHead, remote: str, scheme: str, memo: Any) -> Forward | None:
+        """The fast path's question: may this head be forwarded at once (gateway.admission)?"""
+        return admission.allowed_outright(self, head, remote, scheme, memo)
+
+    def new_memo(self) -> IdentityMemo:
+        """What the fast path keeps per connection for admission: the identity last proved."""
+        return IdentityMemo()
 
     def own_headers(self, closing: bool = False) -> list[tuple[str, str]]:
         """The gateway's own header lines on every answer, on either transport: no software
@@ -748,7 +761,7 @@ def create_app(
     lockout: Lockout | None = None,
 ) -> web.Application:
     """The gateway as an aiohttp application: its start-up and shutdown, and one route to
-    `Gateway.serve` (gateway.server's runner calls `serve` directly, without the router)."""
+    `Gateway.serve` (gateway.http.server's runner calls `serve` directly, without the router)."""
     app = web.Application(
         handler_args={
             "max_line_size": settings.max_header_size,
@@ -760,6 +773,7 @@ def create_app(
     )
     gateway = Gateway(settings, store, audit, lockout)
     app[GATEWAY_KEY] = gateway
+    app[APPLICATION_KEY] = gateway  # what the transports see of it (gateway.http.fastpath.Application)
     app[SETTINGS_KEY] = settings
     app[AUTHENTICATOR_KEY] = gateway.authenticator
     app[METRICS_KEY] = gateway.metrics

@@ -138,7 +138,7 @@ class Metrics:
         )
         # A plain count read at scrape time: a Gauge takes a lock twice a request.
         self.in_flight = 0
-        self.fast_served = 0  # plain counts too, read at scrape time (gateway.fastpath)
+        self.fast_served = 0  # plain counts too, read at scrape time (gateway.http.fastpath)
         self.fast_handed_off = 0
         self.fast_taken_back = 0
         self.fast_section_reused = 0  # heads served with a kept header section (fastpath.Sections)

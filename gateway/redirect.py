@@ -14,7 +14,7 @@ def redirect_app(https_port: int) -> web.Application:
     """Plain HTTP that sends every request to the same path over HTTPS."""
 
     async def redirect(request: web.Request) -> web.StreamResponse:
-        # Only a path reaches here (gateway.server refuses other request targets).
+        # Only a path reaches here (gateway.http.server refuses other request targets).
         if not valid_host(request.host):
             return error_response(400, "UNSUPPORTED", "invalid Host header")
         host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host

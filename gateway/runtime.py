@@ -37,10 +37,10 @@ from gateway.app import (
     create_app,
 )
 from gateway.audit import AuditLogError
+from gateway.http.server import ListenerRunner, listener_runner
 from gateway.lockout import Lockout
 from gateway.metrics import ScrapeToken, metrics_app
 from gateway.redirect import redirect_app
-from gateway.server import ListenerRunner, listener_runner
 from gateway.state import AccessStore
 from gateway.tls import TlsContext
 from gateway.tokens.keys import KeyError_

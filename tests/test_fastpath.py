@@ -1,5 +1,5 @@
 # ruff: noqa: E501  (raw requests are wire bytes, easier to read unsplit)
-"""The fast path (gateway.fastpath): which heads it takes, and that it answers exactly as the full
+"""The fast path (gateway.http.fastpath): which heads it takes, and that it answers exactly as the full
 path does, against the real registry.
 
 Fidelity is checked side by side: one registry, two gateways with the same users and rules, one
@@ -27,7 +27,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.fastpath import AnswerHead, ParsedHead, Section, Sections, answer_head, parse_head
+from gateway.http.fastpath import AnswerHead, ParsedHead, Section, Sections, answer_head, parse_head
 from tests.conftest import Gateway, Registry, free_port, htpasswd_add, start_gateway, start_registry, stop
 from tests.test_hostile import OCI_MANIFEST, auth, gateway_with_policy, push_blob, push_image
 

@@ -1,4 +1,4 @@
-"""The registry client (gateway/upstream.py) against a scripted registry on a raw socket.
+"""The registry client (gateway/http/upstream.py) against a scripted registry on a raw socket.
 
 Distribution never sends most of this (interim answers, bodies delimited by the end of the
 connection, bytes after a complete answer), so the real registry cannot prove how the client
@@ -18,8 +18,8 @@ import pytest
 import uvloop
 from yarl import URL
 
-from gateway import upstream
-from gateway.upstream import (
+from gateway.http import upstream
+from gateway.http.upstream import (
     KnownHead,
     NoConnection,
     PendingExchange,

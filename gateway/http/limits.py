@@ -1,6 +1,6 @@
 """What every connection of one listener shares: how many may be open, how long and how large a
 request head may be. Its own module because both transports (the fast path's protocol and
-aiohttp's handler, in gateway.server) count against the same limits."""
+aiohttp's handler, in gateway.http.server) count against the same limits."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ printable ASCII throughout, within the size limits; then screening, authenticati
 already verified (a cached login, a valid token) and the policy allow it outright. Anything else
 (a partial head, a body, a challenge, a denial, a password still to check, ext_authz, the filtered
 catalog, the token endpoint, an old client) hands the connection with every byte read so far to
-aiohttp's RequestHandler (gateway.server), which answers exactly as it would have without this
+aiohttp's RequestHandler (gateway.http.server), which answers exactly as it would have without this
 path; the connection stays there. So the fast path adds no answer of its own to what the gateway
 says: every refusal still comes from the proven path, and `fast_path: false` turns it off.
 """
@@ -25,31 +25,34 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import httptools
 from aiohttp import web
-from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_remove_content_length
-from aiohttp.http_parser import SINGLETON_HEADERS
 from multidict import CIMultiDict
 
-from gateway import answers, forwarding, pipeline
-from gateway.app import Gateway
+from gateway import forwarding
 from gateway.audit import AuditRecord, new_record, operation_name
-from gateway.authn import Malformed, parse_basic_authorization
+from gateway.config import Settings
 from gateway.errors import API_VERSION, API_VERSION_HEADER, error_response
-from gateway.limits import ConnectionLimits
-from gateway.login import before_account_ends, login_if_cached
-from gateway.pipeline import Identity, Precheck, Scopes
-from gateway.policy import Outcome
-from gateway.routes import Operation, Route
-from gateway.screening import HeaderFacts, Refusal, screen, screen_headers
-from gateway.state import Snapshot
-from gateway.upstream import (
+from gateway.http import answers
+from gateway.http.aiohttp_internals import (
+    SINGLETON_HEADERS,
+    must_be_empty_body,
+    rfc822_formatted_time,
+    should_remove_content_length,
+)
+from gateway.http.limits import ConnectionLimits
+from gateway.http.upstream import (
     PendingExchange,
     UpstreamError,
+    UpstreamPool,
     UpstreamResponse,
     first_header,
 )
+from gateway.metrics import Metrics
+from gateway.routes import Operation
+from gateway.screening import HeaderFacts
 
 log = logging.getLogger("gateway.fastpath")
 
@@ -105,7 +108,9 @@ class Section:
     upstream_lines: bytes | None = None  # forwarding.upstream_header_lines, once
     # Once kept (see Sections): the last identity its credentials proved, for the next connection
     # of the same client (skopeo and podman open one per request).
-    memo: IdentityMemo | None = None
+    # The application's memo of the identity these credentials proved (admission.IdentityMemo):
+    # the transport only carries it.
+    memo: Any = None
 
 
 # How many header sections the gateway keeps (see Sections), how many bytes of section text in all
@@ -337,179 +342,26 @@ class Forward:
     authorization: str | None  # for the registry, in bearer mode
 
 
-@dataclass(slots=True)
-class IdentityMemo:
-    """A connection's last identity, and a kept section's (see Section.memo): one client sends
-    the same credentials request after request, and checking them again (base64, a keyed hash,
-    the login cache, the lockout, the account) is the largest part of a decision. Reused for at
-    most MEMO_SECONDS, for the same Authorization header, client address and users-and-rules
-    generation, and never past what vouched for it: the login cache entry, the account's expiry,
-    a token's expiry, the token revocations and signing keys in force (any reload of them ends
-    it). Not for directory users' tokens (their labels expire on a clock of their own) nor
-    anonymous requests (nothing to check)."""
+class Application(Protocol):
+    """What the transports need of the application (gateway.app.Gateway), and nothing more: the
+    settings and counters, the registry's connections, the gateway's own header lines, the
+    decision for a head that may be answered here (gateway.admission), the full path's handler,
+    and what ends a request. Decisions stay on the application's side of this line."""
 
-    authorization: str | None = None
-    address: str = ""
-    generation: int = -1
-    until: float = 0.0  # time.monotonic()
-    identity: Identity | None = None
-    # A token's: the revocations and keys it was checked against (replaced on every reload).
-    revoked: object = None
-    verifier: object = None
-    cache_key: bytes | None = None  # a Basic login's entry in the login cache, still to be there
+    settings: Settings
+    metrics: Metrics
+    upstream: UpstreamPool | None
+    hsts: str | None
 
+    def own_headers(self, closing: bool = False) -> list[tuple[str, str]]: ...
 
-MEMO_SECONDS = 1.0
+    def finish_record(self, record: AuditRecord, started: float) -> None: ...
 
+    def allowed_outright(self, head: ParsedHead, remote: str, scheme: str, memo: Any) -> Forward | None: ...
 
-def allowed_outright(
-    gateway: Gateway, head: ParsedHead, remote: str, scheme: str, memo: IdentityMemo | None = None
-) -> Forward | None:
-    """The decision `app.handle` makes, for requests that need no waiting: a Forward when the
-    answer is "allowed", None when the full path must answer (it then decides the same way,
-    with every refusal, challenge and log line of its own). No side effects."""
-    settings = gateway.settings
-    section = head.section
-    headers = section.headers
-    view = section.view
-    authority = gateway.authority
-    if (
-        pipeline.precheck(
-            settings.block_old_clients,
-            authority is not None,
-            headers.get("User-Agent", ""),
-            head.target.partition("?")[0],
-        )
-        is not Precheck.REGISTRY
-    ):
-        return None
-    if view is None:  # once per section (see Section)
-        host = headers.get("Host", "")
-        if not forwarding.valid_host(host):
-            return None
-        view = forwarding.client_view(remote, scheme, host, headers, settings.trusted_proxies)
-        section.authorization = headers.get("Authorization")
-        section.view = view
-    method = head.method
-    facts = section.screened.get(method)
-    if facts is None:  # once per section and method
-        facts = section.screened[method] = screen_headers(method, headers)
-    screened = screen(method, head.target, headers, facts)
-    if isinstance(screened, Refusal) or screened.has_body or screened.close_after or screened.expect_continue:
-        return None
-    operation = screened.operation
-    if not isinstance(operation, Operation):
-        return None
-    snapshot = gateway.authenticator.store.snapshot
-    authorization = section.authorization
+    def new_memo(self) -> Any: ...
 
-    now = time.monotonic()
-    identity = _remembered(gateway, memo, authorization, view.address, snapshot.generation, now)
-    if identity is None:
-        identity = _remembered(gateway, section.memo, authorization, view.address, snapshot.generation, now)
-    if identity is not None:
-        user = identity.user
-        if (
-            user is not None
-            and identity.basic
-            and gateway.lockout.locked(view.address, user, now) is not None
-        ):
-            return None  # as login_if_cached: a locked pair is the full path's to answer (429)
-    else:
-        found = _identity(gateway, authorization, view.address, snapshot)
-        if found is None:
-            return None
-        identity, until, cache_key = found
-        if until > now:
-            for remembering in (memo, section.memo):
-                if remembering is not None:
-                    remembering.cache_key = cache_key
-                    remembering.authorization = authorization
-                    remembering.address = view.address
-                    remembering.generation = snapshot.generation
-                    remembering.until = min(now + MEMO_SECONDS, until)
-                    remembering.identity = identity
-                    if authority is not None:
-                        remembering.revoked, remembering.verifier = authority.revoked, authority.verifier
-
-    scopes = pipeline.scope_check(identity, operation)
-    if scopes is not Scopes.COVERED and scopes is not Scopes.NOT_A_TOKEN:
-        return None  # a refusal, or a mount to drop: the full path's
-    if scopes is Scopes.COVERED and operation.route is Route.BASE:
-        authorization_upstream = pipeline.upstream_authorization(
-            authority, identity, operation, authorization
-        )
-        return Forward(operation, view, identity.user, None, authorization_upstream)
-
-    decision = pipeline.decide(snapshot, settings.admin_prefix, identity, operation, view.address)
-    if decision.outcome is not Outcome.ALLOW or decision.drop_mount or decision.filter_catalog:
-        return None
-    if identity.basic:
-        gateway.authenticator.cache.hits += 1  # the login cache answered (or the memo, for it)
-    return Forward(
-        operation,
-        view,
-        identity.user,
-        decision.rule,
-        pipeline.upstream_authorization(authority, identity, operation, authorization),
-    )
-
-
-def _remembered(
-    gateway: Gateway,
-    memo: IdentityMemo | None,
-    authorization: str | None,
-    address: str,
-    generation: int,
-    now: float,
-) -> Identity | None:
-    """The identity `memo` holds, if it still holds for these credentials (see IdentityMemo)."""
-    if memo is None or memo.identity is None:
-        return None
-    authority = gateway.authority
-    if (
-        memo.authorization == authorization
-        and memo.address == address
-        and memo.generation == generation
-        and now < memo.until
-        and (memo.cache_key is None or gateway.authenticator.cache.holds(memo.cache_key))
-        and (authority is None or (memo.revoked is authority.revoked and memo.verifier is authority.verifier))
-    ):
-        return memo.identity
-    return None
-
-
-def _identity(
-    gateway: Gateway, authorization: str | None, address: str, snapshot: Snapshot
-) -> tuple[Identity, float, bytes | None] | None:
-    """Who sends `authorization`, from what is verified already (`app._identify` without the
-    waiting), and until when (time.monotonic()) a connection may take that as said without a
-    change to the users: the login cache entry's or the token's end, the account's expiry (0.0:
-    not to be remembered), and a Basic login's login cache key. None: the full path must tell."""
-    authority = gateway.authority
-    if authority is not None and authorization is not None and pipeline.is_bearer(authorization):
-        found = pipeline.token_identity(
-            authority, snapshot, authorization, gateway.authenticator.remembered_labels
-        )
-        if isinstance(found, pipeline.TokenRefused):
-            return None
-        until = 0.0  # directory users: not remembered
-        user = found.identity.user
-        if not found.remembered_login:
-            until = time.monotonic() + (found.claims.expires - time.time())
-            if user is not None:
-                until = before_account_ends(snapshot, user, until)
-        return found.identity, until, None
-    credentials = parse_basic_authorization(authorization)
-    if isinstance(credentials, Malformed):
-        return None
-    if credentials is None:
-        return Identity(None), 0.0, None
-    cached = login_if_cached(gateway.authenticator, gateway.lockout, credentials, address, snapshot)
-    if cached is None:
-        return None
-    login, until, key = cached
-    return Identity(login.user, basic=True, labels=login.labels), until, key
+    async def serve(self, request: web.BaseRequest) -> web.StreamResponse: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,7 +440,7 @@ class FastPathConnection(asyncio.Protocol):
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: Application,
         limits: ConnectionLimits,
         manager: web.Server,
         hand_off: Callable[[asyncio.Transport, bytes, float | None, bool], None],
@@ -631,7 +483,7 @@ class FastPathConnection(asyncio.Protocol):
         self._cancelled = False
         self._open_record: AuditRecord | None = None  # of the request under way, until written
         self._done: asyncio.Future[None] | None = None
-        self._memo = IdentityMemo()
+        self._memo = gateway.new_memo()
         # The header lines of our own on every forwarded answer, made once.
         self._own_lines = b"".join(f"{name}: {value}\r\n".encode() for name, value in self._extra_headers())
         self._closing_lines = self._own_lines + b"Connection: close\r\n"
@@ -657,7 +509,7 @@ class FastPathConnection(asyncio.Protocol):
             self._idle()  # no head deadline: closed when idle for keepalive_timeout, as aiohttp does
 
     def resume(self, transport: asyncio.Transport, data: bytes, head_started: float) -> None:
-        """Take a connection back from the full path (gateway.server) between requests, with the
+        """Take a connection back from the full path (gateway.http.server) between requests, with the
         first bytes of the next one (if any came; due from `head_started`, loop time); the
         connection is counted already."""
         self._counted = True
@@ -828,7 +680,7 @@ class FastPathConnection(asyncio.Protocol):
         try:
             parsed = parse_head(head, self._max_line, self._max_line, known)
             forward = (
-                allowed_outright(self._gateway, parsed, self._remote, self._scheme, self._memo)
+                self._gateway.allowed_outright(parsed, self._remote, self._scheme, self._memo)
                 if parsed is not None
                 else None
             )

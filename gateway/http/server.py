@@ -25,22 +25,30 @@ from typing import (
 )
 
 from aiohttp import web
-from aiohttp.http import HttpVersion11
-from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import EmptyStreamReader, StreamReader
-from aiohttp.web_protocol import ERROR, RequestHandler, _ErrInfo
-from aiohttp.web_request import BaseRequest
 
 from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_body, error_response
-from gateway.fastpath import FastPathConnection, Sections
-from gateway.limits import ConnectionLimits
+from gateway.http.aiohttp_internals import (
+    ERROR,
+    BadHttpMethod,
+    BaseRequest,
+    EmptyStreamReader,
+    ErrInfo,
+    HttpProcessingError,
+    HttpVersion11,
+    RawRequestMessage,
+    RequestHandler,
+    StreamReader,
+)
+from gateway.http.fastpath import Application, FastPathConnection, Sections
+from gateway.http.limits import ConnectionLimits
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
     from gateway.config import Settings
 
 log = logging.getLogger("gateway.server")
+
+# The application an app serves, when it is the gateway's own (set by gateway.app.create_app).
+APPLICATION_KEY = web.AppKey("application", Application)
 
 
 class MalformedBody(HttpProcessingError):
@@ -140,7 +148,7 @@ class _RegistryErrorRequestHandler(RequestHandler):
     def adopt(
         self, transport: asyncio.Transport, data: bytes, head_deadline: float | None, write_paused: bool
     ) -> None:
-        """Take over a connection from the fast path (gateway.fastpath), with the bytes it read and
+        """Take over a connection from the fast path (gateway.http.fastpath), with the bytes it read and
         did not answer; the connection is already counted, and the head under way keeps the
         deadline it had (loop time; None: no header_timeout)."""
         self._counted = True
@@ -254,7 +262,7 @@ class _RegistryErrorRequestHandler(RequestHandler):
             self._head_done()
             if self._messages:
                 message, payload = self._messages[-1]
-                if isinstance(message, _ErrInfo) and not awaiting_head and self._last_payload is not None:
+                if isinstance(message, ErrInfo) and not awaiting_head and self._last_payload is not None:
                     self._body_unparsable(message)
                 else:
                     self._last_payload = payload
@@ -274,7 +282,7 @@ class _RegistryErrorRequestHandler(RequestHandler):
             self._arm_head_deadline()
             self._head_bytes = trailing
 
-    def _body_unparsable(self, error: _ErrInfo) -> None:
+    def _body_unparsable(self, error: ErrInfo) -> None:
         """The parser failed inside a request body (bad chunking). aiohttp would queue the failure
         as a separate request and leave the body waiting for bytes that never come: the request
         being forwarded would hang. Fail that body instead, so its request is answered with 400."""
@@ -336,7 +344,7 @@ class _RegistryErrorRequestHandler(RequestHandler):
 
 class _Server(web.Server):
     limits: ConnectionLimits
-    gateway: Gateway | None  # None: every connection to aiohttp's handler (fast_path: false)
+    gateway: Application | None  # None: every connection to aiohttp's handler (fast_path: false)
     sections: Sections  # the fast path's, for every connection of this server
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
@@ -387,9 +395,7 @@ class ListenerRunner(web.AppRunner):
     def __init__(self, app: web.Application, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.limits = limits
-        from gateway.app import GATEWAY_KEY
-
-        self._gateway = app.get(GATEWAY_KEY)
+        self._gateway = app.get(APPLICATION_KEY)
         if self._gateway is None:
             # Added before the runner's setup freezes the app.
             app.on_response_prepare.append(_server_header)

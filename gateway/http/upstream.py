@@ -67,7 +67,7 @@ class KnownHead:
     second its Date names), the parts are taken from here instead of being parsed again. An answer
     to GET takes one only when its body is framed by a declared length (or has none), which is
     counted here anyway; a chunked one, or one until the end, is read by llhttp. `downstream`:
-    what the fast path made of it for the client (gateway.fastpath), kept here so that it lives
+    what the fast path made of it for the client (gateway.http.fastpath), kept here so that it lives
     and dies with the head."""
 
     status: int

@@ -12,8 +12,8 @@ from aiohttp import web
 
 from gateway import forwarding
 from gateway.errors import error_response
+from gateway.http.upstream import NoConnection, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from gateway.routes import Operation, Route
-from gateway.upstream import NoConnection, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("gateway.app")
 
