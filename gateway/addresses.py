@@ -22,9 +22,16 @@ _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 def parse_ip(text: str) -> IPAddress | None:
-    """The address `text` names, IPv4-mapped ones as IPv4; None when it names none."""
+    """The address `text` names, IPv4-mapped ones as IPv4; None when it names none. A port
+    some proxies add (`10.1.2.3:40001`, `[2001:db8::1]:443`, Azure's X-Forwarded-For) and
+    brackets are not part of the address."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]  # IPv4 with a port; an IPv6 address has more colons
     try:
-        ip = ipaddress.ip_address(text.strip())
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address):
@@ -36,8 +43,8 @@ def parse_ip(text: str) -> IPAddress | None:
 
 
 def canonical_ip(text: str) -> str:
-    """`text` in its one canonical form when it is an address; otherwise unchanged (it then
-    matches no `ip:` rule and no trusted proxy)."""
+    """`text` in its one canonical form when it is an address; otherwise unchanged (it is then
+    no trusted proxy, and forwarding.client_view refuses a client known by it)."""
     # The common case costs a few string checks: a plain dotted quad is canonical already
     # unless a part has a leading zero, which ipaddress refuses (as Go does) and so do we.
     if ":" not in text and text.count(".") == 3 and text.replace(".", "").isdigit():

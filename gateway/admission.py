@@ -89,6 +89,8 @@ def allowed_outright(
         view = forwarding.client_view(remote, scheme, host, headers, settings.trusted_proxies)
         section.authorization = headers.get("Authorization")
         section.view = view
+    if view.unreadable:
+        return None  # refused by the full path (400)
     method = head.method
     facts = section.screened.get(method)
     if facts is None:  # once per section and method

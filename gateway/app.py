@@ -292,6 +292,8 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
     view = _client_view(request)
     if view is None:
         return error_response(400, "UNSUPPORTED", "missing or invalid Host header")
+    if view.unreadable:
+        return _unreadable_client(view)
     record.decision = "challenge"
 
     # One snapshot of users and rules for the whole request, whatever reloads meanwhile.
@@ -382,10 +384,21 @@ def _client_view(request: web.BaseRequest) -> forwarding.ClientView | None:
     return view
 
 
+def _unreadable_client(view: forwarding.ClientView) -> web.Response:
+    log.warning(
+        "refused a request whose X-Forwarded-For names no address as its client: %r (from %s)",
+        view.address[:100],
+        view.forwarded_for[-1],
+    )
+    return error_response(400, "UNSUPPORTED", "X-Forwarded-For names no address for the client")
+
+
 async def _token_request(request: web.BaseRequest, authority: TokenAuthority) -> web.StreamResponse:
     view = _client_view(request)
     if view is None:
         return error_response(400, "UNSUPPORTED", "missing or invalid Host header")
+    if view.unreadable:
+        return _unreadable_client(view)
     return await token_endpoint(
         request,
         request[GATEWAY].settings,

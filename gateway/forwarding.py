@@ -59,6 +59,9 @@ class ClientView:
     forwarded_for: tuple[str, ...]
     scheme: str
     host: str
+    # The client a trusted proxy named is no address (garbage, or a form no parser reads): it
+    # would match no `ip:` rule, deny rules included, so such a request is refused (400).
+    unreadable: bool = False
 
 
 def _is_trusted(address: str, trusted: Iterable[IPNetwork]) -> bool:
@@ -105,6 +108,7 @@ def client_view(
         forwarded_for=tuple(chain),
         scheme=forwarded_proto if forwarded_proto in ("http", "https") else scheme,
         host=forwarded_host if forwarded_host and valid_host(forwarded_host) else host,
+        unreadable=parse_ip(address) is None,
     )
 
 

@@ -25,7 +25,9 @@ import mmap
 import os
 import struct
 import tempfile
+import unicodedata
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.addresses import lockout_key
 
@@ -40,6 +42,11 @@ _HEADER = struct.Struct("<d56x")
 # there are, and the last failed attempt (a keyed hash of the password tried, and when).
 _SLOT = struct.Struct("<16sdI4x8sd")
 _EMPTY = bytes(16)
+
+
+class Reserved(NamedTuple):
+    wait: float | None  # seconds the pair must wait: it is locked, and nothing is checked
+    counted: bool  # a failure was counted in advance (to be released if the check cannot decide)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +76,8 @@ class Lockout:
         """Seconds the pair must wait, or None when it may try."""
         if not self.enabled:
             return None
-        key = self._key(address, user)
         with self._locked(fcntl.LOCK_SH):
-            entry = self._find(key)
-        if entry is None or now >= entry.started + self.window or entry.failures < self.attempts:
-            return None
-        return entry.started + self.window - now
+            return self._retry_after_locked(address, user, now)
 
     def locked(self, address: str, user: str, now: float) -> float | None:
         """`retry_after` for the request path's every login: one read of shared memory, unless
@@ -83,32 +86,72 @@ class Lockout:
             return None
         return self.retry_after(address, user, now)
 
-    def failed(self, address: str, user: str, now: float, secret: bytes | None = None) -> None:
-        """Count a failed login; the same `secret` (the password tried) again within
-        REPEAT_WINDOW seconds is the same guess, not counted twice (containerd sends one wrong
-        password twice: POST, then GET, maybe to two workers)."""
+    def reserve(self, address: str, user: str, now: float, secret: bytes) -> Reserved:
+        """Before a secret is checked: count it as a failure now, so that guesses sent at once
+        (on many connections, to many workers) get `attempts` checks in all, not every one that
+        arrives before the first answer. The seconds to wait when the pair is locked; else
+        whether a failure was counted (not for the same secret again within REPEAT_WINDOW, one
+        guess; nor with the lockout off). A right secret then calls `succeeded` (which forgets the
+        count), a check that could not decide `release` (which takes its failure back)."""
+        if not self.enabled:
+            return Reserved(None, counted=False)
+        with self._locked(fcntl.LOCK_EX):
+            wait = self._retry_after_locked(address, user, now)
+            if wait is not None:
+                return Reserved(wait, counted=False)
+            return Reserved(None, counted=self._count(self._key(address, user), now, secret))
+
+    def release(self, address: str, user: str, now: float) -> None:
+        """Take back the failure `reserve` counted, for a check that could not decide (the
+        directory down): the user may have done nothing wrong."""
         if not self.enabled:
             return
         key = self._key(address, user)
+        with self._locked(fcntl.LOCK_EX):
+            entry = self._find(key)
+            if entry is not None and entry.failures > 0 and now < entry.started + self.window:
+                _SLOT.pack_into(
+                    self._map, _offset(entry.index), key, entry.started, entry.failures - 1, bytes(8), 0.0
+                )
+
+    def _retry_after_locked(self, address: str, user: str, now: float) -> float | None:
+        """`retry_after` for a caller holding the table's lock."""
+        entry = self._find(self._key(address, user))
+        if entry is None or now >= entry.started + self.window or entry.failures < self.attempts:
+            return None
+        return entry.started + self.window - now
+
+    def failed(self, address: str, user: str, now: float, secret: bytes | None = None) -> None:
+        """Count a failed login after the fact (where no check was reserved: a refused refresh
+        token, a wrong metrics token); the same `secret` again within REPEAT_WINDOW seconds is
+        the same guess, not counted twice (containerd sends one wrong password twice: POST, then
+        GET, maybe to two workers)."""
+        if not self.enabled:
+            return
+        with self._locked(fcntl.LOCK_EX):
+            self._count(self._key(address, user), now, secret)
+
+    def _count(self, key: bytes, now: float, secret: bytes | None) -> bool:
+        """One failure more for the pair, under the table's lock; False for a repeat."""
         attempt = (
             bytes(8) if secret is None else hashlib.blake2b(secret, key=self._secret, digest_size=8).digest()
         )
-        with self._locked(fcntl.LOCK_EX):
-            entry = self._find(key)
-            if entry is not None and now < entry.started + self.window:
-                started, failures = entry.started, entry.failures
-                if secret is not None and entry.attempt == attempt and now - entry.attempt_at < REPEAT_WINDOW:
-                    return
-                index = entry.index
-            else:
-                started, failures = now, 0
-                index = entry.index if entry is not None else self._free_slot(key, now)
-            failures += 1
-            _SLOT.pack_into(self._map, _offset(index), key, started, failures, attempt, now)
-            if failures >= self.attempts:
-                until = started + self.window
-                if until > _HEADER.unpack_from(self._map, 0)[0]:
-                    _HEADER.pack_into(self._map, 0, until)
+        entry = self._find(key)
+        if entry is not None and now < entry.started + self.window:
+            started, failures = entry.started, entry.failures
+            if secret is not None and entry.attempt == attempt and now - entry.attempt_at < REPEAT_WINDOW:
+                return False
+            index = entry.index
+        else:
+            started, failures = now, 0
+            index = entry.index if entry is not None else self._free_slot(key, now)
+        failures += 1
+        _SLOT.pack_into(self._map, _offset(index), key, started, failures, attempt, now)
+        if failures >= self.attempts:
+            until = started + self.window
+            if until > _HEADER.unpack_from(self._map, 0)[0]:
+                _HEADER.pack_into(self._map, 0, until)
+        return True
 
     def succeeded(self, address: str, user: str) -> None:
         """A password checked and right: the pair's failures are forgotten."""
@@ -133,7 +176,11 @@ class Lockout:
         os.close(self._fd)
 
     def _key(self, address: str, user: str) -> bytes:
-        pair = f"{lockout_key(address)}\0{user}".encode()
+        # A name as a case-blind source (a directory, a program) may read it: ALICE, Alice and
+        # "alice " are one user's guesses, not three users' (distinct htpasswd names that differ
+        # only so share a count: a stricter limit, never a looser one).
+        name = " ".join(unicodedata.normalize("NFKC", user).casefold().split())
+        pair = f"{lockout_key(address)}\0{name}".encode()
         return hashlib.blake2b(pair, key=self._secret, digest_size=16).digest()
 
     def _window(self, key: bytes) -> range:

@@ -42,22 +42,36 @@ class Refused:
 async def check_login(
     authenticator: Authenticator, lockout: Lockout, credentials: Credentials, client: str, snapshot: Snapshot
 ) -> LoggedIn | Locked | Refused:
-    wait = lockout.retry_after(client, credentials.username, time.monotonic())
+    user = credentials.username
+    now = time.monotonic()
+    wait = lockout.retry_after(client, user, now)
     if wait is not None:
         # Even credentials verified before (in the login cache) are not used: were they, the
         # right password would get 200 and a wrong one 429, an oracle with no limit and no
         # bcrypt. So the user shares the lock of a guesser at the same address (behind NAT)
         # until the window ends; other addresses are not affected.
         return Locked(wait)
+    cached = authenticator.cache.peek(authenticator.cache.key(credentials), snapshot.generation)
+    if cached is not None:
+        # Right, and checked before: no count to reset (the real user's requests behind a
+        # shared address must not give a guesser there a fresh count).
+        authenticator.cache.hits += 1
+        return _logged_in(cached[0], snapshot)
+    # Counted before it is checked, so that guesses sent at once get `lockout_attempts` checks
+    # in all, not one each.
+    reserved = lockout.reserve(client, user, now, credentials.password.encode())
+    if reserved.wait is not None:
+        return Locked(reserved.wait)
     verdict = await authenticator.login(credentials, snapshot)
     if isinstance(verdict, Unavailable):
-        # Fail closed, and count no failed attempt: the user may have done nothing wrong.
-        log.warning("login of %r refused: %s", credentials.username, verdict.reason)
+        # Fail closed, and take the failure back: the user may have done nothing wrong.
+        if reserved.counted:
+            lockout.release(client, user, time.monotonic())
+        log.warning("login of %r refused: %s", user, verdict.reason)
         return Refused("source_unavailable")
     if not isinstance(verdict, Verified):
-        lockout.failed(client, credentials.username, time.monotonic(), credentials.password.encode())
-        return Refused("bad_credentials")
-    lockout.succeeded(client, credentials.username)
+        return Refused("bad_credentials")  # counted already
+    lockout.succeeded(client, user)
     return _logged_in(verdict, snapshot)
 
 

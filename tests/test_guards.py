@@ -15,6 +15,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,7 +290,16 @@ acl:
 """
 
 
-@pytest.mark.parametrize("written_as", ["::ffff:10.1.2.3", "::ffff:a01:203", "0:0:0:0:0:FFFF:0A01:0203"])
+@pytest.mark.parametrize(
+    "written_as",
+    [
+        "::ffff:10.1.2.3",
+        "::ffff:a01:203",
+        "0:0:0:0:0:FFFF:0A01:0203",
+        "10.1.2.3:40001",  # a proxy that adds the client's port (Azure's Application Gateway)
+        "[::ffff:10.1.2.3]:443",
+    ],
+)
 def test_ipv4_mapped_addresses_meet_the_ip_rules(tmp_path: Path, registry: Registry, written_as: str) -> None:
     """A dual-stack proxy (nginx ipv6only=off, HAProxy v4v6) writes 10.1.2.3 as ::ffff:10.1.2.3;
     27cb724 let that through an `ip: 10.0.0.0/8` deny rule, for anonymous and bob alike."""
@@ -425,3 +435,105 @@ def test_the_metrics_token_is_guarded_by_the_lockout(
     finally:
         stop(gateway.process)
     assert token not in gateway.log.read_text()
+
+
+def test_guesses_sent_at_once_get_lockout_attempts_checks_in_all(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    """A guess was counted only once its check ended: 40 guesses sent at once all got a bcrypt
+    check, the right one among them a 200."""
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, *DAVE, "-B")
+    metrics = f"127.0.0.1:{free_port()}"
+    gateway = start_gateway(
+        tmp_path, registry.url, users, "--metrics-listen", metrics, env={"GATEWAY_LOCKOUT_ATTEMPTS": "5"}
+    )
+    try:
+        checks = password_checks(metrics)
+        guesses = [f"guess-{n}" for n in range(39)] + [DAVE[1]]
+        with ThreadPoolExecutor(max_workers=40) as pool:
+            statuses = list(pool.map(lambda pw: ask(gateway, "GET", "/v2/", (DAVE[0], pw))[0], guesses))
+        assert password_checks(metrics) - checks <= 5
+        assert statuses.count(429) >= 35 and set(statuses) <= {401, 429, 200}
+        assert ask(gateway, "GET", "/v2/", DAVE)[0] == 429  # locked now, the right password too
+    finally:
+        stop(gateway.process)
+
+
+def test_a_users_cached_logins_do_not_reset_a_guessers_count(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    """Behind one address (NAT, docker's userland proxy) the real user's requests went on while
+    a guesser guessed; on the full path each cached login reset the guesser's count."""
+    users = tmp_path / "htpasswd"
+    htpasswd_add(users, *DAVE, "-B")
+    gateway = start_gateway(tmp_path, registry.url, users, env={"GATEWAY_LOCKOUT_ATTEMPTS": "5"})
+    try:
+        assert ask(gateway, "GET", "/v2/", DAVE)[0] == 200  # dave's login, cached
+        for round_ in range(2):
+            for attempt in range(2):
+                status = ask(gateway, "GET", "/v2/", (DAVE[0], f"guess-{round_}-{attempt}"))[0]
+                assert status == 401
+            for _ in range(3):  # dave carries on: uploads take the full path
+                assert ask(gateway, "POST", "/v2/dave/app/blobs/uploads/", DAVE)[0] in (202, 403)
+        assert ask(gateway, "GET", "/v2/", (DAVE[0], "guess-last"))[0] == 401  # the fifth
+        assert ask(gateway, "GET", "/v2/", DAVE)[0] == 429
+    finally:
+        stop(gateway.process)
+
+
+def test_made_up_names_in_refresh_tokens_are_one_pair(bearer_stack: Stack) -> None:
+    """A refresh token's subject is read before it is verified: a made-up name for each guess
+    took a slot of the lockout's table each, cheaply; they are counted as one pair."""
+    gateway = bearer_stack.gateway
+    _, headers = _form({})
+    for name in ("nobody-1", "nobody-2", "nobody-3"):
+        body, _ = _form({"grant_type": "refresh_token", "refresh_token": _forged_refresh_token(name)})
+        assert ask(gateway, "POST", "/token", source="127.0.0.4", body=body, headers=headers)[0] == 401
+    body, _ = _form({"grant_type": "refresh_token", "refresh_token": _forged_refresh_token("nobody-4")})
+    assert ask(gateway, "POST", "/token", source="127.0.0.4", body=body, headers=headers)[0] == 429
+    assert ask(gateway, "GET", "/v2/", DAVE, source="127.0.0.4")[0] == 200  # dave's pair is his own
+
+
+def test_an_unreadable_forwarded_client_is_refused(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    """A client that a trusted proxy names by something that is no address would match no ip:
+    rule, deny rules included: refused, on the fast path as on the full one."""
+    gateway = start_gateway(tmp_path, registry.url, users_file, env={"GATEWAY_TRUSTED_PROXIES": "127.0.0.1"})
+    try:
+        for forwarded in ("unknown", "010.1.2.3", "10.1.2.3.4", "_hidden"):
+            for method in ("GET", "HEAD"):
+                status, _, body = ask(
+                    gateway, method, "/v2/", ("alice", USERS["alice"]), headers={"X-Forwarded-For": forwarded}
+                )
+                assert status == 400, (forwarded, method, body)
+        headers = {"X-Forwarded-For": "192.0.2.9"}
+        assert ask(gateway, "GET", "/v2/", ("alice", USERS["alice"]), headers=headers)[0] == 200
+    finally:
+        stop(gateway.process)
+
+
+@pytest.mark.parametrize(
+    ("written", "password", "shown"),
+    [
+        (b"[: user: unexpected operator\n", "hunter2pw", "[: user: unexpected operator"),
+        (b"checking hunter2pw\n", "hunter2pw", "checking ***"),
+        (b"+ '[' 'it'\\''s-secret' = x ']'\n", "it's-secret", "(not shown"),  # set -x
+        (b'{"password": "p\\u00e4ss-w0rd"}', "p\u00e4ss-w0rd", "(not shown"),  # JSON-escaped
+        (b"line one\nline two\n", "", "line one; line two"),
+    ],
+)
+def test_a_programs_output_never_shows_its_password(written: bytes, password: str, shown: str) -> None:
+    from gateway.identity.external import shown_output
+
+    assert shown_output(written, password).startswith(shown)
+
+
+def test_spellings_of_a_name_are_one_users_guesses() -> None:
+    from gateway.lockout import Lockout
+
+    lockout = Lockout(attempts=3, window=300)
+    for name in ("ALICE", "Alice ", " alice"):
+        lockout.failed("10.0.0.1", name, 100.0, name.encode())
+    assert lockout.locked("10.0.0.1", "alice", 101.0) is not None

@@ -86,10 +86,14 @@ def parse_labels(output: bytes) -> Labels:
 def shown_output(text: bytes, password: str = "") -> str:
     """What a program wrote, for a log line: its password masked (before cutting, so that no part
     of it shows at the cut), its lines joined with "; " (so it cannot start log lines of its own),
-    the first 300 characters."""
+    the first 300 characters. A program may also echo the password quoted or escaped (`set -x`
+    writes it shell-quoted, Python's repr and JSON escape it): output holding any four
+    characters of the password in a row is not shown at all."""
     shown = text.decode("utf-8", "replace")
     if password:
         shown = shown.replace(password, "***")
+        if any(password[start : start + 4] in shown for start in range(len(password) - 3)):
+            return "(not shown: it may hold the password; run the program by hand to see it)"
     return "; ".join(line.strip() for line in shown.splitlines() if line.strip())[:300]
 
 

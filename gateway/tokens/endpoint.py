@@ -273,6 +273,11 @@ async def _refresh(
     token = form.get("refresh_token", "")
     claimed = claimed_subject(token)
     record.user = claimed[:AUDIT_TEXT] or None
+    # Counted for the user the token claims only when that is a user of the files (the only
+    # users refresh tokens are issued to); a made-up name costs the sender nothing to write, and
+    # each would take a slot of the lockout's table: all those are one pair, the client's.
+    if claimed not in snapshot.users:
+        claimed = ""
     wait = lockout.retry_after(client, claimed, time.monotonic())
     if wait is not None:
         record.decision = "locked"
