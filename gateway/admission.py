@@ -19,7 +19,7 @@ from gateway.config import Settings
 from gateway.http.fastpath import Forward, ParsedHead
 from gateway.lockout import Lockout
 from gateway.login import before_account_ends, login_if_cached
-from gateway.pipeline import Identity, Precheck, Scopes
+from gateway.pipeline import Identity, Scopes
 from gateway.policy import Outcome
 from gateway.routes import Operation, Route
 from gateway.screening import Refusal, screen, screen_headers
@@ -72,17 +72,11 @@ def allowed_outright(
     headers = section.headers
     view = section.view
     authority = gateway.authority
-    if (
-        pipeline.precheck(
-            settings.block_old_clients,
-            authority is not None,
-            headers.get("User-Agent", ""),
-            head.target.partition("?")[0],
-        )
-        is not Precheck.REGISTRY
-    ):
-        return None
+    if authority is not None and pipeline.is_token_endpoint(True, head.target):
+        return None  # the token endpoint (pipeline.precheck's second question)
     if view is None:  # once per section (see Section)
+        if pipeline.is_old_client(settings.block_old_clients, headers.get("User-Agent", "")):
+            return None  # pipeline.precheck's first question: no view kept, asked again
         host = headers.get("Host", "")
         if not forwarding.valid_host(host):
             return None
@@ -133,27 +127,25 @@ def allowed_outright(
                     if authority is not None:
                         remembering.revoked, remembering.verifier = authority.revoked, authority.verifier
 
-    scopes = pipeline.scope_check(identity, operation)
-    if scopes is not Scopes.COVERED and scopes is not Scopes.NOT_A_TOKEN:
-        return None  # a refusal, or a mount to drop: the full path's
-    if scopes is Scopes.COVERED and operation.route is Route.BASE:
-        authorization_upstream = pipeline.upstream_authorization(
-            authority, identity, operation, authorization
-        )
-        return Forward(operation, view, identity.user, None, authorization_upstream)
+    if identity.token_access is not None:  # Basic and anonymous need no scope check
+        scopes = pipeline.scope_check(identity, operation)
+        if scopes is not Scopes.COVERED:
+            return None  # a refusal, or a mount to drop: the full path's
+        if operation.route is Route.BASE:
+            upstream = pipeline.upstream_authorization(authority, identity, operation, authorization)
+            return Forward(operation, view, identity.user, None, upstream)
 
     decision = pipeline.decide(snapshot, settings.admin_prefix, identity, operation, view.address)
     if decision.outcome is not Outcome.ALLOW or decision.drop_mount or decision.filter_catalog:
         return None
     if identity.basic:
         gateway.authenticator.cache.hits += 1  # the login cache answered (or the memo, for it)
-    return Forward(
-        operation,
-        view,
-        identity.user,
-        decision.rule,
-        pipeline.upstream_authorization(authority, identity, operation, authorization),
+    upstream = (
+        None
+        if authority is None
+        else pipeline.upstream_authorization(authority, identity, operation, authorization)
     )
+    return Forward(operation, view, identity.user, decision.rule, upstream)
 
 
 def _remembered(

@@ -269,7 +269,7 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
         settings.block_old_clients,
         authority is not None,
         request.headers.get("User-Agent", ""),
-        request.raw_path.partition("?")[0],
+        request.raw_path,
     )
     if first is Precheck.OLD_CLIENT:
         return error_response(404, "UNSUPPORTED", "this docker client is too old")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TextIO
 
-from gateway.addresses import canonical_ip
+from gateway.addresses import canonical_peer
 from gateway.files import describe_write_error
 from gateway.routes import DELETE, PUSH, Operation, Route
 
@@ -65,8 +65,10 @@ def loggable_target(target: str) -> str:
     userinfo: `http://bob:PW@host/v2/` (absolute form) and `//bob:PW@host/v2/` (which aiohttp
     reads as a path) keep their host and path, never the password, and so does the authority
     form (`bob:PW@host:443`); at most 1024 characters."""
-    path = target.partition("?")[0].partition("#")[0]
-    if not path.startswith("/") or path.startswith("//"):
+    path = target.partition("?")[0]
+    if "#" in path:
+        path = path.partition("#")[0]
+    if path[:1] != "/" or path[1:2] == "/":
         # An authority follows "scheme://" or "//" and ends at the next "/"; without "//" the
         # whole target is one (CONNECT's form). Its userinfo ends at its last "@", as URL
         # parsers read it.
@@ -79,7 +81,7 @@ def loggable_target(target: str) -> str:
 
 def new_record(client: str, method: str, raw_path: str) -> AuditRecord:
     # The time is formatted only if the record is written (most gateways write none).
-    return AuditRecord(time.time(), canonical_ip(client), method, loggable_target(raw_path))
+    return AuditRecord(time.time(), canonical_peer(client), method, loggable_target(raw_path))
 
 
 _FIELDS = tuple(field.name for field in fields(AuditRecord) if field.name != "started")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.addresses import IPNetwork, canonical_ip, parse_ip
+from gateway.addresses import IPNetwork, canonical_ip, canonical_peer, parse_ip
 
 # RFC 9110 hop-by-hop headers, plus those a proxy must set itself.
 HOP_BY_HOP = frozenset(
@@ -88,7 +88,7 @@ def client_view(
     """Who the client is. Forwarding headers count only when the peer is a trusted proxy. Every
     address in it is canonical (addresses.canonical_ip): what policy, lockout, audit and metrics
     key on."""
-    peer = canonical_ip(peer)
+    peer = canonical_peer(peer)
     if not trusted or not _is_trusted(peer, trusted):
         return ClientView(peer, (peer,), scheme, host)
     chain: list[str] = []

@@ -67,10 +67,9 @@ class Lockout:
         size = _HEADER.size + self.slots * _SLOT.size
         self._fd = _anonymous_file(size)
         self._map = mmap.mmap(self._fd, size)  # MAP_SHARED: forked workers see one table
-
-    @property
-    def enabled(self) -> bool:
-        return self.attempts > 0 and self.window > 0
+        self.enabled = attempts > 0 and window > 0
+        # The header's "locked until" as a float to index: read on every login, without a lock.
+        self._locks_until = memoryview(self._map)[:8].cast("d")
 
     def retry_after(self, address: str, user: str, now: float) -> float | None:
         """Seconds the pair must wait, or None when it may try."""
@@ -82,7 +81,7 @@ class Lockout:
     def locked(self, address: str, user: str, now: float) -> float | None:
         """`retry_after` for the request path's every login: one read of shared memory, unless
         some pair is locked right now."""
-        if not self.enabled or now >= _HEADER.unpack_from(self._map, 0)[0]:
+        if now >= self._locks_until[0] or not self.enabled:
             return None
         return self.retry_after(address, user, now)
 
@@ -172,6 +171,7 @@ class Lockout:
             )
 
     def close(self) -> None:
+        self._locks_until.release()
         self._map.close()
         os.close(self._fd)
 

@@ -59,13 +59,24 @@ class Precheck(enum.Enum):
     OLD_CLIENT = "old_client"  # 404, as the nginx recipe answers docker < 1.6
 
 
-def precheck(block_old_clients: bool, bearer_mode: bool, user_agent: str, path: str) -> Precheck:
-    """`path`: the request target without its query."""
-    if block_old_clients and OLD_DOCKER_CLIENT.fullmatch(user_agent):
+def precheck(block_old_clients: bool, bearer_mode: bool, user_agent: str, target: str) -> Precheck:
+    """`target`: the request target as sent. Its two questions are also asked apart (the fast
+    path asks the first once per header section, the second per request)."""
+    if is_old_client(block_old_clients, user_agent):
         return Precheck.OLD_CLIENT
-    if bearer_mode and path == TOKEN_PATH:
+    if is_token_endpoint(bearer_mode, target):
         return Precheck.TOKEN_ENDPOINT
     return Precheck.REGISTRY
+
+
+def is_old_client(block_old_clients: bool, user_agent: str) -> bool:
+    """A docker client older than 1.6, when those are blocked (the nginx recipe's 404)."""
+    return block_old_clients and OLD_DOCKER_CLIENT.fullmatch(user_agent) is not None
+
+
+def is_token_endpoint(bearer_mode: bool, target: str) -> bool:
+    """The gateway's own /token, which exists in bearer mode only."""
+    return bearer_mode and target.partition("?")[0] == TOKEN_PATH
 
 
 # --- identify ---------------------------------------------------------------------------------
