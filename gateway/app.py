@@ -33,6 +33,7 @@ from gateway.errors import API_VERSION, API_VERSION_HEADER, SERVER_NAME, error_r
 from gateway.external_authz import ExternalAuthorizer
 from gateway.http import answers
 from gateway.http.fastpath import Forward, ParsedHead
+from gateway.http.relay import ClientTooSlow, RegistryCut, relay
 from gateway.http.server import APPLICATION_KEY
 from gateway.http.upstream import NoConnection, UpstreamError, UpstreamPool, UpstreamTimeout
 from gateway.identity.external import ExternalSettings
@@ -527,31 +528,18 @@ async def forward(
         if head_only:
             await response.write_eof()
             return response
-        try:
-            while True:
-                chunk = await upstream.read_chunk()
-                if not chunk:
-                    break
-                record.bytes_out += len(chunk)
-                try:
-                    # A client that stops reading holds a registry connection for as long as it
-                    # likes: each chunk must be taken within body_timeout (a minimum rate of about
-                    # HIGH_WATER per body_timeout, which any live link exceeds).
-                    async with asyncio.timeout(settings.body_timeout):
-                        await response.write(chunk)
-                except TimeoutError:
-                    record.decision = "error"
-                    log.info("client took no response bytes for %gs: cut off", settings.body_timeout)
-                    if request.transport is not None:
-                        request.transport.abort()
-                    raise ConnectionResetError("client too slow") from None
-        except UpstreamError as exc:
-            record.decision = "error"
-            # Too late for an error status: cut the connection so the client sees a failed transfer,
-            # never a short body that looks complete.
-            log.warning("upstream failed mid-response: %s %s: %s", request.method, request.path, exc)
+
+        def abort() -> None:
             if request.transport is not None:
                 request.transport.abort()
+
+        try:
+            await relay(
+                upstream, response.write, abort, record, settings.body_timeout, request.method, record.path
+            )
+        except ClientTooSlow:
+            raise ConnectionResetError("client too slow") from None
+        except RegistryCut as exc:
             raise UpstreamAborted("upstream failed mid-response") from exc
         await response.write_eof()
         return response

@@ -43,6 +43,7 @@ from gateway.http.aiohttp_internals import (
     should_remove_content_length,
 )
 from gateway.http.limits import ConnectionLimits
+from gateway.http.relay import ClientGone, Cut, relay
 from gateway.http.upstream import (
     PendingExchange,
     UpstreamError,
@@ -929,6 +930,10 @@ class FastPathConnection(asyncio.Protocol):
     def _extra_headers(self) -> list[tuple[str, str]]:
         return self._gateway.own_headers(self._closing)
 
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
     def _write(self, data: bytes) -> bool:
         """Send data, if the client is still there to take it."""
         if self._transport is None or self._transport.is_closing():
@@ -1037,42 +1042,26 @@ class FastPathConnection(asyncio.Protocol):
     async def _stream_body(
         self, upstream: UpstreamResponse, record: AuditRecord, chunked: bool, method: str, path: str
     ) -> None:
-        body_timeout = self._gateway.settings.body_timeout
+        transport = self._transport
+
+        def send(chunk: bytes | memoryview) -> asyncio.Future[None] | None:
+            if transport is None or transport.is_closing():
+                raise ClientGone  # the registry connection is then closed, not reused
+            if chunked:
+                transport.writelines(_chunk_frame(chunk))
+            else:
+                transport.write(chunk)
+            if not self._write_paused:
+                return None
+            self._drained = self._loop.create_future()
+            return self._drained
+
         try:
-            while True:
-                chunk = await upstream.read_chunk()
-                if not chunk:
-                    break
-                record.bytes_out += len(chunk)
-                if self._transport is None or self._transport.is_closing():
-                    # The client went away: the registry connection is closed, not reused.
-                    record.decision, record.status = "error", 0
-                    return
-                if chunked:
-                    self._transport.writelines(_chunk_frame(chunk))
-                else:
-                    self._transport.write(chunk)
-                if self._write_paused:
-                    # A client that stops reading would hold a registry connection for as long as
-                    # it likes: each chunk must be taken within body_timeout.
-                    self._drained = self._loop.create_future()
-                    try:
-                        await asyncio.wait_for(self._drained, body_timeout)
-                    except TimeoutError:
-                        record.decision, record.status = "error", 0
-                        log.info("client took no response bytes for %gs: cut off", body_timeout)
-                        if self._transport is not None:
-                            self._transport.abort()
-                        return
-                    finally:
-                        self._drained = None
-        except UpstreamError as exc:
+            await relay(
+                upstream, send, self._abort, record, self._gateway.settings.body_timeout, method, path
+            )
+        except (ClientGone, Cut):
             record.decision, record.status = "error", 0
-            # Too late for an error status: cut the connection so the client sees a failed transfer,
-            # never a short body that looks complete.
-            log.warning("upstream failed mid-response: %s %s: %s", method, path, exc)
-            if self._transport is not None:
-                self._transport.abort()
             return
         if chunked and not self._write(b"0\r\n\r\n"):
             record.decision, record.status = "error", 0
