@@ -567,9 +567,9 @@ class Gateway:
         self.authenticator = Authenticator(access, cache)
         self.metrics = Metrics(cache, access)
         self.metrics.directory_state = self._directory_problem
-        # Made now, not at the first login, so that its warnings (an unverified certificate) are
-        # in the start-up log.
-        self.authenticator.ldap_source()
+        # Made now, not at the first login, so that their warnings (a directory's unverified
+        # certificate) are in the start-up log.
+        self.authenticator.sources(access.snapshot)
         self.audit = audit or AuditLog(settings.audit_log)
         if self.audit.target is not None:
             self.metrics.audit_records_lost = lambda: self.audit.lost
@@ -598,12 +598,13 @@ class Gateway:
         return await self.external_authorizer(policy.ext_authz).authorize(asked)
 
     def _directory_problem(self) -> str | None:
-        directory = self.authenticator.ldap_source()
+        directory = self.authenticator.probing_source()
         return None if directory is None else directory.last_problem
 
     async def directory_status(self) -> str | None:
-        """For /readyz: None without a directory, else "ok" or what is wrong with it."""
-        directory = self.authenticator.ldap_source()
+        """For /readyz: None without a source that can tell (a directory), else "ok" or what is
+        wrong with it."""
+        directory = self.authenticator.probing_source()
         if directory is None:
             return None
         problem = await directory.probe()

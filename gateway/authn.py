@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from gateway import htpasswd
-from gateway.identity import IdentitySource, Labels, Rejected, Unknown, Verdict, Verified
+from gateway.identity import IdentitySource, Labels, Probing, Rejected, Unknown, Verdict, Verified
 from gateway.identity.external import ExternalSource
 from gateway.identity.ldap import LdapSettings, LdapSource
 from gateway.state import AccessStore, Snapshot
@@ -208,6 +208,14 @@ class Authenticator:
                 self._external = ExternalSource(settings)
             found.append(self._external)
         return found
+
+    def probing_source(self, snapshot: Snapshot | None = None) -> Probing | None:
+        """The source that can say whether it answers now (a directory: `Probing`), for /readyz
+        and the directory_up metric; None when no configured source can."""
+        for source in self.sources(snapshot or self.store.snapshot):
+            if isinstance(source, Probing):
+                return source
+        return None
 
     def remembered_labels(self, user: str) -> Labels | None:
         """The labels of a user whom a source that is not lasting (a directory, a program)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 Labels = Mapping[str, tuple[str, ...]]
 
@@ -69,6 +69,7 @@ class IdentitySource(Protocol):
     last_problem: str | None  # why the last verification could not decide; None when it could
 
 
+@runtime_checkable
 class Probing(IdentitySource, Protocol):
     async def probe(self) -> str | None:
         """None when the source can answer now, else what is wrong (for /readyz)."""
