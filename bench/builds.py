@@ -3,7 +3,8 @@
     python -m bench.builds TREE TREE [...]      # each a checkout, e.g. `git worktree add /tmp/old HEAD~3`
 
 Each tree's gateway runs in front of the same Debian docker-registry; rounds interleave the
-builds (build A, build B, build A, ...) so that drift of a shared machine hits them alike. Each
+builds, in turned order (A B, B A, A B, ...), so that drift of a shared machine, and which build
+goes first, hit them alike. Each
 round is `hey` for a few seconds on 2 kept-alive connections, HEAD and then GET of a manifest with
 Basic credentials (login cache warm), and the gateway's CPU time (user + system, its process
 and children) over the requests answered; then a pull and a push of a blob (`--blob-mib`, curl).
@@ -78,14 +79,19 @@ def main(argv: list[str] | None = None) -> int:
         blob = work / "blob.bin"
         digest = random_file(blob, args.blob_mib)
         curl_push(registry.url, "bench/blob", blob, digest, auth=False)
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
+            # The order turns every round: on a 2-core machine the build measured first in a round
+            # was seen to run up to 9% cheaper or dearer than the same build second.
+            order = list(enumerate(gateways))
+            if round_ % 2:
+                order.reverse()
             for method in ("HEAD", "GET"):
-                for index, gateway in enumerate(gateways):
+                for index, gateway in order:
                     before = cpu_seconds(gateway.process.pid)
                     result = hey(gateway.url + URL_PATH, True, 2, args.seconds, method=method)
                     spent = cpu_seconds(gateway.process.pid) - before
                     cpu.setdefault((method, index), []).append(spent / (result.rps * args.seconds) * 1e6)
-            for index, gateway in enumerate(gateways):
+            for index, gateway in order:
                 pulled = curl_pull(f"{gateway.url}/v2/bench/blob/blobs/{digest}", True)
                 rates.setdefault(("pull", index), []).append(pulled / 1e6)
                 pushed = curl_push(gateway.url, f"bench/push{index}", blob, digest, True)
