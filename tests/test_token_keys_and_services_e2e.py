@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,6 @@ from tests.conftest import (
     require,
     skopeo_copy,
     start_gateway,
-    start_registry,
     stop,
     wait_for_http,
     write_authfile,
@@ -132,15 +130,6 @@ def wait_for_reload(gateway: Gateway, before: int, how: str) -> None:
     while gateway.log.read_text().count("token key reloaded") <= before:
         assert time.monotonic() < deadline, "the gateway did not reload the token key"
         time.sleep(0.05)
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    started = start_registry(tmp_path)
-    try:
-        yield started
-    finally:
-        stop(started.process)
 
 
 @pytest.mark.parametrize("how", ["sighup", "watcher"])
