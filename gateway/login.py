@@ -44,7 +44,7 @@ async def check_login(
 ) -> LoggedIn | Locked | Refused:
     user = credentials.username
     now = time.monotonic()
-    wait = lockout.retry_after(client, user, now)
+    wait = lockout.locked(client, user, now)  # no lock taken unless some pair is locked
     if wait is not None:
         # Even credentials verified before (in the login cache) are not used: were they, the
         # right password would get 200 and a wrong one 429, an oracle with no limit and no
