@@ -17,12 +17,12 @@ from gateway import forwarding, pipeline
 from gateway.authn import Authenticator, Malformed, parse_basic_authorization
 from gateway.config import Settings
 from gateway.http.fastpath import Forward, ParsedHead
-from gateway.lockout import Lockout
 from gateway.login import before_account_ends, login_if_cached
 from gateway.pipeline import Identity, Scopes
 from gateway.policy import Outcome
 from gateway.routes import Operation, Route
 from gateway.screening import Refusal, screen, screen_headers
+from gateway.shared.lockout import SharedLockout
 from gateway.state import Snapshot
 from gateway.tokens.authority import TokenAuthority
 
@@ -33,7 +33,7 @@ class Deciding(Protocol):
     settings: Settings
     authority: TokenAuthority | None
     authenticator: Authenticator
-    lockout: Lockout
+    lockout: SharedLockout
 
 
 @dataclass(slots=True)

@@ -45,6 +45,9 @@ from gateway.policy import Decision, Outcome, acl_request, may_pull
 from gateway.policyfile import Policy
 from gateway.routes import MOUNT_KEYS, Operation, Route, RouteError, without_query_keys
 from gateway.screening import Admitted, Refusal, screen
+from gateway.shared.link import RedisLink
+from gateway.shared.lockout import SharedLockout
+from gateway.shared.revocations import SharedRevocations
 from gateway.state import AccessStore, Snapshot
 from gateway.tokens.authority import TokenAuthority
 from gateway.tokens.endpoint import TOKEN_PATH, token_endpoint
@@ -60,7 +63,7 @@ AUTHENTICATOR_KEY = web.AppKey("authenticator", Authenticator)
 SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 AUDIT_KEY = web.AppKey("audit", AuditLog)
-LOCKOUT_KEY = web.AppKey("lockout", Lockout)
+LOCKOUT_KEY = web.AppKey("lockout", SharedLockout)
 AUDIT_RECORD = web.RequestKey("audit_record", AuditRecord)
 CLOSE_AFTER = web.RequestKey("close_after", bool)
 CLIENT_VIEW = web.RequestKey("client_view", forwarding.ClientView)
@@ -573,10 +576,18 @@ class Gateway:
         self.audit = audit or AuditLog(settings.audit_log)
         if self.audit.target is not None:
             self.metrics.audit_records_lost = lambda: self.audit.lost
-        self.lockout = (
-            Lockout(settings.lockout_attempts, settings.lockout_window) if lockout is None else lockout
+        local = Lockout(settings.lockout_attempts, settings.lockout_window) if lockout is None else lockout
+        # What every replica must agree on, in Redis when there is one (docs/replicas.md).
+        self.link = (
+            RedisLink(settings.redis_url, settings.redis_password_file, settings.redis_ca_file)
+            if settings.redis_url is not None
+            else None
         )
+        self.lockout = SharedLockout(local, self.link)
+        self.metrics.shared_state = self.link
         self.authority = TokenAuthority(settings) if settings.challenge == "bearer" else None
+        if self.link is not None and self.authority is not None:
+            SharedRevocations(self.link, self.authority.set_shared_revocations)
         self.upstream: UpstreamPool | None = None
         self._authorizer: ExternalAuthorizer | None = None
         self.session: aiohttp.ClientSession | None = None  # the catalog's pages, readiness probes
@@ -704,8 +715,12 @@ class Gateway:
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
+        if self.link is not None:
+            self.link.start()
 
     async def stop(self) -> None:
+        if self.link is not None:
+            await self.link.stop()
         if self.upstream is not None:
             await self.upstream.close()
         if self.session is not None:

@@ -81,6 +81,10 @@ class Settings:
     fast_path: bool = True
     # A file holding the token /metrics asks for (Bearer, or Basic's password); None: open.
     metrics_token_file: Path | None = None
+    # Shared state of replicas and workers (gateway.shared): None keeps it on this host.
+    redis_url: URL | None = None
+    redis_password_file: Path | None = None
+    redis_ca_file: Path | None = None
     # Where each key's value came from: default, file, env or flag (what check-config prints).
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -133,6 +137,23 @@ def _upstream(value: Any) -> URL:
     if url.path not in ("", "/") or url.query_string or url.fragment:
         raise ValueError("must be scheme://host[:port] with no path, query or fragment")
     return url.with_path("")
+
+
+def _redis_url(value: Any) -> URL | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a URL such as redis://redis:6379/0")
+    url = URL(value)
+    if url.scheme not in ("redis", "rediss") or not url.host:
+        raise ValueError("expected a redis:// or rediss:// (TLS) URL with a host")
+    if url.password:
+        raise ValueError("must not carry the password: put it in redis_password_file")
+    if url.path not in ("", "/") and not url.path.lstrip("/").isdigit():
+        raise ValueError("the path is the database number: redis://host:6379/0")
+    if url.query_string or url.fragment:
+        raise ValueError("must be scheme://[user@]host[:port][/db] with no query or fragment")
+    return url
 
 
 def _path(value: Any) -> Path:
@@ -327,6 +348,7 @@ HTTPS = "HTTPS"
 LIMITS = "Limits on clients"
 LOGS = "Logs and metrics"
 PROCESSES = "Processes"
+SHARED = "Replicas and shared state"
 
 _WATCHED = "within `reload_interval` of a change, and on SIGHUP"
 
@@ -714,8 +736,9 @@ SETTINGS: tuple[Setting, ...] = (
         "HOST:PORT, or none",
         None,
         _optional_host_port,
-        "An address of its own serving `/metrics` (Prometheus), `/healthz` and `/readyz`. Not "
-        "available with `workers` above 1 (each worker would count alone).",
+        "An address of its own serving `/metrics` (Prometheus), `/healthz` and `/readyz`. With "
+        "`workers` above 1, one more process answers there for the whole gateway, adding up every "
+        "worker's metrics (docs/operations.md, 'Metrics').",
         LOGS,
         flag=True,
         example="127.0.0.1:9090",
@@ -744,7 +767,8 @@ SETTINGS: tuple[Setting, ...] = (
         _count(1),
         "Worker processes sharing the port (`SO_REUSEPORT`), so every core serves. Each keeps its "
         "own login cache; one that dies is replaced; one of the first that cannot start stops them "
-        "all (exit 2), a later one is retried while the others serve. Metrics need 1.",
+        "all (exit 2), a later one is retried while the others serve. They share the lockout's "
+        "table (shared memory) and, with `metrics_listen`, report as one.",
         PROCESSES,
         flag=True,
     ),
@@ -755,6 +779,40 @@ SETTINGS: tuple[Setting, ...] = (
         _seconds,
         "Seconds transfers in flight, uploads included, may take to finish after SIGTERM or SIGINT.",
         PROCESSES,
+    ),
+    Setting(
+        "redis_url",
+        "URL, or none",
+        None,
+        _redis_url,
+        "Redis shared by every replica (`redis://host:6379/0`, or `rediss://` for TLS; a user name "
+        "may come before `@`, the password never: see `redis_password_file`). What replicas must "
+        "agree on is kept there: the lockout's failed logins and the token revocations "
+        "(docs/replicas.md). While Redis cannot be reached, each host counts on its own and says "
+        "so in its log, `/readyz` and `registry_gateway_redis_up`; counting is shared again when "
+        "it returns. None: workers of one gateway share the lockout on this host only.",
+        SHARED,
+        example="redis://redis:6379/0",
+    ),
+    Setting(
+        "redis_password_file",
+        "file path, or none",
+        None,
+        _optional_path,
+        "A file holding Redis's password (one line; `requirepass`, or an ACL user's with a user "
+        "name in `redis_url`). Needs `redis_url`.",
+        SHARED,
+        example="/etc/registry-gateway/redis-password",
+    ),
+    Setting(
+        "redis_ca_file",
+        "file path, or none",
+        None,
+        _optional_path,
+        "PEM CA bundle that signs Redis's certificate, for `rediss://` with a private CA (else the "
+        "system's). Needs a `rediss://` URL.",
+        SHARED,
+        example="/etc/registry-gateway/redis-ca.pem",
     ),
     Setting(
         "fast_path",
@@ -851,8 +909,22 @@ def combination_problems(
         problems.append("token_cert: needs token_key (the certificate is that key's)")
     if values.get("refresh_token_lifetime") and values.get("token_key") is None:
         problems.append("refresh_token_lifetime: needs token_key (refresh tokens must outlive the process)")
-    if values.get("workers", 1) > 1 and values.get("metrics_listen") is not None:
-        problems.append("metrics_listen: not available with workers > 1 (each worker counts on its own)")
+    redis_url = values.get("redis_url")
+    if values.get("redis_password_file") is not None:
+        if redis_url is None:
+            problems.append(f"{where('redis_password_file')}: only used with redis_url")
+        elif check_files:
+            from gateway.shared.link import read_password
+
+            try:
+                read_password(values["redis_password_file"])
+            except ValueError as exc:
+                problems.append(f"{where('redis_password_file')}: {exc}")
+    if values.get("redis_ca_file") is not None:
+        if redis_url is None or redis_url.scheme != "rediss":
+            problems.append(f"{where('redis_ca_file')}: only used with a rediss:// redis_url")
+        elif check_files and not os.access(values["redis_ca_file"], os.R_OK):
+            problems.append(f"{where('redis_ca_file')}: cannot read {values['redis_ca_file']}")
     if values.get("metrics_token_file") is not None:
         if values.get("metrics_listen") is None:
             problems.append(f"{where('metrics_token_file')}: only used with metrics_listen")

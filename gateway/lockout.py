@@ -176,12 +176,7 @@ class Lockout:
         os.close(self._fd)
 
     def _key(self, address: str, user: str) -> bytes:
-        # A name as a case-blind source (a directory, a program) may read it: ALICE, Alice and
-        # "alice " are one user's guesses, not three users' (distinct htpasswd names that differ
-        # only so share a count: a stricter limit, never a looser one).
-        name = " ".join(unicodedata.normalize("NFKC", user).casefold().split())
-        pair = f"{lockout_key(address)}\0{name}".encode()
-        return hashlib.blake2b(pair, key=self._secret, digest_size=16).digest()
+        return hashlib.blake2b(pair_name(address, user), key=self._secret, digest_size=16).digest()
 
     def _window(self, key: bytes) -> range:
         first = int.from_bytes(key[:8], "little") % self.slots
@@ -227,6 +222,15 @@ class _FileLock:
 
     def __exit__(self, *_: object) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+
+def pair_name(address: str, user: str) -> bytes:
+    """What one (address, user) pair is counted as, here and in Redis (gateway.shared.lockout).
+    A name as a case-blind source (a directory, a program) may read it: ALICE, Alice and "alice "
+    are one user's guesses, not three users' (distinct htpasswd names that differ only so share a
+    count: a stricter limit, never a looser one)."""
+    name = " ".join(unicodedata.normalize("NFKC", user).casefold().split())
+    return f"{lockout_key(address)}\0{name}".encode()
 
 
 def _offset(index: int) -> int:

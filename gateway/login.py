@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway.authn import Authenticator, Credentials
 from gateway.errors import error_response
 from gateway.identity import Labels, Unavailable, Verified, merge_labels
-from gateway.lockout import Lockout
+from gateway.shared.lockout import SharedLockout
 from gateway.state import Snapshot
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,11 @@ class Refused:
 
 
 async def check_login(
-    authenticator: Authenticator, lockout: Lockout, credentials: Credentials, client: str, snapshot: Snapshot
+    authenticator: Authenticator,
+    lockout: SharedLockout,
+    credentials: Credentials,
+    client: str,
+    snapshot: Snapshot,
 ) -> LoggedIn | Locked | Refused:
     user = credentials.username
     now = time.monotonic()
@@ -59,24 +63,28 @@ async def check_login(
         return _logged_in(cached[0], snapshot)
     # Counted before it is checked, so that guesses sent at once get `lockout_attempts` checks
     # in all, not one each.
-    reserved = lockout.reserve(client, user, now, credentials.password.encode())
+    reserved = await lockout.reserve(client, user, now, credentials.password.encode())
     if reserved.wait is not None:
         return Locked(reserved.wait)
     verdict = await authenticator.login(credentials, snapshot)
     if isinstance(verdict, Unavailable):
         # Fail closed, and take the failure back: the user may have done nothing wrong.
         if reserved.counted:
-            lockout.release(client, user, time.monotonic())
+            await lockout.release(client, user, time.monotonic())
         log.warning("login of %r refused: %s", user, verdict.reason)
         return Refused("source_unavailable")
     if not isinstance(verdict, Verified):
         return Refused("bad_credentials")  # counted already
-    lockout.succeeded(client, user)
+    await lockout.succeeded(client, user)
     return _logged_in(verdict, snapshot)
 
 
 def login_if_cached(
-    authenticator: Authenticator, lockout: Lockout, credentials: Credentials, client: str, snapshot: Snapshot
+    authenticator: Authenticator,
+    lockout: SharedLockout,
+    credentials: Credentials,
+    client: str,
+    snapshot: Snapshot,
 ) -> tuple[LoggedIn, float, bytes] | None:
     """`check_login` without waiting: the login when these exact credentials are in the login
     cache and pass every check, until when (time.monotonic()) that holds without a change to

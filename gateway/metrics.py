@@ -26,8 +26,9 @@ from gateway import files
 from gateway.addresses import canonical_ip
 from gateway.authn import CredentialCache
 from gateway.errors import error_response
-from gateway.lockout import Lockout
 from gateway.login import Locked, locked_response
+from gateway.shared.link import RedisLink
+from gateway.shared.lockout import SharedLockout
 from gateway.state import AccessStore
 
 log = logging.getLogger("gateway.metrics")
@@ -67,6 +68,13 @@ class _StateCollector(Collector):
                 "registry_gateway_directory_up",
                 "1 when the last exchange with the LDAP directory succeeded, 0 when it failed",
                 value=0 if problem else 1,
+            )
+        shared = self.metrics.shared_state
+        if shared is not None:
+            yield GaugeMetricFamily(
+                "registry_gateway_redis_up",
+                "1 while Redis (redis_url) answers, 0 while failed logins are counted on this host only",
+                value=1 if shared.up else 0,
             )
         audit_lost = self.metrics.audit_records_lost
         if audit_lost is not None:
@@ -147,6 +155,7 @@ class Metrics:
         self.directory_state: Callable[[], str | None] | None = None
         # Audit records that could not be written so far, when there is an audit log.
         self.audit_records_lost: Callable[[], int] | None = None
+        self.shared_state: RedisLink | None = None  # Redis, with redis_url
         self.registry.register(_StateCollector(cache, store, self))
         # Every request is counted and (when forwarded) timed: plain counts, read at scrape time.
         # prometheus_client's Counter and Histogram take a lock per update and its Histogram a
@@ -235,20 +244,22 @@ class ScrapeToken:
 SCRAPER = ":metrics"
 
 
-def _check_scraper(token: ScrapeToken, lockout: Lockout | None, request: web.Request) -> web.Response | None:
+async def check_scraper(
+    token: ScrapeToken, lockout: SharedLockout | None, request: web.Request
+) -> web.Response | None:
     """None when the scrape carries the token; else the answer (429 for a locked pair, 401)."""
     client = canonical_ip(request.remote or "")
     authorization = request.headers.get("Authorization")
     if lockout is not None:
-        wait = lockout.retry_after(client, SCRAPER, time.monotonic())
+        wait = await lockout.retry_after(client, SCRAPER, time.monotonic())
         if wait is not None:
             return locked_response(Locked(wait))
     if token.allows(authorization):
         if lockout is not None:
-            lockout.succeeded(client, SCRAPER)
+            await lockout.succeeded(client, SCRAPER)
         return None
     if lockout is not None and authorization:
-        lockout.failed(client, SCRAPER, time.monotonic(), authorization.encode())
+        await lockout.failed(client, SCRAPER, time.monotonic(), authorization.encode())
     log.info("refused a /metrics scrape from %s without the metrics token", client)
     return error_response(
         401,
@@ -264,7 +275,7 @@ def metrics_app(
     upstream: URL,
     directory_status: Callable[[], Awaitable[str | None]] | None = None,
     scrape_token: ScrapeToken | None = None,
-    lockout: Lockout | None = None,
+    lockout: SharedLockout | None = None,
 ) -> web.Application:
     """/metrics (behind `scrape_token` when there is one), /healthz and /readyz (always open: the
     image's HEALTHCHECK and orchestrators' probes carry no credentials, and they say nothing but
@@ -274,7 +285,7 @@ def metrics_app(
 
     async def metrics_page(request: web.Request) -> web.Response:
         if scrape_token is not None:
-            refused = _check_scraper(scrape_token, lockout, request)
+            refused = await check_scraper(scrape_token, lockout, request)
             if refused is not None:
                 return refused
         return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
@@ -294,6 +305,10 @@ def metrics_app(
         except (TimeoutError, aiohttp.ClientError) as exc:
             ok, detail = False, f"registry unreachable: {type(exc).__name__}"
         answer = {"status": "ok" if ok else "unavailable", "detail": detail}
+        if metrics.shared_state is not None:
+            # Reported, not failed on: every replica would turn unready at once when Redis goes,
+            # an outage of the whole registry for the loss of a guard that still counts locally.
+            answer["redis"] = metrics.shared_state.status()
         directory = await directory_status() if directory_status is not None else None
         if directory is not None:
             # Reported, not failed on: users with a cached login keep working without it.

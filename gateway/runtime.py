@@ -22,6 +22,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -81,7 +82,7 @@ class ListenError(StartupError):
     """An address the gateway is configured to listen on cannot be bound."""
 
 
-async def _start_site(runner: web.BaseRunner, key: str, host: str, port: int, **options: Any) -> None:
+async def start_site(runner: web.BaseRunner, key: str, host: str, port: int, **options: Any) -> None:
     """Listen on host:port with `runner` (set up); `key` names the setting in the error."""
     try:
         await web.TCPSite(runner, host, port, **options).start()
@@ -104,10 +105,13 @@ async def run_server(
     store: AccessStore,
     on_serving: Callable[[], None] | None = None,
     lockout: Lockout | None = None,
+    metrics_socket: Path | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT; `on_serving` is called once the listeners answer; `lockout`
-    is the table of failed logins when the workers share one. Raises StartupError (ListenError
-    when an address is taken), after cleaning up, when it cannot start."""
+    is the table of failed logins when the workers share one; `metrics_socket` is where a worker
+    serves its metrics to the metrics process (gateway.metrics_hub) instead of metrics_listen.
+    Raises StartupError (ListenError when an address is taken), after cleaning up, when it cannot
+    start."""
 
     def where(key: str) -> str:
         return config.where(key, settings.origins.get(key, "default"))
@@ -136,10 +140,20 @@ async def run_server(
     async def open_extra(key: str, extra: ListenerRunner, address: tuple[str, int]) -> None:
         await extra.setup()
         listeners.append(extra)
-        await _start_site(extra, key, *address)
+        await start_site(extra, key, *address)
 
     try:
-        if settings.metrics_listen is not None:
+        if metrics_socket is not None:
+            # Only the metrics process reaches it (the directory is the gateway user's alone),
+            # and it asks for the metrics token itself.
+            own = metrics_app(
+                app[METRICS_KEY], app[SESSION_KEY], settings.upstream, app[GATEWAY_KEY].directory_status
+            )
+            worker_metrics = listener_runner(own, settings)
+            await worker_metrics.setup()
+            listeners.append(worker_metrics)
+            await web.UnixSite(worker_metrics, str(metrics_socket)).start()
+        elif settings.metrics_listen is not None:
             scrape_token = None
             if settings.metrics_token_file is not None:
                 try:
@@ -167,7 +181,7 @@ async def run_server(
             await open_extra("redirect_listen", redirect, settings.redirect_listen)
         # The main listener last: once it answers (what start-up checks and healthchecks wait
         # for), the metrics and redirect listeners answer too.
-        await _start_site(
+        await start_site(
             runner,
             "listen",
             settings.listen_host,

@@ -11,14 +11,18 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from gateway import config
 from gateway.lockout import Lockout
+from gateway.metrics_hub import run_hub, worker_socket
 from gateway.runtime import StartupError, run_event_loop, run_server
 from gateway.state import AccessStore, StateError
 
@@ -29,7 +33,9 @@ CANNOT_START = 3  # a worker's exit status when it could not start serving
 SUPERVISED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def _worker_main(settings: config.Settings, report: Connection, lockout: Lockout) -> None:
+def _worker_main(
+    settings: config.Settings, report: Connection, lockout: Lockout, metrics_socket: Path | None
+) -> None:
     """One worker: tells the supervisor through `report` that it serves (None) or why it could not
     start (the message), then serves."""
     for signum in SUPERVISED_SIGNALS:
@@ -37,13 +43,34 @@ def _worker_main(settings: config.Settings, report: Connection, lockout: Lockout
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISED_SIGNALS)  # blocked by supervise's start
     try:
         store = AccessStore(settings.htpasswd, settings.policy, docker_auth_service=settings.token_service)
-        run_event_loop(run_server(settings, store, on_serving=lambda: report.send(None), lockout=lockout))
+        if metrics_socket is not None:
+            metrics_socket.unlink(missing_ok=True)  # a socket left by the worker it replaces
+        serving = run_server(
+            settings,
+            store,
+            on_serving=lambda: report.send(None),
+            lockout=lockout,
+            metrics_socket=metrics_socket,
+        )
+        run_event_loop(serving)
     except StartupError as exc:
         report.send(str(exc))
         sys.exit(CANNOT_START)
     except StateError as exc:
         # The files changed since the supervisor read them (it refuses bad ones at start-up).
         report.send("cannot load users and rules: " + "; ".join(exc.problems))
+        sys.exit(CANNOT_START)
+
+
+def _hub_main(settings: config.Settings, report: Connection, lockout: Lockout, directory: Path) -> None:
+    """The metrics process (gateway.metrics_hub), reporting as a worker does."""
+    for signum in SUPERVISED_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISED_SIGNALS)
+    try:
+        run_event_loop(run_hub(settings, directory, lockout, on_serving=lambda: report.send(None)))
+    except StartupError as exc:
+        report.send(str(exc))
         sys.exit(CANNOT_START)
 
 
@@ -80,9 +107,21 @@ def supervise(settings: config.Settings) -> int:
     is started again; one of the first that cannot start stops them all (exit 2), a replacement
     that cannot start is tried again with a growing delay while the others serve.
     """
-    context = multiprocessing.get_context("fork")
     # Made before any worker, so every worker (and every replacement) maps the same table.
     lockout = Lockout(settings.lockout_attempts, settings.lockout_window)
+    # With metrics_listen, one more process answers there for all: each worker serves its own
+    # metrics on a Unix socket in a directory only this user may enter.
+    sockets = Path(tempfile.mkdtemp(prefix="registry-gateway-")) if settings.metrics_listen else None
+    try:
+        return _supervise(settings, lockout, sockets)
+    finally:
+        if sockets is not None:
+            shutil.rmtree(sockets, ignore_errors=True)
+
+
+def _supervise(settings: config.Settings, lockout: Lockout, sockets: Path | None) -> int:
+    context = multiprocessing.get_context("fork")
+    processes = settings.workers + (1 if sockets is not None else 0)  # the last: the metrics process
     workers: list[_Worker] = []
     stopping = False
 
@@ -91,9 +130,18 @@ def supervise(settings: config.Settings) -> int:
         wait meanwhile: a SIGTERM must find the new worker in the list, and a SIGHUP must not reach
         the child before it has put the default handlers back (_worker_main unblocks them)."""
         reports, report = context.Pipe(duplex=False)
-        process = context.Process(
-            target=_worker_main, args=(settings, report, lockout), name="registry-gateway-worker"
-        )
+        position = len(workers) if index is None else index
+        if sockets is not None and position == settings.workers:
+            process = context.Process(
+                target=_hub_main, args=(settings, report, lockout, sockets), name="registry-gateway-metrics"
+            )
+        else:
+            own_socket = worker_socket(sockets, position) if sockets is not None else None
+            process = context.Process(
+                target=_worker_main,
+                args=(settings, report, lockout, own_socket),
+                name="registry-gateway-worker",
+            )
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISED_SIGNALS)
         try:
             process.start()
@@ -121,7 +169,7 @@ def supervise(settings: config.Settings) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
-    for _ in range(settings.workers):
+    for _ in range(processes):
         start()
     log.info("supervising %d workers on %s:%d", settings.workers, settings.listen_host, settings.listen_port)
     up = False  # every first worker has served once

@@ -273,6 +273,22 @@ def write_authfile(path: Path, host: str, credentials: Credentials) -> Path:
     return path
 
 
+def make_token_key(path: Path) -> Path:
+    """A token signing key written by the gateway's own `token keygen`."""
+    made = subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "keygen", "--key", str(path)], capture_output=True
+    )
+    assert made.returncode == 0, made.stderr
+    return path
+
+
+def users_with(path: Path, *extra: tuple[str, str]) -> Path:
+    """An htpasswd file (bcrypt, Apache's htpasswd) with USERS and `extra`."""
+    for user, password in [*USERS.items(), *extra]:
+        htpasswd_add(path, user, password, "-B")
+    return path
+
+
 def skopeo_copy(src: str, dst: str, authfile: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     """`skopeo copy --preserve-digests`, plain HTTP unless `flags` say otherwise, no retries."""
     tls = list(flags) or ["--src-tls-verify=false", "--dest-tls-verify=false"]

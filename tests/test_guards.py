@@ -10,7 +10,6 @@ import json
 import re
 import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -29,10 +28,12 @@ from tests.conftest import (
     basic_header,
     free_port,
     htpasswd_add,
+    make_token_key,
     skopeo_copy,
     start_gateway,
     start_registry,
     stop,
+    users_with,
     write_authfile,
 )
 
@@ -89,14 +90,8 @@ def bearer_stack(tmp_path: Path) -> Iterator[Stack]:
     registry = start_registry(tmp_path)
     gateway = None
     try:
-        users = tmp_path / "htpasswd"
-        for user, password in [*USERS.items(), DAVE]:
-            htpasswd_add(users, user, password, "-B")
-        key = tmp_path / "token.key"
-        made = subprocess.run(
-            [sys.executable, "-m", "gateway", "token", "keygen", "--key", str(key)], capture_output=True
-        )
-        assert made.returncode == 0, made.stderr
+        users = users_with(tmp_path / "htpasswd", DAVE)
+        key = make_token_key(tmp_path / "token.key")
         metrics = f"127.0.0.1:{free_port()}"
         audit = tmp_path / "audit.log"
         gateway = start_gateway(

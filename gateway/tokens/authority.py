@@ -62,7 +62,9 @@ class TokenAuthority:
         # Both files: a certificate that comes after its key is taken when it comes.
         self._signature = (signature(self.path), signature(self.cert_path))
         self.revocations_path = settings.token_revocations
-        self.revoked = revocations.read(self.revocations_path)
+        self._file_revoked = revocations.read(self.revocations_path)
+        self._shared_revoked: dict[str, float] = {}  # from Redis (gateway.shared.revocations)
+        self.revoked = self._file_revoked
         self._revocations_signature = signature(self.revocations_path)
         self._retired_at: dict[str, float] = {}  # kid of a previous key -> when it stopped signing
         self.verifier, self.refresh_verifier = self._verifiers()
@@ -143,13 +145,20 @@ class TokenAuthority:
             raise InvalidToken("the password changed since this token was issued: log in again")
         return claims.subject
 
+    def set_shared_revocations(self, shared: Mapping[str, float]) -> None:
+        """The revocations every replica shares (Redis), beside the file's: a new mapping, so that
+        whatever remembered a token's check against the old one checks it again."""
+        self._shared_revoked = dict(shared)
+        self.revoked = revocations.merged(self._file_revoked, self._shared_revoked)
+
     def reload_if_changed(self) -> bool:
         if self.revocations_path is not None:
             current = signature(self.revocations_path)
             if current != self._revocations_signature:
                 self._revocations_signature = current
                 try:
-                    self.revoked = revocations.read(self.revocations_path)
+                    self._file_revoked = revocations.read(self.revocations_path)
+                    self.revoked = revocations.merged(self._file_revoked, self._shared_revoked)
                     log.info("token revocations reloaded from %s", self.revocations_path)
                 except revocations.RevocationsError as exc:
                     log.error("token revocations not reloaded, keeping the last good ones: %s", exc)

@@ -25,10 +25,10 @@ from gateway.authn import Authenticator, Credentials, Malformed, parse_basic_aut
 from gateway.config import Settings
 from gateway.errors import error_response
 from gateway.identity import Labels
-from gateway.lockout import Lockout
 from gateway.login import Locked, Refused, check_login, locked_response
 from gateway.metrics import Metrics
 from gateway.policy import acl_request
+from gateway.shared.lockout import SharedLockout
 from gateway.state import Snapshot
 from gateway.tokens.authority import TokenAuthority
 from gateway.tokens.grants import grant, unmatched
@@ -116,7 +116,7 @@ async def token_endpoint(
     settings: Settings,
     authority: TokenAuthority,
     authenticator: Authenticator,
-    lockout: Lockout,
+    lockout: SharedLockout,
     metrics: Metrics,
     record: AuditRecord,
     client: str,
@@ -254,7 +254,7 @@ async def _refresh(
     settings: Settings,
     authority: TokenAuthority,
     authenticator: Authenticator,
-    lockout: Lockout,
+    lockout: SharedLockout,
     metrics: Metrics,
     record: AuditRecord,
     client: str,
@@ -278,7 +278,7 @@ async def _refresh(
     # each would take a slot of the lockout's table: all those are one pair, the client's.
     if claimed not in snapshot.users:
         claimed = ""
-    wait = lockout.retry_after(client, claimed, time.monotonic())
+    wait = await lockout.retry_after(client, claimed, time.monotonic())
     if wait is not None:
         record.decision = "locked"
         metrics.tokens.labels("rejected", "locked").inc()
@@ -286,7 +286,7 @@ async def _refresh(
     try:
         user = authority.refresh_subject(token, snapshot.users)
     except InvalidToken as exc:
-        lockout.failed(client, claimed, time.monotonic(), token.encode())
+        await lockout.failed(client, claimed, time.monotonic(), token.encode())
         metrics.tokens.labels("rejected", "refresh").inc()
         return _oauth_error(401, "invalid_grant", str(exc))
     record.user = user

@@ -43,13 +43,17 @@ def read(path: Path | None) -> dict[str, float]:
     return revoked
 
 
-def revoke(path: Path, user: str) -> float:
-    """Record that tokens issued to `user` until now are void, and return once the tokens issued
-    from now on are accepted (within a second: see first_accepted_second); returns the time
-    recorded."""
-    # Milliseconds, as the file keeps them, cut rather than rounded: 100.9996 rounded would be
-    # recorded as 101.000, refusing tokens of second 101 that were issued after we returned.
-    moment = math.floor(time.time() * 1000) / 1000
+def revocation_moment() -> float:
+    """Now, as a revocation records it: milliseconds, cut rather than rounded (100.9996 rounded
+    would be recorded as 101.000, refusing tokens of second 101 issued after `revoke` returned)."""
+    return math.floor(time.time() * 1000) / 1000
+
+
+def revoke(path: Path, user: str, moment: float | None = None) -> float:
+    """Record that tokens issued to `user` until `moment` (now) are void, and return once the
+    tokens issued from now on are accepted (within a second: see first_accepted_second); returns
+    the time recorded."""
+    moment = revocation_moment() if moment is None else moment
     real = Path(os.path.realpath(path))  # one lock for every way to the file, as it is replaced
     lock_path = real.with_name(real.name + ".lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -61,11 +65,25 @@ def revoke(path: Path, user: str) -> float:
         replace_atomically(path, text.encode("utf-8"), new_mode=0o644)
     finally:
         os.close(fd)
-    # A login right after `token revoke` returns must get a token that works. Gateways on other
-    # machines are only as close as their clocks are.
+    wait_until_accepted(moment)
+    return moment
+
+
+def wait_until_accepted(moment: float) -> None:
+    """Return once tokens issued now are accepted after a revocation at `moment`: a login right
+    after `token revoke` returns must get a token that works. Gateways on other machines are only
+    as close as their clocks are."""
     while (left := first_accepted_second(moment) - time.time()) > 0:
         time.sleep(left)
-    return moment
+
+
+def merged(*sources: Mapping[str, float]) -> dict[str, float]:
+    """One mapping of user -> latest revocation from several (the file's, Redis's)."""
+    revoked: dict[str, float] = {}
+    for source in sources:
+        for user, when in source.items():
+            revoked[user] = max(revoked.get(user, 0.0), when)
+    return revoked
 
 
 def first_accepted_second(revoked_at: float) -> int:

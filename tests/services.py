@@ -1,0 +1,166 @@
+"""Real services the replica tests run beside the registry: Redis and HAProxy (Debian's
+`redis-server` and `haproxy`), each on a free loopback port, in the foreground, stopped by PID by
+the test that started it."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import free_port, require
+
+
+@dataclass
+class Redis:
+    port: int
+    password_file: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+    config: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def env(self) -> dict[str, str]:
+        """The gateway's settings for this Redis."""
+        return {"GATEWAY_REDIS_URL": self.url, "GATEWAY_REDIS_PASSWORD_FILE": str(self.password_file)}
+
+
+def start_redis(tmp_path: Path, port: int | None = None, password: str = "redis-secret-0123") -> Redis:
+    """redis-server in the foreground with a password (from a config file, never argv), nothing
+    on disk."""
+    port = port or free_port()
+    password_file = tmp_path / "redis-password"
+    password_file.write_text(password + "\n")
+    config = tmp_path / f"redis-{port}.conf"
+    config.write_text(
+        f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\ndaemonize no\nrequirepass "{password}"\n'
+        f"dir {tmp_path}\n"
+    )
+    log = tmp_path / f"redis-{port}.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen([require("redis-server"), str(config)], stdout=out, stderr=out)
+    redis = Redis(port, password_file, process, log, config)
+    _wait_for_redis(redis)
+    return redis
+
+
+def restart_redis(tmp_path: Path, redis: Redis) -> Redis:
+    """The same Redis (port, password) started again, empty: what a restart without persistence is."""
+    with redis.log.open("ab") as out:
+        process = subprocess.Popen([require("redis-server"), str(redis.config)], stdout=out, stderr=out)
+    again = Redis(redis.port, redis.password_file, process, redis.log, redis.config)
+    _wait_for_redis(again)
+    return again
+
+
+def _wait_for_redis(redis: Redis) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if redis.process.poll() is not None:
+            raise RuntimeError(f"redis-server exited:\n{redis.log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", redis.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64):  # -NOAUTH is an answer: it serves
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"redis-server did not come up:\n{redis.log.read_text()}")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class HAProxy:
+    port: int
+    process: subprocess.Popen[bytes]
+    stats_socket: Path
+    log: Path
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self, line: str) -> str:
+        """A command on HAProxy's stats socket (`set server gateways/g1 state drain`)."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(self.stats_socket))
+            sock.sendall(line.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def servers_up(self) -> dict[str, bool]:
+        """Each gateway server's health as HAProxy sees it."""
+        states: dict[str, bool] = {}
+        for line in self.command("show stat").splitlines():
+            fields = line.split(",")
+            if len(fields) > 17 and fields[0] == "gateways" and fields[1] not in ("FRONTEND", "BACKEND"):
+                states[fields[1]] = fields[17] == "UP"
+        return states
+
+
+def start_haproxy(tmp_path: Path, backends: list[int], port: int | None = None) -> HAProxy:
+    """HAProxy in front of gateways on `backends` (loopback ports): round robin, health checks on
+    /v2/ every 200 ms, X-Forwarded-For, timeouts long enough for big layers, and a stats socket
+    for draining one."""
+    port = port or free_port()
+    stats = tmp_path / f"haproxy-{port}.sock"
+    servers = "\n".join(
+        f"    server g{index} 127.0.0.1:{backend} check inter 200ms fall 2 rise 1"
+        for index, backend in enumerate(backends)
+    )
+    config = tmp_path / f"haproxy-{port}.cfg"
+    config.write_text(
+        f"""global
+    stats socket {stats} mode 600 level admin
+    maxconn 2000
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 300s
+    timeout server 300s
+    timeout http-request 30s
+    option forwardfor
+    retries 2
+    option redispatch
+
+frontend registry
+    bind 127.0.0.1:{port}
+    default_backend gateways
+
+backend gateways
+    balance roundrobin
+    option httpchk GET /v2/
+    http-check expect status 200,401
+{servers}
+"""
+    )
+    log = tmp_path / f"haproxy-{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([require("haproxy"), "-db", "-f", str(config)], stdout=out, stderr=out)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"haproxy exited:\n{log.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return HAProxy(port, process, stats, log)
