@@ -2,9 +2,12 @@
 
     python bench/bench.py                 # full run, a few minutes; writes bench/results/latest.json
     python bench/bench.py --quick         # seconds-long smoke version; writes bench/results/quick.json
+    python bench/bench.py --replicas 1,2,3  # only HAProxy -> registry and HAProxy -> N gateways
+                                            # (one Redis shared); writes bench/results/replicas.json
 
-bench/results/ keeps two runs: reference.json and latest.json (git has the earlier ones). Each
-records the commit it measured and the machine it ran on; compare figures from one run only.
+bench/results/ keeps two runs of the whole bench, reference.json and latest.json, and the latest
+replicas run, replicas.json (git has the earlier ones). Each records the commit it measured and
+the machine it ran on; compare figures from one run only.
 
 Everything runs on this machine: Debian's docker-registry, nginx configured as the seed recipe
 (auth_basic + auth_request, the same htpasswd file), and the gateway, measured in interleaved
@@ -230,6 +233,106 @@ http {{
         argv += ["--workers", str(workers or self.workers)]
         service = self.start(f"gateway-{tag}", argv, f"http://127.0.0.1:{port}", auth=True, cwd=ROOT, env=env)
         return service
+
+    def redis(self) -> tuple[Service, dict[str, str]]:
+        """redis-server in the foreground, nothing on disk, with a password (in its config file and
+        a file for the gateways, never argv); and the environment that points a gateway at it."""
+        port = free_port()
+        password = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        password_file = self.work / "redis-password"
+        password_file.write_text(password + "\n")
+        config = self.work / "redis.conf"
+        config.write_text(
+            f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\ndaemonize no\n'
+            f'requirepass "{password}"\ndir {self.work}\n'
+        )
+        config.chmod(0o600)
+        log = self.work / "redis.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen([need("redis-server"), str(config)], stdout=out, stderr=out)
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"bench: redis-server exited:\n{log.read_text()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64):  # -NOAUTH is an answer: it serves
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    tail = log.read_text()[-3000:]
+                    raise SystemExit(f"bench: redis-server did not start:\n{tail}") from None
+                time.sleep(0.05)
+        service = Service("redis", f"redis://127.0.0.1:{port}/0", process, auth=False)
+        self.services.append(service)
+        environment = {"GATEWAY_REDIS_URL": service.url, "GATEWAY_REDIS_PASSWORD_FILE": str(password_file)}
+        return service, environment
+
+    def haproxy(self, backends: list[Service], tag: str, auth: bool) -> Service:
+        """HAProxy (Debian's, its default threads) in front of `backends`: round robin per request,
+        health checks on /v2/, X-Forwarded-For, keep-alive both ways, as a deployment runs it."""
+        port = free_port()
+        servers = "\n".join(
+            f"    server s{index} {backend.url.removeprefix('http://')} check inter 1s"
+            for index, backend in enumerate(backends)
+        )
+        config = self.work / f"haproxy-{tag}.cfg"
+        stats = self.work / f"haproxy-{tag}.sock"
+        config.write_text(f"""global
+    maxconn 4096
+    stats socket {stats} mode 600
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 300s
+    timeout server 300s
+    timeout http-request 30s
+    option forwardfor
+
+frontend registry
+    bind 127.0.0.1:{port}
+    default_backend upstream
+
+backend upstream
+    balance roundrobin
+    option httpchk
+    # HTTP/1.1 with a Host: the gateway refuses a request without one (400), as HTTP/1.1 says.
+    http-check send meth GET uri /v2/ ver HTTP/1.1 hdr Host localhost
+    http-check expect status 200,401
+{servers}
+""")
+        service = self.start(
+            f"haproxy-{tag}",
+            [need("haproxy"), "-db", "-f", str(config)],
+            f"http://127.0.0.1:{port}",
+            auth=auth,
+        )
+        # HAProxy answers 503 until a server's first health check passes: wait for all of them.
+        deadline = time.monotonic() + 30
+        while (up := haproxy_servers_up(stats)) < len(backends):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: haproxy-{tag}: {up} of {len(backends)} servers up after 30 s")
+            time.sleep(0.1)
+        return service
+
+
+def haproxy_servers_up(stats_socket: Path) -> int:
+    """How many servers HAProxy's stats socket (`show stat`, CSV) reports UP."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(stats_socket))
+        sock.sendall(b"show stat\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    rows = answer.decode().splitlines()
+    header = rows[0].lstrip("# ").split(",")
+    entries = [dict(zip(header, row.split(","), strict=False)) for row in rows[1:] if row]
+    return sum(
+        1 for e in entries if e.get("svname") not in ("FRONTEND", "BACKEND") and e.get("status") == "UP"
+    )
 
 
 # --- fixtures on disk ---------------------------------------------------------------------------
@@ -865,6 +968,175 @@ def bench_scaling(
     return results
 
 
+# --- replicas behind HAProxy --------------------------------------------------------------------
+
+
+@dataclass
+class ReplicaTarget:
+    """What hey talks to (`front`) and every process a request through it costs CPU in."""
+
+    label: str
+    front: Service
+    parts: dict[str, list[Service]]
+
+
+def warm_up(target: Service, url_path: str, requests: int) -> None:
+    """Requests until every replica has seen a few: the first login on each gateway is a bcrypt
+    check (its login cache is its own), and connections to the backends get opened."""
+    for _ in range(requests):
+        request = urllib.request.Request(target.url + url_path, method="HEAD")
+        request.add_header("Accept", MANIFEST_TYPE)
+        if target.auth:
+            request.add_header("Authorization", basic())
+        with urllib.request.urlopen(request, timeout=30) as response:
+            if response.status != 200:
+                raise SystemExit(f"bench: warm-up of {target.name} answered {response.status}")
+
+
+def parts_cpu(parts: dict[str, list[Service]]) -> dict[str, float]:
+    return {part: sum(cpu_seconds(s.process.pid) for s in services) for part, services in parts.items()}
+
+
+def bench_replicas(
+    b: Bench, registry: Service, replica_counts: list[int], rounds: int, seconds: float, conns_list: list[int]
+) -> dict[str, Any]:
+    """HEAD manifest against one registry: direct, through HAProxy alone (the cost of the hop), and
+    through HAProxy in front of 1, 2, 3... gateways (one worker each, one Redis shared, Basic
+    credentials with the login cached), all started at once and measured in interleaved rounds,
+    with the CPU per request of every process involved and of the gateways alone."""
+    url_path = "/v2/bench/app/manifests/1"
+    htpasswd = b.work / "htpasswd-replicas"
+    write_htpasswd(htpasswd, 10)
+    redis, redis_env = b.redis()
+    # As deployed behind a proxy: the gateways believe HAProxy's X-Forwarded-For.
+    gateway_env = {**redis_env, "GATEWAY_TRUSTED_PROXIES": "127.0.0.1"}
+    hop = b.haproxy([registry], "registry", auth=False)
+    targets = [
+        ReplicaTarget("direct", registry, {"registry": [registry]}),
+        ReplicaTarget("haproxy_registry", hop, {"haproxy": [hop], "registry": [registry]}),
+    ]
+    started: list[Service] = [redis, hop]
+    for count in replica_counts:
+        gateways = [
+            b.gateway(registry.url, htpasswd, f"replica{count}-{index}", workers=1, env=gateway_env)
+            for index in range(count)
+        ]
+        front = b.haproxy(gateways, f"gateways{count}", auth=True)
+        started += [*gateways, front]
+        targets.append(
+            ReplicaTarget(
+                f"haproxy_gateways_{count}",
+                front,
+                {"haproxy": [front], "gateways": gateways, "registry": [registry], "redis": [redis]},
+            )
+        )
+    for target in targets:
+        warm_up(target.front, url_path, 4 * max(replica_counts))
+    results: dict[str, Any] = {
+        "replica_counts": replica_counts,
+        "cpus": os.cpu_count(),
+        "note": scaling_note(max(replica_counts)),
+    }
+    for conns in conns_list:
+        runs: dict[str, list[HeyResult]] = {t.label: [] for t in targets}
+        cpu: dict[str, dict[str, list[float]]] = {t.label: {} for t in targets}
+        for _ in range(rounds):
+            for target in targets:
+                before = parts_cpu(target.parts)
+                client_before = client_cpu_seconds()
+                result = hey(target.front.url + url_path, target.front.auth, conns, seconds)
+                client = client_cpu_seconds() - client_before
+                after = parts_cpu(target.parts)
+                requests = max(1.0, result.rps * seconds)
+                per_request = {part: (after[part] - before[part]) / requests * 1e6 for part in before}
+                # Everything the servers spent (hey, the load, apart: it is not part of a deployment).
+                per_request["all"] = sum(per_request.values())
+                per_request["client"] = client / requests * 1e6
+                runs[target.label].append(result)
+                for part, value in per_request.items():
+                    cpu[target.label].setdefault(part, []).append(value)
+        summary: dict[str, Any] = {}
+        for target in targets:
+            summary[target.label] = {
+                **median_of(runs[target.label]),
+                "cpu_us_per_request": {
+                    part: statistics.median(values) for part, values in cpu[target.label].items()
+                },
+            }
+        direct, hop_only = summary["direct"], summary["haproxy_registry"]
+        for s in summary.values():
+            s["ratios"] = {
+                "rps_vs_direct": s["rps"] / direct["rps"],
+                "rps_vs_haproxy_registry": s["rps"] / hop_only["rps"],
+                "cpu_all_vs_direct": ratio(
+                    s["cpu_us_per_request"]["all"], direct["cpu_us_per_request"]["all"]
+                ),
+                "cpu_all_vs_haproxy_registry": ratio(
+                    s["cpu_us_per_request"]["all"], hop_only["cpu_us_per_request"]["all"]
+                ),
+                "added_p50_ms_vs_direct": s["p50_ms"] - direct["p50_ms"],
+            }
+        results[f"c{conns}"] = summary
+    for service in reversed(started):
+        service.stop()
+        b.services.remove(service)
+    return results
+
+
+def scaling_note(most_replicas: int) -> str:
+    cores = os.cpu_count() or 1
+    return (
+        f"{most_replicas} gateway replicas on {cores} cores, shared with the registry, HAProxy, Redis "
+        "and hey: these figures measure the hop and the sharing, not scaling (replicas add throughput "
+        "only with cores of their own)"
+    )
+
+
+def replica_label(label: str) -> str:
+    if label == "direct":
+        return "registry direct"
+    if label == "haproxy_registry":
+        return "HAProxy -> registry"
+    count = int(label.rpartition("_")[2])
+    return f"HAProxy -> {count} gateway{'s' if count > 1 else ''}"
+
+
+def replicas_table(results: dict[str, Any]) -> str:
+    lines = [""]
+    for key in (k for k in results if re.fullmatch(r"c\d+", k)):
+        summary = results[key]
+        lines.append(
+            f"== replicas behind HAProxy: HEAD manifest, {key[1:]} connections (median of rounds); "
+            "CPU us per request =="
+        )
+        lines.append(
+            f"{'target':<24}{'req/s':>8}{'p50 ms':>8}{'cpu all':>9}{'gateways':>9}{'haproxy':>9}"
+            f"{'registry':>9}{'redis':>7}{'rps/hop':>9}{'rps/direct':>11}{'cpu/hop':>9}{'cpu/direct':>11}"
+        )
+        for label, s in summary.items():
+            c, r = s["cpu_us_per_request"], s["ratios"]
+
+            def part(name: str, width: int, c: dict[str, float] = c) -> str:
+                return f"{c[name]:>{width}.0f}" if name in c else f"{'-':>{width}}"
+
+            lines.append(
+                f"{replica_label(label):<24}{s['rps']:>8.0f}{s['p50_ms']:>8.1f}{c['all']:>9.0f}"
+                f"{part('gateways', 9)}{part('haproxy', 9)}{part('registry', 9)}{part('redis', 7)}"
+                f"{r['rps_vs_haproxy_registry']:>9.2f}{r['rps_vs_direct']:>11.2f}"
+                f"{shown(r['cpu_all_vs_haproxy_registry']):>9}{shown(r['cpu_all_vs_direct']):>11}"
+            )
+        errors = {label: s["errors"] for label, s in summary.items() if s["errors"]}
+        if errors:
+            lines.append(f"errors (non-200 answers): {errors}")
+        lines.append("")
+    lines.append(
+        "hop: HAProxy -> registry; cpu all: haproxy + gateways + registry + redis (hey apart); "
+        "gateways: their share alone"
+    )
+    lines.append(f"note: {results['note']}")
+    return "\n".join(lines)
+
+
 def table(results: dict[str, Any]) -> str:
     lines = ["", "== authenticated HEAD manifest (median of rounds): req/s / p50 ms / CPU us per request =="]
     names = (
@@ -991,6 +1263,57 @@ def machine() -> dict[str, Any]:
     }
 
 
+def replica_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts separated by commas (1,2,3): {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"every replica count must be at least 1: {text!r}")
+    return counts
+
+
+def main_replicas(counts: list[int], out: Path, quick: bool, rounds: int, seconds: float) -> int:
+    for binary in ("docker-registry", "hey", "skopeo", "haproxy", "redis-server"):
+        need(binary)
+    work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    work.chmod(0o755)
+    bench = Bench(work, quick, 1)
+    started = time.monotonic()
+    try:
+        registry = bench.registry()
+        seed_manifest(registry, work)
+        results: dict[str, Any] = {
+            "commit": commit(),
+            "machine": machine(),
+            "run": {
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "mode": "replicas",
+                "quick": quick,
+                "rounds": rounds,
+                "seconds_per_run": seconds,
+                "gateway_workers": 1,
+                # Other work on the machine distorts every figure: the load it started and ended with.
+                "load_average_at_start": os.getloadavg(),
+            },
+        }
+        results["replicas"] = bench_replicas(bench, registry, counts, rounds, seconds, [2, 32])
+        results["run"]["load_average_at_end"] = os.getloadavg()
+        results["elapsed_seconds"] = time.monotonic() - started
+    finally:
+        bench.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    results["table"] = replicas_table(results["replicas"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(results["table"])
+    loads = (results["run"]["load_average_at_start"], results["run"]["load_average_at_end"])
+    start_load, end_load = (" ".join(f"{value:.2f}" for value in load) for load in loads)
+    print(f"\nload average (1, 5, 15 min) at start {start_load}, at end {end_load}")
+    print(f"results written to {out} ({results['elapsed_seconds']:.0f} s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1007,12 +1330,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blob-mib", type=int, default=None)
     parser.add_argument("--big-mib", type=int, default=None)
     parser.add_argument("--no-skopeo", action="store_true")
+    parser.add_argument(
+        "--replicas",
+        type=replica_counts,
+        default=None,
+        metavar="N,N,...",
+        help="only the replicas run: HAProxy -> registry and HAProxy -> N gateways for each N "
+        "(default out: bench/results/replicas.json)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     if args.out is None:
-        args.out = ROOT / "bench" / "results" / ("quick.json" if quick else "latest.json")
+        kept = "replicas.json" if args.replicas else "latest.json"
+        args.out = ROOT / "bench" / "results" / ("quick.json" if quick else kept)
     rounds = args.rounds or (1 if quick else 3)
     seconds = args.seconds or (0.5 if quick else 3.0)
+    if args.replicas:
+        return main_replicas(args.replicas, args.out, quick, rounds, seconds)
     blob_mib = args.blob_mib or (8 if quick else 512)
     big_mib = args.big_mib or (32 if quick else 2048)
     user_counts = [1, 1000] if quick else [1, 10_000, 100_000]

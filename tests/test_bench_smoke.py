@@ -62,3 +62,66 @@ def test_quick_benchmark_produces_complete_results(tmp_path: Path) -> None:
     assert set(results["scaling"]["users"]) == {"1", "1000"}
     assert set(results["scaling"]["rules"]) == {"1", "50"}
     assert "authenticated HEAD manifest" in run.stdout
+
+
+def test_quick_replicas_run_reports_every_target_with_its_ratios(tmp_path: Path) -> None:
+    """`--replicas`: HAProxy alone and HAProxy in front of N gateways sharing one Redis, against one
+    registry, each with its rate, CPU per request (all processes, the gateways' share) and ratios."""
+    out = tmp_path / "replicas.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench.py"),
+            "--quick",
+            "--replicas",
+            "1,2",
+            "--seconds",
+            "0.3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert re.fullmatch(r"[0-9a-f]{40}", results["commit"]["hash"])
+    assert results["run"]["mode"] == "replicas" and len(results["run"]["load_average_at_start"]) == 3
+    replicas = results["replicas"]
+    assert replicas["replica_counts"] == [1, 2]
+    targets = {"direct", "haproxy_registry", "haproxy_gateways_1", "haproxy_gateways_2"}
+    for conns in ("c2", "c32"):
+        summary = replicas[conns]
+        assert set(summary) == targets
+        for name, target in summary.items():
+            assert target["rps"] > 0 and target["errors"] == 0, (conns, name)
+            cpu = target["cpu_us_per_request"]
+            parts = {part: value for part, value in cpu.items() if part not in ("all", "client")}
+            # A sub-tick run may measure 0 for a part; the sum is the sum of the parts.
+            assert cpu["all"] == pytest.approx(sum(parts.values())) and min(parts.values()) >= 0
+            ratios = target["ratios"]
+            assert ratios["rps_vs_direct"] == pytest.approx(target["rps"] / summary["direct"]["rps"])
+            assert ratios["rps_vs_haproxy_registry"] == pytest.approx(
+                target["rps"] / summary["haproxy_registry"]["rps"]
+            )
+            assert "cpu_all_vs_direct" in ratios and "cpu_all_vs_haproxy_registry" in ratios
+        # Every process a request passes through is counted, and only those.
+        assert set(summary["direct"]["cpu_us_per_request"]) == {"registry", "all", "client"}
+        hop_parts = set(summary["haproxy_registry"]["cpu_us_per_request"])
+        assert hop_parts == {"haproxy", "registry", "all", "client"}
+        for count in (1, 2):
+            assert set(summary[f"haproxy_gateways_{count}"]["cpu_us_per_request"]) == {
+                "haproxy",
+                "gateways",
+                "registry",
+                "redis",
+                "all",
+                "client",
+            }
+    for line in ("registry direct", "HAProxy -> registry", "HAProxy -> 1 gateway", "HAProxy -> 2 gateways"):
+        assert sum(row.startswith(line + " ") for row in run.stdout.splitlines()) == 2, line
+    assert "rps/hop" in run.stdout and "cpu/direct" in run.stdout
+    assert "measure the hop and the sharing, not scaling" in run.stdout
+    assert results["table"] in run.stdout
