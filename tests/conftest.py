@@ -196,8 +196,9 @@ def start_gateway(
     *extra: str,
     env: dict[str, str] | None = None,
     scheme: str = "http",
+    port: int | None = None,
 ) -> Gateway:
-    port = free_port()
+    port = port or free_port()
     log = tmp_path / f"gateway-{port}.log"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     environment.update(env or {})

@@ -114,16 +114,20 @@ class HAProxy:
         return states
 
 
-def start_haproxy(tmp_path: Path, backends: list[int], port: int | None = None) -> HAProxy:
-    """HAProxy in front of gateways on `backends` (loopback ports): round robin, health checks on
-    /v2/ every 200 ms, X-Forwarded-For, timeouts long enough for big layers, and a stats socket
-    for draining one."""
+def start_haproxy(
+    tmp_path: Path, backends: list[int], ready_ports: list[int] | None = None, port: int | None = None
+) -> HAProxy:
+    """HAProxy in front of gateways on `backends` (loopback ports): round robin, health checks
+    every 200 ms (each gateway's /readyz on `ready_ports`, its metrics_listen, else /v2/),
+    X-Forwarded-For, timeouts long enough for big layers, and a stats socket for draining one."""
     port = port or free_port()
     stats = tmp_path / f"haproxy-{port}.sock"
+    checks = ready_ports or backends
     servers = "\n".join(
-        f"    server g{index} 127.0.0.1:{backend} check inter 200ms fall 2 rise 1"
+        f"    server g{index} 127.0.0.1:{backend} check port {checks[index]} inter 200ms fall 2 rise 1"
         for index, backend in enumerate(backends)
     )
+    check = "/readyz" if ready_ports else "/v2/"
     config = tmp_path / f"haproxy-{port}.cfg"
     config.write_text(
         f"""global
@@ -146,8 +150,9 @@ frontend registry
 
 backend gateways
     balance roundrobin
-    option httpchk GET /v2/
-    http-check expect status 200,401
+    option httpchk
+    http-check send meth GET uri {check} ver HTTP/1.1 hdr Host gateway
+    http-check expect rstatus ^(200|401)$
 {servers}
 """
     )
