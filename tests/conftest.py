@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,6 +272,24 @@ def write_authfile(path: Path, host: str, credentials: Credentials) -> Path:
     auths = {} if credentials is None else {host: {"auth": basic_header(credentials).removeprefix("Basic ")}}
     path.write_text(json.dumps({"auths": auths}))
     return path
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def metric(metrics: str, name: str) -> float:
+    """The sum of a metric's samples (every label set) on a gateway's metrics_listen HOST:PORT."""
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+    assert found, f"{name} not in the metrics"
+    return sum(float(value) for value in found)
 
 
 def make_token_key(path: Path) -> Path:

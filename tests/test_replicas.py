@@ -14,14 +14,12 @@ load and for restarts that lose no push.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +32,12 @@ from tests.conftest import (
     Registry,
     free_port,
     make_token_key,
+    metric,
     start_gateway,
     start_registry,
     stop,
     users_with,
+    wait_until,
     write_authfile,
 )
 from tests.dockerd import Docker, dockerd
@@ -79,20 +79,6 @@ def _start_replica(
     tmp: Path, registry: Registry, users: Path, metrics: str, env: dict[str, str], port: int
 ) -> Gateway:
     return start_gateway(tmp, registry.url, users, "--metrics-listen", metrics, env=env, port=port)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
-def sample(metrics: str, name: str) -> float:
-    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return sum(float(value) for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def _fleet(tmp_path: Path, challenge: str) -> Iterator[Fleet]:
@@ -140,7 +126,7 @@ def bearer_fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 
 def _requests_served(fleet: Fleet) -> list[float]:
-    return [sample(metrics, "registry_gateway_requests_total") for metrics in fleet.metrics]
+    return [metric(metrics, "registry_gateway_requests_total") for metrics in fleet.metrics]
 
 
 def _push_and_pull_with_skopeo(
@@ -241,10 +227,10 @@ def test_the_lockout_holds_across_replicas(bearer_fleet: Fleet) -> None:
     front = Gateway(
         f"http://{fleet.haproxy.host}", fleet.haproxy.host, fleet.haproxy.process, fleet.haproxy.log
     )
-    checks = sum(sample(metrics, "registry_gateway_password_checks_total") for metrics in fleet.metrics)
+    checks = sum(metric(metrics, "registry_gateway_password_checks_total") for metrics in fleet.metrics)
     statuses = [ask(front, "GET", "/v2/", ("alice", f"guess-{n}"))[0] for n in range(3 * ATTEMPTS)]
     assert statuses[:ATTEMPTS] == [401] * ATTEMPTS and set(statuses[ATTEMPTS:]) == {429}, statuses
-    after = sum(sample(metrics, "registry_gateway_password_checks_total") for metrics in fleet.metrics)
+    after = sum(metric(metrics, "registry_gateway_password_checks_total") for metrics in fleet.metrics)
     assert after - checks == ATTEMPTS
     # Every replica refuses the pair, the right password included; the registry saw none of it.
     for replica in fleet.replicas:
@@ -371,7 +357,7 @@ def test_a_replica_killed_mid_push_fails_only_what_it_held(bearer_fleet: Fleet) 
 
         def someone_holds_it() -> bool:
             for index, metrics in enumerate(fleet.metrics):
-                if sample(metrics, "registry_gateway_in_flight_requests") > 0:
+                if metric(metrics, "registry_gateway_in_flight_requests") > 0:
                     holder.append(index)
                     return True
             return push.poll() is not None

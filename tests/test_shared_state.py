@@ -7,12 +7,10 @@ so, and counting is shared again once Redis returns."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +22,12 @@ from tests.conftest import (
     Registry,
     free_port,
     make_token_key,
+    metric,
     start_gateway,
     start_registry,
     stop,
     users_with,
+    wait_until,
 )
 from tests.services import Redis, restart_redis, start_redis, stop_process
 from tests.test_guards import DAVE, ask
@@ -48,17 +48,6 @@ class Pair:
     tmp: Path
 
 
-def scrape(metrics: str) -> str:
-    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
-        return str(response.read().decode())
-
-
-def sample(metrics: str, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", scrape(metrics), re.M)
-    assert match is not None, name
-    return float(match.group(1))
-
-
 def readyz(metrics: str) -> tuple[int, dict[str, str]]:
     try:
         with urllib.request.urlopen(f"http://{metrics}/readyz", timeout=10) as response:
@@ -68,15 +57,7 @@ def readyz(metrics: str) -> tuple[int, dict[str, str]]:
 
 
 def checks(pair: Pair) -> float:
-    return sum(sample(metrics, "registry_gateway_password_checks_total") for metrics in pair.metrics)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
+    return sum(metric(metrics, "registry_gateway_password_checks_total") for metrics in pair.metrics)
 
 
 @pytest.fixture
@@ -182,7 +163,7 @@ def test_with_redis_gone_each_gateway_counts_alone_then_shares_again(pair: Pair)
     assert ask(one, "GET", "/v2/", USERS_ADMIN)[0] == 200
     assert ask(other, "GET", "/v2/", USERS_ADMIN)[0] == 200
     for metrics in pair.metrics:
-        wait_until(lambda metrics=metrics: sample(metrics, "registry_gateway_redis_up") == 0)  # type: ignore[misc]
+        wait_until(lambda metrics=metrics: metric(metrics, "registry_gateway_redis_up") == 0)  # type: ignore[misc]
         status, body = readyz(metrics)
         assert status == 200 and body["redis"].startswith("unreachable since"), body
         assert "on this host only" in body["redis"]
@@ -199,7 +180,7 @@ def test_with_redis_gone_each_gateway_counts_alone_then_shares_again(pair: Pair)
     pair.redis = restart_redis(pair.tmp, pair.redis)
     for metrics in pair.metrics:
         wait_until(lambda metrics=metrics: readyz(metrics)[1].get("redis") == "ok")  # type: ignore[misc]
-        assert sample(metrics, "registry_gateway_redis_up") == 1
+        assert metric(metrics, "registry_gateway_redis_up") == 1
     assert "answers again" in one.log.read_text()
     # What `one` counted while Redis was away reached Redis: `other` refuses the pair too.
     wait_until(lambda: ask(other, "GET", "/v2/", (DAVE[0], "after"))[0] == 429, 5.0)
