@@ -7,11 +7,15 @@ import ssl
 import urllib.error
 import urllib.request
 
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from yarl import URL
 
 from gateway.config import Settings
 from gateway.errors import API_VERSION_HEADER
 from gateway.identity.ldap import LdapSettings
+from gateway.shared.link import describe, read_password
 
 TIMEOUT = 4.0
 
@@ -69,6 +73,40 @@ def registry_problem(upstream: URL) -> str | None:
         return f"{url} does not answer: {getattr(exc, 'reason', exc)}"
     if headers.get(API_VERSION_HEADER) is None:
         return f"{url} answers, but not as a registry (no {API_VERSION_HEADER} header)"
+    return None
+
+
+def redis_problem(settings: Settings) -> tuple[str, bool] | None:
+    """What is wrong with the Redis `redis_url` names, and whether it is the settings' fault (a
+    refused password: True) or maybe passing (unreachable: False); None when it answers."""
+    if settings.redis_url is None:
+        return None
+    where = describe(settings.redis_url)
+    options: dict[str, object] = {
+        "socket_timeout": TIMEOUT,
+        "socket_connect_timeout": TIMEOUT,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    try:
+        if settings.redis_password_file is not None:
+            options["password"] = read_password(settings.redis_password_file)
+        if settings.redis_ca_file is not None:
+            options["ssl_ca_certs"] = str(settings.redis_ca_file)
+        client = redis.Redis.from_url(str(settings.redis_url), **options)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except redis.AuthenticationError as exc:
+        return f"redis_url: Redis at {where} refused the credentials (redis_password_file): {exc}", True
+    except redis.ResponseError as exc:  # NOAUTH, WRONGPASS and the like
+        return f"redis_url: Redis at {where} refused the connection: {exc}", True
+    except (redis.RedisError, OSError, ValueError) as exc:
+        return (
+            f"Redis at {where} does not answer ({exc}): until it does, gateways count failed logins "
+            "on their own host",
+            False,
+        )
     return None
 
 
