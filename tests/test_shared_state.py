@@ -201,3 +201,35 @@ def _token(gateway: Gateway, credentials: tuple[str, str]) -> str:
     assert status == 200, body
     token: str = json.loads(body)["token"]
     return token
+
+
+def test_revocations_outlive_a_redis_that_lost_its_data(pair: Pair) -> None:
+    """Redis started again empty (no persistence): the gateways write back what they knew, so
+    the revocation still holds, for them and for a gateway that joins later."""
+    one, other = pair.gateways
+    bearer = {"Authorization": f"Bearer {_token(one, DAVE)}"}
+    revoked = subprocess.run(
+        [sys.executable, "-m", "gateway", "token", "revoke", "dave"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", **pair.redis.env()},
+    )
+    assert revoked.returncode == 0, revoked.stderr
+    for gateway in (one, other):
+        wait_until(lambda gateway=gateway: ask(gateway, "GET", "/v2/", headers=bearer)[0] == 401, 2.0)  # type: ignore[misc]
+    stop_process(pair.redis.process)
+    pair.redis = restart_redis(pair.tmp, pair.redis)
+    for metrics in pair.metrics:
+        wait_until(lambda metrics=metrics: readyz(metrics)[1].get("redis") == "ok")  # type: ignore[misc]
+    assert [ask(gateway, "GET", "/v2/", headers=bearer)[0] for gateway in (one, other)] == [401, 401]
+    assert "written back" in one.log.read_text() + other.log.read_text()
+    late = start_gateway(
+        pair.tmp,
+        pair.registry.url,
+        pair.users,
+        env={**pair.redis.env(), "GATEWAY_CHALLENGE": "bearer", "GATEWAY_TOKEN_KEY": str(pair.key)},
+    )
+    try:
+        wait_until(lambda: ask(late, "GET", "/v2/", headers=bearer)[0] == 401, 5.0)
+    finally:
+        stop(late.process)

@@ -16,6 +16,7 @@ from redis.retry import Retry
 from yarl import URL
 
 from gateway.shared.link import CHANNEL, OPERATION_TIMEOUT, PREFIX, RedisLink, read_password
+from gateway.tokens.revocations import merged
 
 log = logging.getLogger("gateway.shared")
 
@@ -61,14 +62,24 @@ class SharedRevocations:
         link.on_message(self._on_message)
 
     async def _read_all(self) -> None:
+        """Redis reached (again): take what it holds, and give it back what it lacks. A Redis
+        started again without its data (no persistence, a failover to an empty replica) would
+        otherwise undo every revocation; any gateway that knew one writes it back."""
         entries = await self.link.client.hgetall(HASH)
-        known: dict[str, float] = {}
+        stored: dict[str, float] = {}
         for user, when in entries.items():
             try:
                 name = user.decode("utf-8") if isinstance(user, bytes) else str(user)
-                known[name] = float(when)
+                stored[name] = float(when)
             except (UnicodeDecodeError, ValueError):
                 continue
+        missing = {user: when for user, when in self.known.items() if stored.get(user, 0.0) < when}
+        if missing:
+            script = self.link.client.register_script(_REVOKE)
+            for name, moment in missing.items():
+                await script(keys=[HASH], args=[name, f"{moment:.3f}", CHANNEL])
+            log.warning("Redis lacked %d token revocation(s) this gateway knew: written back", len(missing))
+        known = merged(self.known, stored)
         if known != self.known:
             self.known = known
             self.apply(known)
