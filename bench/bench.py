@@ -993,6 +993,21 @@ def warm_up(target: Service, url_path: str, requests: int) -> None:
                 raise SystemExit(f"bench: warm-up of {target.name} answered {response.status}")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores of the machine spent on anything but idling, from /proc/stat."""
+    # cpu  user nice system idle iowait irq softirq steal ...: all but idle and iowait.
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    busy = sum(fields) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds(services: list[Service]) -> float:
+    """CPU the bench has spent: this process, its finished children (hey) and its servers."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    servers = sum(cpu_seconds(s.process.pid) for s in services)
+    return usage.ru_utime + usage.ru_stime + client_cpu_seconds() + servers
+
+
 def parts_cpu(parts: dict[str, list[Service]]) -> dict[str, float]:
     return {part: sum(cpu_seconds(s.process.pid) for s in services) for part, services in parts.items()}
 
@@ -1037,6 +1052,10 @@ def bench_replicas(
         "cpus": os.cpu_count(),
         "note": scaling_note(max(replica_counts)),
     }
+    # The machine is shared: what other work took of its cores while the rounds ran is measured
+    # (all busy CPU minus the bench's own), as the load average cannot tell the two apart.
+    wall_before, busy_before = time.monotonic(), machine_busy_seconds()
+    own_before = own_cpu_seconds(b.services)
     for conns in conns_list:
         runs: dict[str, list[HeyResult]] = {t.label: [] for t in targets}
         cpu: dict[str, dict[str, list[float]]] = {t.label: {} for t in targets}
@@ -1077,6 +1096,9 @@ def bench_replicas(
                 "added_p50_ms_vs_direct": s["p50_ms"] - direct["p50_ms"],
             }
         results[f"c{conns}"] = summary
+    wall = time.monotonic() - wall_before
+    others = (machine_busy_seconds() - busy_before) - (own_cpu_seconds(b.services) - own_before)
+    results["other_work_cores"] = max(0.0, others / wall)
     for service in reversed(started):
         service.stop()
         b.services.remove(service)
@@ -1132,6 +1154,10 @@ def replicas_table(results: dict[str, Any]) -> str:
     lines.append(
         "hop: HAProxy -> registry; cpu all: haproxy + gateways + registry + redis (hey apart); "
         "gateways: their share alone"
+    )
+    lines.append(
+        f"other work on the machine during the rounds: {results['other_work_cores']:.2f} of "
+        f"{results['cpus']} cores (all busy CPU minus the bench's own)"
     )
     lines.append(f"note: {results['note']}")
     return "\n".join(lines)

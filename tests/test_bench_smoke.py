@@ -124,4 +124,5 @@ def test_quick_replicas_run_reports_every_target_with_its_ratios(tmp_path: Path)
         assert sum(row.startswith(line + " ") for row in run.stdout.splitlines()) == 2, line
     assert "rps/hop" in run.stdout and "cpu/direct" in run.stdout
     assert "measure the hop and the sharing, not scaling" in run.stdout
+    assert replicas["other_work_cores"] >= 0 and "other work on the machine" in run.stdout
     assert results["table"] in run.stdout
