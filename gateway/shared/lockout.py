@@ -107,7 +107,9 @@ class SharedLockout:
     # The request path's check: no await, no lock unless some pair is locked.
     def locked(self, address: str, user: str, now: float) -> float | None:
         wait = self.local.locked(address, user, now)
-        return wait if wait is not None else self._locked_elsewhere(address, user, now)
+        if wait is None and now < self._remote_latest:  # one comparison while nothing is locked
+            return self._locked_elsewhere(address, user, now)
+        return wait
 
     def _locked_elsewhere(self, address: str, user: str, now: float) -> float | None:
         """Seconds left of a lock Redis announced for the pair, or None."""
