@@ -32,7 +32,12 @@ from gateway.shared.lockout import SharedLockout
 
 log = logging.getLogger("gateway.metrics")
 
-ASK_TIMEOUT = 3.0  # seconds a worker may take to answer the hub
+ASK_TIMEOUT = 3.0  # seconds a worker may take to answer the hub's /metrics and /readyz
+# Seconds a worker may take to answer the hub's /healthz (which does no I/O): well under a
+# liveness probe's own timeout (deploy/kubernetes: 3 s), so that one hung worker makes the answer
+# "1 of 2 answer", not a probe timeout that restarts the whole gateway. (/readyz keeps
+# ASK_TIMEOUT: a worker's own asks the registry, for up to 3 s.)
+HEALTH_ASK_TIMEOUT = 1.0
 
 
 def worker_socket(directory: Path, index: int) -> Path:
@@ -44,14 +49,15 @@ class Hub:
     def __init__(self, directory: Path, workers: int) -> None:
         self.sockets = [worker_socket(directory, index) for index in range(workers)]
 
-    async def ask(self, path: str) -> list[tuple[int, bytes] | None]:
-        """Every worker's answer to GET `path` (None for one that does not answer)."""
-        return list(await asyncio.gather(*(self._ask_one(socket, path) for socket in self.sockets)))
+    async def ask(self, path: str, within: float = ASK_TIMEOUT) -> list[tuple[int, bytes] | None]:
+        """Every worker's answer to GET `path` (None for one that does not answer within
+        `within` seconds)."""
+        return list(await asyncio.gather(*(self._ask_one(socket, path, within) for socket in self.sockets)))
 
-    async def _ask_one(self, socket: Path, path: str) -> tuple[int, bytes] | None:
+    async def _ask_one(self, socket: Path, path: str, within: float) -> tuple[int, bytes] | None:
         try:
             connector = aiohttp.UnixConnector(path=str(socket))
-            timeout = aiohttp.ClientTimeout(total=ASK_TIMEOUT)
+            timeout = aiohttp.ClientTimeout(total=within)
             async with (
                 aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
                 session.get(f"http://worker{path}") as response,
@@ -81,7 +87,7 @@ def hub_app(hub: Hub, scrape_token: ScrapeToken | None, lockout: SharedLockout |
         return web.Response(body=(merge(texts) + reporting).encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def healthz(_request: web.Request) -> web.Response:
-        answers = await hub.ask("/healthz")
+        answers = await hub.ask("/healthz", HEALTH_ASK_TIMEOUT)
         serving = sum(1 for answer in answers if answer is not None and answer[0] == 200)
         body = {
             "status": "ok" if serving else "unavailable",

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry  # not redis.retry's: the asyncio client warns at every start
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 from yarl import URL
 
 from gateway.files import describe_read_error
@@ -100,16 +100,22 @@ class RedisLink:
             return None
 
     def went_down(self, exc: BaseException) -> None:
-        if self.up:
+        reason = _reason(exc)
+        serving = self.up and self.problem is None  # not while `_run` catches up (up, a problem)
+        # Said when the link drops, and whenever the reason it cannot be reached changes: a
+        # wrong password, user, database or CA at start-up is otherwise in /readyz alone. Not
+        # at every retry.
+        if serving or reason != self.problem:
             log.warning(
                 "Redis at %s unreachable (%s): failed logins are counted on this host only, and "
                 "revocations made meanwhile reach this gateway when Redis returns",
                 self.where,
-                _reason(exc),
+                reason,
             )
+        if serving:
             self.down_since = time.time()
         self.up = False
-        self.problem = _reason(exc)
+        self.problem = reason
 
     def status(self) -> str:
         """For /readyz: "ok", or since when and why Redis is unreachable and what that means."""

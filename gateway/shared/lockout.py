@@ -29,6 +29,11 @@ PENDING_LIMIT = 10_000  # pairs counted while Redis was away, kept to send when 
 REMOTE_LIMIT = 100_000  # pairs locked elsewhere, noted here (each a few dozen bytes)
 SECRET_KEY = PREFIX + "lockout-secret"
 PAIR_PREFIX = PREFIX + "lockout:"
+# Every locked pair's key, scored by when its lock ends (Redis's clock): what a gateway that
+# missed the announcements (it could not reach Redis then, or subscribed after another's
+# catch-up announced them) reads when it reaches Redis, or a cached login there would answer
+# 200 for the right password and 429 for a wrong one: an oracle.
+LOCKS_KEY = PREFIX + "lockout-locks"
 
 # One failure more for a pair unless it is locked (or the same guess again), on Redis's own clock.
 # Answers [code, seconds]: 0 locked (seconds left, nothing counted), 1 counted, 2 the same guess
@@ -52,6 +57,8 @@ redis.call('HSET', KEYS[1], 'started', tostring(started), 'failures', failures,
   'attempt', attempt, 'attempt_at', tostring(now))
 redis.call('PEXPIREAT', KEYS[1], math.ceil((started + window) * 1000))
 if failures >= attempts then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  redis.call('ZADD', KEYS[2], started + window, KEYS[1])
   redis.call('PUBLISH', ARGV[5], 'lock ' .. KEYS[1] .. ' ' .. tostring(started + window - now))
   return {3, tostring(started + window - now)}
 end
@@ -73,14 +80,32 @@ _RELEASE = """
 local failures = tonumber(redis.call('HGET', KEYS[1], 'failures') or '0')
 if failures <= 0 then return 0 end
 redis.call('HSET', KEYS[1], 'failures', failures - 1, 'attempt', '')
-if failures == tonumber(ARGV[1]) then redis.call('PUBLISH', ARGV[2], 'unlock ' .. KEYS[1]) end
+if failures == tonumber(ARGV[1]) then
+  redis.call('ZREM', KEYS[2], KEYS[1])
+  redis.call('PUBLISH', ARGV[2], 'unlock ' .. KEYS[1])
+end
 return 1
 """
 
 # Forget the pair (a right password); a lock it ends is announced.
 _FORGET = """
+redis.call('ZREM', KEYS[2], KEYS[1])
 if redis.call('DEL', KEYS[1]) == 1 then redis.call('PUBLISH', ARGV[1], 'unlock ' .. KEYS[1]) end
 return 1
+"""
+
+# The pairs locked now, at most ARGV[1] of them: [key, seconds left, key, seconds left...].
+_LOCKED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local found = redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[1]))
+local answer = {}
+for i = 1, #found, 2 do
+  answer[#answer + 1] = found[i]
+  answer[#answer + 1] = tostring(tonumber(found[i + 1]) - now)
+end
+return answer
 """
 
 
@@ -166,7 +191,7 @@ class SharedLockout:
         key = self._shared_key(address, user)
         if key is not None and self.link is not None and self.link.up:
             script = self.link.client.register_script(_RELEASE)
-            await self.link.call(lambda: script(keys=[key], args=[self.attempts, CHANNEL]))
+            await self.link.call(lambda: script(keys=[key, LOCKS_KEY], args=[self.attempts, CHANNEL]))
 
     async def succeeded(self, address: str, user: str) -> None:
         if not self.enabled:
@@ -178,7 +203,7 @@ class SharedLockout:
         if key is not None and self.link.up:
             self._remote.pop(key, None)
             script = self.link.client.register_script(_FORGET)
-            if await self.link.call(lambda: script(keys=[key], args=[CHANNEL])) is not None:
+            if await self.link.call(lambda: script(keys=[key, LOCKS_KEY], args=[CHANNEL])) is not None:
                 return
         self._remember(pair_name(address, user), None)  # forgotten in Redis when it returns
 
@@ -200,7 +225,9 @@ class SharedLockout:
         attempt = "" if secret is None else self._fingerprint(secret)
         script = self.link.client.register_script(_COUNT)
         answer = await self.link.call(
-            lambda: script(keys=[key], args=[self.window, self.attempts, attempt, REPEAT_WINDOW, CHANNEL])
+            lambda: script(
+                keys=[key, LOCKS_KEY], args=[self.window, self.attempts, attempt, REPEAT_WINDOW, CHANNEL]
+            )
         )
         if answer is None:
             if counted_here:
@@ -233,11 +260,18 @@ class SharedLockout:
         for pair, failures in pending.items():
             key = self._key(pair)
             if failures == 0:
-                await forgetting(keys=[key], args=[CHANNEL])
+                await forgetting(keys=[key, LOCKS_KEY], args=[CHANNEL])
             for _ in range(failures):
-                await counting(keys=[key], args=[self.window, self.attempts, "", REPEAT_WINDOW, CHANNEL])
+                await counting(
+                    keys=[key, LOCKS_KEY], args=[self.window, self.attempts, "", REPEAT_WINDOW, CHANNEL]
+                )
         if pending:
             log.info("sent the failed logins of %d pairs counted while Redis was away", len(pending))
+        # The locks announced while this process was not listening (subscribed before this
+        # read: any later one arrives as a message).
+        locked = await client.register_script(_LOCKED)(keys=[LOCKS_KEY], args=[REMOTE_LIMIT])
+        for index in range(0, len(locked) - 1, 2):  # bytes: the client does not decode
+            self._note_lock(locked[index].decode("ascii", "replace"), float(locked[index + 1]))
 
     def _on_message(self, data: bytes) -> None:
         parts = data.decode("ascii", "replace").split(" ")
