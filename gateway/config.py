@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import ssl
 import sys
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
@@ -920,11 +921,21 @@ def combination_problems(
                 read_password(values["redis_password_file"])
             except ValueError as exc:
                 problems.append(f"{where('redis_password_file')}: {exc}")
+    if redis_url is not None and redis_url.user and values.get("redis_password_file") is None:
+        problems.append(
+            f"{where('redis_password_file')}: needed when redis_url names a user ({redis_url.user})"
+        )
     if values.get("redis_ca_file") is not None:
         if redis_url is None or redis_url.scheme != "rediss":
             problems.append(f"{where('redis_ca_file')}: only used with a rediss:// redis_url")
-        elif check_files and not os.access(values["redis_ca_file"], os.R_OK):
-            problems.append(f"{where('redis_ca_file')}: cannot read {values['redis_ca_file']}")
+        elif check_files:
+            try:
+                ssl.create_default_context(cafile=str(values["redis_ca_file"]))
+            except (OSError, ssl.SSLError) as exc:
+                problems.append(
+                    f"{where('redis_ca_file')}: no PEM certificate in {values['redis_ca_file']}: "
+                    f"{getattr(exc, 'strerror', None) or exc}"
+                )
     if values.get("metrics_token_file") is not None:
         if values.get("metrics_listen") is None:
             problems.append(f"{where('metrics_token_file')}: only used with metrics_listen")

@@ -220,7 +220,12 @@ def _supervise(settings: config.Settings, lockout: Lockout, sockets: Path | None
                 retry_at[index] = time.monotonic() + backoff
                 backoff = min(backoff * 2, MAX_RESTART_SECONDS)
                 continue
-            log.error("worker %d exited with %s; starting another", worker.process.pid, exitcode)
+            log.error(
+                "%s %d exited with %s; starting another",
+                "the metrics process" if sockets is not None and index == settings.workers else "worker",
+                worker.process.pid,
+                exitcode,
+            )
             retry_at[index] = time.monotonic() + MIN_RESTART_SECONDS
         if not up and all(worker.serving for worker in workers):
             up = True

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway import config
-from tests.conftest import Registry, free_port, metric, start_gateway, stop, wait_until
+from tests.conftest import Registry, free_port, make_token_key, metric, start_gateway, stop, wait_until
 from tests.services import start_redis, stop_process
 
 
@@ -26,6 +26,8 @@ from tests.services import start_redis, stop_process
         ({"redis_url": "redis://redis:6379", "redis_ca_file": "/x.pem"}, "redis_ca_file: only used with a"),
         ({"redis_url": "redis://r", "redis_password_file": "{tmp}/missing"}, "redis_password_file: no"),
         ({"redis_url": "redis://r", "redis_password_file": "{tmp}/empty"}, "redis_password_file: empty"),
+        ({"redis_url": "redis://ci@r"}, "redis_password_file: needed when redis_url names a user"),
+        ({"redis_url": "rediss://r", "redis_ca_file": "{tmp}/empty"}, "redis_ca_file: no PEM certificate"),
     ],
 )  # fmt: skip
 def test_bad_redis_settings_are_refused_by_key(
@@ -43,9 +45,7 @@ def test_bad_redis_settings_are_refused_by_key(
 
 def test_good_redis_settings(tmp_path: Path, users_file: Path) -> None:
     (tmp_path / "password").write_text("redis-secret\n")
-    ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n")
-    ca = str(ca)  # type: ignore[assignment]
+    ca = str(make_token_key(tmp_path / "ca.key").with_suffix(".crt"))  # a self-signed certificate
     settings = config.load(
         None,
         {"GATEWAY_REDIS_URL": "rediss://gateway@redis.internal:6380/2"},

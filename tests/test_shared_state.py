@@ -115,13 +115,15 @@ def test_guesses_spread_over_gateways_get_lockout_attempts_checks_in_all(pair: P
     # Another address is not affected.
     assert ask(one, "GET", "/v2/", DAVE, source="127.0.0.2")[0] == 200
     # Nothing of the pair in Redis names the user, the address or a password.
-    dump = subprocess.run(
-        ["redis-cli", "-p", str(pair.redis.port), "--no-auth-warning", "-a",
-         pair.redis.password_file.read_text().strip(), "--scan"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    dump = _redis_cli(pair, "--scan")
     assert "registry-gateway:lockout:" in dump
     assert "dave" not in dump and "127.0.0.1" not in dump
+    # The last wrong password's fingerprint lives REPEAT_WINDOW seconds at most, not the window.
+    for key in dump.split():
+        if key.endswith(":attempt"):
+            assert 0 < int(_redis_cli(pair, "PTTL", key)) <= 10_000
+        elif key.startswith("registry-gateway:lockout:"):
+            assert "attempt" not in _redis_cli(pair, "HKEYS", key)
 
 
 def test_a_revocation_reaches_every_gateway_at_once(pair: Pair) -> None:
@@ -192,6 +194,18 @@ def test_with_redis_gone_each_gateway_counts_alone_then_shares_again(pair: Pair)
 
 
 USERS_ADMIN = ("admin", USERS["admin"])
+
+
+def _redis_cli(pair: Pair, *command: str) -> str:
+    """redis-cli on the test's Redis; the password from the environment, not argv."""
+    password = pair.redis.password_file.read_text().strip()
+    return subprocess.run(
+        ["redis-cli", "-p", str(pair.redis.port), *command],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "REDISCLI_AUTH": password},
+    ).stdout
 
 
 def _token(gateway: Gateway, credentials: tuple[str, str]) -> str:

@@ -37,25 +37,31 @@ LOCKS_KEY = PREFIX + "lockout-locks"
 
 # One failure more for a pair unless it is locked (or the same guess again), on Redis's own clock.
 # Answers [code, seconds]: 0 locked (seconds left, nothing counted), 1 counted, 2 the same guess
-# again, 3 counted and now locked (announced on the channel).
+# again, 3 counted and now locked (announced on the channel). The last wrong secret's fingerprint
+# is a key of its own that lives REPEAT_WINDOW seconds: what a reader of Redis could test
+# password guesses against exists for seconds, not for the lockout's window.
 _COUNT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local window, attempts = tonumber(ARGV[1]), tonumber(ARGV[2])
 local attempt, repeat_window = ARGV[3], tonumber(ARGV[4])
-local h = redis.call('HMGET', KEYS[1], 'started', 'failures', 'attempt', 'attempt_at')
-local started, failures, last, last_at = tonumber(h[1]), tonumber(h[2]) or 0, h[3], tonumber(h[4])
+local attempt_key = KEYS[1] .. ':attempt'
+local h = redis.call('HMGET', KEYS[1], 'started', 'failures')
+local started, failures = tonumber(h[1]), tonumber(h[2]) or 0
 if started == nil or now >= started + window then
-  started, failures, last = now, 0, false
+  started, failures = now, 0
+  redis.call('DEL', attempt_key)
 end
 if failures >= attempts then return {0, tostring(started + window - now)} end
-if attempt ~= '' and last == attempt and last_at ~= nil and now - last_at < repeat_window then
-  return {2, '0'}
-end
+if attempt ~= '' and redis.call('GET', attempt_key) == attempt then return {2, '0'} end
 failures = failures + 1
-redis.call('HSET', KEYS[1], 'started', tostring(started), 'failures', failures,
-  'attempt', attempt, 'attempt_at', tostring(now))
+redis.call('HSET', KEYS[1], 'started', tostring(started), 'failures', failures)
 redis.call('PEXPIREAT', KEYS[1], math.ceil((started + window) * 1000))
+if attempt ~= '' then
+  redis.call('SET', attempt_key, attempt, 'PX', math.ceil(repeat_window * 1000))
+else
+  redis.call('DEL', attempt_key)
+end
 if failures >= attempts then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   redis.call('ZADD', KEYS[2], started + window, KEYS[1])
@@ -79,7 +85,8 @@ return tostring(started + tonumber(ARGV[1]) - now)
 _RELEASE = """
 local failures = tonumber(redis.call('HGET', KEYS[1], 'failures') or '0')
 if failures <= 0 then return 0 end
-redis.call('HSET', KEYS[1], 'failures', failures - 1, 'attempt', '')
+redis.call('HSET', KEYS[1], 'failures', failures - 1)
+redis.call('DEL', KEYS[1] .. ':attempt')
 if failures == tonumber(ARGV[1]) then
   redis.call('ZREM', KEYS[2], KEYS[1])
   redis.call('PUBLISH', ARGV[2], 'unlock ' .. KEYS[1])
@@ -90,6 +97,7 @@ return 1
 # Forget the pair (a right password); a lock it ends is announced.
 _FORGET = """
 redis.call('ZREM', KEYS[2], KEYS[1])
+redis.call('DEL', KEYS[1] .. ':attempt')
 if redis.call('DEL', KEYS[1]) == 1 then redis.call('PUBLISH', ARGV[1], 'unlock ' .. KEYS[1]) end
 return 1
 """
@@ -253,20 +261,31 @@ class SharedLockout:
         secret = await client.get(SECRET_KEY)
         if not isinstance(secret, bytes) or len(secret) < 32:
             raise ConnectionError("the lockout's shared secret in Redis is unreadable")
+        if secret != self._secret:
+            self._remote = {}  # keyed with a secret Redis no longer has (it started again empty)
         self._secret = secret
         pending, self._pending = self._pending, {}
+        sending = len(pending)
         counting = client.register_script(_COUNT)
         forgetting = client.register_script(_FORGET)
-        for pair, failures in pending.items():
-            key = self._key(pair)
-            if failures == 0:
-                await forgetting(keys=[key, LOCKS_KEY], args=[CHANNEL])
-            for _ in range(failures):
-                await counting(
-                    keys=[key, LOCKS_KEY], args=[self.window, self.attempts, "", REPEAT_WINDOW, CHANNEL]
-                )
-        if pending:
-            log.info("sent the failed logins of %d pairs counted while Redis was away", len(pending))
+        try:
+            while pending:
+                pair, failures = next(iter(pending.items()))
+                key = self._key(pair)
+                if failures == 0:
+                    await forgetting(keys=[key, LOCKS_KEY], args=[CHANNEL])
+                for _ in range(failures):
+                    await counting(
+                        keys=[key, LOCKS_KEY], args=[self.window, self.attempts, "", REPEAT_WINDOW, CHANNEL]
+                    )
+                    pending[pair] = failures = failures - 1
+                del pending[pair]
+        finally:
+            # Redis lost again midway: what was not sent is sent at the next catch-up.
+            for pair, failures in pending.items():
+                self._remember(pair, None if failures == 0 else failures)
+        if sending:
+            log.info("sent the failed logins of %d pairs counted while Redis was away", sending)
         # The locks announced while this process was not listening (subscribed before this
         # read: any later one arrives as a message).
         locked = await client.register_script(_LOCKED)(keys=[LOCKS_KEY], args=[REMOTE_LIMIT])
