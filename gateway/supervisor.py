@@ -97,6 +97,7 @@ class _Worker:
 
 
 MIN_RESTART_SECONDS, MAX_RESTART_SECONDS = 1.0, 30.0
+KILL_AFTER_GRACE = 5.0  # seconds past shutdown_grace before a process that ignores SIGTERM is killed
 
 
 def supervise(settings: config.Settings) -> int:
@@ -154,8 +155,12 @@ def _supervise(settings: config.Settings, lockout: Lockout, sockets: Path | None
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         report.close()  # the worker's end: once it exits, reading finds the end of its reports
 
+    stop_deadline = 0.0  # after it, a process still alive is killed
+
     def on_stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, stop_deadline
+        if not stopping:
+            stop_deadline = time.monotonic() + settings.shutdown_grace + KILL_AFTER_GRACE
         stopping = True
         for worker in workers:
             if worker.process.pid is not None and worker.process.is_alive():
@@ -231,3 +236,13 @@ def _supervise(settings: config.Settings, lockout: Lockout, sockets: Path | None
             up = True
         if stopping and not any(worker.process.is_alive() for worker in workers):
             return 0
+        if stopping and time.monotonic() > stop_deadline:
+            # A worker that has not ended within shutdown_grace is hung (stopped, deadlocked):
+            # waiting on it would keep the whole gateway from stopping.
+            for worker in workers:
+                if worker.process.pid is not None and worker.process.is_alive():
+                    log.error(
+                        "%d still runs %gs after SIGTERM: killed", worker.process.pid, settings.shutdown_grace
+                    )
+                    os.kill(worker.process.pid, signal.SIGKILL)
+            stop_deadline = float("inf")

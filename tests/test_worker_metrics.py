@@ -5,6 +5,7 @@ again. With the real registry and real processes; the merge itself is tested as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -140,3 +141,31 @@ def test_metrics_report_every_worker(tmp_path: Path, registry: Registry, users_f
         assert _get(metrics, "/healthz")[0] == 200
     finally:
         stop(gateway.process)
+
+
+def test_a_hung_worker_does_not_keep_the_gateway_from_stopping(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    gateway = start_gateway(
+        tmp_path,
+        registry.url,
+        users_file,
+        "--workers",
+        "2",
+        "--metrics-listen",
+        f"127.0.0.1:{free_port()}",
+        env={"GATEWAY_SHUTDOWN_GRACE": "1"},
+    )
+    children = Path(f"/proc/{gateway.process.pid}/task/{gateway.process.pid}/children").read_text().split()
+    hung = int(children[0])
+    try:
+        os.kill(hung, signal.SIGSTOP)  # a worker that will never answer SIGTERM
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.process.wait(timeout=30) == 0  # shutdown_grace and 5 s more, then killed
+        assert "still runs" in gateway.log.read_text()
+        with pytest.raises(ProcessLookupError):
+            os.kill(hung, 0)
+    finally:
+        stop(gateway.process)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGKILL)  # ours: started by the gateway this test started
