@@ -236,17 +236,57 @@ def test_directory_users_log_in_through_the_image(image: Docker, tmp_path: Path,
     assert "Traceback" not in logs.stdout + logs.stderr
 
 
+def push_and_pull_with_the_docker_cli(image: Docker, config: Path, host: str) -> str:
+    """The docker CLI through `host`: admin pushes, alice pulls, alice may not push; both logged
+    out again. Returns the image pushed."""
+    cli = functools.partial(image.cli, config)
+    assert cli("login", "-u", "admin", "--password-stdin", host, stdin=PASSWORDS["admin"])[0] == 0
+    tag = f"{host}/library/app:1"
+    image.build_image(config, tag, {"a.bin": os.urandom(80_000), "b.bin": os.urandom(90_000)})
+    status, output = cli("push", tag)
+    assert status == 0, output
+    assert cli("logout", host)[0] == 0
+    assert cli("login", "-u", "alice", "--password-stdin", host, stdin=PASSWORDS["alice"])[0] == 0
+    assert cli("rmi", tag)[0] == 0
+    status, output = cli("pull", tag)
+    assert status == 0, output
+    other = f"{host}/library/other:1"
+    assert cli("tag", tag, other)[0] == 0
+    status, output = cli("push", other)
+    assert status != 0 and "denied" in output
+    assert cli("logout", host)[0] == 0
+    return tag
+
+
 def compose(
-    image: Docker, config: Path, project: Path, name: str, *args: str
+    image: Docker, config: Path, project: Path, name: str, *args: str, file: str = "compose.yml"
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [require("docker-compose"), "-p", name, "-f", str(project / "compose.yml"), *args],
+        [require("docker-compose"), "-p", name, "-f", str(project / file), *args],
         cwd=project,
         env=image.env(config),
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def up_and_answering(
+    image: Docker, config: Path, project: Path, name: str, host: str, file: str = "compose.yml"
+) -> None:
+    """`docker-compose up -d`, back once admin's login gets 200 through `host`."""
+    up = compose(image, config, project, name, "up", "-d", file=file)
+    assert up.returncode == 0, up.stderr
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if http_request(host, "GET", "/v2/", basic("admin"))[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    logs = compose(image, config, project, name, "logs", file=file)
+    raise AssertionError(f"the stack did not answer on {host}:\n{logs.stdout}")
 
 
 def test_compose_stack_serves_push_and_pull_and_drains_on_down(image: Docker, tmp_path: Path) -> None:
@@ -264,38 +304,9 @@ def test_compose_stack_serves_push_and_pull_and_drains_on_down(image: Docker, tm
     (project / "config" / "htpasswd").chmod(0o644)
     name = f"gwtest{secrets.token_hex(3)}"
     try:
-        up = compose(image, config, project, name, "up", "-d")
-        assert up.returncode == 0, up.stderr
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if http_request(host, "GET", "/v2/", basic("admin"))[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        else:
-            logs = compose(image, config, project, name, "logs")
-            raise AssertionError(f"the stack did not answer on {host}:\n{logs.stdout}")
+        up_and_answering(image, config, project, name, host)
 
-        # The docker CLI through the published port: admin pushes, alice pulls, alice may not push.
-        cli = functools.partial(image.cli, config)
-
-        assert cli("login", "-u", "admin", "--password-stdin", host, stdin=PASSWORDS["admin"])[0] == 0
-        tag = f"{host}/library/app:1"
-        image.build_image(config, tag, {"a.bin": os.urandom(80_000), "b.bin": os.urandom(90_000)})
-        status, output = cli("push", tag)
-        assert status == 0, output
-        assert cli("logout", host)[0] == 0
-        assert cli("login", "-u", "alice", "--password-stdin", host, stdin=PASSWORDS["alice"])[0] == 0
-        assert cli("rmi", tag)[0] == 0
-        status, output = cli("pull", tag)
-        assert status == 0, output
-        other = f"{host}/library/other:1"
-        assert cli("tag", tag, other)[0] == 0
-        status, output = cli("push", other)
-        assert status != 0 and "denied" in output
-        assert cli("logout", host)[0] == 0
+        push_and_pull_with_the_docker_cli(image, config, host)
 
         # `docker-compose down` while an upload is in flight: the gateway finishes it first.
         status, headers, _ = http_request(host, "POST", "/v2/library/slow/blobs/uploads/", basic("admin"))
