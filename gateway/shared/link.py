@@ -13,9 +13,12 @@ revocations are read again) before the link counts as up.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -80,6 +83,10 @@ class RedisLink:
         self._on_up: list[Callable[[], Awaitable[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self._reached_once = False
+        # Redis's name is looked up here first, one lookup at a time, on a thread of its own
+        # (see _resolvable).
+        self._resolver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="redis-lookup")
+        self._lookup: asyncio.Future[object] | None = None
 
     def on_message(self, listener: Callable[[bytes], None]) -> None:
         """Call `listener` with every message published on CHANNEL (by any gateway, this one too)."""
@@ -135,6 +142,7 @@ class RedisLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.client.aclose()
+        self._resolver.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> None:
         """Reach Redis, subscribe, catch up, then listen and check it answers; start again
@@ -142,6 +150,7 @@ class RedisLink:
         while True:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
+                await self._resolvable()
                 await self.client.ping()
                 await pubsub.subscribe(CHANNEL)
                 for callback in self._on_up:
@@ -157,6 +166,24 @@ class RedisLink:
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
                     await pubsub.aclose()
             await asyncio.sleep(RECONNECT_INTERVAL)
+
+    async def _resolvable(self) -> None:
+        """Wait until Redis's name resolves (raises OSError when it does not). A name lookup cannot
+        be cancelled: redis-py's, cut short by its connect timeout, goes on in the event loop's
+        shared thread pool for as long as the resolver takes (10 s and more when a container's
+        name has no address), and a new attempt every RECONNECT_INTERVAL would fill that pool
+        and starve every other lookup, the registry's among them (504s). So an attempt starts
+        only once this lookup, on a thread of its own and never abandoned, has answered."""
+        host = self.url.host
+        if host is None or _is_address(host):
+            return
+        if self._lookup is None or self._lookup.done():
+            loop = asyncio.get_running_loop()
+            port = self.url.port or 6379
+            self._lookup = loop.run_in_executor(
+                self._resolver, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM
+            )
+        await asyncio.shield(self._lookup)
 
     def _came_up(self) -> None:
         self.up = True
@@ -185,6 +212,14 @@ class RedisLink:
             if time.monotonic() >= next_ping:
                 await self.client.ping()
                 next_ping = time.monotonic() + PING_INTERVAL
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _reason(exc: BaseException) -> str:
