@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -214,6 +215,13 @@ def test_three_gateways_behind_haproxy_share_lockout_and_revocations_and_ride_ou
         assert stopped.returncode == 0, stopped.stderr
         for address in metrics:
             eventually(functools.partial(ready_without_redis, address), 30)
+        # Every request is answered, for longer than the registry's connect timeout: Redis's name
+        # no longer resolving (Docker's DNS takes seconds to say so) once starved the gateways'
+        # own lookups of the registry's name, and they answered 504 after 10 s.
+        watched_until = time.monotonic() + 12
+        while time.monotonic() < watched_until:
+            assert http_request(host, "GET", "/v2/", basic("admin"))[0] == 200
+            time.sleep(0.25)
         cli = functools.partial(docker.cli, config)
         assert cli("login", "-u", "admin", "--password-stdin", host, stdin=PASSWORDS["admin"])[0] == 0
         assert cli("rmi", tag)[0] == 0
