@@ -7,9 +7,6 @@ import ssl
 import urllib.error
 import urllib.request
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from yarl import URL
 
 from gateway.config import Settings
@@ -81,6 +78,10 @@ def redis_problem(settings: Settings) -> tuple[str, bool] | None:
     refused password: True) or maybe passing (unreachable: False); None when it answers."""
     if settings.redis_url is None:
         return None
+    import redis  # only with redis_url (see gateway.shared.link)
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     where = describe(settings.redis_url)
     options: dict[str, object] = {
         "socket_timeout": TIMEOUT,

@@ -153,7 +153,8 @@ def test_one_function_builds_every_listener() -> None:
 
     source = inspect.getsource(runtime.run_server)
     assert "web.AppRunner" not in source and "web.TCPSite" not in source
-    assert "GatewayRunner" not in source and source.count("listener_runner(") == 3
+    # The main listener, metrics_listen (or, in a worker, its metrics socket) and redirect_listen.
+    assert "GatewayRunner" not in source and source.count("listener_runner(") == 4
 
 
 def write_token(path: Path, token: str = TOKEN) -> Path:

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    USERS,
     Registry,
     free_port,
     require,
@@ -185,7 +184,8 @@ def test_healthz_answers_within_a_probe_timeout_while_a_worker_hangs(
         # whole gateway miss it (the other worker serves).
         assert status == 200 and answer["workers"] == "1 of 2 answer"
         assert took < 2.0, took
-        assert ask(gateway, "GET", "/v2/", ("admin", USERS["admin"]))[0] == 200
+        # (No request to the listener here: SO_REUSEPORT keeps handing the stopped worker its
+        # share of new connections, which then wait; a request may land there.)
     finally:
         if hung is not None:
             os.kill(hung, signal.SIGCONT)

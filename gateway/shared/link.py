@@ -22,15 +22,14 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import redis.asyncio as redis
-from redis.asyncio.retry import Retry  # not redis.retry's: the asyncio client warns at every start
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 from yarl import URL
 
 from gateway.files import describe_read_error
+
+if TYPE_CHECKING:
+    import redis.asyncio as redis
 
 log = logging.getLogger("gateway.shared")
 
@@ -63,6 +62,14 @@ def describe(url: URL) -> str:
 
 class RedisLink:
     def __init__(self, url: URL, password_file: Path | None = None, ca_file: Path | None = None) -> None:
+        # Imported here, not with the module: redis-py costs 9 MB and 0.1 s at start-up, which a
+        # gateway without redis_url has no use for.
+        import redis.asyncio as redis
+        from redis.asyncio.retry import Retry  # not redis.retry's: the asyncio client warns at every start
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+
+        self._failures: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         self.url = url
         self.where = describe(url)
         options: dict[str, Any] = {
@@ -102,7 +109,7 @@ class RedisLink:
             return None
         try:
             return await operation()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._failures as exc:
             self.went_down(exc)
             return None
 
@@ -160,10 +167,10 @@ class RedisLink:
                     raise ConnectionError(self.problem or "lost")
                 self._came_up()
                 await self._listen(pubsub)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except self._failures as exc:
                 self.went_down(exc)
             finally:
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                with contextlib.suppress(*self._failures):
                     await pubsub.aclose()
             await asyncio.sleep(RECONNECT_INTERVAL)
 

@@ -10,9 +10,6 @@ import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from yarl import URL
 
 from gateway.shared.link import CHANNEL, OPERATION_TIMEOUT, PREFIX, RedisLink, read_password
@@ -35,6 +32,10 @@ return 1
 def revoke(url: URL, password_file: Path | None, ca_file: Path | None, user: str, moment: float) -> None:
     """Record in Redis that tokens issued to `user` until `moment` are void (for the command
     line; raises redis.RedisError or OSError when Redis cannot be reached)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     options: dict[str, object] = {
         "socket_timeout": OPERATION_TIMEOUT * 4,
         "socket_connect_timeout": OPERATION_TIMEOUT * 4,
