@@ -4,10 +4,12 @@
     python bench/bench.py --quick         # seconds-long smoke version; writes bench/results/quick.json
     python bench/bench.py --replicas 1,2,3  # only HAProxy -> registry and HAProxy -> N gateways
                                             # (one Redis shared); writes bench/results/replicas.json
+    python bench/bench.py --caddy           # only Caddy (reverse_proxy, basicauth) and the gateway,
+                                            # each over HTTP and TLS; writes bench/results/caddy.json
 
 bench/results/ keeps two runs of the whole bench, reference.json and latest.json, and the latest
-replicas run, replicas.json (git has the earlier ones). Each records the commit it measured and
-the machine it ran on; compare figures from one run only.
+replicas and Caddy runs, replicas.json and caddy.json (git has the earlier ones). Each records the
+commit it measured and the machine it ran on; compare figures from one run only.
 
 Everything runs on this machine: Debian's docker-registry, nginx configured as the seed recipe
 (auth_basic + auth_request, the same htpasswd file), and the gateway, measured in interleaved
@@ -21,8 +23,10 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import datetime
 import hashlib
 import http.client
+import ipaddress
 import json
 import os
 import platform
@@ -31,6 +35,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -39,12 +44,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import bcrypt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -69,13 +78,19 @@ def need(binary: str) -> str:
     return path
 
 
-def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+def wait_http(
+    url: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = 30,
+    context: ssl.SSLContext | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"bench: {url} exited:\n{log.read_text()[-3000:]}")
         try:
-            urllib.request.urlopen(url, timeout=1).close()
+            urllib.request.urlopen(url, timeout=1, context=context).close()
             return
         except urllib.error.HTTPError:
             return
@@ -101,6 +116,48 @@ class Service:
                 self.process.wait()
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A certificate (PEM) and its private key, for a server speaking HTTPS."""
+
+    cert: Path
+    key: Path
+
+
+def write_tls_files(directory: Path) -> TlsFiles:
+    """A self-signed ECDSA P-256 certificate for localhost and 127.0.0.1 (Caddy's default key type),
+    valid for a day: one pair for every HTTPS server of a run, so that they do the same work."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    files = TlsFiles(directory / "cert.pem", directory / "key.pem")
+    files.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    # The gateway runs as the bench's user; Caddy too: the key need not be readable by others.
+    files.key.chmod(0o600)
+    return files
+
+
 @dataclass
 class Bench:
     work: Path
@@ -117,12 +174,15 @@ class Bench:
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
         start_timeout: float = 30,
+        ca_file: Path | None = None,
     ) -> Service:
+        """`ca_file`: the certificate an HTTPS `url` is checked against while waiting for it."""
         log = self.work / f"{name}.log"
         environment = {**os.environ, **(env or {})}
         with log.open("ab") as out:
             process = subprocess.Popen(argv, stdout=out, stderr=out, cwd=cwd, env=environment)
-        wait_http(url + "/v2/", process, log, start_timeout)
+        context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+        wait_http(url + "/v2/", process, log, start_timeout, context)
         service = Service(name, url, process, auth)
         self.services.append(service)
         return service
@@ -214,6 +274,7 @@ http {{
         policy: Path | None = None,
         workers: int | None = None,
         env: dict[str, str] | None = None,
+        tls: TlsFiles | None = None,
     ) -> Service:
         port = free_port()
         argv = [
@@ -231,8 +292,55 @@ http {{
         if policy is not None:
             argv += ["--policy", str(policy)]
         argv += ["--workers", str(workers or self.workers)]
-        service = self.start(f"gateway-{tag}", argv, f"http://127.0.0.1:{port}", auth=True, cwd=ROOT, env=env)
+        scheme = "http"
+        if tls is not None:
+            argv += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+            scheme = "https"
+        service = self.start(
+            f"gateway-{tag}",
+            argv,
+            f"{scheme}://127.0.0.1:{port}",
+            auth=True,
+            cwd=ROOT,
+            env=env,
+            ca_file=tls.cert if tls else None,
+        )
         return service
+
+    def caddy(self, upstream: str, tag: str, users: dict[str, str] | None, tls: TlsFiles | None) -> Service:
+        """Debian's Caddy 2 in front of `upstream` as docs/operations.md deploys it (`reverse_proxy`,
+        streaming with `flush_interval -1`, a 15 min read timeout), behind `basicauth` (bcrypt
+        hashes, which the Caddyfile's basicauth caches once checked, as the gateway caches a login)
+        when `users` maps names to hashes. Served as https://localhost:PORT with the `tls` files, or
+        http://localhost:PORT; no ACME (auto_https off), no admin endpoint, no log file (its own log
+        goes to stderr, which the bench keeps in the run's temporary directory). Bound to 127.0.0.1."""
+        port = free_port()
+        home = self.work / f"caddy-{tag}"
+        home.mkdir()
+        scheme = "https" if tls else "http"
+        tls_line = f"\ttls {tls.cert} {tls.key}\n" if tls else ""
+        auth = ""
+        if users:
+            accounts = "".join(f"\t\t{user} {hashed}\n" for user, hashed in users.items())
+            auth = f'\tbasicauth bcrypt "Registry realm" {{\n{accounts}\t}}\n'
+        config = home / "Caddyfile"
+        config.write_text(
+            "{\n\tadmin off\n\tauto_https off\n}\n"
+            f"{scheme}://localhost:{port} {{\n\tbind 127.0.0.1\n{tls_line}{auth}"
+            f"\treverse_proxy {upstream.removeprefix('http://')} {{\n"
+            "\t\tflush_interval -1\n\t\ttransport http {\n\t\t\tread_timeout 15m\n\t\t}\n\t}\n}\n"
+        )
+        # Caddy keeps its data (certificates, the autosaved config) under $XDG_DATA_HOME and
+        # $XDG_CONFIG_HOME, else under $HOME: the run's own directory, never the host's.
+        env = {"HOME": str(home), "XDG_DATA_HOME": str(home), "XDG_CONFIG_HOME": str(home)}
+        return self.start(
+            f"caddy-{tag}",
+            [need("caddy"), "run", "--config", str(config), "--adapter", "caddyfile"],
+            f"{scheme}://127.0.0.1:{port}",
+            auth=bool(users),
+            env=env,
+            ca_file=tls.cert if tls else None,
+        )
 
     def redis(self) -> tuple[Service, dict[str, str]]:
         """redis-server in the foreground, nothing on disk, with a password (in its config file and
@@ -453,9 +561,13 @@ def hey(
     authorization: str | None = None,
     keepalive: bool = True,
     method: str = "HEAD",
+    host: str | None = None,
 ) -> HeyResult:
     """`keepalive` False: a connection per request, each with `Connection: close` (Go's client
-    sends it when keep-alive is off), as skopeo and podman send every request."""
+    sends it when keep-alive is off), as skopeo and podman send every request. `host`: the Host
+    header, which hey also sends as the TLS server name (else the URL's host *with its port*, a
+    name no certificate holds: Caddy answers such a handshake with an alert). hey checks no
+    certificate (InsecureSkipVerify), so a self-signed one needs nothing more."""
     argv = [
         need("hey"),
         "-z",
@@ -471,6 +583,8 @@ def hey(
         argv += ["-H", f"Authorization: {authorization or basic()}"]
     if not keepalive:
         argv.append("-disable-keepalive")
+    if host is not None:
+        argv += ["-host", host]
     out = subprocess.run([*argv, url], capture_output=True, text=True, timeout=seconds + 120).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = re.search(r"50% in ([\d.]+) secs", out)
@@ -1163,6 +1277,257 @@ def replicas_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --- Caddy beside the gateway -------------------------------------------------------------------
+
+# Every target of the Caddy run is asked for this Host, which hey also sends as the TLS server name.
+TLS_HOST = "localhost"
+
+CADDY_LABELS = {
+    "direct": "registry direct",
+    "caddy_plain_http": "Caddy proxy, HTTP",
+    "caddy_plain_tls": "Caddy proxy, TLS",
+    "caddy_basic_http": "Caddy basicauth, HTTP",
+    "caddy_basic_tls": "Caddy basicauth, TLS",
+    "gateway_http": "gateway Basic, HTTP",
+    "gateway_tls": "gateway Basic, TLS",
+}
+
+# gateway/Caddy for the same job: the gateway (Basic, login cached) against Caddy's bare proxy
+# (the floor of a proxy) and against Caddy's basicauth (bcrypt, its hash cache warm), each over
+# HTTP and over TLS.
+CADDY_COMPARISONS = {
+    "plain_http": ("gateway_http", "caddy_plain_http"),
+    "plain_tls": ("gateway_tls", "caddy_plain_tls"),
+    "basicauth_http": ("gateway_http", "caddy_basic_http"),
+    "basicauth_tls": ("gateway_tls", "caddy_basic_tls"),
+}
+
+# What TLS adds to each proxy: its TLS target against its HTTP one.
+TLS_PAIRS = {
+    "gateway": ("gateway_tls", "gateway_http"),
+    "caddy_basicauth": ("caddy_basic_tls", "caddy_basic_http"),
+    "caddy_plain": ("caddy_plain_tls", "caddy_plain_http"),
+}
+
+# (key, connections, keep-alive): the TLS handshake shows only with a connection per request.
+CADDY_CASES = (("c2", 2, True), ("c32", 32, True), ("c2_new_connections", 2, False))
+
+
+def caddy_hashes(cost: int) -> dict[str, str]:
+    """`$2a$` bcrypt hashes of the bench users' password for Caddy's basicauth. Caddy 2.6's
+    `caddy hash-password --algorithm bcrypt` uses cost 14; the issue's cost is 10, which Python's
+    bcrypt makes in Caddy's own `$2a$` flavour (Go's bcrypt reads it as it reads its own)."""
+    return {
+        user: bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(cost, prefix=b"2a")).decode()
+        for user in (USER, READER)
+    }
+
+
+def bench_caddy(
+    b: Bench, registry: Service, rounds: int, seconds: float, cases: tuple[tuple[str, int, bool], ...]
+) -> dict[str, Any]:
+    """HEAD manifest against one registry: direct; Caddy's `reverse_proxy` alone and behind
+    `basicauth` (bcrypt cost 10), each over HTTP and over TLS; the gateway (one worker, Basic
+    credentials, login cached) over HTTP and over TLS (`tls_cert`, `tls_key`); the same
+    self-signed certificate for all. Every target runs at once and is measured in interleaved
+    rounds, with the CPU per request of every process a request passes through (the proxy and the
+    registry; hey apart) and of the proxy alone."""
+    url_path = "/v2/bench/app/manifests/1"
+    htpasswd = b.work / "htpasswd-caddy"
+    write_htpasswd(htpasswd, 10)
+    tls = write_tls_files(b.work)
+    hashes = caddy_hashes(10)
+    started: list[Service] = []
+    targets: list[ReplicaTarget] = [ReplicaTarget("direct", registry, {"registry": [registry]})]
+    proxies: dict[str, tuple[str, Callable[[], Service]]] = {
+        "caddy_plain_http": ("caddy", lambda: b.caddy(registry.url, "plain-http", None, None)),
+        "caddy_plain_tls": ("caddy", lambda: b.caddy(registry.url, "plain-tls", None, tls)),
+        "caddy_basic_http": ("caddy", lambda: b.caddy(registry.url, "basic-http", hashes, None)),
+        "caddy_basic_tls": ("caddy", lambda: b.caddy(registry.url, "basic-tls", hashes, tls)),
+        "gateway_http": ("gateway", lambda: b.gateway(registry.url, htpasswd, "http", workers=1)),
+        "gateway_tls": ("gateway", lambda: b.gateway(registry.url, htpasswd, "tls", workers=1, tls=tls)),
+    }
+    for label, (part, make) in proxies.items():
+        proxy = make()
+        started.append(proxy)
+        targets.append(ReplicaTarget(label, proxy, {part: [proxy], "registry": [registry]}))
+    context = ssl.create_default_context(cafile=str(tls.cert))
+    for target in targets:
+        # What is measured is what it says: the proxies with authentication refuse a request
+        # without credentials, the others answer it.
+        status = anonymous_status(target.front.url + url_path, context)
+        if status != (401 if target.front.auth else 200):
+            raise SystemExit(f"bench: {target.label} answered {status} to a request without credentials")
+        # Warm-up: the first login is a bcrypt check on both (then cached), connections to the registry.
+        hey(target.front.url + url_path, target.front.auth, 2, 0.3, host=TLS_HOST)
+    results: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "caddy_version": caddy_version(),
+        "bcrypt_cost": 10,
+        "certificate": "self-signed ECDSA P-256, the same for Caddy and the gateway",
+    }
+    wall_before, busy_before = time.monotonic(), machine_busy_seconds()
+    own_before = own_cpu_seconds(b.services)
+    for key, conns, keepalive in cases:
+        runs: dict[str, list[HeyResult]] = {t.label: [] for t in targets}
+        cpu: dict[str, dict[str, list[float]]] = {t.label: {} for t in targets}
+        for _ in range(rounds):
+            for target in targets:
+                before = parts_cpu(target.parts)
+                client_before = client_cpu_seconds()
+                result = hey(
+                    target.front.url + url_path,
+                    target.front.auth,
+                    conns,
+                    seconds,
+                    keepalive=keepalive,
+                    host=TLS_HOST,
+                )
+                client = client_cpu_seconds() - client_before
+                after = parts_cpu(target.parts)
+                requests = max(1.0, result.rps * seconds)
+                per_request = {part: (after[part] - before[part]) / requests * 1e6 for part in before}
+                per_request["all"] = sum(per_request.values())
+                per_request["client"] = client / requests * 1e6
+                runs[target.label].append(result)
+                for part, value in per_request.items():
+                    cpu[target.label].setdefault(part, []).append(value)
+        summary: dict[str, Any] = {}
+        for target in targets:
+            summary[target.label] = {
+                **median_of(runs[target.label]),
+                "cpu_us_per_request": {
+                    part: statistics.median(values) for part, values in cpu[target.label].items()
+                },
+            }
+            summary[target.label]["rps_vs_direct"] = summary[target.label]["rps"] / summary["direct"]["rps"]
+        results[key] = {
+            "connections": conns,
+            "keepalive": keepalive,
+            "targets": summary,
+            "gateway_vs_caddy": caddy_comparisons(summary),
+            "tls_cost": tls_costs(summary),
+        }
+    wall = time.monotonic() - wall_before
+    others = (machine_busy_seconds() - busy_before) - (own_cpu_seconds(b.services) - own_before)
+    results["other_work_cores"] = max(0.0, others / wall)
+    for service in reversed(started):
+        service.stop()
+        b.services.remove(service)
+    return results
+
+
+def anonymous_status(url: str, context: ssl.SSLContext) -> int:
+    request = urllib.request.Request(url, method="HEAD", headers={"Accept": MANIFEST_TYPE, "Host": TLS_HOST})
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def proxy_cpu(target: dict[str, Any]) -> float:
+    """The proxy's own CPU per request: Caddy's or the gateway's share."""
+    cpu = target["cpu_us_per_request"]
+    return float(cpu.get("gateway", cpu.get("caddy", 0.0)))
+
+
+def caddy_comparisons(summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    compared: dict[str, dict[str, float | None]] = {}
+    for name, (gateway_label, caddy_label) in CADDY_COMPARISONS.items():
+        gateway, caddy = summary[gateway_label], summary[caddy_label]
+        compared[name] = {
+            "rps": gateway["rps"] / caddy["rps"],
+            "added_p50_ms": gateway["p50_ms"] - caddy["p50_ms"],
+            "cpu_all": ratio(gateway["cpu_us_per_request"]["all"], caddy["cpu_us_per_request"]["all"]),
+            "cpu_proxy": ratio(proxy_cpu(gateway), proxy_cpu(caddy)),
+        }
+    return compared
+
+
+def tls_costs(summary: dict[str, Any]) -> dict[str, Any]:
+    """What TLS termination adds per request to each proxy (its TLS target minus its HTTP one),
+    and the gateway's addition against Caddy's."""
+    costs: dict[str, Any] = {}
+    for name, (tls_label, http_label) in TLS_PAIRS.items():
+        over_tls, over_http = summary[tls_label], summary[http_label]
+        costs[name] = {
+            "added_proxy_cpu_us": proxy_cpu(over_tls) - proxy_cpu(over_http),
+            "added_all_cpu_us": over_tls["cpu_us_per_request"]["all"]
+            - over_http["cpu_us_per_request"]["all"],
+            "added_client_cpu_us": (
+                over_tls["cpu_us_per_request"]["client"] - over_http["cpu_us_per_request"]["client"]
+            ),
+            "rps_tls_vs_http": over_tls["rps"] / over_http["rps"],
+        }
+    for caddy in ("caddy_basicauth", "caddy_plain"):
+        costs[f"gateway_vs_{caddy}_added_proxy_cpu"] = ratio(
+            costs["gateway"]["added_proxy_cpu_us"], costs[caddy]["added_proxy_cpu_us"]
+        )
+    return costs
+
+
+def caddy_version() -> str:
+    """`caddy version`'s answer: Debian's build says "2.6.2", upstream's "v2.6.2 h1:..."."""
+    run = subprocess.run([need("caddy"), "version"], capture_output=True, text=True, timeout=30)
+    return run.stdout.strip() or "unknown"
+
+
+def caddy_table(results: dict[str, Any]) -> str:
+    lines = [""]
+    for case in (v for v in results.values() if isinstance(v, dict) and "targets" in v):
+        how = "kept alive" if case["keepalive"] else "a connection per request"
+        lines.append(
+            f"== Caddy beside the gateway: HEAD manifest, {case['connections']} connections, {how} "
+            "(median of rounds); "
+            "CPU us per request =="
+        )
+        lines.append(
+            f"{'target':<24}{'req/s':>8}{'p50 ms':>8}{'cpu all':>9}{'proxy':>8}{'registry':>9}"
+            f"{'hey':>7}{'rps/direct':>11}"
+        )
+        for label, s in case["targets"].items():
+            c = s["cpu_us_per_request"]
+            proxy = f"{proxy_cpu(s):>8.0f}" if label != "direct" else f"{'-':>8}"
+            lines.append(
+                f"{CADDY_LABELS[label]:<24}{s['rps']:>8.0f}{s['p50_ms']:>8.1f}{c['all']:>9.0f}{proxy}"
+                f"{c['registry']:>9.0f}{c['client']:>7.0f}{s['rps_vs_direct']:>11.2f}"
+            )
+        errors = {label: s["errors"] for label, s in case["targets"].items() if s["errors"]}
+        if errors:
+            lines.append(f"errors (non-200 answers): {errors}")
+        lines.append("gateway/Caddy, same job:      req/s   cpu all   cpu proxy   added p50 ms")
+        for name, r in case["gateway_vs_caddy"].items():
+            lines.append(
+                f"  {name:<26}{r['rps']:>8.2f}{shown(r['cpu_all']):>10}{shown(r['cpu_proxy']):>12}"
+                f"{r['added_p50_ms']:>15.1f}"
+            )
+        t = case["tls_cost"]
+        lines.append(
+            "TLS termination, proxy CPU us per request added by TLS (rate TLS/HTTP): "
+            + ", ".join(
+                f"{name} {t[name]['added_proxy_cpu_us']:+.0f} ({t[name]['rps_tls_vs_http']:.2f})"
+                for name in TLS_PAIRS
+            )
+        )
+        lines.append(
+            "  gateway's TLS cost / Caddy's: vs basicauth "
+            f"{shown(t['gateway_vs_caddy_basicauth_added_proxy_cpu'])}, "
+            f"vs plain proxy {shown(t['gateway_vs_caddy_plain_added_proxy_cpu'])}"
+        )
+        lines.append("")
+    lines.append(
+        f"Caddy {results['caddy_version'].split()[0].removeprefix('v')}; bcrypt cost "
+        f"{results['bcrypt_cost']}, logins cached by both; {results['certificate']}; "
+        "cpu all: proxy + registry (hey apart); proxy: Caddy's or the gateway's share"
+    )
+    lines.append(
+        f"other work on the machine during the rounds: {results['other_work_cores']:.2f} of "
+        f"{results['cpus']} cores (all busy CPU minus the bench's own)"
+    )
+    return "\n".join(lines)
+
+
 def table(results: dict[str, Any]) -> str:
     lines = ["", "== authenticated HEAD manifest (median of rounds): req/s / p50 ms / CPU us per request =="]
     names = (
@@ -1299,8 +1664,20 @@ def replica_counts(text: str) -> list[int]:
     return counts
 
 
-def main_replicas(counts: list[int], out: Path, quick: bool, rounds: int, seconds: float) -> int:
-    for binary in ("docker-registry", "hey", "skopeo", "haproxy", "redis-server"):
+def main_mode(
+    mode: str,
+    binaries: tuple[str, ...],
+    out: Path,
+    quick: bool,
+    rounds: int,
+    seconds: float,
+    measure: Callable[[Bench, Service], dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+) -> int:
+    """A run of one part only (`--replicas`, `--caddy`): the registry seeded with a manifest,
+    `measure`'s figures under `mode` in the results, and the load average it started and ended
+    with, since other work on the machine distorts every figure."""
+    for binary in ("docker-registry", "hey", "skopeo", *binaries):
         need(binary)
     work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     work.chmod(0o755)
@@ -1314,22 +1691,21 @@ def main_replicas(counts: list[int], out: Path, quick: bool, rounds: int, second
             "machine": machine(),
             "run": {
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "mode": "replicas",
+                "mode": mode,
                 "quick": quick,
                 "rounds": rounds,
                 "seconds_per_run": seconds,
                 "gateway_workers": 1,
-                # Other work on the machine distorts every figure: the load it started and ended with.
                 "load_average_at_start": os.getloadavg(),
             },
         }
-        results["replicas"] = bench_replicas(bench, registry, counts, rounds, seconds, [2, 32])
+        results[mode] = measure(bench, registry)
         results["run"]["load_average_at_end"] = os.getloadavg()
         results["elapsed_seconds"] = time.monotonic() - started
     finally:
         bench.stop_all()
         shutil.rmtree(work, ignore_errors=True)
-    results["table"] = replicas_table(results["replicas"])
+    results["table"] = render(results[mode])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(results["table"])
@@ -1338,6 +1714,32 @@ def main_replicas(counts: list[int], out: Path, quick: bool, rounds: int, second
     print(f"\nload average (1, 5, 15 min) at start {start_load}, at end {end_load}")
     print(f"results written to {out} ({results['elapsed_seconds']:.0f} s)")
     return 0
+
+
+def main_replicas(counts: list[int], out: Path, quick: bool, rounds: int, seconds: float) -> int:
+    return main_mode(
+        "replicas",
+        ("haproxy", "redis-server"),
+        out,
+        quick,
+        rounds,
+        seconds,
+        lambda bench, registry: bench_replicas(bench, registry, counts, rounds, seconds, [2, 32]),
+        replicas_table,
+    )
+
+
+def main_caddy(out: Path, quick: bool, rounds: int, seconds: float) -> int:
+    return main_mode(
+        "caddy",
+        ("caddy",),
+        out,
+        quick,
+        rounds,
+        seconds,
+        lambda bench, registry: bench_caddy(bench, registry, rounds, seconds, CADDY_CASES),
+        caddy_table,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1364,15 +1766,25 @@ def main(argv: list[str] | None = None) -> int:
         help="only the replicas run: HAProxy -> registry and HAProxy -> N gateways for each N "
         "(default out: bench/results/replicas.json)",
     )
+    parser.add_argument(
+        "--caddy",
+        action="store_true",
+        help="only Caddy beside the gateway: Caddy's reverse_proxy and basicauth and the gateway, "
+        "each over HTTP and TLS (default out: bench/results/caddy.json)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.replicas and args.caddy:
+        parser.error("--replicas and --caddy are runs of their own: give one")
     if args.out is None:
-        kept = "replicas.json" if args.replicas else "latest.json"
+        kept = "replicas.json" if args.replicas else "caddy.json" if args.caddy else "latest.json"
         args.out = ROOT / "bench" / "results" / ("quick.json" if quick else kept)
     rounds = args.rounds or (1 if quick else 3)
     seconds = args.seconds or (0.5 if quick else 3.0)
     if args.replicas:
         return main_replicas(args.replicas, args.out, quick, rounds, seconds)
+    if args.caddy:
+        return main_caddy(args.out, quick, rounds, seconds)
     blob_mib = args.blob_mib or (8 if quick else 512)
     big_mib = args.big_mib or (32 if quick else 2048)
     user_counts = [1, 1000] if quick else [1, 10_000, 100_000]

@@ -126,3 +126,82 @@ def test_quick_replicas_run_reports_every_target_with_its_ratios(tmp_path: Path)
     assert "measure the hop and the sharing, not scaling" in run.stdout
     assert replicas["other_work_cores"] >= 0 and "other work on the machine" in run.stdout
     assert results["table"] in run.stdout
+
+
+def test_quick_caddy_run_reports_every_target_with_its_ratios(tmp_path: Path) -> None:
+    """`--caddy`: Caddy's reverse_proxy and basicauth and the gateway, each over HTTP and TLS, against
+    one registry, each with its rate, p50, CPU per request (all processes, the proxy's share), the
+    gateway/Caddy ratios for the same job and what TLS adds to each. No speed is asserted."""
+    out = tmp_path / "caddy.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench.py"),
+            "--quick",
+            "--caddy",
+            "--seconds",
+            "0.3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert re.fullmatch(r"[0-9a-f]{40}", results["commit"]["hash"])
+    assert results["run"]["mode"] == "caddy" and len(results["run"]["load_average_at_start"]) == 3
+    caddy = results["caddy"]
+    assert caddy["bcrypt_cost"] == 10 and re.match(r"v?2\.\d+", caddy["caddy_version"])
+    proxies = {
+        "caddy_plain_http": "caddy",
+        "caddy_plain_tls": "caddy",
+        "caddy_basic_http": "caddy",
+        "caddy_basic_tls": "caddy",
+        "gateway_http": "gateway",
+        "gateway_tls": "gateway",
+    }
+    for case in ("c2", "c32", "c2_new_connections"):
+        summary = caddy[case]
+        assert summary["keepalive"] is (case != "c2_new_connections")
+        targets = summary["targets"]
+        assert set(targets) == {"direct", *proxies}
+        for name, target in targets.items():
+            # Every answer a 200: the TLS handshakes succeeded and the credentials were taken.
+            assert target["rps"] > 0 and target["errors"] == 0, (case, name)
+            assert target["rps_vs_direct"] == pytest.approx(target["rps"] / targets["direct"]["rps"])
+            cpu = target["cpu_us_per_request"]
+            parts = {part: value for part, value in cpu.items() if part not in ("all", "client")}
+            # Every process a request passes through, and only those; a sub-tick run may measure 0.
+            assert set(parts) == ({"registry", proxies[name]} if name in proxies else {"registry"}), name
+            assert cpu["all"] == pytest.approx(sum(parts.values())) and min(parts.values()) >= 0
+        for job in ("plain_http", "plain_tls", "basicauth_http", "basicauth_tls"):
+            ratios = summary["gateway_vs_caddy"][job]
+            gateway, caddy_label = (
+                ("gateway_tls" if job.endswith("tls") else "gateway_http"),
+                ("caddy_plain_" if job.startswith("plain") else "caddy_basic_") + job.rpartition("_")[2],
+            )
+            assert ratios["rps"] == pytest.approx(targets[gateway]["rps"] / targets[caddy_label]["rps"])
+            assert "cpu_all" in ratios and "cpu_proxy" in ratios
+        tls_cost = summary["tls_cost"]
+        for name in ("gateway", "caddy_basicauth", "caddy_plain"):
+            assert {"added_proxy_cpu_us", "added_all_cpu_us", "rps_tls_vs_http"} <= set(tls_cost[name])
+        assert "gateway_vs_caddy_basicauth_added_proxy_cpu" in tls_cost
+    lines = run.stdout.splitlines()
+    for label in (
+        "registry direct",
+        "Caddy proxy, HTTP",
+        "Caddy proxy, TLS",
+        "Caddy basicauth, HTTP",
+        "Caddy basicauth, TLS",
+        "gateway Basic, HTTP",
+        "gateway Basic, TLS",
+    ):
+        assert sum(row.startswith(label + " ") for row in lines) == 3, label
+    for job in ("plain_http", "plain_tls", "basicauth_http", "basicauth_tls"):
+        assert sum(row.strip().startswith(job + " ") for row in lines) == 3, job
+    assert run.stdout.count("gateway/Caddy, same job") == 3
+    assert run.stdout.count("TLS termination, proxy CPU us per request added by TLS") == 3
+    assert "other work on the machine" in run.stdout and results["table"] in run.stdout
