@@ -86,6 +86,13 @@ class Settings:
     redis_url: URL | None = None
     redis_password_file: Path | None = None
     redis_ca_file: Path | None = None
+    # Automatic HTTPS (gateway.acme): with acme_directory, tls_cert/tls_key are acme_storage's pair.
+    acme_directory: URL | None = None
+    acme_names: tuple[str, ...] = ()
+    acme_email: str | None = None
+    acme_storage: Path = Path("/var/lib/registry-gateway/acme")
+    acme_challenges: tuple[str, ...] = ("http-01", "tls-alpn-01")
+    acme_ca_file: Path | None = None
     # Where each key's value came from: default, file, env or flag (what check-config prints).
     origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -155,6 +162,50 @@ def _redis_url(value: Any) -> URL | None:
     if url.query_string or url.fragment:
         raise ValueError("must be scheme://[user@]host[:port][/db] with no query or fragment")
     return url
+
+
+def _acme_directory(value: Any) -> URL | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(
+            "expected the CA's directory URL, such as https://acme-v02.api.letsencrypt.org/directory"
+        )
+    url = URL(value)
+    if url.scheme != "https" or not url.host:
+        raise ValueError("expected an https:// URL (the CA's directory)")
+    return url
+
+
+def _dns_names(value: Any) -> tuple[str, ...]:
+    names = []
+    for item in _listify(value):
+        name = str(item).strip().lower().rstrip(".")
+        labels = name.split(".")
+        if (
+            not name
+            or len(name) > 253
+            or not all(
+                label
+                and len(label) <= 63
+                and label.replace("-", "").isalnum()
+                and label.isascii()
+                and not label.startswith("-")
+                and not label.endswith("-")
+                for label in labels
+            )
+        ):
+            raise ValueError(f"{item!r} is not a DNS name the gateway can answer for")
+        names.append(name)
+    return tuple(dict.fromkeys(names))
+
+
+def _acme_challenges(value: Any) -> tuple[str, ...]:
+    kinds = tuple(str(item).strip().lower() for item in _listify(value))
+    unknown = [kind for kind in kinds if kind not in ACME_CHALLENGES]
+    if unknown or not kinds:
+        raise ValueError(f"expected some of {', '.join(ACME_CHALLENGES)}")
+    return tuple(dict.fromkeys(kinds))
 
 
 def _path(value: Any) -> Path:
@@ -350,6 +401,8 @@ LIMITS = "Limits on clients"
 LOGS = "Logs and metrics"
 PROCESSES = "Processes"
 SHARED = "Replicas and shared state"
+ACME = "Automatic HTTPS (ACME)"
+ACME_CHALLENGES = ("http-01", "tls-alpn-01")
 
 _WATCHED = "within `reload_interval` of a change, and on SIGHUP"
 
@@ -816,6 +869,64 @@ SETTINGS: tuple[Setting, ...] = (
         example="/etc/registry-gateway/redis-ca.pem",
     ),
     Setting(
+        "acme_directory",
+        "URL, or none",
+        None,
+        _acme_directory,
+        "An ACME CA's directory (Let's Encrypt: `https://acme-v02.api.letsencrypt.org/directory`): "
+        "the gateway obtains a certificate for `acme_names` at start and renews it when a third "
+        "of its lifetime is left, and serves HTTPS with it on `listen` (then leave `tls_cert` and "
+        "`tls_key` unset). See docs/acme.md.",
+        ACME,
+        example="https://acme-v02.api.letsencrypt.org/directory",
+    ),
+    Setting(
+        "acme_names",
+        "list of DNS names",
+        [],
+        _dns_names,
+        "The names the certificate is for; each must reach this gateway (the CA connects to it).",
+        ACME,
+        example="[registry.example.com]",
+    ),
+    Setting(
+        "acme_email",
+        "text, or none",
+        None,
+        _optional_text,
+        "A contact for the ACME account (the CA's expiry notices).",
+        ACME,
+        example="ops@example.com",
+    ),
+    Setting(
+        "acme_storage",
+        "directory path",
+        "/var/lib/registry-gateway/acme",
+        _path,
+        "Where the account key, the certificate and its key (0600) are kept, written atomically; "
+        "gateways sharing it order one at a time (a lock) and share the certificate.",
+        ACME,
+    ),
+    Setting(
+        "acme_challenges",
+        "list: http-01, tls-alpn-01",
+        ["http-01", "tls-alpn-01"],
+        _acme_challenges,
+        "The challenges to answer, in order of preference: HTTP-01 on `redirect_listen` (port 80 "
+        "as the CA sees it), TLS-ALPN-01 on `listen` (443), so that a gateway with only 443 open "
+        "can still get a certificate. HTTP-01 is used only with `redirect_listen`.",
+        ACME,
+    ),
+    Setting(
+        "acme_ca_file",
+        "file path, or none",
+        None,
+        _optional_path,
+        "PEM CA bundle to trust for the ACME server's own HTTPS (a private CA); none: the system's.",
+        ACME,
+        example="/etc/registry-gateway/acme-ca.pem",
+    ),
+    Setting(
         "fast_path",
         "true or false",
         True,
@@ -864,6 +975,45 @@ def _same_socket(first: tuple[Any, Any], second: tuple[Any, Any]) -> bool:
     return len(families) == 1 and bool(hosts & {"0.0.0.0", "::"})
 
 
+def _ca_bundle_problems(key: str, path: Path, where: Callable[[str], str]) -> list[str]:
+    """Why a CA bundle setting's file cannot be trusted from, if it cannot."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        return [f"{where(key)}: no PEM certificate in {path}: {getattr(exc, 'strerror', None) or exc}"]
+    return []
+
+
+def _acme_problems(values: Mapping[str, Any], check_files: bool, where: Callable[[str], str]) -> list[str]:
+    """With acme_directory: what the managed certificate needs (`load` then makes the TLS pair
+    acme_storage's, so that everything that serves or checks TLS reads it as given)."""
+    problems: list[str] = []
+    if values.get("tls_cert") is not None or values.get("tls_key") is not None:
+        problems.append(
+            f"{where('tls_cert')}: not with acme_directory (the gateway keeps its pair in acme_storage)"
+        )
+    if not values.get("acme_names"):
+        problems.append(
+            f"{where('acme_names')}: needed with acme_directory (the names to get a certificate for)"
+        )
+    challenges = values.get("acme_challenges", ())
+    if values.get("redirect_listen") is None and tuple(challenges) == ("http-01",):
+        problems.append(
+            f"{where('acme_challenges')}: http-01 is answered on redirect_listen, which is not set "
+            "(set it, or allow tls-alpn-01)"
+        )
+    storage = values.get("acme_storage")
+    if check_files and isinstance(storage, Path):
+        existing = storage
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            problems.append(f"{where('acme_storage')}: {existing} is not a directory this user can write to")
+    if check_files and values.get("acme_ca_file") is not None:
+        problems += _ca_bundle_problems("acme_ca_file", values["acme_ca_file"], where)
+    return problems
+
+
 def combination_problems(
     values: Mapping[str, Any], check_files: bool, where: Callable[[str], str]
 ) -> list[str]:
@@ -875,15 +1025,18 @@ def combination_problems(
     for other in ("metrics_listen", "redirect_listen"):
         if values.get(other) is not None and _same_socket(listen, values[other]):
             problems.append(f"{where(other)}: the same address as listen; give it one of its own")
+    acme = values.get("acme_directory") is not None
+    if acme:
+        problems += _acme_problems(values, check_files, where)
     if ("tls_cert" in values) and ("tls_key" in values):
         cert, key = values["tls_cert"], values["tls_key"]
         if (cert is None) != (key is None):
             problems.append("tls_cert, tls_key: give both or neither")
-        elif cert is not None and check_files:
+        elif cert is not None and check_files and not acme:
             problem = tls.check_pair(cert, key)
             if problem:
                 problems.append(f"{where('tls_cert')}: cannot load with tls_key: {problem}")
-        if cert is None and (values.get("hsts_max_age") or values.get("redirect_listen")):
+        if cert is None and not acme and (values.get("hsts_max_age") or values.get("redirect_listen")):
             problems.append("hsts_max_age, redirect_listen: need tls_cert and tls_key")
         if values.get("redirect_to_port") and not values.get("redirect_listen"):
             problems.append("redirect_to_port: only used with redirect_listen")
@@ -929,13 +1082,7 @@ def combination_problems(
         if redis_url is None or redis_url.scheme != "rediss":
             problems.append(f"{where('redis_ca_file')}: only used with a rediss:// redis_url")
         elif check_files:
-            try:
-                ssl.create_default_context(cafile=str(values["redis_ca_file"]))
-            except (OSError, ssl.SSLError) as exc:
-                problems.append(
-                    f"{where('redis_ca_file')}: no PEM certificate in {values['redis_ca_file']}: "
-                    f"{getattr(exc, 'strerror', None) or exc}"
-                )
+            problems += _ca_bundle_problems("redis_ca_file", values["redis_ca_file"], where)
     if values.get("metrics_token_file") is not None:
         if values.get("metrics_listen") is None:
             problems.append(f"{where('metrics_token_file')}: only used with metrics_listen")
@@ -1013,6 +1160,9 @@ def load(
     if problems:
         raise ConfigError(problems)
 
+    if values.get("acme_directory") is not None:
+        values["tls_cert"] = values["acme_storage"] / "cert.pem"
+        values["tls_key"] = values["acme_storage"] / "key.pem"
     host, port = values.pop("listen")
     origins = {key: origin for key, (_, origin) in merged.items()}
     return Settings(listen_host=host, listen_port=port, origins=MappingProxyType(origins), **values)

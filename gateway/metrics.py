@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -30,6 +31,9 @@ from gateway.login import Locked, locked_response
 from gateway.shared.link import RedisLink
 from gateway.shared.lockout import SharedLockout
 from gateway.state import AccessStore
+
+if TYPE_CHECKING:
+    from gateway.acme.manager import CertificateManager
 
 log = logging.getLogger("gateway.metrics")
 
@@ -68,6 +72,14 @@ class _StateCollector(Collector):
                 "registry_gateway_directory_up",
                 "1 when the last exchange with the LDAP directory succeeded, 0 when it failed",
                 value=0 if problem else 1,
+            )
+        certificates = self.metrics.certificates
+        if certificates is not None:
+            days = certificates.days_left()
+            yield GaugeMetricFamily(
+                "registry_gateway_certificate_days_left",
+                "Days until the ACME certificate served expires (negative: expired; absent: none yet)",
+                value=days if days is not None else float("nan"),
             )
         shared = self.metrics.shared_state
         if shared is not None:
@@ -156,6 +168,7 @@ class Metrics:
         # Audit records that could not be written so far, when there is an audit log.
         self.audit_records_lost: Callable[[], int] | None = None
         self.shared_state: RedisLink | None = None  # Redis, with redis_url
+        self.certificates: CertificateManager | None = None  # with acme_directory
         self.registry.register(_StateCollector(cache, store, self))
         # Every request is counted and (when forwarded) timed: plain counts, read at scrape time.
         # prometheus_client's Counter and Histogram take a lock per update and its Histogram a
@@ -305,6 +318,12 @@ def metrics_app(
         except (TimeoutError, aiohttp.ClientError) as exc:
             ok, detail = False, f"registry unreachable: {type(exc).__name__}"
         answer = {"status": "ok" if ok else "unavailable", "detail": detail}
+        if metrics.certificates is not None:
+            # Not ready while there is no valid certificate: HTTPS serves nothing then.
+            answer["certificate"] = metrics.certificates.status()
+            if not metrics.certificates.ready():
+                ok = False
+                answer["status"] = "unavailable"
         if metrics.shared_state is not None:
             # Reported, not failed on: every replica would turn unready at once when Redis goes,
             # an outage of the whole registry for the loss of a guard that still counts locally.

@@ -10,8 +10,9 @@ from gateway.errors import error_response
 from gateway.forwarding import valid_host
 
 
-def redirect_app(https_port: int) -> web.Application:
-    """Plain HTTP that sends every request to the same path over HTTPS."""
+def redirect_app(https_port: int, before: list[web.RouteDef] | None = None) -> web.Application:
+    """Plain HTTP that sends every request to the same path over HTTPS; the routes `before` (the
+    ACME HTTP-01 answers) are answered first."""
 
     async def redirect(request: web.Request) -> web.StreamResponse:
         # Only a path reaches here (gateway.http.server refuses other request targets).
@@ -22,5 +23,6 @@ def redirect_app(https_port: int) -> web.Application:
         raise web.HTTPMovedPermanently(f"https://{host}{port}{request.raw_path}")
 
     app = web.Application()
+    app.router.add_routes(before or [])
     app.router.add_route("*", "/{tail:.*}", redirect)
     return app

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -46,6 +46,9 @@ from gateway.state import AccessStore
 from gateway.tls import TlsContext
 from gateway.tokens.keys import KeyError_
 from gateway.tokens.revocations import RevocationsError
+
+if TYPE_CHECKING:
+    from gateway.acme.manager import CertificateManager
 
 log = logging.getLogger("gateway")
 
@@ -127,11 +130,37 @@ async def run_server(
     except RevocationsError as exc:
         raise StartupError(f"{where('token_revocations')}: {exc}") from None
     tls = None
+    certificates: CertificateManager | None = None  # with acme_directory
+    acme_routes: list[web.RouteDef] = []
     try:
-        if settings.tls_cert and settings.tls_key:
+        if settings.acme_directory is not None and settings.tls_cert and settings.tls_key:
+            # Imported only here: the ACME client (certbot's library, requests) weighs megabytes.
+            from gateway.acme.challenges import AlpnChallenges, http01_answer
+            from gateway.acme.manager import CertificateManager
+            from gateway.acme.ordering import Order
+            from gateway.acme.storage import Storage
+
+            storage = Storage(settings.acme_storage)
+            storage.prepare()
+            tls = TlsContext(
+                settings.tls_cert, settings.tls_key, managed=True, challenges=AlpnChallenges(storage)
+            )
+            order = Order(
+                str(settings.acme_directory),
+                settings.acme_names,
+                settings.acme_email,
+                # HTTP-01 is answered on the redirect listener only.
+                [kind for kind in settings.acme_challenges if kind != "http-01" or settings.redirect_listen],
+                settings.acme_ca_file,
+            )
+            certificates = CertificateManager(order, storage, on_new=tls.reload_if_changed)
+            app[METRICS_KEY].certificates = certificates
+            acme_routes.append(http01_answer(storage))
+        elif settings.tls_cert and settings.tls_key:
             tls = TlsContext(settings.tls_cert, settings.tls_key)
     except (OSError, ssl.SSLError) as exc:
-        raise StartupError(f"{where('tls_cert')}: cannot load with tls_key: {exc}") from None
+        key = "acme_storage" if settings.acme_directory is not None else "tls_cert"
+        raise StartupError(f"{where(key)}: cannot load: {exc}") from None
     # Every listener is built by listener_runner: the same limits, error handling and headers.
     runner = listener_runner(app, settings)
     await runner.setup()
@@ -177,7 +206,7 @@ async def run_server(
             await open_extra("metrics_listen", listener_runner(metrics, settings), settings.metrics_listen)
         if settings.redirect_listen is not None:
             https_port = settings.redirect_to_port or settings.listen_port
-            redirect = listener_runner(redirect_app(https_port), settings)
+            redirect = listener_runner(redirect_app(https_port, acme_routes), settings)
             await open_extra("redirect_listen", redirect, settings.redirect_listen)
         # The main listener last: once it answers (what start-up checks and healthchecks wait
         # for), the metrics and redirect listeners answer too.
@@ -243,11 +272,15 @@ async def run_server(
             tls.reload_if_changed()
 
     watcher = asyncio.create_task(watch_tls())
+    if certificates is not None:
+        certificates.start()  # once the listeners answer the CA's challenges
     try:
         await stop.wait()
     finally:
         log.info("shutting down: finishing transfers in flight (up to %s s)", settings.shutdown_grace)
         watcher.cancel()
+        if certificates is not None:
+            await certificates.stop()
         for extra in listeners[1:]:
             await extra.cleanup()
         started = time.monotonic()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import ssl
 from pathlib import Path
+from typing import Protocol
 
 from gateway.files import describe_read_error, signature
 
@@ -26,20 +27,39 @@ TLS12_CIPHERS = (
 )
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """A server context serving this pair; ssl.SSLError or OSError when it cannot be loaded."""
+def bare_server_context() -> ssl.SSLContext:
+    """The gateway's TLS settings, without a certificate yet."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    return context
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context serving this pair; ssl.SSLError or OSError when it cannot be loaded."""
+    context = bare_server_context()
     context.load_cert_chain(cert, key)
     return context
 
 
+class ChallengeContexts(Protocol):
+    """Contexts answering a CA's TLS-ALPN-01 challenge for a name (gateway.acme.challenges)."""
+
+    def context_for(self, server_name: str | None) -> ssl.SSLContext | None: ...
+
+
 class TlsContext:
-    def __init__(self, cert: Path, key: Path) -> None:
+    def __init__(
+        self, cert: Path, key: Path, *, managed: bool = False, challenges: ChallengeContexts | None = None
+    ) -> None:
+        """`managed`: the pair comes later (an ACME order); until it does, handshakes fail."""
         self.cert, self.key = cert, key
-        self.context = server_context(cert, key)  # the listener's; at start-up a bad pair is fatal
+        self.challenges = challenges
+        if managed and not (cert.exists() and key.exists()):
+            self.context = bare_server_context()
+        else:
+            self.context = server_context(cert, key)  # the listener's; at start-up a bad pair is fatal
         self.serving = self.context  # the newest pair that loaded
         self.context.sni_callback = self._newest
         self._signatures = (signature(cert), signature(key))
@@ -47,6 +67,11 @@ class TlsContext:
     def _newest(
         self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, context: ssl.SSLContext
     ) -> None:
+        if self.challenges is not None:
+            answering = self.challenges.context_for(server_name)
+            if answering is not None:
+                connection.context = answering
+                return
         if self.serving is not context:
             connection.context = self.serving
 

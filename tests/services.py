@@ -169,3 +169,161 @@ backend gateways
         except OSError:
             time.sleep(0.05)
     return HAProxy(port, process, stats, log)
+
+
+@dataclass
+class Pebble:
+    """Let's Encrypt's test CA on loopback, with pebble-challtestsrv as its DNS (every name is
+    127.0.0.1), validating on the ports the gateway answers challenges on."""
+
+    directory: str
+    management: str
+    ca_file: Path  # the certificate of Pebble's own HTTPS: what acme_ca_file trusts
+    process: subprocess.Popen[bytes]
+    dns: subprocess.Popen[bytes]
+    log: Path
+    config: Path
+
+    def root(self) -> bytes:
+        """The root that signs the certificates Pebble issues (what clients then trust)."""
+        import ssl
+        import urllib.request
+
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        with urllib.request.urlopen(
+            f"https://{self.management}/roots/0", context=context, timeout=10
+        ) as answer:
+            return bytes(answer.read())
+
+
+def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+def start_pebble(
+    tmp_path: Path,
+    http_port: int,
+    tls_port: int,
+    validity: int | None = None,
+    nonce_reject: int | None = None,
+) -> Pebble:
+    """Pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port` of 127.0.0.1;
+    certificates valid `validity` seconds (its default otherwise)."""
+    import json
+
+    cert, key = _self_signed(tmp_path, "pebble")
+    port, management, dns_port, dns_management = free_port(), free_port(), free_port(), free_port()
+    settings: dict[str, object] = {
+        "listenAddress": f"127.0.0.1:{port}",
+        "managementListenAddress": f"127.0.0.1:{management}",
+        "certificate": str(cert),
+        "privateKey": str(key),
+        "httpPort": http_port,
+        "tlsPort": tls_port,
+        "ocspResponderURL": "",
+        "externalAccountBindingRequired": False,
+    }
+    if validity is not None:
+        settings["certificateValidityPeriod"] = validity
+    config = tmp_path / f"pebble-{port}.json"
+    config.write_text(json.dumps({"pebble": settings}))
+    log = tmp_path / f"pebble-{port}.log"
+    with log.open("ab") as out:
+        dns = subprocess.Popen(
+            [require("pebble-challtestsrv"), "-dns01", f"127.0.0.1:{dns_port}", "-defaultIPv4", "127.0.0.1",
+             "-defaultIPv6", "", "-http01", "", "-https01", "", "-tlsalpn01", "",
+             "-management", f"127.0.0.1:{dns_management}"],
+            stdout=out, stderr=out,
+        )  # fmt: skip
+        environment = {"PATH": "/usr/bin:/bin", "PEBBLE_VA_NOSLEEP": "1"}
+        if nonce_reject is not None:
+            environment["PEBBLE_WFE_NONCEREJECT"] = str(nonce_reject)
+        process = subprocess.Popen(
+            [require("pebble"), "-config", str(config), "-dnsserver", f"127.0.0.1:{dns_port}"],
+            stdout=out,
+            stderr=out,
+            env=environment,
+        )
+    pebble = Pebble(
+        f"https://127.0.0.1:{port}/dir", f"127.0.0.1:{management}", cert, process, dns, log, config
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            pebble.root()
+            return pebble
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_process(process)
+                stop_process(dns)
+                raise RuntimeError(f"pebble did not come up:\n{log.read_text()}") from None
+            time.sleep(0.05)
+
+
+def restart_pebble(pebble: Pebble) -> Pebble:
+    """The same Pebble (ports, config, DNS) started again: a new CA (new root), as Pebble keeps nothing."""
+    with pebble.log.open("ab") as out:
+        process = subprocess.Popen(
+            [require("pebble"), "-config", str(pebble.config), "-dnsserver", _dns_of(pebble)],
+            stdout=out,
+            stderr=out,
+            env={"PATH": "/usr/bin:/bin", "PEBBLE_VA_NOSLEEP": "1"},
+        )
+    again = Pebble(
+        pebble.directory, pebble.management, pebble.ca_file, process, pebble.dns, pebble.log, pebble.config
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            again.root()
+            return again
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"pebble did not come up again:\n{pebble.log.read_text()}") from None
+            time.sleep(0.05)
+
+
+def _dns_of(pebble: Pebble) -> str:
+    args = pebble.dns.args
+    assert isinstance(args, list)
+    return str(args[args.index("-dns01") + 1])
+
+
+def stop_pebble(pebble: Pebble) -> None:
+    stop_process(pebble.process)
+    stop_process(pebble.dns)

@@ -1,0 +1,343 @@
+"""Automatic HTTPS against a real ACME server: Debian's `pebble` (Let's Encrypt's test CA) and
+`pebble-challtestsrv` (its DNS: every name is 127.0.0.1) on loopback, validating on the
+gateway's own ports, with the real registry and skopeo trusting Pebble's root alone.
+
+- the first start obtains a certificate (HTTP-01 on redirect_listen, or TLS-ALPN-01 on the TLS
+  listener alone), and clients push and pull over HTTPS with it; a restart reuses it;
+- a short-lived certificate is renewed while a push is in flight, and the push succeeds;
+- Pebble stopped at renewal time: the gateway keeps serving the certificate it has, retries, and
+  says so in its log and /readyz;
+- a challenge the CA cannot validate is reported by name.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from gateway.sample_image import write_image
+from tests.conftest import (
+    USERS,
+    Gateway,
+    Registry,
+    free_port,
+    require,
+    start_gateway,
+    stop,
+    wait_until,
+    write_authfile,
+)
+from tests.services import Pebble, restart_pebble, start_pebble, stop_pebble, stop_process
+
+NAME = "localhost"  # what clients here can resolve; Pebble's DNS answers 127.0.0.1 for it
+
+
+@dataclass
+class Site:
+    pebble: Pebble
+    gateway: Gateway
+    https_port: int
+    http_port: int
+    metrics: str
+    storage: Path
+    certs: Path  # a cert dir for skopeo holding Pebble's root alone
+    env: dict[str, str]
+    tmp: Path
+    upstream: str
+    users: Path
+
+    def restart(self) -> None:
+        stop(self.gateway.process)
+        self.gateway = start_gateway(
+            self.tmp, self.upstream, self.users, env=self.env, scheme="https", port=self.https_port
+        )
+
+
+def _readyz(metrics: str) -> tuple[int, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(f"http://{metrics}/readyz", timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def _served_certificate(port: int, root: bytes) -> x509.Certificate:
+    context = ssl.create_default_context(cadata=root.decode())
+    connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with context.wrap_socket(connection, server_hostname=NAME) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def _start_site(
+    tmp_path: Path,
+    registry: Registry,
+    users: Path,
+    *,
+    validity: int | None = None,
+    challenges: str = "http-01,tls-alpn-01",
+    redirect: bool = True,
+    pebble_http_port: int | None = None,
+) -> Site:
+    https_port, http_port = free_port(), free_port()
+    pebble = start_pebble(tmp_path, pebble_http_port or http_port, https_port, validity=validity)
+    storage = tmp_path / "acme"
+    metrics = f"127.0.0.1:{free_port()}"
+    env = {
+        "GATEWAY_ACME_DIRECTORY": pebble.directory,
+        "GATEWAY_ACME_NAMES": NAME,
+        "GATEWAY_ACME_EMAIL": "ops@example.com",
+        "GATEWAY_ACME_STORAGE": str(storage),
+        "GATEWAY_ACME_CA_FILE": str(pebble.ca_file),
+        "GATEWAY_ACME_CHALLENGES": challenges,
+        "GATEWAY_METRICS_LISTEN": metrics,
+    }
+    if redirect:
+        env["GATEWAY_REDIRECT_LISTEN"] = f"127.0.0.1:{http_port}"
+    try:
+        gateway = start_gateway(tmp_path, registry.url, users, env=env, scheme="https", port=https_port)
+    except Exception:
+        stop_pebble(pebble)
+        raise
+    certs = tmp_path / "pebble-root"
+    certs.mkdir(exist_ok=True)
+    (certs / "ca.crt").write_bytes(pebble.root())
+    return Site(
+        pebble, gateway, https_port, http_port, metrics, storage, certs, env, tmp_path, registry.url, users
+    )
+
+
+@pytest.fixture
+def site(tmp_path: Path, registry: Registry, users_file: Path) -> Iterator[Site]:
+    made = _start_site(tmp_path, registry, users_file)
+    try:
+        yield made
+    finally:
+        stop(made.gateway.process)
+        stop_pebble(made.pebble)
+
+
+def _skopeo(site: Site, *args: str) -> subprocess.CompletedProcess[str]:
+    auth = write_authfile(site.tmp / "auth.json", f"{NAME}:{site.https_port}", ("admin", USERS["admin"]))
+    return subprocess.run(
+        [require("skopeo"), "--insecure-policy", "copy", "--preserve-digests", "--retry-times", "0",
+         "--authfile", str(auth), *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def _push_and_pull(site: Site, repository: str, layer_bytes: int = 64 * 1024) -> None:
+    image = site.tmp / f"image-{repository.replace('/', '-')}"
+    digest = write_image(image, "1", layers=2, layer_bytes=layer_bytes)
+    target = f"docker://{NAME}:{site.https_port}/{repository}:1"
+    pushed = _skopeo(site, "--dest-cert-dir", str(site.certs), f"oci:{image}:1", target)
+    assert pushed.returncode == 0, pushed.stderr
+    out = site.tmp / f"out-{repository.replace('/', '-')}"
+    pulled = _skopeo(site, "--src-cert-dir", str(site.certs), target, f"oci:{out}:1")
+    assert pulled.returncode == 0, pulled.stderr
+    assert json.loads((out / "index.json").read_text())["manifests"][0]["digest"] == digest
+
+
+def test_first_start_obtains_a_certificate_and_a_restart_reuses_it(site: Site) -> None:
+    wait_until(lambda: _readyz(site.metrics)[0] == 200, 60)
+    answer = _readyz(site.metrics)[1]
+    assert answer["certificate"].startswith("valid until"), answer
+    served = _served_certificate(site.https_port, site.pebble.root())
+    assert NAME in served.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    ).value.get_values_for_type(x509.DNSName)
+    # Keys are the gateway's alone; the pair was written whole.
+    for key in ("key.pem", "account.key"):
+        assert (site.storage / key).stat().st_mode & 0o777 == 0o600
+    assert "obtained" in site.gateway.log.read_text()
+    _push_and_pull(site, "acme/app")
+    # The redirect listener still redirects everything else to HTTPS.
+    with pytest.raises(urllib.error.HTTPError) as redirected:
+        opener = urllib.request.build_opener(_NoRedirect())
+        opener.open(f"http://127.0.0.1:{site.http_port}/v2/", timeout=10)
+    assert redirected.value.code == 301
+    redirected.value.close()
+
+    # A restart serves the stored certificate at once: no new order.
+    site.restart()
+    wait_until(lambda: _readyz(site.metrics)[0] == 200, 20)
+    assert _served_certificate(site.https_port, site.pebble.root()).serial_number == served.serial_number
+    assert "obtained" not in site.gateway.log.read_text()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def test_tls_alpn01_alone_when_only_the_tls_port_is_open(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    site = _start_site(tmp_path, registry, users_file, challenges="tls-alpn-01", redirect=False)
+    try:
+        wait_until(lambda: _readyz(site.metrics)[0] == 200, 60)
+        assert _served_certificate(site.https_port, site.pebble.root()).issuer != x509.Name([])
+        _push_and_pull(site, "acme/alpn")
+        # The challenge's answer is gone once validated: the name gets the real certificate.
+        assert not list((site.storage / "tls-alpn-01").iterdir())
+    finally:
+        stop(site.gateway.process)
+        stop_pebble(site.pebble)
+
+
+def test_a_refused_challenge_is_reported_by_name(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    # Pebble validates HTTP-01 on a port where nothing answers.
+    site = _start_site(tmp_path, registry, users_file, challenges="http-01", pebble_http_port=free_port())
+    try:
+        wait_until(lambda: "http-01 for localhost refused" in site.gateway.log.read_text(), 60)
+        status, answer = _readyz(site.metrics)
+        assert status == 503
+        assert "no valid certificate yet" in answer["certificate"]
+        assert "http-01 for localhost refused" in answer["certificate"]
+        assert "Traceback" not in site.gateway.log.read_text()
+    finally:
+        stop(site.gateway.process)
+        stop_pebble(site.pebble)
+
+
+def test_a_short_lived_certificate_is_renewed_during_pushes_and_survives_a_ca_outage(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    site = _start_site(tmp_path, registry, users_file, validity=30)  # renewed from 20 s on
+    try:
+        wait_until(lambda: _readyz(site.metrics)[0] == 200, 60)
+        first = _served_certificate(site.https_port, site.pebble.root())
+        pushes: list[tuple[float, float, int, str]] = []
+        stopping = threading.Event()
+
+        def push_continuously() -> None:
+            image = site.tmp / "renewal-image"
+            write_image(image, "1", layers=2, layer_bytes=2_000_000)
+            serial = 0
+            while not stopping.is_set():
+                serial += 1
+                began = time.monotonic()
+                done = _skopeo(
+                    site, "--dest-cert-dir", str(site.certs), f"oci:{image}:1",
+                    f"docker://{NAME}:{site.https_port}/acme/renewal:{serial}",
+                )  # fmt: skip
+                pushes.append((began, time.monotonic(), done.returncode, done.stderr[-300:]))
+
+        pusher = threading.Thread(target=push_continuously)
+        pusher.start()
+        try:
+            wait_until(
+                lambda: (
+                    _served_certificate(site.https_port, site.pebble.root()).serial_number
+                    != first.serial_number
+                ),
+                60,
+            )
+            renewed_at = time.monotonic()
+            wait_until(lambda: any(began > renewed_at for began, *_ in pushes), 60)
+        finally:
+            stopping.set()
+            pusher.join(timeout=120)
+        assert [push for push in pushes if push[2] != 0] == []
+        assert any(began < renewed_at for began, *_ in pushes)  # pushes before, during and after it
+        assert "renewed" in site.gateway.log.read_text() or "obtained" in site.gateway.log.read_text()
+
+        # The CA gone at the next renewal: the current certificate keeps serving, the gateway
+        # retries and says so; the CA back (a new Pebble: a new root), it renews again.
+        second = _served_certificate(site.https_port, site.pebble.root())
+        root = site.pebble.root()
+        failures = site.gateway.log.read_text().count("ordering a certificate for localhost failed")
+        stop_pebble_only(site.pebble)
+        wait_until(
+            lambda: (
+                site.gateway.log.read_text().count("ordering a certificate for localhost failed") > failures
+            ),
+            60,
+        )
+        status, answer = _readyz(site.metrics)
+        assert status == 200 and "ordering fails since" in answer["certificate"], answer
+        assert _served_certificate(site.https_port, root).serial_number == second.serial_number
+        site.pebble = restart_pebble(site.pebble)
+        wait_until(lambda: "ordering works again" in site.gateway.log.read_text(), 90)
+        assert "ordering fails" not in _readyz(site.metrics)[1]["certificate"]
+    finally:
+        stop(site.gateway.process)
+        stop_pebble(site.pebble)
+
+
+def stop_pebble_only(pebble: Pebble) -> None:
+    """The CA down, its DNS still up (what a CA outage looks like from here)."""
+    stop_process(pebble.process)
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ({"acme_directory": "http://ca.test/dir", "acme_names": "a.test"}, "acme_directory: expected an https://"),
+        ({"acme_directory": "https://ca.test/dir"}, "acme_names: needed with acme_directory"),
+        ({"acme_directory": "https://ca.test/dir", "acme_names": "a..test"}, "acme_names: 'a..test' is not"),
+        ({"acme_directory": "https://ca.test/dir", "acme_names": "a.test", "acme_challenges": "dns-01"},
+         "acme_challenges: expected some of"),
+        ({"acme_directory": "https://ca.test/dir", "acme_names": "a.test", "acme_challenges": "http-01"},
+         "acme_challenges: http-01 is answered on redirect_listen"),
+        ({"acme_directory": "https://ca.test/dir", "acme_names": "a.test", "tls_cert": "/c", "tls_key": "/k"},
+         "tls_cert: not with acme_directory"),
+        ({"acme_directory": "https://ca.test/dir", "acme_names": "a.test", "acme_storage": "{tmp}/empty/acme"},
+         "acme_storage: is not a directory this user can write to"),
+        ({"acme_directory": "https://ca.test/dir", "acme_names": "a.test", "acme_ca_file": "{tmp}/empty"},
+         "acme_ca_file: no PEM certificate"),
+    ],
+)  # fmt: skip
+def test_bad_acme_settings_are_refused_by_key(
+    tmp_path: Path, users_file: Path, values: dict[str, str], problem: str
+) -> None:
+    from gateway import config
+
+    (tmp_path / "empty").write_text("\n")
+    given = {
+        "acme_storage": str(tmp_path / "acme"),
+        **{k: v.replace("{tmp}", str(tmp_path)) for k, v in values.items()},
+    }
+    with pytest.raises(config.ConfigError) as refused:
+        config.load(None, {}, {"htpasswd": str(users_file), **given})
+    key, _, message = problem.partition(": ")
+    problems = refused.value.problems
+    assert any(line.startswith(key) and message in line for line in problems), problems
+
+
+def test_good_acme_settings_make_the_tls_pair_the_storages(tmp_path: Path, users_file: Path) -> None:
+    from gateway import config
+
+    settings = config.load(
+        None,
+        {
+            "GATEWAY_ACME_DIRECTORY": "https://ca.test/dir",
+            "GATEWAY_ACME_NAMES": "Registry.Example.com,b.test",
+        },
+        {
+            "htpasswd": str(users_file),
+            "acme_storage": str(tmp_path / "acme"),
+            "redirect_listen": "127.0.0.1:8081",
+        },
+    )
+    assert settings.acme_names == ("registry.example.com", "b.test")
+    assert (
+        settings.tls_cert == tmp_path / "acme" / "cert.pem"
+        and settings.tls_key == tmp_path / "acme" / "key.pem"
+    )
