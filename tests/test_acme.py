@@ -219,7 +219,7 @@ def test_a_refused_challenge_is_reported_by_name(
 def test_a_short_lived_certificate_is_renewed_during_pushes_and_survives_a_ca_outage(
     tmp_path: Path, registry: Registry, users_file: Path
 ) -> None:
-    site = _start_site(tmp_path, registry, users_file, validity=30)  # renewed from 20 s on
+    site = _start_site(tmp_path, registry, users_file, validity=45)  # renewed from 30 s on
     try:
         wait_until(lambda: _readyz(site.metrics)[0] == 200, 60)
         first = _served_certificate(site.https_port, site.pebble.root())

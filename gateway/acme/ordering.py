@@ -88,6 +88,8 @@ def obtain(order: Order, storage: Storage) -> None:
     try:
         for authorization in ordered.authorizations:
             name = authorization.body.identifier.value
+            if authorization.body.status == messages.STATUS_VALID:
+                continue  # validated recently for this account (CAs reuse them): nothing to answer
             chosen = _choose(authorization.body.challenges, order.challenges)
             if chosen is None:
                 offered = ", ".join(str(challb.chall.typ) for challb in authorization.body.challenges)
