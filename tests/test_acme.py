@@ -298,7 +298,7 @@ def stop_pebble_only(pebble: Pebble) -> None:
          "acme_challenges: http-01 is answered on redirect_listen"),
         ({"acme_directory": "https://ca.test/dir", "acme_names": "a.test", "tls_cert": "/c", "tls_key": "/k"},
          "tls_cert: not with acme_directory"),
-        ({"acme_directory": "https://ca.test/dir", "acme_names": "a.test", "acme_storage": "{tmp}/empty/acme"},
+        ({"acme_directory": "https://ca.test/dir", "acme_names": "a.test", "acme_storage": "{tmp}/empty/a"},
          "acme_storage: is not a directory this user can write to"),
         ({"acme_directory": "https://ca.test/dir", "acme_names": "a.test", "acme_ca_file": "{tmp}/empty"},
          "acme_ca_file: no PEM certificate"),
