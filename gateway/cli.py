@@ -164,7 +164,7 @@ def _origin(settings: config.Settings, key: str) -> str:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from gateway.probes import directory_problem, redis_problem, registry_problem
+    from gateway.probes import acme_problem, directory_problem, redis_problem, registry_problem
 
     try:
         settings = _settings(args)
@@ -207,6 +207,15 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"warning: the registry: {unreachable}", file=sys.stderr)
     else:
         print(f"the registry at {settings.upstream} answers")
+    if settings.acme_directory is not None:
+        ca = acme_problem(settings)
+        if ca is not None and ca[1]:
+            print(ca[0], file=sys.stderr)
+            return 1
+        if ca is not None:
+            print(f"warning: {ca[0]}", file=sys.stderr)
+        else:
+            print(f"the ACME CA at {settings.acme_directory} answers")
     if settings.redis_url is not None:
         shared = redis_problem(settings)
         if shared is not None and shared[1]:

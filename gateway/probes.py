@@ -3,6 +3,7 @@ check of `check-config`. Blocking I/O with short timeouts: never used on the req
 
 from __future__ import annotations
 
+import json
 import ssl
 import urllib.error
 import urllib.request
@@ -70,6 +71,35 @@ def registry_problem(upstream: URL) -> str | None:
         return f"{url} does not answer: {getattr(exc, 'reason', exc)}"
     if headers.get(API_VERSION_HEADER) is None:
         return f"{url} answers, but not as a registry (no {API_VERSION_HEADER} header)"
+    return None
+
+
+def acme_problem(settings: Settings) -> tuple[str, bool] | None:
+    """What is wrong with the ACME CA `acme_directory` names, and whether it is the settings' fault
+    (it answers, but not with an ACME directory: True) or maybe passing (unreachable: False)."""
+    if settings.acme_directory is None:
+        return None
+    url = str(settings.acme_directory)
+    context = ssl.create_default_context(cafile=str(settings.acme_ca_file) if settings.acme_ca_file else None)
+    request = urllib.request.Request(url, headers={"User-Agent": "registry-gateway-probe"})  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as response:  # noqa: S310
+            body = response.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return f"acme_directory: {url} answers HTTP {exc.code}, not an ACME directory", True
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return (
+            f"acme_directory: the CA at {url} does not answer ({reason}); the gateway will keep trying",
+            False,
+        )
+    try:
+        directory = json.loads(body)
+    except ValueError:
+        directory = None
+    if not isinstance(directory, dict) or "newOrder" not in directory:
+        return f"acme_directory: {url} answers, but not with an ACME directory (no newOrder)", True
     return None
 
 

@@ -16,6 +16,7 @@ import json
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -341,3 +342,24 @@ def test_good_acme_settings_make_the_tls_pair_the_storages(tmp_path: Path, users
         settings.tls_cert == tmp_path / "acme" / "cert.pem"
         and settings.tls_key == tmp_path / "acme" / "key.pem"
     )
+
+
+def test_check_config_tries_the_ca(site: Site) -> None:
+    def check(directory: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", "check-config", "--htpasswd", str(site.users),
+             "--upstream", site.upstream],
+            capture_output=True, text=True, timeout=60,
+            env={"PATH": "/usr/bin:/bin", **site.env, "GATEWAY_ACME_DIRECTORY": directory},
+        )  # fmt: skip
+
+    answers = check(site.pebble.directory)
+    assert answers.returncode == 0, answers.stderr
+    assert "the ACME CA at" in answers.stdout
+    # Not an ACME directory (Pebble's root certificate): refused, naming the setting.
+    wrong = check(f"https://{site.pebble.management}/roots/0")
+    assert wrong.returncode == 1 and wrong.stderr.startswith("acme_directory: "), wrong.stderr
+    # Nothing there: a warning (the gateway keeps trying), not a refusal.
+    gone = check(f"https://127.0.0.1:{free_port()}/dir")
+    assert gone.returncode == 0 and "warning: acme_directory: the CA at" in gone.stderr, gone.stderr
+    assert "Traceback" not in answers.stderr + wrong.stderr + gone.stderr
