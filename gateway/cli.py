@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,24 +207,22 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"warning: the registry: {unreachable}", file=sys.stderr)
     else:
         print(f"the registry at {settings.upstream} answers")
-    if settings.acme_directory is not None:
-        ca = acme_problem(settings)
-        if ca is not None and ca[1]:
-            print(ca[0], file=sys.stderr)
+    # A service the settings name: a refusal (the settings' fault) fails, an unreachable one warns.
+    services: list[tuple[object, Callable[[config.Settings], tuple[str, bool] | None], str]] = [
+        (settings.acme_directory, acme_problem, f"the ACME CA at {settings.acme_directory} answers"),
+        (settings.redis_url, redis_problem, "Redis answers: failed logins and revocations are shared"),
+    ]
+    for configured, problem_of, fine in services:
+        if configured is None:
+            continue
+        found = problem_of(settings)
+        if found is not None and found[1]:
+            print(found[0], file=sys.stderr)
             return 1
-        if ca is not None:
-            print(f"warning: {ca[0]}", file=sys.stderr)
+        if found is not None:
+            print(f"warning: {found[0]}", file=sys.stderr)
         else:
-            print(f"the ACME CA at {settings.acme_directory} answers")
-    if settings.redis_url is not None:
-        shared = redis_problem(settings)
-        if shared is not None and shared[1]:
-            print(shared[0], file=sys.stderr)
-            return 1
-        if shared is not None:
-            print(f"warning: {shared[0]}", file=sys.stderr)
-        else:
-            print("Redis answers: failed logins and revocations are shared")
+            print(fine)
     return 0
 
 
