@@ -168,8 +168,9 @@ def test_three_gateways_behind_haproxy_share_lockout_and_revocations_and_ride_ou
 
         tag = push_and_pull_with_the_docker_cli(docker, config, host)
 
-        # Every gateway served some of it, and saw the client's own address (what HAProxy saw:
+        # The gateways that served it saw the client's own address (what HAProxy saw:
         # docker's userland proxy, the network's .1), never HAProxy's.
+        seen: set[str] = set()
         for service in GATEWAYS:
             records = [
                 json.loads(line.partition("|")[2])
@@ -177,7 +178,11 @@ def test_three_gateways_behind_haproxy_share_lockout_and_revocations_and_ride_ou
                 if line.partition("|")[2].strip().startswith("{")
             ]
             clients = {record["client"] for record in records if record.get("user") == "admin"}
-            assert clients == {network + "1"}, (service, clients)
+            # HAProxy may keep docker's kept-alive connection on fewer than three gateways: each
+            # saw the client's address if anything, and never HAProxy's.
+            assert clients <= {network + "1"}, (service, clients)
+            seen |= clients
+        assert seen == {network + "1"}
 
         # Guesses spread over the three (round robin), each with a made-up X-Forwarded-For that
         # HAProxy passes on: lockout_attempts checks in all, then 429 on every gateway, the right
