@@ -197,6 +197,7 @@ def start_gateway(
     env: dict[str, str] | None = None,
     scheme: str = "http",
     port: int | None = None,
+    host: str = "127.0.0.1",
 ) -> Gateway:
     port = port or free_port()
     log = tmp_path / f"gateway-{port}.log"
@@ -211,7 +212,7 @@ def start_gateway(
                 "gateway",
                 "serve",
                 "--listen",
-                f"127.0.0.1:{port}",
+                f"{host}:{port}",
                 "--upstream",
                 upstream,
                 "--htpasswd",
@@ -223,10 +224,10 @@ def start_gateway(
             env=environment,
         )
     if scheme == "http":
-        wait_for_http(f"http://127.0.0.1:{port}/v2/", process, log)
+        wait_for_http(f"http://{host}:{port}/v2/", process, log)
     else:
-        wait_for_port("127.0.0.1", port, process, log)
-    return Gateway(f"{scheme}://127.0.0.1:{port}", f"127.0.0.1:{port}", process, log)
+        wait_for_port(host, port, process, log)
+    return Gateway(f"{scheme}://{host}:{port}", f"{host}:{port}", process, log)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ DOCKER_CONFIG, so no test reads or writes the machine's own daemon or credential
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -72,9 +73,12 @@ class Docker:
         shutil.rmtree(context)
 
 
-def _popen_dockerd(root: Path, socket: Path, driver: str, log: IO[bytes]) -> subprocess.Popen[bytes]:
+def _popen_dockerd(
+    root: Path, socket: Path, driver: str, log: IO[bytes], prefix: list[str], env: dict[str, str] | None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
+            *prefix,
             _require("dockerd"),
             "--data-root",
             str(root / "data"),
@@ -91,13 +95,16 @@ def _popen_dockerd(root: Path, socket: Path, driver: str, log: IO[bytes]) -> sub
         ],
         stdout=log,
         stderr=log,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
-def _start(root: Path, driver: str) -> Docker | None:
+def _start(
+    root: Path, driver: str, prefix: list[str] | None = None, env: dict[str, str] | None = None
+) -> Docker | None:
     socket = root / "docker.sock"
     with (root / f"dockerd-{driver}.log").open("wb") as log:
-        process = _popen_dockerd(root, socket, driver, log)
+        process = _popen_dockerd(root, socket, driver, log, prefix or [], env)
     docker = Docker(root, socket, process)
 
     deadline = time.monotonic() + 30
@@ -130,11 +137,13 @@ def _stop(docker: Docker) -> None:
         subprocess.run(["umount", str(netns)], capture_output=True, check=False)
 
 
-@pytest.fixture(scope="session")
-def dockerd() -> Iterator[Docker]:
+@contextlib.contextmanager
+def private_dockerd(prefix: list[str] | None = None, env: dict[str, str] | None = None) -> Iterator[Docker]:
+    """A daemon of our own, its command line prefixed with `prefix` (a private /etc/hosts) and
+    `env` added to its environment (what it trusts)."""
     # A short path: a unix socket path must fit in 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="gw-dockerd-", dir="/tmp"))
-    docker = _start(root, "overlay2") or _start(root, "vfs")
+    docker = _start(root, "overlay2", prefix, env) or _start(root, "vfs", prefix, env)
     if docker is None:
         logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in root.glob("dockerd-*.log"))
         raise RuntimeError(f"dockerd did not start:\n{logs}")
@@ -143,3 +152,9 @@ def dockerd() -> Iterator[Docker]:
     finally:
         _stop(docker)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[Docker]:
+    with private_dockerd() as docker:
+        yield docker

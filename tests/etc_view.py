@@ -2,12 +2,14 @@
 
     python tests/etc_view.py --scratch EMPTY --decoy DIR -- COMMAND...  # /etc/registry-gateway is DIR
     python tests/etc_view.py --scratch EMPTY --absent -- COMMAND...     # there is none
+    python tests/etc_view.py --hosts FILE -- COMMAND...                 # /etc/hosts is FILE
 
 The command runs (as root) in a private mount namespace: /etc is an overlay whose upper layer is
 a tmpfs of this namespace's own (mounted on the empty folder EMPTY), holding either an empty
 folder (DIR is then bind-mounted on it) or a whiteout that hides the folder. So it works whether
 or not the machine has the folder, never creates, changes or removes anything in the real /etc,
-and every mount vanishes with the command.
+and every mount vanishes with the command. With --hosts, FILE is bind-mounted on /etc/hosts
+in that namespace: a name the command (a private dockerd) resolves to an address of our choice.
 What the tests use to prove that the suite neither reads nor writes an installed gateway's files,
 and to see the CLI's defaults on a machine without them.
 """
@@ -86,16 +88,27 @@ def command(scratch: Path, decoy: Path | None) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--scratch", str(scratch), *chosen, "--"]
 
 
+def hosts_command(hosts: Path) -> list[str]:
+    """The command line to prefix a command with: its /etc/hosts is `hosts`."""
+    return [sys.executable, str(Path(__file__).resolve()), "--hosts", str(hosts.resolve()), "--"]
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--scratch", type=Path, required=True, help="an empty folder to mount a tmpfs on")
+    parser.add_argument("--scratch", type=Path, help="an empty folder to mount a tmpfs on")
     choice = parser.add_mutually_exclusive_group(required=True)
     choice.add_argument("--decoy", type=Path, help="folder to show as /etc/registry-gateway")
     choice.add_argument("--absent", action="store_true", help="show no /etc/registry-gateway")
+    choice.add_argument("--hosts", type=Path, help="file to show as /etc/hosts")
     parser.add_argument("command", nargs="+")
     args = parser.parse_args(argv)
+    if args.hosts is None and args.scratch is None:
+        parser.error("--scratch is needed with --decoy and --absent")
     enter_private_namespace()
-    overlay_etc(args.scratch.resolve(), args.decoy.resolve() if args.decoy is not None else None)
+    if args.hosts is not None:
+        _mount("--bind", str(args.hosts.resolve()), "/etc/hosts")
+    else:
+        overlay_etc(args.scratch.resolve(), args.decoy.resolve() if args.decoy is not None else None)
     os.execvp(args.command[0], args.command)
 
 

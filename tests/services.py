@@ -241,9 +241,11 @@ def start_pebble(
     tls_port: int,
     validity: int | None = None,
     nonce_reject: int | None = None,
+    address: str = "127.0.0.1",
 ) -> Pebble:
-    """Pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port` of 127.0.0.1;
-    certificates valid `validity` seconds (its default otherwise)."""
+    """Pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port` of `address`
+    (what its DNS answers for every name); certificates valid `validity` seconds (its default
+    otherwise)."""
     import json
 
     cert, key = _self_signed(tmp_path, "pebble")
@@ -265,7 +267,7 @@ def start_pebble(
     log = tmp_path / f"pebble-{port}.log"
     with log.open("ab") as out:
         dns = subprocess.Popen(
-            [require("pebble-challtestsrv"), "-dns01", f"127.0.0.1:{dns_port}", "-defaultIPv4", "127.0.0.1",
+            [require("pebble-challtestsrv"), "-dns01", f"127.0.0.1:{dns_port}", "-defaultIPv4", address,
              "-defaultIPv6", "", "-http01", "", "-https01", "", "-tlsalpn01", "",
              "-management", f"127.0.0.1:{dns_management}"],
             stdout=out, stderr=out,

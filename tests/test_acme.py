@@ -1,6 +1,8 @@
 """Automatic HTTPS against a real ACME server: Debian's `pebble` (Let's Encrypt's test CA) and
 `pebble-challtestsrv` (its DNS: every name is 127.0.0.1) on loopback, validating on the
-gateway's own ports, with the real registry and skopeo trusting Pebble's root alone.
+gateway's own ports, with the real registry, and skopeo and the docker CLI trusting Pebble's root
+alone (dockerd through a name of its own /etc/hosts that points at an address outside loopback,
+since it checks no certificate on loopback).
 
 - the first start obtains a certificate (HTTP-01 on redirect_listen, or TLS-ALPN-01 on the TLS
   listener alone), and clients push and pull over HTTPS with it; a restart reuses it;
@@ -12,7 +14,10 @@ gateway's own ports, with the real registry and skopeo trusting Pebble's root al
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -29,6 +34,7 @@ import pytest
 from cryptography import x509
 
 from gateway.sample_image import write_image
+from tests import etc_view
 from tests.conftest import (
     USERS,
     Gateway,
@@ -40,6 +46,7 @@ from tests.conftest import (
     wait_until,
     write_authfile,
 )
+from tests.dockerd import private_dockerd
 from tests.services import Pebble, restart_pebble, start_pebble, stop_pebble, stop_process
 
 NAME = "localhost"  # what clients here can resolve; Pebble's DNS answers 127.0.0.1 for it
@@ -58,12 +65,14 @@ class Site:
     tmp: Path
     upstream: str
     users: Path
+    host: str = "127.0.0.1"
 
     def restart(self) -> None:
         stop(self.gateway.process)
         self.gateway = start_gateway(
-            self.tmp, self.upstream, self.users, env=self.env, scheme="https", port=self.https_port
-        )
+            self.tmp, self.upstream, self.users, env=self.env, scheme="https", port=self.https_port,
+            host=self.host,
+        )  # fmt: skip
 
 
 def _readyz(metrics: str) -> tuple[int, dict[str, str]]:
@@ -75,10 +84,12 @@ def _readyz(metrics: str) -> tuple[int, dict[str, str]]:
             return exc.code, json.loads(exc.read())
 
 
-def _served_certificate(port: int, root: bytes) -> x509.Certificate:
+def _served_certificate(
+    port: int, root: bytes, host: str = "127.0.0.1", name: str = NAME
+) -> x509.Certificate:
     context = ssl.create_default_context(cadata=root.decode())
-    connection = socket.create_connection(("127.0.0.1", port), timeout=10)
-    with context.wrap_socket(connection, server_hostname=NAME) as tls:
+    connection = socket.create_connection((host, port), timeout=10)
+    with context.wrap_socket(connection, server_hostname=name) as tls:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der)
@@ -93,14 +104,18 @@ def _start_site(
     challenges: str = "http-01,tls-alpn-01",
     redirect: bool = True,
     pebble_http_port: int | None = None,
+    host: str = "127.0.0.1",
+    name: str = NAME,
 ) -> Site:
     https_port, http_port = free_port(), free_port()
-    pebble = start_pebble(tmp_path, pebble_http_port or http_port, https_port, validity=validity)
+    pebble = start_pebble(
+        tmp_path, pebble_http_port or http_port, https_port, validity=validity, address=host
+    )
     storage = tmp_path / "acme"
     metrics = f"127.0.0.1:{free_port()}"
     env = {
         "GATEWAY_ACME_DIRECTORY": pebble.directory,
-        "GATEWAY_ACME_NAMES": NAME,
+        "GATEWAY_ACME_NAMES": name,
         "GATEWAY_ACME_EMAIL": "ops@example.com",
         "GATEWAY_ACME_STORAGE": str(storage),
         "GATEWAY_ACME_CA_FILE": str(pebble.ca_file),
@@ -108,9 +123,11 @@ def _start_site(
         "GATEWAY_METRICS_LISTEN": metrics,
     }
     if redirect:
-        env["GATEWAY_REDIRECT_LISTEN"] = f"127.0.0.1:{http_port}"
+        env["GATEWAY_REDIRECT_LISTEN"] = f"{host}:{http_port}"
     try:
-        gateway = start_gateway(tmp_path, registry.url, users, env=env, scheme="https", port=https_port)
+        gateway = start_gateway(
+            tmp_path, registry.url, users, env=env, scheme="https", port=https_port, host=host
+        )
     except Exception:
         stop_pebble(pebble)
         raise
@@ -118,8 +135,9 @@ def _start_site(
     certs.mkdir(exist_ok=True)
     (certs / "ca.crt").write_bytes(pebble.root())
     return Site(
-        pebble, gateway, https_port, http_port, metrics, storage, certs, env, tmp_path, registry.url, users
-    )
+        pebble, gateway, https_port, http_port, metrics, storage, certs, env, tmp_path, registry.url, users,
+        host,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -195,6 +213,83 @@ def test_tls_alpn01_alone_when_only_the_tls_port_is_open(
         _push_and_pull(site, "acme/alpn")
         # The challenge's answer is gone once validated: the name gets the real certificate.
         assert not list((site.storage / "tls-alpn-01").iterdir())
+    finally:
+        stop(site.gateway.process)
+        stop_pebble(site.pebble)
+
+
+def _machine_address() -> str:
+    """An IPv4 address of this machine outside 127.0.0.0/8. dockerd takes every registry on
+    loopback for an insecure one and then skips checking its certificate: proving that docker
+    trusts Pebble's root takes an address it checks."""
+    shown = subprocess.run(
+        [shutil.which("ip") or "/usr/sbin/ip", "-4", "-o", "addr", "show", "scope", "global"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for line in shown.stdout.splitlines():
+        fields = line.split()
+        address = ipaddress.ip_interface(fields[fields.index("inet") + 1]).ip
+        if not address.is_loopback:
+            return str(address)
+    raise RuntimeError(f"this test needs an IPv4 address outside loopback; `ip addr` shows:\n{shown.stdout}")
+
+
+DOCKER_NAME = "registry.test"  # in dockerd's own /etc/hosts; Pebble's DNS answers it too
+
+
+def test_docker_logs_in_pushes_and_pulls_over_https_trusting_pebbles_root_alone(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    address = _machine_address()
+    site = _start_site(tmp_path, registry, users_file, host=address, name=DOCKER_NAME)
+    try:
+        wait_until(lambda: _readyz(site.metrics)[0] == 200, 60)
+        hosts = tmp_path / "hosts"
+        hosts.write_text(f"127.0.0.1 localhost\n{address} {DOCKER_NAME}\n")
+        # Go reads its roots from SSL_CERT_FILE and SSL_CERT_DIR alone when they are set; there
+        # is no certs.d for the name: the daemon trusts Pebble's root and nothing else.
+        trust = tmp_path / "trust-pebble"
+        trust.mkdir()
+        (trust / "root.pem").write_bytes(site.pebble.root())
+        untrusting = tmp_path / "trust-nothing"
+        untrusting.mkdir()
+        (untrusting / "none.pem").write_text("")
+        place = f"{DOCKER_NAME}:{site.https_port}"
+        tag = f"{place}/acme/docker:1"
+        config = tmp_path / "docker-config"
+        layer = os.urandom(300_000)
+
+        prefix = etc_view.hosts_command(hosts)
+        with private_dockerd(
+            prefix, {"SSL_CERT_FILE": str(trust / "root.pem"), "SSL_CERT_DIR": str(trust)}
+        ) as docker:
+            code, said = docker.cli(
+                config, "login", "-u", "admin", "--password-stdin", place, stdin=USERS["admin"]
+            )
+            assert code == 0, said
+            docker.build_image(config, tag, {"layer.bin": layer})
+            code, said = docker.cli(config, "push", tag)
+            assert code == 0, said
+            code, said = docker.cli(config, "rmi", tag)
+            assert code == 0, said
+            code, said = docker.cli(config, "pull", tag)
+            assert code == 0, said
+            code, said = docker.cli(config, "create", "--name", "pulled", tag, "/none")
+            assert code == 0, said
+            code, said = docker.cli(config, "cp", "pulled:/layer.bin", str(tmp_path / "layer.bin"))
+            assert code == 0, said
+            assert (tmp_path / "layer.bin").read_bytes() == layer
+
+        # A daemon that does not trust Pebble's root refuses the same gateway: the checks above
+        # were made, not skipped.
+        env = {"SSL_CERT_FILE": str(untrusting / "none.pem"), "SSL_CERT_DIR": str(untrusting)}
+        with private_dockerd(prefix, env) as doubting:
+            code, said = doubting.cli(
+                tmp_path / "doubting", "login", "-u", "admin", "--password-stdin", place, stdin=USERS["admin"]
+            )
+            assert code != 0 and "certificate signed by unknown authority" in said, said
     finally:
         stop(site.gateway.process)
         stop_pebble(site.pebble)
