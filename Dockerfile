@@ -24,7 +24,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The installed package only (no source tree, build/ or *.egg-info, no wheels left behind), and
 # the OpenLDAP client library bonsai was built against (libldap-2.5-0 on bookworm, libldap2 from
 # trixie on). The group first: `useradd --user-group` would take the next free system gid (999)
-# while `USER 10001:10001` runs with gid 10001.
+# while `USER 10001:10001` runs with gid 10001. acme_storage's default folder is the gateway's, so
+# that a named volume mounted there starts out the gateway's too (docker copies the owner).
 COPY --from=wheels /wheels /tmp/wheels
 RUN apt-get update \
     && { apt-get install -y --no-install-recommends libldap2 \
@@ -34,7 +35,8 @@ RUN apt-get update \
     && rm -rf /tmp/wheels \
     && python -c 'import bonsai, uvloop' \
     && groupadd --system --gid 10001 gateway \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin gateway
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin gateway \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/registry-gateway /var/lib/registry-gateway/acme
 
 # The image's settings are a config file, so that a file of your own can replace them
 # (environment variables would override every file); see config/container.yml.

@@ -988,7 +988,11 @@ def _acme_problems(values: Mapping[str, Any], check_files: bool, where: Callable
     """With acme_directory: what the managed certificate needs (`load` then makes the TLS pair
     acme_storage's, so that everything that serves or checks TLS reads it as given)."""
     problems: list[str] = []
-    if values.get("tls_cert") is not None or values.get("tls_key") is not None:
+    storage = values.get("acme_storage")
+    pair = (values.get("tls_cert"), values.get("tls_key"))
+    # The pair `load` makes acme_storage's is no conflict: the settings are checked again once a
+    # docker_auth file's server: and token: sections are applied to them.
+    if pair != (None, None) and (storage is None or pair != (storage / "cert.pem", storage / "key.pem")):
         problems.append(
             f"{where('tls_cert')}: not with acme_directory (the gateway keeps its pair in acme_storage)"
         )

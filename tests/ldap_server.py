@@ -4,19 +4,15 @@ overlay so that group membership shows on users as `memberOf`, as in most direct
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import subprocess
 import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests import certificates
 from tests.conftest import free_port, stop
 
 SLAPD = "/usr/sbin/slapd"
@@ -31,54 +27,22 @@ PASSWORDS = {"alice": "alice-ldap-pw", "bob": "bob-ldap-pw", "carol": "carol-lda
 MEMBERS = {"backend": ["alice", "carol"], "frontend": ["bob"]}
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
 def make_ca_and_server_cert(directory: Path) -> tuple[Path, Path, Path]:
     """(ca.pem, server.pem, server-key.pem) for 127.0.0.1."""
-    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("test directory CA"))
-        .issuer_name(_name("test directory CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca = certificates.certificate("test directory CA", ca_key, ca=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("127.0.0.1"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
+    cert = certificates.certificate(
+        "127.0.0.1", key, signer=(ca, ca_key), names=["localhost"], addresses=["127.0.0.1"]
     )
     ca_path, cert_path, key_path = (
         directory / "ca.pem",
         directory / "server.pem",
         directory / "server-key.pem",
     )
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    ca_path.write_bytes(certificates.pem(ca))
+    cert_path.write_bytes(certificates.pem(cert))
+    key_path.write_bytes(certificates.key_pem(key))
     return ca_path, cert_path, key_path
 
 

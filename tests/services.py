@@ -196,42 +196,17 @@ class Pebble:
             return bytes(answer.read())
 
 
-def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for `name`, localhost and 127.0.0.1, and its key."""
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+
+    from tests import certificates
 
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    cert = certificates.certificate(name, key, names=["localhost", name], addresses=["127.0.0.1"], ca=True)
     cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    cert_path.write_bytes(certificates.pem(cert))
+    key_path.write_bytes(certificates.key_pem(key))
     return cert_path, key_path
 
 
@@ -248,7 +223,7 @@ def start_pebble(
     otherwise)."""
     import json
 
-    cert, key = _self_signed(tmp_path, "pebble")
+    cert, key = self_signed(tmp_path, "pebble")
     port, management, dns_port, dns_management = free_port(), free_port(), free_port(), free_port()
     settings: dict[str, object] = {
         "listenAddress": f"127.0.0.1:{port}",

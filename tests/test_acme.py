@@ -40,6 +40,7 @@ from tests.conftest import (
     Gateway,
     Registry,
     free_port,
+    make_token_key,
     require,
     start_gateway,
     stop,
@@ -458,3 +459,33 @@ def test_check_config_tries_the_ca(site: Site) -> None:
     gone = check(f"https://127.0.0.1:{free_port()}/dir")
     assert gone.returncode == 0 and "warning: acme_directory: the CA at" in gone.stderr, gone.stderr
     assert "Traceback" not in answers.stderr + wrong.stderr + gone.stderr
+
+
+def test_a_docker_auth_file_goes_with_acme(tmp_path: Path, users_file: Path) -> None:
+    """Its token section is applied and the settings checked again: the pair ACME manages is no
+    conflict then; a server certificate in the file still is, named as the file's."""
+    from gateway import config, docker_auth, policyfile
+
+    key = make_token_key(tmp_path / "token.key")
+    acl = 'acl:\n  - match: {account: "admin"}\n    actions: ["*"]\n'
+    tutorial = tmp_path / "auth_config.yml"
+    tutorial.write_text(
+        f'server:\n  addr: ":5001"\ntoken:\n  issuer: "Acme auth server"\n  key: {key}\n{acl}'
+    )
+    given = {
+        "htpasswd": str(users_file),
+        "acme_directory": "https://ca.test/dir",
+        "acme_names": "registry.test",
+        "acme_storage": str(tmp_path / "acme"),
+        "redirect_listen": "127.0.0.1:8081",
+    }
+    settings = config.load(None, {}, {**given, "policy": str(tutorial)})
+    applied = docker_auth.apply(settings, policyfile.load(tutorial))
+    assert (applied.challenge, applied.token_issuer, applied.token_key) == ("bearer", "Acme auth server", key)
+    assert applied.tls_cert == tmp_path / "acme" / "cert.pem"
+
+    serving = tmp_path / "serving.yml"
+    serving.write_text(f'server:\n  addr: ":5001"\n  certificate: /c.pem\n  key: /k.pem\n{acl}')
+    settings = config.load(None, {}, {**given, "policy": str(serving)})
+    with pytest.raises(docker_auth.DockerAuthError, match=r"tls_cert .*: not with acme_directory"):
+        docker_auth.apply(settings, policyfile.load(serving))
