@@ -14,6 +14,8 @@ since it checks no certificate on loopback).
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import ipaddress
 import json
 import os
@@ -26,7 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +50,7 @@ from tests.conftest import (
     write_authfile,
 )
 from tests.dockerd import private_dockerd
-from tests.services import Pebble, restart_pebble, start_pebble, stop_pebble, stop_process
+from tests.services import Pebble, restart_pebble, self_signed, start_pebble, stop_pebble, stop_process
 
 NAME = "localhost"  # what clients here can resolve; Pebble's DNS answers 127.0.0.1 for it
 
@@ -107,19 +109,23 @@ def _start_site(
     pebble_http_port: int | None = None,
     host: str = "127.0.0.1",
     name: str = NAME,
+    front: Callable[[Pebble], tuple[str, Path]] | None = None,
 ) -> Site:
+    """A gateway getting its certificate from a Pebble of its own; `front`, given Pebble, says
+    which directory URL and CA bundle the gateway uses instead of Pebble's."""
     https_port, http_port = free_port(), free_port()
     pebble = start_pebble(
         tmp_path, pebble_http_port or http_port, https_port, validity=validity, address=host
     )
+    directory, ca_file = front(pebble) if front else (pebble.directory, pebble.ca_file)
     storage = tmp_path / "acme"
     metrics = f"127.0.0.1:{free_port()}"
     env = {
-        "GATEWAY_ACME_DIRECTORY": pebble.directory,
+        "GATEWAY_ACME_DIRECTORY": directory,
         "GATEWAY_ACME_NAMES": name,
         "GATEWAY_ACME_EMAIL": "ops@example.com",
         "GATEWAY_ACME_STORAGE": str(storage),
-        "GATEWAY_ACME_CA_FILE": str(pebble.ca_file),
+        "GATEWAY_ACME_CA_FILE": str(ca_file),
         "GATEWAY_ACME_CHALLENGES": challenges,
         "GATEWAY_METRICS_LISTEN": metrics,
     }
@@ -378,6 +384,109 @@ def test_a_short_lived_certificate_is_renewed_during_pushes_and_survives_a_ca_ou
         stop_pebble(site.pebble)
 
 
+class RenewalInfo:
+    """Pebble 2.4 (Debian's) has no ARI: this serves Pebble's directory with a renewalInfo URL
+    added, and answers it (everything else goes to Pebble, whose absolute URLs the directory
+    keeps). The first certificate asked about gets a window starting now; any later one, a
+    window a year away."""
+
+    def __init__(self, tmp_path: Path, pebble: Pebble) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        cert, key = self_signed(tmp_path, "ari")
+        self.bundle = tmp_path / "ca-bundle.pem"
+        self.bundle.write_bytes(pebble.ca_file.read_bytes() + cert.read_bytes())
+        self.asked: list[int] = []
+        front = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/dir":
+                    context = ssl.create_default_context(cafile=str(pebble.ca_file))
+                    with urllib.request.urlopen(pebble.directory, context=context, timeout=10) as answer:
+                        directory = json.loads(answer.read())
+                    directory["renewalInfo"] = f"{front.url}/renewal-info"
+                    self._json(directory)
+                elif self.path.startswith("/renewal-info/"):
+                    serial = self.path.rsplit(".", 1)[1]
+                    number = int.from_bytes(
+                        base64.urlsafe_b64decode(serial + "=" * (-len(serial) % 4)), "big"
+                    )
+                    if number not in front.asked:
+                        front.asked.append(number)
+                    start = dt.datetime.now(dt.UTC) + dt.timedelta(
+                        seconds=2 if number == front.asked[0] else 365 * 86400
+                    )
+                    window = {"start": _rfc3339(start), "end": _rfc3339(start + dt.timedelta(seconds=3))}
+                    self._json({"suggestedWindow": window})
+                else:
+                    self.send_error(404)
+
+            def _json(self, value: object) -> None:
+                body = json.dumps(value).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _rfc3339(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_the_cas_renewal_window_decides_when_it_offers_one(
+    tmp_path: Path, registry: Registry, users_file: Path
+) -> None:
+    fronts: list[RenewalInfo] = []
+
+    def front(pebble: Pebble) -> tuple[str, Path]:
+        fronts.append(RenewalInfo(tmp_path, pebble))
+        return f"{fronts[0].url}/dir", fronts[0].bundle
+
+    site = _start_site(tmp_path, registry, users_file, front=front)  # Pebble's certificates: 5 years
+    try:
+        wait_until(lambda: _readyz(site.metrics)[0] == 200, 60)
+        first = _served_certificate(site.https_port, site.pebble.root())
+        # The window the CA gave the first certificate, years before a third of its life is left.
+        wait_until(
+            lambda: (
+                _served_certificate(site.https_port, site.pebble.root()).serial_number != first.serial_number
+            ),
+            60,
+        )
+        log = site.gateway.log.read_text()
+        assert "the CA suggests renewing the certificate at" in log
+        assert fronts[0].asked[0] == first.serial_number and len(fronts[0].asked) >= 1
+        # The renewed one is asked about too, and its window (a year away) decides.
+        wait_until(lambda: len(fronts[0].asked) == 2, 30)
+        second = _served_certificate(site.https_port, site.pebble.root())
+        assert fronts[0].asked[1] == second.serial_number
+        wait_until(lambda: "(the CA's renewal window)" in _readyz(site.metrics)[1]["certificate"], 10)
+        status, answer = _readyz(site.metrics)
+        assert status == 200 and str(dt.datetime.now(dt.UTC).year + 1) in answer["certificate"], answer
+        assert "Traceback" not in site.gateway.log.read_text()
+    finally:
+        stop(site.gateway.process)
+        stop_pebble(site.pebble)
+        for made in fronts:
+            made.close()
+
+
 def stop_pebble_only(pebble: Pebble) -> None:
     """The CA down, its DNS still up (what a CA outage looks like from here)."""
     stop_process(pebble.process)
@@ -489,3 +598,32 @@ def test_a_docker_auth_file_goes_with_acme(tmp_path: Path, users_file: Path) -> 
     settings = config.load(None, {}, {**given, "policy": str(serving)})
     with pytest.raises(docker_auth.DockerAuthError, match=r"tls_cert .*: not with acme_directory"):
         docker_auth.apply(settings, policyfile.load(serving))
+
+
+@pytest.mark.parametrize(
+    ("suggested_serial", "moment_days", "renewed_on_day"),
+    [
+        (None, None, 60),  # no suggestion: a third of the 90 days left
+        (7, None, 60),  # the CA has no renewal info
+        (7, 10, 10),  # the CA's moment, earlier than a third
+        (7, 80, 80),  # or later
+        (7, 120, 90),  # never after it expires
+        (8, 10, 60),  # a suggestion for another certificate says nothing of this one
+    ],
+)
+def test_when_a_certificate_is_renewed(
+    tmp_path: Path, suggested_serial: int | None, moment_days: int | None, renewed_on_day: int
+) -> None:
+    from gateway.acme.manager import CertificateManager, Suggestion
+    from gateway.acme.ordering import Order
+    from gateway.acme.storage import Storage, Stored
+
+    issued = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    stored = Stored(issued, issued + dt.timedelta(days=90), frozenset({NAME}), serial=7)
+    manager = CertificateManager(
+        Order("https://ca.test/dir", [NAME], None, ["http-01"], None), Storage(tmp_path), dict
+    )
+    if suggested_serial is not None:
+        moment = None if moment_days is None else issued + dt.timedelta(days=moment_days)
+        manager.suggestion = Suggestion(suggested_serial, moment, issued + dt.timedelta(hours=6))
+    assert manager.renew_at(stored) == issued + dt.timedelta(days=renewed_on_day)

@@ -1,9 +1,10 @@
-"""When to order: at start when no valid certificate for the names is stored, then when a third
-of its lifetime is left; on failure again after a growing delay (5 s doubling to an hour), the
-current certificate served until it expires meanwhile, and the log, `/readyz` and
-`registry_gateway_certificate_days_left` saying so. Orders run on a thread under the storage
-directory's lock, and whoever takes the lock first looks again: a gateway that finds a fresh
-certificate another one stored takes it instead of ordering."""
+"""When to order: at start when no valid certificate for the names is stored; then at the moment
+the CA suggests (ARI, RFC 9773, when its directory offers renewalInfo, asked again when it says,
+six-hourly by default), or else when a third of its lifetime is left; on failure again after a
+growing delay (5 s doubling to an hour), the current certificate served until it expires
+meanwhile, and the log, `/readyz` and `registry_gateway_certificate_days_left` saying so. Orders
+run on a thread under the storage directory's lock, and whoever takes the lock first looks again:
+a gateway that finds a fresh certificate another one stored takes it instead of ordering."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from gateway.acme.ordering import Order, obtain
+from acme import errors
+
+from gateway.acme.ordering import Order, obtain, renewal_window
 from gateway.acme.storage import Storage, Stored
 
 log = logging.getLogger("gateway.acme")
@@ -21,6 +25,17 @@ log = logging.getLogger("gateway.acme")
 FIRST_RETRY = 5.0  # seconds after a failed order
 LAST_RETRY = 3600.0
 LONGEST_SLEEP = 3600.0  # look again at least hourly (another gateway may have renewed)
+ARI_RETRY = dt.timedelta(hours=1)  # after a failure to ask the CA that says nothing of when
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """What the CA said of one certificate (by serial): renew at `moment` (None: it has no
+    renewal info), and ask again at `ask_again`."""
+
+    serial: int
+    moment: dt.datetime | None
+    ask_again: dt.datetime
 
 
 class CertificateManager:
@@ -31,6 +46,7 @@ class CertificateManager:
         self.problem: str | None = None
         self.failing_since: dt.datetime | None = None
         self.next_try: dt.datetime | None = None
+        self.suggestion: Suggestion | None = None
         self._task: asyncio.Task[None] | None = None
 
     def current(self) -> Stored | None:
@@ -45,6 +61,14 @@ class CertificateManager:
             return None
         return (stored.not_after - dt.datetime.now(dt.UTC)).total_seconds() / 86400
 
+    def renew_at(self, stored: Stored) -> dt.datetime:
+        """The CA's suggestion for this certificate when it made one (never after it expires),
+        else when a third of its lifetime is left."""
+        suggestion = self.suggestion
+        if suggestion is not None and suggestion.serial == stored.serial and suggestion.moment is not None:
+            return min(suggestion.moment, stored.not_after)
+        return stored.renew_at()
+
     def ready(self) -> bool:
         stored = self.current()
         return stored is not None and dt.datetime.now(dt.UTC) < stored.not_after
@@ -56,7 +80,9 @@ class CertificateManager:
         if stored is None or now >= stored.not_after:
             said = "no valid certificate yet" if stored is None else f"expired at {_when(stored.not_after)}"
         else:
-            said = f"valid until {_when(stored.not_after)}, renewed from {_when(stored.renew_at())}"
+            said = f"valid until {_when(stored.not_after)}, renewed from {_when(self.renew_at(stored))}"
+            if self.renew_at(stored) != stored.renew_at():
+                said += " (the CA's renewal window)"
         if self.problem is not None:
             said += f"; ordering fails since {_when(self.failing_since)}: {self.problem}"
             if self.next_try is not None:
@@ -77,12 +103,15 @@ class CertificateManager:
         while True:
             stored = self.current()
             now = dt.datetime.now(dt.UTC)
-            if stored is not None and now < stored.renew_at():
-                wait = min((stored.renew_at() - now).total_seconds(), LONGEST_SLEEP)
+            if stored is not None and now < stored.not_after:
+                await self._ask_the_ca(stored, now)
+            if stored is not None and now < self.renew_at(stored):
+                until = min(self.renew_at(stored), self.suggestion.ask_again if self.suggestion else now)
+                wait = min((until - now).total_seconds(), LONGEST_SLEEP)
                 await asyncio.sleep(max(wait, 0.1))
                 continue
             try:
-                ordered = await asyncio.to_thread(self._order_under_lock)
+                ordered = await asyncio.to_thread(self._order_under_lock, stored.serial if stored else None)
             except Exception as exc:  # the CA's refusal, an unreachable CA, a full disk: all retried
                 self.problem = _reason(exc)
                 self.failing_since = self.failing_since or now
@@ -116,11 +145,39 @@ class CertificateManager:
                     _when(fresh.not_after),
                 )
 
-    def _order_under_lock(self) -> bool:
-        """Order, unless another gateway sharing the storage has meanwhile; True when this one did."""
+    async def _ask_the_ca(self, stored: Stored, now: dt.datetime) -> None:
+        """The CA's renewal window for `stored`, when it is time to ask (a new certificate, or
+        the CA's Retry-After passed). A CA that cannot be asked leaves the third of the lifetime
+        to decide meanwhile: worth a line in the log, not a warning."""
+        known = self.suggestion
+        if known is not None and known.serial == stored.serial and now < known.ask_again:
+            return
+        moment = known.moment if known is not None and known.serial == stored.serial else None
+        try:
+            moment, ask_again = await asyncio.to_thread(renewal_window, self.order, self.storage, stored.pem)
+        except errors.ARIError as exc:
+            ask_again = exc.retry_after if exc.retry_after.tzinfo else exc.retry_after.astimezone(dt.UTC)
+            log.info(
+                "acme_directory: the CA's renewal window could not be read (%s)",
+                _reason(exc.__cause__ or exc),
+            )
+        except Exception as exc:  # an unreachable CA: renewal itself will say so if it must
+            ask_again = now + ARI_RETRY
+            log.info("acme_directory: the CA's renewal window could not be read (%s)", _reason(exc))
+        else:
+            if moment is not None and (known is None or known.moment != moment):
+                log.info(
+                    "acme_directory: the CA suggests renewing the certificate at %s (ARI)", _when(moment)
+                )
+        self.suggestion = Suggestion(stored.serial, moment, max(ask_again, now + dt.timedelta(seconds=1)))
+
+    def _order_under_lock(self, seen: int | None) -> bool:
+        """Order, unless another gateway sharing the storage has meanwhile (the certificate
+        stored is no longer the one seen, `seen` its serial, and is fresh); True when this one did."""
         with self.storage.ordering():
             stored = self.current()
-            if stored is not None and dt.datetime.now(dt.UTC) < stored.renew_at():
+            fresh = stored is not None and dt.datetime.now(dt.UTC) < stored.renew_at()
+            if stored is not None and stored.serial != seen and fresh:
                 return False
             obtain(self.order, self.storage)
             return True

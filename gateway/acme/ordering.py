@@ -63,16 +63,7 @@ def obtain(order: Order, storage: Storage) -> None:
     """Order a certificate for `order.names` and store it with its new key. Raises OrderFailed
     (the CA refused: a challenge, the account, the order) or OSError and the like (unreachable)."""
     account_key = JWKEC(key=storage.account_key())
-    network = client.ClientNetwork(
-        account_key,
-        alg=ES256,
-        # requests takes a CA bundle's path where the library's hint says bool
-        verify_ssl=cast(bool, str(order.ca_file)) if order.ca_file else True,
-        user_agent=USER_AGENT,
-        timeout=30,
-    )
-    directory = client.ClientV2.get_directory(order.directory, network)
-    acme = client.ClientV2(directory, net=network)
+    acme, network = _client(order, account_key)
     registration = messages.NewRegistration.from_data(email=order.email, terms_of_service_agreed=True)
     try:
         network.account = acme.new_account(registration)
@@ -115,6 +106,34 @@ def obtain(order: Order, storage: Storage) -> None:
         for path in answered:
             path.unlink(missing_ok=True)
     storage.save(finished.fullchain_pem.encode(), key)
+
+
+def renewal_window(order: Order, storage: Storage, chain: bytes) -> tuple[dt.datetime | None, dt.datetime]:
+    """When the CA suggests renewing this certificate (ARI, RFC 9773: a moment drawn from its
+    window), None when its directory has no renewalInfo; and when to ask again (the CA's
+    Retry-After, six hours by default). Raises errors.ARIError (with when to ask again) or
+    OSError and the like when the CA cannot be asked."""
+    acme, _ = _client(order, JWKEC(key=storage.account_key()))
+    moment, ask_again = acme.renewal_time(chain)
+    return moment, _utc(ask_again)
+
+
+def _utc(moment: dt.datetime) -> dt.datetime:
+    """The library says "ask again at" in naive local time."""
+    return moment.astimezone(dt.UTC) if moment.tzinfo is None else moment
+
+
+def _client(order: Order, account_key: JWK) -> tuple[client.ClientV2, client.ClientNetwork]:
+    network = client.ClientNetwork(
+        account_key,
+        alg=ES256,
+        # requests takes a CA bundle's path where the library's hint says bool
+        verify_ssl=cast(bool, str(order.ca_file)) if order.ca_file else True,
+        user_agent=USER_AGENT,
+        timeout=30,
+    )
+    directory = client.ClientV2.get_directory(order.directory, network)
+    return client.ClientV2(directory, net=network), network
 
 
 def _choose(

@@ -11,7 +11,7 @@ import fcntl
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -30,6 +30,8 @@ class Stored:
     not_before: dt.datetime
     not_after: dt.datetime
     names: frozenset[str]
+    serial: int = 0
+    pem: bytes = field(default=b"", repr=False)  # the chain as stored: what ARI asks about
 
     def renew_at(self) -> dt.datetime:
         """When a third of its lifetime is left."""
@@ -65,7 +67,8 @@ class Storage:
     def stored(self) -> Stored | None:
         """The certificate in `cert.pem`, or None when there is none (or it cannot be read)."""
         try:
-            certificate = x509.load_pem_x509_certificate(self.cert.read_bytes())
+            pem = self.cert.read_bytes()
+            certificate = x509.load_pem_x509_certificate(pem)
         except (OSError, ValueError):
             return None
         try:
@@ -76,7 +79,13 @@ class Storage:
             )
         except x509.ExtensionNotFound:
             names = frozenset()
-        return Stored(certificate.not_valid_before_utc, certificate.not_valid_after_utc, names)
+        return Stored(
+            certificate.not_valid_before_utc,
+            certificate.not_valid_after_utc,
+            names,
+            certificate.serial_number,
+            pem,
+        )
 
     def save(self, fullchain: bytes, key: ec.EllipticCurvePrivateKey) -> None:
         """The new pair: the key first, then the chain (the TLS listener reloads when both changed
