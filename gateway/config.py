@@ -196,6 +196,8 @@ def _dns_names(value: Any) -> tuple[str, ...]:
             )
         ):
             raise ValueError(f"{item!r} is not a DNS name the gateway can answer for")
+        if labels[-1].isdigit():  # RFC 1123: a top-level label is never all digits
+            raise ValueError(f"{item!r} is an IP address: the gateway gets certificates for DNS names")
         names.append(name)
     return tuple(dict.fromkeys(names))
 
@@ -996,7 +998,7 @@ def _acme_problems(values: Mapping[str, Any], check_files: bool, where: Callable
         problems.append(
             f"{where('tls_cert')}: not with acme_directory (the gateway keeps its pair in acme_storage)"
         )
-    if not values.get("acme_names"):
+    if "acme_names" in values and not values["acme_names"]:  # not when it failed to parse
         problems.append(
             f"{where('acme_names')}: needed with acme_directory (the names to get a certificate for)"
         )

@@ -498,6 +498,10 @@ def stop_pebble_only(pebble: Pebble) -> None:
         ({"acme_directory": "http://ca.test/dir", "acme_names": "a.test"}, "acme_directory: expected an https://"),
         ({"acme_directory": "https://ca.test/dir"}, "acme_names: needed with acme_directory"),
         ({"acme_directory": "https://ca.test/dir", "acme_names": "a..test"}, "acme_names: 'a..test' is not"),
+        ({"acme_directory": "https://ca.test/dir", "acme_names": "*.a.test"},
+         "acme_names: '*.a.test' is not"),
+        ({"acme_directory": "https://ca.test/dir", "acme_names": "192.0.2.7"},
+         "acme_names: '192.0.2.7' is an IP"),
         ({"acme_directory": "https://ca.test/dir", "acme_names": "a.test", "acme_challenges": "dns-01"},
          "acme_challenges: expected some of"),
         ({"acme_directory": "https://ca.test/dir", "acme_names": "a.test", "acme_challenges": "http-01"},
@@ -525,6 +529,7 @@ def test_bad_acme_settings_are_refused_by_key(
     key, _, message = problem.partition(": ")
     problems = refused.value.problems
     assert any(line.startswith(key) and message in line for line in problems), problems
+    assert len(problems) == 1, problems  # one line, naming the setting
 
 
 def test_good_acme_settings_make_the_tls_pair_the_storages(tmp_path: Path, users_file: Path) -> None:
