@@ -197,7 +197,10 @@ def _dns_names(value: Any) -> tuple[str, ...]:
         ):
             raise ValueError(f"{item!r} is not a DNS name the gateway can answer for")
         if labels[-1].isdigit():  # RFC 1123: a top-level label is never all digits
-            raise ValueError(f"{item!r} is an IP address: the gateway gets certificates for DNS names")
+            raise ValueError(
+                f"{item!r}: its last label is all digits, as an IP address's; the gateway gets "
+                "certificates for DNS names"
+            )
         names.append(name)
     return tuple(dict.fromkeys(names))
 

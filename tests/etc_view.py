@@ -102,8 +102,8 @@ def main(argv: list[str]) -> int:
     choice.add_argument("--hosts", type=Path, help="file to show as /etc/hosts")
     parser.add_argument("command", nargs="+")
     args = parser.parse_args(argv)
-    if args.hosts is None and args.scratch is None:
-        parser.error("--scratch is needed with --decoy and --absent")
+    if (args.hosts is None) == (args.scratch is None):
+        parser.error("--scratch goes with --decoy and --absent, and not with --hosts")
     enter_private_namespace()
     if args.hosts is not None:
         _mount("--bind", str(args.hosts.resolve()), "/etc/hosts")

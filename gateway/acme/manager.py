@@ -26,6 +26,10 @@ FIRST_RETRY = 5.0  # seconds after a failed order
 LAST_RETRY = 3600.0
 LONGEST_SLEEP = 3600.0  # look again at least hourly (another gateway may have renewed)
 ARI_RETRY = dt.timedelta(hours=1)  # after a failure to ask the CA that says nothing of when
+# The CA's Retry-After, kept within sense (RFC 9773, 4.3.3): a 0 or a date in the past must not
+# make every worker ask each second, nor a huge one keep a revocation's new window unseen.
+ARI_SOONEST = dt.timedelta(minutes=1)
+ARI_LATEST = dt.timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -62,11 +66,16 @@ class CertificateManager:
         return (stored.not_after - dt.datetime.now(dt.UTC)).total_seconds() / 86400
 
     def renew_at(self, stored: Stored) -> dt.datetime:
-        """The CA's suggestion for this certificate when it made one (never after it expires),
-        else when a third of its lifetime is left."""
+        """The CA's suggestion for this certificate when it made one before it expires, else
+        when a third of its lifetime is left."""
         suggestion = self.suggestion
-        if suggestion is not None and suggestion.serial == stored.serial and suggestion.moment is not None:
-            return min(suggestion.moment, stored.not_after)
+        if (
+            suggestion is not None
+            and suggestion.serial == stored.serial
+            and suggestion.moment is not None
+            and suggestion.moment < stored.not_after
+        ):
+            return suggestion.moment
         return stored.renew_at()
 
     def ready(self) -> bool:
@@ -100,11 +109,12 @@ class CertificateManager:
 
     async def _run(self) -> None:
         delay = FIRST_RETRY
+        soon_again = FIRST_RETRY  # the wait when a certificate just obtained is due already
         while True:
             stored = self.current()
+            if stored is not None and dt.datetime.now(dt.UTC) < stored.not_after:
+                await self._ask_the_ca(stored)
             now = dt.datetime.now(dt.UTC)
-            if stored is not None and now < stored.not_after:
-                await self._ask_the_ca(stored, now)
             if stored is not None and now < self.renew_at(stored):
                 until = min(self.renew_at(stored), self.suggestion.ask_again if self.suggestion else now)
                 wait = min((until - now).total_seconds(), LONGEST_SLEEP)
@@ -137,39 +147,64 @@ class CertificateManager:
             self.problem = self.failing_since = self.next_try = None
             self.on_new()
             fresh = self.current()
-            if fresh is not None:
-                log.info(
-                    "certificate for %s %s, valid until %s",
-                    ", ".join(self.order.names),
-                    "obtained" if ordered else "taken from the storage another gateway renewed",
-                    _when(fresh.not_after),
+            if fresh is None:
+                continue
+            log.info(
+                "certificate for %s %s, valid until %s",
+                ", ".join(self.order.names),
+                "obtained" if ordered else "taken from the storage another gateway renewed",
+                _when(fresh.not_after),
+            )
+            await self._ask_the_ca(fresh)
+            if dt.datetime.now(dt.UTC) >= self.renew_at(fresh):
+                # Due the moment it arrived (a CA's window already past, a clock ahead): renewing
+                # at once would order again and again; wait, longer each time, as for a failure.
+                log.warning(
+                    "acme_directory: the new certificate is due for renewal already (renew from %s); "
+                    "next try in %.0f s",
+                    _when(self.renew_at(fresh)),
+                    soon_again,
                 )
+                await asyncio.sleep(soon_again)
+                soon_again = min(soon_again * 2, LAST_RETRY)
+            else:
+                soon_again = FIRST_RETRY
 
-    async def _ask_the_ca(self, stored: Stored, now: dt.datetime) -> None:
+    async def _ask_the_ca(self, stored: Stored) -> None:
         """The CA's renewal window for `stored`, when it is time to ask (a new certificate, or
-        the CA's Retry-After passed). A CA that cannot be asked leaves the third of the lifetime
-        to decide meanwhile: worth a line in the log, not a warning."""
-        known = self.suggestion
-        if known is not None and known.serial == stored.serial and now < known.ask_again:
+        the CA's Retry-After passed, kept between a minute and a day). A CA that cannot be asked
+        leaves the third of the lifetime to decide meanwhile: worth a line in the log, not a
+        warning. The library draws a moment from the window at each ask; for the same
+        certificate the earliest drawn is kept, so that asking again never postpones a renewal
+        (a CA that moves the window earlier, for a revocation, is followed)."""
+        known = (
+            self.suggestion
+            if self.suggestion is not None and self.suggestion.serial == stored.serial
+            else None
+        )
+        if known is not None and dt.datetime.now(dt.UTC) < known.ask_again:
             return
-        moment = known.moment if known is not None and known.serial == stored.serial else None
+        moment = known.moment if known is not None else None
         try:
-            moment, ask_again = await asyncio.to_thread(renewal_window, self.order, self.storage, stored.pem)
+            drawn, ask_again = await asyncio.to_thread(renewal_window, self.order, stored.pem)
         except errors.ARIError as exc:
-            ask_again = exc.retry_after if exc.retry_after.tzinfo else exc.retry_after.astimezone(dt.UTC)
+            ask_again = exc.retry_after
             log.info(
                 "acme_directory: the CA's renewal window could not be read (%s)",
                 _reason(exc.__cause__ or exc),
             )
         except Exception as exc:  # an unreachable CA: renewal itself will say so if it must
-            ask_again = now + ARI_RETRY
+            ask_again = dt.datetime.now(dt.UTC) + ARI_RETRY
             log.info("acme_directory: the CA's renewal window could not be read (%s)", _reason(exc))
         else:
-            if moment is not None and (known is None or known.moment != moment):
+            if drawn is not None and (moment is None or drawn < moment):
+                moment = drawn
                 log.info(
                     "acme_directory: the CA suggests renewing the certificate at %s (ARI)", _when(moment)
                 )
-        self.suggestion = Suggestion(stored.serial, moment, max(ask_again, now + dt.timedelta(seconds=1)))
+        now = dt.datetime.now(dt.UTC)
+        ask_again = min(max(_utc(ask_again), now + ARI_SOONEST), now + ARI_LATEST)
+        self.suggestion = Suggestion(stored.serial, moment, ask_again)
 
     def _order_under_lock(self, seen: int | None) -> bool:
         """Order, unless another gateway sharing the storage has meanwhile (the certificate
@@ -181,6 +216,14 @@ class CertificateManager:
                 return False
             obtain(self.order, self.storage)
             return True
+
+
+def _utc(moment: dt.datetime) -> dt.datetime:
+    """The library's "ask again at" is naive: local time for a Retry-After in seconds, UTC for
+    one that is a date (a difference it does not keep). Taken as local: exact in a container,
+    whose zone is UTC, and off by the zone's offset at most elsewhere, within ARI_SOONEST and
+    ARI_LATEST."""
+    return moment.astimezone(dt.UTC) if moment.tzinfo is None else moment
 
 
 def _when(moment: dt.datetime | None) -> str:

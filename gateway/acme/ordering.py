@@ -108,24 +108,19 @@ def obtain(order: Order, storage: Storage) -> None:
     storage.save(finished.fullchain_pem.encode(), key)
 
 
-def renewal_window(order: Order, storage: Storage, chain: bytes) -> tuple[dt.datetime | None, dt.datetime]:
-    """When the CA suggests renewing this certificate (ARI, RFC 9773: a moment drawn from its
-    window), None when its directory has no renewalInfo; and when to ask again (the CA's
-    Retry-After, six hours by default). Raises errors.ARIError (with when to ask again) or
-    OSError and the like when the CA cannot be asked."""
-    acme, _ = _client(order, JWKEC(key=storage.account_key()))
-    moment, ask_again = acme.renewal_time(chain)
-    return moment, _utc(ask_again)
+def renewal_window(order: Order, chain: bytes) -> tuple[dt.datetime | None, dt.datetime]:
+    """When the CA suggests renewing this certificate (ARI, RFC 9773: a moment the library draws
+    from the window), None when its directory has no renewalInfo; and when to ask again (naive
+    when the library read a Retry-After: see manager._utc). Raises errors.ARIError (with when to
+    ask again) or OSError and the like when the CA cannot be asked. The renewal info is an
+    unauthenticated GET: no account key is read, let alone made."""
+    acme, _ = _client(order, None)
+    return acme.renewal_time(chain)
 
 
-def _utc(moment: dt.datetime) -> dt.datetime:
-    """The library says "ask again at" in naive local time."""
-    return moment.astimezone(dt.UTC) if moment.tzinfo is None else moment
-
-
-def _client(order: Order, account_key: JWK) -> tuple[client.ClientV2, client.ClientNetwork]:
+def _client(order: Order, account_key: JWK | None) -> tuple[client.ClientV2, client.ClientNetwork]:
     network = client.ClientNetwork(
-        account_key,
+        cast(JWK, account_key),  # None: only GETs, which are not signed
         alg=ES256,
         # requests takes a CA bundle's path where the library's hint says bool
         verify_ssl=cast(bool, str(order.ca_file)) if order.ca_file else True,
