@@ -343,6 +343,7 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
             operation,
             view.address,
         )
+        decision = pipeline.narrowed(snapshot, identity, operation, decision)
     record.rule = decision.rule
     if decision.outcome is Outcome.CHALLENGE:
         return _unauthorized(request, operation, "authentication required", basic=identity.basic)
@@ -365,11 +366,9 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
         target = without_query_keys(target, MOUNT_KEYS)
         forwarded = dataclasses.replace(operation, mount_from=None)
     _upstream_token(request, identity, forwarded)
-    if decision.filter_catalog and snapshot.policy is not None:
-        policy = snapshot.policy
-        return await catalog_response(
-            request, operation, view, lambda name: may_pull(policy, user, name, view.address, identity.labels)
-        )
+    if decision.filter_catalog:
+        visible = pipeline.pullable(snapshot, settings.admin_prefix, identity, view.address)
+        return await catalog_response(request, operation, view, visible)
     if screened.expect_continue and request.version >= (1, 1):
         # Only now that the request is authorized may the client start sending its body.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -566,7 +565,7 @@ class Gateway:
     ) -> None:
         self.settings = settings
         cache = CredentialCache(settings.cache_size, settings.cache_ttl)
-        access = store or AccessStore(settings.htpasswd, settings.policy)
+        access = store or AccessStore(settings.htpasswd, settings.policy, robots_path=settings.robots)
         self.authenticator = Authenticator(access, cache)
         self.metrics = Metrics(cache, access)
         self.metrics.directory_state = self._directory_problem

@@ -18,6 +18,7 @@ from typing import TextIO
 
 from gateway.addresses import canonical_peer
 from gateway.files import describe_write_error
+from gateway.robots import robot_name
 from gateway.routes import DELETE, PUSH, Operation, Route
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ def record_entry(record: AuditRecord) -> dict[str, object]:
         if value is None and name in _TOKEN_ONLY:
             continue  # token requests only
         entry[name] = value
+    robot = robot_name(record.user) if record.user is not None else None
+    if robot is not None:
+        entry["robot"] = robot  # a machine's credentials, not a person's
     # Rounded here, not per request (round() is a few thousand instructions; most records are
     # never written).
     entry["duration_ms"] = round(record.duration_ms, 3)

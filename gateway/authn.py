@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import datetime as dt
 import hmac
 import logging
 import os
@@ -23,10 +24,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from gateway import htpasswd
+from gateway import htpasswd, robots
 from gateway.identity import IdentitySource, Labels, Probing, Rejected, Unknown, Verdict, Verified
 from gateway.identity.external import ExternalSource
 from gateway.identity.ldap import LdapSettings, LdapSource
+from gateway.identity.robots import RobotSource
+from gateway.robots import Robot
 from gateway.state import AccessStore, Snapshot
 
 log = logging.getLogger(__name__)
@@ -172,6 +175,7 @@ class Authenticator:
         self._in_flight: dict[tuple[bytes, int], asyncio.Future[Verdict]] = {}
         self._ldap: LdapSource | None = None
         self._external: ExternalSource | None = None
+        self._robots: tuple[Mapping[str, Robot], RobotSource] | None = None
         # Labels of users a source that is not lasting (a directory, a program) verified, for
         # requests that carry a token, not a password; kept as long as a cached login (cache_ttl).
         self._recent_logins: dict[str, tuple[Labels, float]] = {}
@@ -196,9 +200,13 @@ class Authenticator:
         return self._ldap
 
     def sources(self, snapshot: Snapshot) -> list[IdentitySource]:
-        """The identity sources in the order they are asked: the files (htpasswd and the policy's
-        static users), LDAP, then ext_auth. The dummy check after them is not a source (_verify)."""
-        found: list[IdentitySource] = [FileUsers(snapshot.users, self._check_hash)]
+        """The identity sources in the order they are asked: robots (the only source of robot+
+        names), the files (htpasswd and the policy's static users), LDAP, then ext_auth. The dummy
+        check after them is not a source (_verify)."""
+        found: list[IdentitySource] = [
+            self._robot_source(snapshot),
+            FileUsers(snapshot.users, self._check_hash),
+        ]
         directory = self.ldap_source(snapshot)
         if directory is not None:
             found.append(directory)
@@ -208,6 +216,18 @@ class Authenticator:
                 self._external = ExternalSource(settings)
             found.append(self._external)
         return found
+
+    def _robot_source(self, snapshot: Snapshot) -> RobotSource:
+        """One per snapshot (it remembers when it last recorded each robot's use)."""
+        if self._robots is None or self._robots[0] is not snapshot.robots:
+            path = self.store.robots_path
+
+            def record(name: str) -> None:
+                if path is not None:
+                    robots.record_use(path, name, dt.datetime.now(dt.UTC))
+
+            self._robots = (snapshot.robots, RobotSource(snapshot.robots, record))
+        return self._robots[1]
 
     def probing_source(self, snapshot: Snapshot | None = None) -> Probing | None:
         """The source that can say whether it answers now (a directory: `Probing`), for /readyz

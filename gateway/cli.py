@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway import __version__, admin_cli, config, docker_auth, policyfile
+from gateway import __version__, admin_cli, config, docker_auth, policyfile, robot_cli
 from gateway.state import AccessStore, StateError
 
 log = logging.getLogger("gateway")
@@ -26,6 +26,7 @@ SETTING_FLAGS: tuple[tuple[str, str], ...] = (
     ("upstream", "registry URL (default http://registry:5000)"),
     ("htpasswd", "Apache htpasswd file with the users"),
     ("policy", "policy file with ACL rules, labels and static users (default: admin-prefix policy)"),
+    ("robots", "robot accounts' file, written by `registry-gateway robot` (default: no robots)"),
     ("admin_prefix", "users whose name starts with this may push and delete (default admin)"),
     ("realm", "realm of the Basic challenge"),
     ("workers", "worker processes sharing the port (default 1)"),
@@ -90,6 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(health, serve=False)
     admin_cli.add_parsers(commands)
+    robot_cli.add_parsers(commands)
     demo = commands.add_parser(
         "demo", help="run a local registry (Debian's docker-registry) and the gateway with demo users"
     )
@@ -130,7 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     try:
-        store = AccessStore(settings.htpasswd, settings.policy)
+        store = AccessStore(settings.htpasswd, settings.policy, robots_path=settings.robots)
     except StateError as exc:
         print("registry-gateway: cannot load users and rules:", file=sys.stderr)
         for problem in exc.problems:
@@ -334,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return admin_cli.run_user(args)
     if args.command == "policy":
         return admin_cli.run_policy(args)
+    if args.command == "robot":
+        return robot_cli.run(args)
     from gateway.demo import run_demo  # the server runtime with it: imported for demo only, as in _serve
 
     return run_demo(args.data, args.listen, args.registry_listen, args.registry_bin)

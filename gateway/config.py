@@ -41,6 +41,7 @@ class Settings:
     upstream: URL
     htpasswd: Path
     policy: Path | None
+    robots: Path | None
     admin_prefix: str
     realm: str
     trusted_proxies: tuple[IPNetwork, ...]
@@ -491,6 +492,19 @@ SETTINGS: tuple[Setting, ...] = (
         "and swapped in at once; an invalid change is logged and the last good rules stay",
         flag=True,
         example="/etc/registry-gateway/policy.yml",
+    ),
+    Setting(
+        "robots",
+        "file path, or none",
+        None,
+        _optional_path,
+        "Robot accounts' file, written by `registry-gateway robot` (create, rotate, revoke): machine "
+        "credentials for CI that log in as `robot+NAME`, limited to their scopes and expiring "
+        "(docs/robots.md). A file that does not exist yet holds no robots. None: no robots.",
+        USERS,
+        reload=f"the file: {_WATCHED}; one that does not parse is logged and the last good robots stay",
+        flag=True,
+        example="/etc/registry-gateway/robots.yml",
     ),
     Setting(
         "admin_prefix",
@@ -1153,7 +1167,7 @@ def load(
 
     if check_files and "htpasswd" in values and "policy" in values:
         try:
-            state.build(values["htpasswd"], values["policy"])
+            state.build(values["htpasswd"], values["policy"], values.get("robots"))
         except state.StateError as exc:
             problems.extend(f"{where(key, merged[key][1])}: {message}" for key, message in exc.by_key)
 

@@ -132,7 +132,9 @@ def run_demo(data: Path, listen: str, registry_listen: str, registry_bin: str) -
         flush=True,
     )
     try:
-        run_event_loop(run_server(settings, AccessStore(settings.htpasswd, settings.policy)))
+        run_event_loop(
+            run_server(settings, AccessStore(settings.htpasswd, settings.policy, robots_path=settings.robots))
+        )
     except ListenError as exc:
         print(f"demo: {exc}; choose another address with --listen HOST:PORT", file=sys.stderr)
         return 2

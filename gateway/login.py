@@ -109,20 +109,19 @@ def login_if_cached(
 
 def before_account_ends(snapshot: Snapshot, user: str, until: float) -> float:
     """`until` (time.monotonic()), or the moment the user's account expires if that is sooner."""
-    if snapshot.policy is not None:
-        expires = snapshot.policy.account(user).expires
-        if expires is not None:
-            left = (expires - dt.datetime.now(dt.UTC)).total_seconds()
-            return min(until, time.monotonic() + left)
+    expires = snapshot.account(user).expires
+    if expires is not None:
+        left = (expires - dt.datetime.now(dt.UTC)).total_seconds()
+        return min(until, time.monotonic() + left)
     return until
 
 
 def _logged_in(verified: Verified, snapshot: Snapshot) -> LoggedIn | Refused:
     user = verified.user
-    if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
+    account = snapshot.account(user)
+    if account.expired(dt.datetime.now(dt.UTC)):
         return Refused("expired")
-    account_labels = snapshot.policy.account(user).labels if snapshot.policy is not None else {}
-    return LoggedIn(user, merge_labels(account_labels, verified.labels), verified.source)
+    return LoggedIn(user, merge_labels(account.labels, verified.labels), verified.source)
 
 
 def locked_response(locked: Locked) -> web.Response:

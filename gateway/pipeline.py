@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.identity import Labels, merge_labels
-from gateway.policy import Decision, acl_policy, default_policy
+from gateway.policy import Decision, acl_policy, default_policy, may_pull, within_scopes
 from gateway.routes import PULL, Operation, Route
 from gateway.state import Snapshot
 from gateway.tokens.authority import TokenAuthority
@@ -104,9 +104,9 @@ def still_valid(snapshot: Snapshot, user: str, remembered_labels: Labels | None)
     """A token's user still exists (in the files, or a source that is not lasting, a directory
     or a program, verified it within cache_ttl: `remembered_labels`) and has not expired (tokens
     outlive neither)."""
-    if user not in snapshot.users and remembered_labels is None:
+    if user not in snapshot.credentials and remembered_labels is None:
         return False
-    return snapshot.policy is None or not snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC))
+    return not snapshot.account(user).expired(dt.datetime.now(dt.UTC))
 
 
 def token_identity(
@@ -128,8 +128,9 @@ def token_identity(
         return TokenRefused("the token's user is no longer valid", "user", user)
     labels = None
     if user is not None and remembered is not None:
-        account_labels = snapshot.policy.account(user).labels if snapshot.policy is not None else {}
-        labels = merge_labels(account_labels, remembered)
+        labels = merge_labels(snapshot.account(user).labels, remembered)
+    elif user is not None and user in snapshot.robots:
+        labels = snapshot.account(user).labels  # not in the policy's users: the robot's own
     return TokenIdentity(Identity(user, claims.access, labels=labels), claims, remembered is not None)
 
 
@@ -163,10 +164,35 @@ def scope_check(identity: Identity, operation: Operation) -> Scopes:
 def decide(
     snapshot: Snapshot, admin_prefix: str, identity: Identity, operation: Operation, ip: str
 ) -> Decision:
-    """The policy's decision: the policy file's ACL, or the seed default (`admin_prefix`) without one."""
+    """The policy's decision: the policy file's ACL, or the seed default (`admin_prefix`) without
+    one; for a robot, narrowed to its scopes (`narrowed`)."""
     if snapshot.policy is None:
-        return default_policy(identity.user, operation, admin_prefix)
-    return acl_policy(snapshot.policy, identity.user, operation, ip, identity.labels)
+        decision = default_policy(identity.user, operation, admin_prefix)
+    else:
+        decision = acl_policy(snapshot.policy, identity.user, operation, ip, identity.labels)
+    return narrowed(snapshot, identity, operation, decision)
+
+
+def narrowed(snapshot: Snapshot, identity: Identity, operation: Operation, decision: Decision) -> Decision:
+    """`decision` (the policy's, or an ext_authz program's), within a robot's scopes."""
+    robot = snapshot.robots.get(identity.user) if identity.user is not None else None
+    return decision if robot is None else within_scopes(decision, robot, operation)
+
+
+def pullable(snapshot: Snapshot, admin_prefix: str, identity: Identity, ip: str) -> Callable[[str], bool]:
+    """Whether the user may pull a repository: what a filtered catalog shows."""
+    user = identity.user
+    robot = snapshot.robots.get(user) if user is not None else None
+    policy = snapshot.policy
+
+    def visible(name: str) -> bool:
+        if robot is not None and not robot.allowed("repository", name, frozenset({PULL})):
+            return False
+        if policy is None:
+            return user is not None
+        return may_pull(policy, user, name, ip, identity.labels)
+
+    return visible
 
 
 # --- forward ----------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from gateway import acl
 from gateway.identity import Labels
 from gateway.policyfile import Policy
-from gateway.routes import PULL, Operation, Route
+from gateway.robots import Robot
+from gateway.routes import CATALOG, PULL, Operation, Route
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 
@@ -111,3 +112,24 @@ def acl_policy(
         policy, user, operation.mount_from, ip, labels
     )
     return Decision(Outcome.ALLOW, "granted", verdict.entry_index, verdict.comment, drop_mount=drop_mount)
+
+
+def within_scopes(decision: Decision, robot: Robot, operation: Operation) -> Decision:
+    """A robot's decision: the policy's (for the account robot+NAME), narrowed to the robot's
+    scopes. A denial keeps the rule that had granted, so that no ext_authz program is asked to
+    grant what the scopes refuse."""
+    if not decision.allowed or operation.route is Route.BASE:
+        return decision
+    if operation.route is Route.CATALOG:
+        if decision.filter_catalog or not robot.allowed("registry", "catalog", frozenset({CATALOG})):
+            return Decision(Outcome.ALLOW, "catalog filtered to what the robot may pull", filter_catalog=True)
+        return decision
+    if operation.repository is None or robot.allowed(
+        "repository", operation.repository, operation.actions
+    ) != (operation.actions):
+        return Decision(Outcome.DENY, f"outside robot {robot.name}'s scopes", decision.rule, decision.comment)
+    if operation.mount_from is not None and not robot.allowed(
+        "repository", operation.mount_from, frozenset({PULL})
+    ):
+        decision.drop_mount = True
+    return decision

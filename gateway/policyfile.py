@@ -98,7 +98,7 @@ class Policy:
     ext_authz: ExternalSettings | None = None  # docker_auth's ext_authz: a program for what no entry matches
 
     def account(self, name: str) -> Account:
-        return self.accounts.get(name, _NO_ACCOUNT)
+        return self.accounts.get(name, NO_ACCOUNT)
 
     @property
     def read_files(self) -> tuple[Path, ...]:
@@ -108,7 +108,7 @@ class Policy:
         return ()
 
 
-_NO_ACCOUNT = Account()
+NO_ACCOUNT = Account()
 
 
 class PolicyError(ValueError):

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from gateway import htpasswd, policyfile
+from gateway import htpasswd, policyfile, robots
 from gateway.files import Signature, describe_read_error, signature
+from gateway.robots import Robot
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,21 @@ class Snapshot:
     policy: policyfile.Policy | None  # None: the default admin-prefix policy
     generation: int
     dummy: htpasswd.StoredHash = field(repr=False)
+    robots: Mapping[str, Robot] = field(default_factory=dict)  # by account, robot+NAME
+    # Users' and robots' stored secrets together: who may hold a token, and what a refresh
+    # token's fingerprint is of. Made from the two.
+    credentials: Mapping[str, htpasswd.StoredHash] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        robots_hashes = {account: robot.stored_hash() for account, robot in self.robots.items()}
+        object.__setattr__(self, "credentials", MappingProxyType({**self.users, **robots_hashes}))
+
+    def account(self, user: str) -> policyfile.Account:
+        """The account's labels and expiry: a robot's own, or the policy's `users:` entry."""
+        robot = self.robots.get(user)
+        if robot is not None:
+            return policyfile.Account(robot.account_labels(), robot.expires)
+        return self.policy.account(user) if self.policy is not None else policyfile.NO_ACCOUNT
 
 
 class StateError(ValueError):
@@ -52,9 +68,9 @@ def _typical_bcrypt_cost(users: Mapping[str, htpasswd.StoredHash]) -> int:
 
 
 def build(
-    htpasswd_path: Path, policy_path: Path | None
-) -> tuple[dict[str, htpasswd.StoredHash], policyfile.Policy | None, list[str]]:
-    """Load both files and check them together. Raises StateError naming every problem.
+    htpasswd_path: Path, policy_path: Path | None, robots_path: Path | None = None
+) -> tuple[dict[str, htpasswd.StoredHash], policyfile.Policy | None, dict[str, Robot], list[str]]:
+    """Load the files and check them together. Raises StateError naming every problem.
 
     The one place users and rules are loaded: at start-up, on reload, and by `check-config`.
     """
@@ -81,19 +97,34 @@ def build(
             if name in users:
                 problems.append(("policy", f"{policy_path}: users.{name}: also in {htpasswd_path}; keep one"))
             users[name] = stored
+    found: dict[str, Robot] = {}
+    if robots_path is not None:
+        try:
+            found = robots.read(robots_path)
+        except robots.RobotsError as exc:
+            problems.append(("robots", str(exc)))
+    for name in users:
+        if robots.robot_name(name) is not None:
+            where = "policy" if policy is not None and name in policy.users else "htpasswd"
+            problems.append((where, f"user {name!r}: names starting with {robots.PREFIX!r} are robots'"))
     if problems:
         raise StateError(problems)
-    return users, policy, warnings
+    return users, policy, found, warnings
 
 
 class AccessStore:
     """Holds the current Snapshot; `reload_if_changed` swaps in a new one when a file changed."""
 
     def __init__(
-        self, htpasswd_path: Path, policy_path: Path | None = None, docker_auth_service: str | None = None
+        self,
+        htpasswd_path: Path,
+        policy_path: Path | None = None,
+        docker_auth_service: str | None = None,
+        robots_path: Path | None = None,
     ) -> None:
         self.htpasswd_path = htpasswd_path
         self.policy_path = policy_path
+        self.robots_path = robots_path
         # docker_auth matches `service` against what the client asked for: the registry's service,
         # which is token_service here. A docker_auth file without `service:` compares with that.
         self.docker_auth_service = docker_auth_service
@@ -108,14 +139,14 @@ class AccessStore:
         self._reload_lock = threading.Lock()
 
     def _current_signatures(self) -> tuple[Signature, ...]:
-        paths = (self.htpasswd_path, self.policy_path, *self._read_files)
+        paths = (self.htpasswd_path, self.policy_path, self.robots_path, *self._read_files)
         return tuple(signature(path) for path in paths)
 
     def _follow_read_files(self) -> None:
-        """After a load: the files the policy read are followed from now on. The two files' own
+        """After a load: the files the policy read are followed from now on. The three files' own
         signatures stay those taken before they were read, so a change while they were read is
         still seen as one."""
-        self._signatures = self._signatures[:2] + tuple(signature(path) for path in self._read_files)
+        self._signatures = self._signatures[:3] + tuple(signature(path) for path in self._read_files)
 
     def _settled(self, signatures: tuple[Signature, ...], force: bool) -> bool:
         """Whether the changed files have held still for SETTLE_SECONDS (in the watcher's thread:
@@ -130,7 +161,7 @@ class AccessStore:
         return force
 
     def _load(self) -> Snapshot:
-        users, policy, warnings = build(self.htpasswd_path, self.policy_path)
+        users, policy, found, warnings = build(self.htpasswd_path, self.policy_path, self.robots_path)
         if (
             policy is not None
             and policy.docker_auth is not None
@@ -143,7 +174,7 @@ class AccessStore:
         self._generation += 1
         self._read_files = policy.read_files if policy is not None else ()
         dummy = htpasswd.make_dummy(_typical_bcrypt_cost(users))
-        return Snapshot(MappingProxyType(users), policy, self._generation, dummy)
+        return Snapshot(MappingProxyType(users), policy, self._generation, dummy, MappingProxyType(found))
 
     def use_docker_auth_service(self, service: str) -> None:
         """Once the settings are known (they may come from the docker_auth file itself)."""
@@ -192,5 +223,5 @@ class AccessStore:
             self._follow_read_files()
         self.reloads_ok += 1
         rules = "default policy" if snapshot.policy is None else f"{len(snapshot.policy.acl)} rules"
-        log.info("reloaded: %d users, %s", len(snapshot.users), rules)
+        log.info("reloaded: %d users, %s, %d robots", len(snapshot.users), rules, len(snapshot.robots))
         return True

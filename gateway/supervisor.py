@@ -42,7 +42,12 @@ def _worker_main(
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISED_SIGNALS)  # blocked by supervise's start
     try:
-        store = AccessStore(settings.htpasswd, settings.policy, docker_auth_service=settings.token_service)
+        store = AccessStore(
+            settings.htpasswd,
+            settings.policy,
+            docker_auth_service=settings.token_service,
+            robots_path=settings.robots,
+        )
         if metrics_socket is not None:
             metrics_socket.unlink(missing_ok=True)  # a socket left by the worker it replaces
         serving = run_server(

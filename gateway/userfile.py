@@ -56,7 +56,7 @@ def hash_password(password: str, cost: int = DEFAULT_COST) -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     # Beside the file itself, not beside a symlink to it: every writer takes the same lock.
     real = Path(os.path.realpath(path))
     lock_path = real.with_name(real.name + ".lock")
@@ -77,7 +77,7 @@ def _user_of(line: str) -> str | None:
 
 def change(path: Path, edit: Callable[[list[str]], list[str]], *, create: bool = False) -> None:
     """Apply `edit` to the file's lines under the lock, and write the result atomically."""
-    with _locked(path):
+    with locked(path):
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:

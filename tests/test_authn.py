@@ -283,7 +283,8 @@ class ProgramLike:
 async def test_every_source_behind_one_contract(
     tmp_path: Path, counting: CountingVerify, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The files are a source like any other, asked first; a name no source knows costs the
+    """The files are a source like any other, asked first after robots (which answer only robot+
+    names); a name no source knows costs the
     dummy check; a source that is not lasting vouches for its users' tokens while their login is
     cached, a lasting one (the files) for as long as the files say."""
     path = tmp_path / "htpasswd"
@@ -293,7 +294,11 @@ async def test_every_source_behind_one_contract(
     chain = auth.sources
     monkeypatch.setattr(auth, "sources", lambda snapshot: [*chain(snapshot), program])
     try:
-        assert [source.name for source in auth.sources(auth.store.snapshot)] == ["htpasswd", "program"]
+        assert [source.name for source in auth.sources(auth.store.snapshot)] == [
+            "robot",
+            "htpasswd",
+            "program",
+        ]
         assert await auth.login(Credentials("alice", "pw")) == Verified("alice")
         assert program.asked == []  # a name the files know is never asked elsewhere
         assert await auth.login(Credentials("carol", "pw")) == Verified(

@@ -56,7 +56,9 @@ class Stack:
         self.docker_cli("rmi", "-f", name)
 
 
-def _stack(tmp_path: Path, docker: Docker, *flags: str) -> Iterator[Stack]:
+def docker_stack(
+    tmp_path: Path, docker: Docker, *flags: str, env: dict[str, str] | None = None
+) -> Iterator[Stack]:
     registry = start_registry(tmp_path)
     gateway = None
     try:
@@ -67,7 +69,7 @@ def _stack(tmp_path: Path, docker: Docker, *flags: str) -> Iterator[Stack]:
             htpasswd_add(users, user, password)
         metrics_port = free_port()
         gateway = start_gateway(
-            tmp_path, registry.url, users, "--metrics-listen", f"127.0.0.1:{metrics_port}", *flags
+            tmp_path, registry.url, users, "--metrics-listen", f"127.0.0.1:{metrics_port}", *flags, env=env
         )
         yield Stack(
             docker, registry, gateway, tmp_path / "docker-config", f"http://127.0.0.1:{metrics_port}/metrics"
@@ -80,14 +82,14 @@ def _stack(tmp_path: Path, docker: Docker, *flags: str) -> Iterator[Stack]:
 
 @pytest.fixture
 def default_stack(tmp_path: Path, dockerd: Docker) -> Iterator[Stack]:
-    yield from _stack(tmp_path, dockerd)
+    yield from docker_stack(tmp_path, dockerd)
 
 
 @pytest.fixture
 def policy_stack(tmp_path: Path, dockerd: Docker) -> Iterator[Stack]:
     policy = tmp_path / "policy.yml"
     policy.write_text(POLICY)
-    yield from _stack(tmp_path, dockerd, "--policy", str(policy))
+    yield from docker_stack(tmp_path, dockerd, "--policy", str(policy))
 
 
 def linked(registry: Registry, repository: str) -> set[str]:

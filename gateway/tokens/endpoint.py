@@ -31,7 +31,7 @@ from gateway.policy import acl_request
 from gateway.shared.lockout import SharedLockout
 from gateway.state import Snapshot
 from gateway.tokens.authority import TokenAuthority
-from gateway.tokens.grants import grant, unmatched
+from gateway.tokens.grants import grant, unmatched, within
 from gateway.tokens.jwt_tokens import InvalidToken, claimed_subject
 from gateway.tokens.scopes import Scope, merge, parse_scopes
 
@@ -196,8 +196,8 @@ async def token_endpoint(
     offline = params.get("offline_token", "").lower() == "true" or params.get("access_type") == "offline"
     refresh = None
     # Refresh tokens are tied to the user's entry in the files; directory users log in again.
-    if offline and user is not None and authority.refresh_lifetime and user in snapshot.users:
-        refresh = authority.issue_refresh(user, snapshot.users[user])
+    if offline and user is not None and authority.refresh_lifetime and user in snapshot.credentials:
+        refresh = authority.issue_refresh(user, snapshot.credentials[user])
     extra = await _program_grants(ask_program, metrics, scopes, user, snapshot, client, labels)
     return _answer(
         authority, metrics, record, snapshot, settings, scopes, user, client, refresh, labels, extra
@@ -232,6 +232,7 @@ def _answer(
     granted = grant(scopes, user, snapshot.policy, settings.admin_prefix, client, labels)
     if extra:
         granted = merge(granted + extra)
+    granted = within(granted, snapshot.robots.get(user) if user is not None else None)
     record.scopes_granted = [str(scope) for scope in granted]
     token, issued = authority.issue(user or "", granted)
     metrics.tokens.labels("issued", "").inc()
@@ -276,7 +277,7 @@ async def _refresh(
     # Counted for the user the token claims only when that is a user of the files (the only
     # users refresh tokens are issued to); a made-up name costs the sender nothing to write, and
     # each would take a slot of the lockout's table: all those are one pair, the client's.
-    if claimed not in snapshot.users:
+    if claimed not in snapshot.credentials:
         claimed = ""
     wait = await lockout.retry_after(client, claimed, time.monotonic())
     if wait is not None:
@@ -284,13 +285,13 @@ async def _refresh(
         metrics.tokens.labels("rejected", "locked").inc()
         return locked_response(Locked(wait))
     try:
-        user = authority.refresh_subject(token, snapshot.users)
+        user = authority.refresh_subject(token, snapshot.credentials)
     except InvalidToken as exc:
         await lockout.failed(client, claimed, time.monotonic(), token.encode())
         metrics.tokens.labels("rejected", "refresh").inc()
         return _oauth_error(401, "invalid_grant", str(exc))
     record.user = user
-    if snapshot.policy is not None and snapshot.policy.account(user).expired(dt.datetime.now(dt.UTC)):
+    if snapshot.account(user).expired(dt.datetime.now(dt.UTC)):
         metrics.tokens.labels("rejected", "expired").inc()
         return _oauth_error(401, "invalid_grant", "account expired")
     extra = await _program_grants(ask_program, metrics, scopes, user, snapshot, client, None)

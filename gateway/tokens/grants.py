@@ -10,6 +10,7 @@ from gateway import acl
 from gateway.identity import Labels
 from gateway.policy import acl_request
 from gateway.policyfile import Policy
+from gateway.robots import Robot
 from gateway.routes import CATALOG, DELETE, PULL, PUSH, valid_name
 from gateway.tokens.scopes import Scope
 
@@ -88,3 +89,11 @@ def unmatched(
         if acl.evaluate(policy.rules, request).entry_index is None:
             found.append(Scope(scope.type, scope.name, _wanted(scope)))
     return found
+
+
+def within(scopes: Iterable[Scope], robot: Robot | None) -> list[Scope]:
+    """What a robot's token may grant of `scopes` (the policy's grant): within its own scopes."""
+    if robot is None:
+        return list(scopes)
+    narrowed = [Scope(s.type, s.name, robot.allowed(s.type, s.name, s.actions)) for s in scopes]
+    return [scope for scope in narrowed if scope.actions]
