@@ -229,7 +229,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from gateway.tokens import revocations
+    from gateway.revoking import RevokeError, revoke_everywhere
 
     path: Path | None = args.file
     try:
@@ -241,35 +241,12 @@ def _revoke(args: argparse.Namespace) -> int:
         settings = None  # --file alone: the file is all that is asked for
     if path is None and settings is not None:
         path = settings.token_revocations
-    redis_url = settings.redis_url if settings is not None and args.file is None else None
-    if path is None and redis_url is None:
-        print(
-            "nowhere to record it: set redis_url (GATEWAY_REDIS_URL) or token_revocations "
-            "(GATEWAY_TOKEN_REVOCATIONS), or pass --file",
-            file=sys.stderr,
-        )
-        return 2
-    if path is not None and not path.parent.is_dir():
-        print(f"{path.parent} does not exist", file=sys.stderr)
-        return 2
-    moment = revocations.revocation_moment()
-    where = []
-    if redis_url is not None and settings is not None:
-        from gateway.shared import revocations as shared_revocations
-        from gateway.shared.link import describe
-
-        try:
-            shared_revocations.revoke(
-                redis_url, settings.redis_password_file, settings.redis_ca_file, args.user, moment
-            )
-        except Exception as exc:  # redis-py's errors, a password file that cannot be read
-            print(f"redis_url: cannot record the revocation in {describe(redis_url)}: {exc}", file=sys.stderr)
-            return 1
-        where.append(f"Redis at {describe(redis_url)}: every gateway applies it at once")
-    if path is not None:
-        revocations.revoke(path, args.user, moment)
-        where.append(f"{path}: gateways reading it notice within reload_interval")
-    revocations.wait_until_accepted(moment)
+    try:
+        # --file alone: that file, not Redis as well.
+        where = revoke_everywhere(settings if args.file is None else None, path, args.user)
+    except RevokeError as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_status
     print(f"tokens issued to {args.user} until now are revoked ({'; '.join(where)})")
     return 0
 

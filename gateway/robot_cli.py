@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gateway import config, robots
 from gateway.identity import Labels
+from gateway.revoking import RevokeError, revoke_everywhere
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,15 +63,36 @@ def run(args: argparse.Namespace) -> int:
             _print_secret(args.name, secret, path)
         elif command == "rotate":
             _print_secret(args.name, robots.rotate(path, args.name, now), path)
+            _revoke_tokens(args)
         elif command == "revoke":
             robots.revoke(path, args.name)
-            print(f"revoked robot {args.name} in {path}: refused once the gateway reloads it")
+            print(
+                f"revoked robot {args.name} in {path}: refused once the gateway reloads it", file=sys.stderr
+            )
+            _revoke_tokens(args)
         else:
             _list(path, now)
         return 0
     except (robots.RobotsError, config.ConfigError, OSError) as exc:
         print(f"registry-gateway robot: {exc}", file=sys.stderr)
         return 2
+    except RevokeError as exc:
+        print(f"registry-gateway robot: the robots file is changed, but its tokens: {exc}", file=sys.stderr)
+        return exc.exit_status
+
+
+def _revoke_tokens(args: argparse.Namespace) -> None:
+    """Its tokens too, where the settings say revocations go (Redis: every replica at once; the
+    revocations file): without, they end at the robots file's reload (revoke) or when they
+    expire (rotate: the old secret's access tokens; its refresh tokens end at the reload)."""
+    try:
+        settings = _settings(args)
+    except config.ConfigError:
+        return
+    if settings.redis_url is None and settings.token_revocations is None:
+        return
+    where = revoke_everywhere(settings, settings.token_revocations, robots.PREFIX + args.name)
+    print(f"its tokens until now are revoked ({'; '.join(where)})", file=sys.stderr)
 
 
 def _print_secret(name: str, secret: str, path: Path) -> None:
@@ -120,13 +142,17 @@ def _labels(given: list[str]) -> Labels:
     return labels
 
 
-def _robots_file(args: argparse.Namespace) -> Path:
-    if args.file is not None:
-        return Path(args.file)
+def _settings(args: argparse.Namespace) -> config.Settings:
     config_file = args.config
     if config_file is None and os.environ.get(config.ENV_PREFIX + "CONFIG"):
         config_file = Path(os.environ[config.ENV_PREFIX + "CONFIG"])
-    settings = config.load(config_file, os.environ, {}, check_files=False)
+    return config.load(config_file, os.environ, {}, check_files=False)
+
+
+def _robots_file(args: argparse.Namespace) -> Path:
+    if args.file is not None:
+        return Path(args.file)
+    settings = _settings(args)
     if settings.robots is None:
         raise robots.RobotsError(
             "no robots file: set `robots` in the settings (or GATEWAY_ROBOTS), or give --file PATH"

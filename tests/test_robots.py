@@ -262,3 +262,19 @@ def test_the_cli_prints_the_secret_once_and_lists_without_it(tmp_path: Path) -> 
         and "Traceback" not in refused.stderr
     )
     assert cli("rotate", "nobody").stderr.strip() == "registry-gateway robot: no robot 'nobody'"
+
+
+def test_revoke_and_rotate_void_the_robots_tokens_where_revocations_go(tmp_path: Path) -> None:
+    from gateway.tokens import revocations
+
+    path, revoked = tmp_path / "robots.yml", tmp_path / "revoked"
+    robots.create(path, "ci", robots.parse_scopes(["repository:ci/*:pull"]), None, {}, NOW)
+    environment = {"PATH": "/usr/bin:/bin", "GATEWAY_TOKEN_REVOCATIONS": str(revoked)}
+    for command in ("rotate", "revoke"):
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "robot", command, "ci", "--file", str(path)],
+            capture_output=True, text=True, timeout=60, env=environment,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert f"its tokens until now are revoked ({revoked}" in done.stderr
+    assert set(revocations.read(revoked)) == {"robot+ci"}
