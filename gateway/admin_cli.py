@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from gateway import acl, config, htpasswd, policyfile, userfile
+from gateway import acl, config, htpasswd, immutable, policyfile, userfile
 from gateway.identity import Labels, Unavailable, Unknown, merge_labels
 from gateway.policy import acl_request
 
@@ -57,6 +57,9 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=[],
         metavar="KEY=VALUE",
         help="a label the user's identity source gives (for ext_auth users; repeatable)",
+    )
+    explain.add_argument(
+        "--tag", default=None, help="also say whether this tag of the repository is immutable"
     )
     for sub in (check, explain):
         sub.add_argument("--policy", type=Path, help="policy file (default: the configured one)")
@@ -187,7 +190,8 @@ def run_policy(args: argparse.Namespace) -> int:
     if args.policy_command == "check":
         print(
             f"policy OK: {len(policy.acl)} rules, {len(policy.users)} static users, "
-            f"{len(policy.accounts)} accounts with labels or expiry"
+            f"{len(policy.accounts)} accounts with labels or expiry, "
+            f"{len(policy.immutable)} immutable tag rules"
         )
         return 0
     extra: dict[str, tuple[str, ...]] = {}
@@ -203,6 +207,15 @@ def run_policy(args: argparse.Namespace) -> int:
     print(f"  source: {source}")
     if labels:
         print("  labels: " + ", ".join(f"{key}={'|'.join(values)}" for key, values in sorted(labels.items())))
+    if args.tag is not None:
+        rule = immutable.rule_for(policy.immutable, args.repository, args.tag)
+        if rule is None:
+            print(f"  tag {args.tag}: mutable (no immutable: rule covers it)")
+        else:
+            print(
+                f"  tag {args.tag}: immutable by {rule.describe()}: once pushed, a push of another "
+                "manifest to it and a delete of it or of its manifest are refused"
+            )
     return status
 
 

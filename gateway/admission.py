@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway import forwarding, pipeline
+from gateway import forwarding, immutable, pipeline
 from gateway.authn import Authenticator, Malformed, parse_basic_authorization
 from gateway.config import Settings
 from gateway.http.fastpath import Forward, ParsedHead
@@ -138,6 +138,8 @@ def allowed_outright(
     decision = pipeline.decide(snapshot, settings.admin_prefix, identity, operation, view.address)
     if decision.outcome is not Outcome.ALLOW or decision.drop_mount or decision.filter_catalog:
         return None
+    if snapshot.policy is not None and immutable.guard(snapshot.policy.immutable, operation) is not None:
+        return None  # the registry must be looked at first: the full path's (app._guarded)
     if identity.basic:
         gateway.authenticator.cache.hits += 1  # the login cache answered (or the memo, for it)
     upstream = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +20,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway import acl, admission, catalog, forwarding, pipeline
+from gateway import acl, admission, catalog, forwarding, immutable, pipeline, tag_lookup
 from gateway.admission import IdentityMemo
 from gateway.audit import AuditLog, AuditRecord, new_record, operation_name
 from gateway.authn import (
@@ -43,7 +44,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Identity, Precheck, Scopes
 from gateway.policy import Decision, Outcome, acl_request, may_pull
 from gateway.policyfile import Policy
-from gateway.routes import MOUNT_KEYS, Operation, Route, RouteError, without_query_keys
+from gateway.routes import MOUNT_KEYS, PULL, Operation, Route, RouteError, without_query_keys
 from gateway.screening import Admitted, Refusal, screen
 from gateway.shared.link import RedisLink
 from gateway.shared.lockout import SharedLockout
@@ -51,7 +52,7 @@ from gateway.shared.revocations import SharedRevocations
 from gateway.state import AccessStore, Snapshot
 from gateway.tokens.authority import TokenAuthority
 from gateway.tokens.endpoint import TOKEN_PATH, token_endpoint
-from gateway.tokens.scopes import needed
+from gateway.tokens.scopes import Scope, needed
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +373,109 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
     if screened.expect_continue and request.version >= (1, 1):
         # Only now that the request is authorized may the client start sending its body.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    tag_guard = immutable.guard(snapshot.policy.immutable, forwarded) if snapshot.policy is not None else None
+    if tag_guard is not None:
+        return await _guarded(request, settings, view, target, screened, tag_guard)
     return await forward(request, settings, view, target, screened)
+
+
+async def _guarded(
+    request: web.BaseRequest,
+    settings: Settings,
+    view: forwarding.ClientView,
+    target: str,
+    screened: Admitted,
+    guard: immutable.Guard,
+) -> web.StreamResponse:
+    """A manifest PUT or DELETE that could change an immutable tag: what the registry has is
+    looked at first (gateway.tag_lookup), gateway.immutable decides, and only then does the
+    registry get the request. A PUT to a tag holds that tag's lock in this process from the look
+    to the registry's answer, so that two first pushes of it here cannot both pass."""
+    gateway = request[GATEWAY]
+    record = request[AUDIT_RECORD]
+    pool = gateway.upstream
+    if pool is None:  # only before start-up or after shutdown
+        return error_response(503, "UNAVAILABLE", "the gateway is not running")
+    looking = None  # what the looks send the registry: a pull token of the gateway's in bearer mode
+    if gateway.authority is not None:
+        pull = Scope("repository", guard.repository, frozenset({PULL}))
+        looking = f"Bearer {gateway.authority.token_for('', [pull])}"
+    rule = guard.rules[0]
+    try:
+        if guard.kind == "delete_tag":
+            return _immutable_refusal(record, immutable.on_delete_tag(rule, guard.reference))
+        if guard.kind == "tag_query":
+            return _immutable_refusal(record, immutable.on_tag_query(rule))
+        if guard.kind == "delete_digest":
+            pointing = await tag_lookup.tags_pointing_to(
+                pool, view, looking, guard.repository, guard.reference, guard.rules
+            )
+            refusal = immutable.on_delete_digest(guard.reference, pointing)
+            if refusal is not None:
+                return _immutable_refusal(record, refusal)
+            return await forward(request, settings, view, target, screened)
+        async with gateway.tag_locks.holding((guard.repository, guard.reference)):
+            manifest = await _manifest_body(request, record, screened, settings.body_timeout)
+            existing = await tag_lookup.digest_of(pool, view, looking, guard.repository, guard.reference)
+            pushed = "sha256:" + hashlib.sha256(manifest).hexdigest()
+            refusal = immutable.on_put(rule, guard.reference, existing, pushed)
+            if refusal is not None:
+                return _immutable_refusal(record, refusal)
+            return await forward(request, settings, view, target, screened, manifest)
+    except tag_lookup.LookupFailed as exc:
+        record.decision = "error"
+        log.warning("immutable tags: %s %s refused: %s", request.method, record.path, exc)
+        return error_response(503, "UNAVAILABLE", f"cannot check immutable tags: {exc}")
+    except BodyFailed as failure:
+        record.decision = "error"
+        return error_response(failure.status, failure.code, failure.message)
+
+
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # distribution's own limit on a manifest PUT
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+class KeyedLocks:
+    """One asyncio lock per key while anyone holds or waits for it (no lock kept for every tag
+    ever pushed)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[object, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def holding(self, key: object) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+async def _manifest_body(
+    request: web.BaseRequest, record: AuditRecord, screened: Admitted, idle_timeout: float
+) -> bytes:
+    """The manifest, whole: its digest decides before the registry gets a byte of it."""
+    manifest = bytearray()
+    async for chunk in RequestBody(request, record, screened.content_length, idle_timeout).chunks():
+        manifest += chunk
+        if len(manifest) > MAX_MANIFEST_BYTES:
+            raise BodyFailed(400, "MANIFEST_INVALID", "manifest larger than 4 MiB")
+    return bytes(manifest)
+
+
+def _immutable_refusal(record: AuditRecord, refusal: immutable.Refusal) -> web.Response:
+    record.decision = "deny"
+    log.info("immutable tags: refused %s: %s", record.path, refusal.message)
+    return error_response(403, "DENIED", refusal.message)
 
 
 def _client_view(request: web.BaseRequest) -> forwarding.ClientView | None:
@@ -454,7 +557,9 @@ async def forward(
     view: forwarding.ClientView,
     target: str,
     screened: Admitted,
+    read_already: bytes | None = None,
 ) -> web.StreamResponse:
+    """`read_already`: the whole body, read before (a manifest whose digest decided)."""
     gateway = request[GATEWAY]
     upstream_pool = gateway.upstream
     if upstream_pool is None:  # only before start-up or after shutdown
@@ -463,28 +568,27 @@ async def forward(
     authorization = request.get(UPSTREAM_AUTHORIZATION) or None
     # Framing we forward is framing we set: the length we will send, or chunked, never the
     # client's header as it was.
-    chunked = screened.has_body and screened.content_length is None
+    length = screened.content_length if read_already is None else len(read_already)
+    chunked = screened.has_body and length is None
     head = forwarding.upstream_request_head(
         request.method,
         target,
         request.raw_headers,
         view,
         authorization,
-        screened.content_length,
+        length,
         chunked,
     )
     record = request[AUDIT_RECORD]
-    body = (
-        RequestBody(request, record, screened.content_length, settings.body_timeout)
-        if screened.has_body
-        else None
-    )
+    body: AsyncIterator[bytes] | None = None
+    if read_already is not None:
+        body = _once(read_already)
+    elif screened.has_body:
+        body = RequestBody(request, record, screened.content_length, settings.body_timeout).chunks()
 
     started = time.monotonic()
     try:
-        upstream = await upstream_pool.request(
-            request.method, head, body.chunks() if body is not None else None, chunked
-        )
+        upstream = await upstream_pool.request(request.method, head, body, chunked)
     except BodyFailed as failure:
         record.decision = "error"
         log.info("request body refused: %s %s: %s", request.method, request.path, failure.message)
@@ -590,6 +694,7 @@ class Gateway:
         self.upstream: UpstreamPool | None = None
         self._authorizer: ExternalAuthorizer | None = None
         self.session: aiohttp.ClientSession | None = None  # the catalog's pages, readiness probes
+        self.tag_locks = KeyedLocks()  # immutable tags: one PUT to a tag at a time (app._guarded)
         self.hsts = (
             f"max-age={settings.hsts_max_age}" if settings.tls_cert and settings.hsts_max_age else None
         )

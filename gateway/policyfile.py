@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from gateway import acl, htpasswd, yaml_files
+from gateway import acl, htpasswd, immutable, yaml_files
 from gateway.acl import Rules
 from gateway.addresses import parse_network
 from gateway.files import describe_read_error
@@ -38,6 +38,7 @@ from gateway.identity import external as external_identity
 from gateway.identity import ldap as ldap_identity
 from gateway.identity.external import ExternalSettings
 from gateway.identity.ldap import LdapSettings
+from gateway.immutable import ImmutableRule
 
 ACTIONS = frozenset({"pull", "push", "delete", "*"})
 MATCH_KEYS = ("account", "type", "name", "service", "ip", "labels")
@@ -96,6 +97,7 @@ class Policy:
     ldap: LdapSettings | None = None  # docker_auth's ldap_auth section: logins against a directory
     external: ExternalSettings | None = None  # docker_auth's ext_auth section: a login program
     ext_authz: ExternalSettings | None = None  # docker_auth's ext_authz: a program for what no entry matches
+    immutable: tuple[ImmutableRule, ...] = ()  # tags that cannot change once pushed (gateway.immutable)
 
     def account(self, name: str) -> Account:
         return self.accounts.get(name, NO_ACCOUNT)
@@ -309,6 +311,7 @@ def parse(data: Any, source: str = "policy") -> Policy:
             "ldap_auth",
             "ext_auth",
             "ext_authz",
+            "immutable",
         ),
     )
     if top is None:
@@ -332,6 +335,7 @@ def parse(data: Any, source: str = "policy") -> Policy:
             ext_authz = external_identity.parse_section(c, raw_authz, "ext_authz")
 
     entries = _entries(c, top["acl"]) if "acl" in top else ()
+    immutable_rules = immutable.parse(top.get("immutable"), c.bad)
     if "acl" not in top and "ext_authz" not in top:
         c.bad("acl", "required (a policy without rules would deny everything)")
 
@@ -401,6 +405,7 @@ def parse(data: Any, source: str = "policy") -> Policy:
         ldap=ldap,
         external=external,
         ext_authz=ext_authz,
+        immutable=immutable_rules,
     )
 
 
