@@ -670,7 +670,7 @@ class Gateway:
         self.settings = settings
         cache = CredentialCache(settings.cache_size, settings.cache_ttl)
         access = store or AccessStore(settings.htpasswd, settings.policy, robots_path=settings.robots)
-        self.authenticator = Authenticator(access, cache)
+        self.authenticator = Authenticator(access, cache, robots_last_used=settings.robots_last_used)
         self.metrics = Metrics(cache, access)
         self.metrics.directory_state = self._directory_problem
         # Made now, not at the first login, so that their warnings (a directory's unverified

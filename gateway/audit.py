@@ -99,8 +99,8 @@ def record_entry(record: AuditRecord) -> dict[str, object]:
             continue  # token requests only
         entry[name] = value
     robot = robot_name(record.user) if record.user is not None else None
-    if robot is not None:
-        entry["robot"] = robot  # a machine's credentials, not a person's
+    if robot is not None and record.decision in ("allow", "deny"):
+        entry["robot"] = robot  # a robot's verified credentials (a failed login only claimed it)
     # Rounded here, not per request (round() is a few thousand instructions; most records are
     # never written).
     entry["duration_ms"] = round(record.duration_ms, 3)

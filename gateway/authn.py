@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gateway import htpasswd, robots
 from gateway.identity import IdentitySource, Labels, Probing, Rejected, Unknown, Verdict, Verified
@@ -165,9 +166,11 @@ class Authenticator:
         store: AccessStore,
         cache: CredentialCache,
         workers: int | None = None,
+        robots_last_used: Path | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
+        self.robots_last_used = robots_last_used  # where robots' logins are recorded (None: not)
         self._executor = ThreadPoolExecutor(
             max_workers=workers or min(4, (os.cpu_count() or 1) * 2),
             thread_name_prefix="bcrypt",
@@ -220,11 +223,12 @@ class Authenticator:
     def _robot_source(self, snapshot: Snapshot) -> RobotSource:
         """One per snapshot (it remembers when it last recorded each robot's use)."""
         if self._robots is None or self._robots[0] is not snapshot.robots:
-            path = self.store.robots_path
+            used = self.robots_last_used
+            record = None
+            if used is not None:
 
-            def record(name: str) -> None:
-                if path is not None:
-                    robots.record_use(path, name, dt.datetime.now(dt.UTC))
+                def record(name: str) -> None:
+                    robots.record_use(used, name, dt.datetime.now(dt.UTC))
 
             self._robots = (snapshot.robots, RobotSource(snapshot.robots, record))
         return self._robots[1]

@@ -42,6 +42,7 @@ class Settings:
     htpasswd: Path
     policy: Path | None
     robots: Path | None
+    robots_last_used: Path | None
     admin_prefix: str
     realm: str
     trusted_proxies: tuple[IPNetwork, ...]
@@ -505,6 +506,17 @@ SETTINGS: tuple[Setting, ...] = (
         reload=f"the file: {_WATCHED}; one that does not parse is logged and the last good robots stay",
         flag=True,
         example="/etc/registry-gateway/robots.yml",
+    ),
+    Setting(
+        "robots_last_used",
+        "file path, or none",
+        None,
+        _optional_path,
+        "Where the gateway records when each robot last logged in (at most once a minute), for "
+        "`robot list`: a file in a folder the gateway may write that holds nothing else of value, "
+        "not the robots file's (a symlink there is replaced, never followed). None: not recorded.",
+        USERS,
+        example="/var/lib/registry-gateway/robots-used.json",
     ),
     Setting(
         "admin_prefix",

@@ -16,6 +16,7 @@ from aiohttp import web
 from gateway.authn import Authenticator, Credentials
 from gateway.errors import error_response
 from gateway.identity import Labels, Unavailable, Verified, merge_labels
+from gateway.robots import robot_name
 from gateway.shared.lockout import SharedLockout
 from gateway.state import Snapshot
 
@@ -47,6 +48,12 @@ async def check_login(
     snapshot: Snapshot,
 ) -> LoggedIn | Locked | Refused:
     user = credentials.username
+    if robot_name(user) is not None:
+        # A robot's secret is 32 random bytes checked by an HMAC: there is nothing to guess and
+        # nothing a lock would protect, while a lock would let anyone at the CI runners' address
+        # lock the robot out. Its failures are not counted, so no pair of it is ever locked.
+        verdict = await authenticator.login(credentials, snapshot)
+        return logged_in(verdict, snapshot) if isinstance(verdict, Verified) else Refused("bad_credentials")
     now = time.monotonic()
     wait = lockout.locked(client, user, now)  # no lock taken unless some pair is locked
     if wait is not None:
@@ -60,7 +67,7 @@ async def check_login(
         # Right, and checked before: no count to reset (the real user's requests behind a
         # shared address must not give a guesser there a fresh count).
         authenticator.cache.hits += 1
-        return _logged_in(cached[0], snapshot)
+        return logged_in(cached[0], snapshot)
     # Counted before it is checked, so that guesses sent at once get `lockout_attempts` checks
     # in all, not one each.
     reserved = await lockout.reserve(client, user, now, credentials.password.encode())
@@ -76,7 +83,7 @@ async def check_login(
     if not isinstance(verdict, Verified):
         return Refused("bad_credentials")  # counted already
     await lockout.succeeded(client, user)
-    return _logged_in(verdict, snapshot)
+    return logged_in(verdict, snapshot)
 
 
 def login_if_cached(
@@ -101,10 +108,10 @@ def login_if_cached(
     if found is None:
         return None
     verified, until = found
-    logged_in = _logged_in(verified, snapshot)
-    if not isinstance(logged_in, LoggedIn):
+    login = logged_in(verified, snapshot)
+    if not isinstance(login, LoggedIn):
         return None
-    return logged_in, before_account_ends(snapshot, logged_in.user, until), key
+    return login, before_account_ends(snapshot, login.user, until), key
 
 
 def before_account_ends(snapshot: Snapshot, user: str, until: float) -> float:
@@ -116,12 +123,17 @@ def before_account_ends(snapshot: Snapshot, user: str, until: float) -> float:
     return until
 
 
-def _logged_in(verified: Verified, snapshot: Snapshot) -> LoggedIn | Refused:
+def logged_in(verified: Verified, snapshot: Snapshot) -> LoggedIn | Refused:
     user = verified.user
     account = snapshot.account(user)
     if account.expired(dt.datetime.now(dt.UTC)):
         return Refused("expired")
-    return LoggedIn(user, merge_labels(account.labels, verified.labels), verified.source)
+    labels = merge_labels(account.labels, verified.labels)
+    if "robot" in labels and user not in snapshot.robots:
+        # `robot` is the robots file's to give: a directory or a program saying it of a person
+        # would make policy entries for robots match them, without any scope to narrow them.
+        labels = {key: values for key, values in labels.items() if key != "robot"}
+    return LoggedIn(user, labels, verified.source)
 
 
 def locked_response(locked: Locked) -> web.Response:

@@ -126,6 +126,10 @@ def token_identity(
     remembered = remembered_labels(user) if user is not None else None
     if user is not None and not still_valid(snapshot, user, remembered):
         return TokenRefused("the token's user is no longer valid", "user", user)
+    robot = snapshot.robots.get(user) if user is not None else None
+    if robot is not None and claims.secret != robot.fingerprint():
+        # Rotated since (robot rotate): the old secret's tokens end with it, not when they expire.
+        return TokenRefused("the robot's secret changed since this token was issued", "user", user)
     labels = None
     if user is not None and remembered is not None:
         labels = merge_labels(snapshot.account(user).labels, remembered)

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             )
             _revoke_tokens(args)
         else:
-            _list(path, now)
+            _list(path, _last_used(args), now)
         return 0
     except (robots.RobotsError, config.ConfigError, OSError) as exc:
         print(f"registry-gateway robot: {exc}", file=sys.stderr)
@@ -87,7 +87,12 @@ def _revoke_tokens(args: argparse.Namespace) -> None:
     expire (rotate: the old secret's access tokens; its refresh tokens end at the reload)."""
     try:
         settings = _settings(args)
-    except config.ConfigError:
+    except config.ConfigError as exc:
+        print(
+            "warning: its tokens are not revoked (the settings do not load: "
+            f"{'; '.join(exc.problems)}); they end when the gateways reload the robots file",
+            file=sys.stderr,
+        )
         return
     if settings.redis_url is None and settings.token_revocations is None:
         return
@@ -107,14 +112,21 @@ def _print_secret(name: str, secret: str, path: Path) -> None:
     )
 
 
-def _list(path: Path, now: dt.datetime) -> None:
-    uses = robots.read_uses(path)
+def _last_used(args: argparse.Namespace) -> Path | None:
+    try:
+        return _settings(args).robots_last_used
+    except config.ConfigError:
+        return None
+
+
+def _list(path: Path, used: Path | None, now: dt.datetime) -> None:
+    uses = robots.read_uses(used)
     print("NAME\tSCOPES\tCREATED\tEXPIRES\tLAST USED")
     for robot in sorted(robots.read(path).values(), key=lambda r: r.name):
         expires = "never" if robot.expires is None else _when(robot.expires)
         if robot.expired(now):
             expires += " (expired)"
-        used = uses.get(robot.name)
+        last = uses.get(robot.name)
         print(
             "\t".join(
                 (
@@ -122,7 +134,7 @@ def _list(path: Path, now: dt.datetime) -> None:
                     " ".join(str(scope) for scope in robot.scopes),
                     _when(robot.created),
                     expires,
-                    "never" if used is None else _when(used),
+                    "never" if last is None else _when(last),
                 )
             )
         )

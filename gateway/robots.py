@@ -20,11 +20,15 @@ Parsing and checking are pure; the file operations (`create`, `rotate`, `revoke`
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
+import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,6 +50,7 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 REPOSITORY_ACTIONS = frozenset({"pull", "push", "delete"})
+MAX_LIFETIME_SECONDS = 10 * 366 * 86400
 HEADER = (
     "# registry-gateway robots: written by `registry-gateway robot`, followed by the gateway.\n"
     "# No secrets here: keyed hashes of them. Edit with the CLI, which locks and writes atomically.\n"
@@ -90,6 +95,12 @@ class Robot:
         """As the htpasswd file's users have theirs: what a refresh token's fingerprint is of, so
         that `rotate` voids the robot's refresh tokens as `user passwd` voids a user's."""
         return StoredHash("robot", f"{_b64(self.salt)}:{_b64(self.digest)}")
+
+    def fingerprint(self) -> str:
+        """Which secret a token was issued for (its `rgw_secret` claim): a token ends with the
+        secret, at `rotate`, not when it expires. Tells nothing of the secret (a hash of a hash
+        of 32 random bytes)."""
+        return hashlib.sha256(b"registry-gateway robot secret\0" + self.salt + self.digest).hexdigest()[:32]
 
     def account_labels(self) -> Labels:
         """What the ACL sees as the account's labels: the robot's own, and `robot: [NAME]`."""
@@ -140,9 +151,12 @@ def parse_duration(text: str) -> dt.timedelta | None:
     if text == "never":
         return None
     found = _DURATION.fullmatch(text.strip())
-    if found is None or int(found.group(1)) == 0:
-        raise RobotsError(f"--expires {text!r}: expected a duration such as 30d, 12h, 90m, 2w, or never")
-    return dt.timedelta(seconds=int(found.group(1)) * _UNITS[found.group(2)])
+    seconds = int(found.group(1)) * _UNITS[found.group(2)] if found is not None else 0
+    if not 0 < seconds <= MAX_LIFETIME_SECONDS:
+        raise RobotsError(
+            f"--expires {text!r}: expected a duration such as 30d, 12h, 90m, 2w (at most 10 years), or never"
+        )
+    return dt.timedelta(seconds=seconds)
 
 
 def new_secret() -> str:
@@ -326,25 +340,37 @@ def revoke(path: Path, name: str) -> None:
     _change(path, edit)
 
 
-def uses_path(path: Path) -> Path:
-    """Where the gateway records when each robot last logged in (beside the robots file)."""
-    return path.with_name(path.name + ".used")
-
-
-def record_use(path: Path, name: str, now: dt.datetime) -> None:
-    """Record that robot `name` logged in at `now`. Raises OSError when the folder is not
-    writable. No lock (the gateway's user may not open the CLI's): two workers writing at once
-    may drop one's line, which its next recording (a minute later) puts back."""
-    known = read_uses(path)
+def record_use(used: Path, name: str, now: dt.datetime) -> None:
+    """Record in `used` (the setting robots_last_used) that robot `name` logged in at `now`.
+    Raises OSError when it cannot be written. A new file is written beside it and renamed over
+    it: a symlink put there is replaced, never followed (the gateway writes nothing but this
+    file, wherever a link points). No lock (the gateway's user may not open the CLI's): two
+    workers writing at once may drop one's line, which its next recording (a minute later) puts
+    back."""
+    known = read_uses(used)
     known[name] = now
     text = json.dumps({n: _when(m) for n, m in sorted(known.items())}, indent=1) + "\n"
-    replace_atomically(uses_path(path), text.encode("utf-8"), new_mode=0o644)
-
-
-def read_uses(path: Path) -> dict[str, dt.datetime]:
-    """When each robot last logged in, as far as recorded; nothing when unknown."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{used.name}.", dir=used.parent)
     try:
-        data = json.loads(uses_path(path).read_text(encoding="utf-8"))
+        os.fchmod(fd, 0o640)
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+        os.close(fd)
+        os.replace(temporary, used)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def read_uses(used: Path | None) -> dict[str, dt.datetime]:
+    """When each robot last logged in, as far as recorded in `used`; nothing when unknown."""
+    if used is None:
+        return {}
+    try:
+        data = json.loads(used.read_text(encoding="utf-8"))
         return {str(n): _moment(m, n) for n, m in data.items()} if isinstance(data, dict) else {}
     except (OSError, ValueError, RobotsError):
         return {}

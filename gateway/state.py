@@ -68,9 +68,13 @@ def _typical_bcrypt_cost(users: Mapping[str, htpasswd.StoredHash]) -> int:
 
 
 def build(
-    htpasswd_path: Path, policy_path: Path | None, robots_path: Path | None = None
+    htpasswd_path: Path, policy_path: Path | None, robots_path: Path | None = None, robots_strict: bool = True
 ) -> tuple[dict[str, htpasswd.StoredHash], policyfile.Policy | None, dict[str, Robot], list[str]]:
-    """Load the files and check them together. Raises StateError naming every problem.
+    """Load the files and check them together. Raises StateError naming every problem. A robots
+    file that cannot be used is one of them when `robots_strict` (at start, check-config);
+    otherwise (a reload) it means no robots at all, said in a warning, while the other files
+    load: a robots file unreadable to the gateway (made by root) must not keep a removed user,
+    nor a hand-edit gone wrong keep a robot meant to be gone.
 
     The one place users and rules are loaded: at start-up, on reload, and by `check-config`.
     """
@@ -102,11 +106,15 @@ def build(
         try:
             found = robots.read(robots_path)
         except robots.RobotsError as exc:
-            problems.append(("robots", str(exc)))
-    for name in users:
+            if robots_strict:
+                problems.append(("robots", str(exc)))
+            else:
+                warnings.append(f"{exc}; no robot may log in until it is mended")
+    in_policy = {*policy.users, *policy.accounts} if policy is not None else set()
+    for name in sorted({*users, *in_policy}):
         if robots.robot_name(name) is not None:
-            where = "policy" if policy is not None and name in policy.users else "htpasswd"
-            problems.append((where, f"user {name!r}: names starting with {robots.PREFIX!r} are robots'"))
+            where = "policy" if name in in_policy else "htpasswd"
+            problems.append((where, f"{name!r}: names starting with {robots.PREFIX!r} are robots' alone"))
     if problems:
         raise StateError(problems)
     return users, policy, found, warnings
@@ -131,7 +139,7 @@ class AccessStore:
         self._read_files: tuple[Path, ...] = ()  # what the policy read besides itself
         self._signatures = self._current_signatures()
         self._generation = 0
-        self.snapshot = self._load()  # raises at start-up: refuse to run on bad files
+        self.snapshot = self._load(robots_strict=True)  # raises at start-up: refuse to run on bad files
         self._follow_read_files()
         self.reloads_ok = 0
         self.reloads_failed = 0
@@ -160,8 +168,10 @@ class AccessStore:
             signatures = now
         return force
 
-    def _load(self) -> Snapshot:
-        users, policy, found, warnings = build(self.htpasswd_path, self.policy_path, self.robots_path)
+    def _load(self, robots_strict: bool = False) -> Snapshot:
+        users, policy, found, warnings = build(
+            self.htpasswd_path, self.policy_path, self.robots_path, robots_strict
+        )
         if (
             policy is not None
             and policy.docker_auth is not None

@@ -252,9 +252,17 @@ def test_the_cli_prints_the_secret_once_and_lists_without_it(tmp_path: Path) -> 
     assert listed.returncode == 0 and secret not in listed.stdout
     line = listed.stdout.splitlines()[1].split("\t")
     assert line[0] == "ci" and line[1] == "repository:ci/*:pull,push" and line[4] == "never"
-    robots.record_use(path, "ci", NOW)
-    assert cli("list").stdout.splitlines()[1].split("\t")[4] == "2026-12-07T12:00:00Z"
-    assert json.loads(robots.uses_path(path).read_text()) == {"ci": "2026-12-07T12:00:00Z"}
+    used = tmp_path / "state" / "robots-used.json"
+    used.parent.mkdir()
+    robots.record_use(used, "ci", NOW)
+    listed = subprocess.run(
+        [sys.executable, "-m", "gateway", "robot", "list", "--file", str(path)],
+        capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "GATEWAY_ROBOTS_LAST_USED": str(used)},
+    )  # fmt: skip
+    assert listed.stdout.splitlines()[1].split("\t")[4] == "2026-12-07T12:00:00Z", listed.stderr
+    assert json.loads(used.read_text()) == {"ci": "2026-12-07T12:00:00Z"}
+    assert used.stat().st_mode & 0o777 == 0o640
     refused = cli("create", "ci2", "--scope", "repository:ci/*:fly")
     assert (
         refused.returncode == 2
@@ -278,3 +286,71 @@ def test_revoke_and_rotate_void_the_robots_tokens_where_revocations_go(tmp_path:
         assert done.returncode == 0, done.stderr
         assert f"its tokens until now are revoked ({revoked}" in done.stderr
     assert set(revocations.read(revoked)) == {"robot+ci"}
+
+
+def test_recording_a_use_replaces_a_symlink_and_never_follows_it(tmp_path: Path) -> None:
+    victim = tmp_path / "token.key"
+    victim.write_text("a key\n")
+    victim.chmod(0o600)
+    used = tmp_path / "robots-used.json"
+    used.symlink_to(victim)
+    robots.record_use(used, "ci", NOW)
+    assert victim.read_text() == "a key\n"
+    assert not used.is_symlink() and json.loads(used.read_text()) == {"ci": "2026-12-07T12:00:00Z"}
+
+
+ACL_TEXT = 'acl:\n  - match: {account: admin}\n    actions: ["*"]\n'
+
+
+@pytest.mark.parametrize(
+    ("where", "text"),
+    [
+        ("htpasswd", None),
+        ("policy", ACL_TEXT + "accounts:\n  robot+ci: {expires: 2020-01-01}\n"),
+        ("policy", ACL_TEXT + 'groups:\n  ops: ["robot+ci"]\n'),
+    ],
+)  # fmt: skip
+def test_robot_names_are_robots_alone(tmp_path: Path, where: str, text: str | None) -> None:
+    from gateway import state
+
+    users = tmp_path / "htpasswd"
+    users.write_text("robot+ci:$2y$05$" + "a" * 53 + "\n" if text is None else "")
+    policy = None
+    if text is not None:
+        policy = tmp_path / "policy.yml"
+        policy.write_text(text)
+    with pytest.raises(state.StateError) as refused:
+        state.build(users, policy)
+    assert refused.value.by_key[0][0] == where and "'robot+ci': names starting with 'robot+'" in str(
+        refused.value
+    )
+
+
+def test_a_robots_file_that_breaks_on_reload_means_no_robots_and_the_rest_reloads(tmp_path: Path) -> None:
+    import time
+
+    from gateway.state import AccessStore
+
+    users, path = tmp_path / "htpasswd", tmp_path / "robots.yml"
+    users.write_text("alice:$2y$05$" + "a" * 53 + "\n")
+    robots.create(path, "ci", robots.parse_scopes(["repository:ci/*:pull"]), None, {}, NOW)
+    store = AccessStore(users, robots_path=path)
+    assert set(store.snapshot.robots) == {"robot+ci"}
+    time.sleep(0.01)
+    path.write_text("robots: [broken]\n")
+    users.write_text("bob:$2y$05$" + "a" * 53 + "\n")
+    assert store.reload_if_changed(force=True)
+    assert store.snapshot.robots == {} and set(store.snapshot.users) == {"bob"}
+    path.write_text("robots: {}\nextra: 1\n")
+    with pytest.raises(Exception, match="robots"):
+        AccessStore(users, robots_path=path)  # at start: refused, naming it
+
+
+def test_labels_named_robot_come_from_the_robots_file_alone() -> None:
+    from gateway.identity import Verified
+    from gateway.login import LoggedIn, logged_in
+
+    person = logged_in(Verified("jane", {"robot": ("ci",), "team": ("a",)}, "program"), snapshot(ALLOW_ALL))
+    assert isinstance(person, LoggedIn) and dict(person.labels) == {"team": ("a",)}
+    machine = logged_in(Verified(CI.account, CI.account_labels(), "robot"), snapshot(ALLOW_ALL))
+    assert isinstance(machine, LoggedIn) and machine.labels["robot"] == ("ci",)

@@ -33,9 +33,9 @@ POLICY = """\
 acl:
   - match: {account: "admin"}
     actions: ["*"]
-  - match: {account: "/robot\\\\+.+/", labels: {team: "ci"}}
+  - match: {account: "/^robot\\\\+[a-z0-9][a-z0-9._-]*$/", labels: {team: "ci"}}
     actions: ["pull", "push"]
-  - match: {account: "/robot\\\\+.+/"}
+  - match: {account: "/^robot\\\\+[a-z0-9][a-z0-9._-]*$/"}
     actions: ["pull"]
 """
 
@@ -132,6 +132,12 @@ def test_a_robot_pushes_within_its_scopes_and_the_policy_and_is_revoked(
     refused = skopeo_copy(f"docker://{host}/ci/app:1", f"docker://{host}/prod/copy:1", authfile)
     assert refused.returncode != 0 and "prod/copy" not in stored(stack.registry)
 
+    # No lockout for robots: nothing to guess, and wrong secrets from its address must not lock
+    # out the CI jobs there (lockout_attempts is 10).
+    for _ in range(15):
+        assert login_status(host, "robot+ci", ci + "x") == 401
+    assert login_status(host, "robot+ci", ci) == 200
+
     # Revoked: refused within a second or two, the right secret included.
     assert robot_cli(robots, "revoke", "ci").returncode == 0
     wait_until(lambda: login_status(host, "robot+ci", ci) == 401, 3)
@@ -185,6 +191,18 @@ def test_a_robot_in_bearer_mode_gets_tokens_within_its_scopes_until_revoked(
         "Authorization": f"Bearer {token}",
         "Accept": "application/vnd.docker.distribution.manifest.v2+json",
     }
+    assert http_request(host, "GET", manifest, headers=headers)[0] == 200
+
+    # Rotated: the old secret and its token are refused at the file's next reload (no Redis, no
+    # revocations file here), not when the token expires; the new secret works.
+    rotated = robot_cli(robots, "rotate", "ci")
+    assert rotated.returncode == 0, rotated.stderr
+    new_secret = rotated.stdout.strip()
+    wait_until(lambda: http_request(host, "GET", manifest, headers=headers)[0] == 401, 3)
+    assert http_request(host, "GET", f"/token?{query}", ("robot+ci", ci))[0] == 401
+    status, _, body = http_request(host, "GET", f"/token?{query}", ("robot+ci", new_secret))
+    assert status == 200, body
+    headers["Authorization"] = f"Bearer {json.loads(body)['token']}"
     assert http_request(host, "GET", manifest, headers=headers)[0] == 200
 
     # Revoked: its token is refused at once (the file's next reload), not when it expires.

@@ -86,8 +86,8 @@ class TokenAuthority:
             log.warning("token request refused: %s", message)
         return message
 
-    def issue(self, subject: str, access: list[Scope]) -> tuple[str, int]:
-        return issue(self.key, self.issuer, self.service, subject, access, self.lifetime, self.x5c)
+    def issue(self, subject: str, access: list[Scope], secret: str | None = None) -> tuple[str, int]:
+        return issue(self.key, self.issuer, self.service, subject, access, self.lifetime, self.x5c, secret)
 
     def _verifiers(self) -> tuple[Verifier, Verifier]:
         """The verifier of access tokens, and that of refresh tokens (their own audience): both

@@ -229,12 +229,15 @@ def _answer(
     labels: Labels | None = None,
     extra: list[Scope] | None = None,
 ) -> web.Response:
+    if labels is None and user is not None and user in snapshot.robots:
+        labels = snapshot.account(user).labels  # a robot's own: the policy has no account for it
     granted = grant(scopes, user, snapshot.policy, settings.admin_prefix, client, labels)
     if extra:
         granted = merge(granted + extra)
     granted = within(granted, snapshot.robots.get(user) if user is not None else None)
     record.scopes_granted = [str(scope) for scope in granted]
-    token, issued = authority.issue(user or "", granted)
+    robot = snapshot.robots.get(user) if user is not None else None
+    token, issued = authority.issue(user or "", granted, robot.fingerprint() if robot is not None else None)
     metrics.tokens.labels("issued", "").inc()
     record.decision = "allow"
     issued_at = dt.datetime.fromtimestamp(issued, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

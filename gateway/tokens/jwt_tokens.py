@@ -31,6 +31,7 @@ class Claims:
     access: tuple[Scope, ...]
     expires: float
     issued: float = 0.0
+    secret: str | None = None  # a robot's token: which of its secrets it was issued for (robots.Robot)
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,17 @@ def issue(
     access: Sequence[Scope],
     lifetime: int,
     x5c: Sequence[str] = (),
+    secret: str | None = None,
 ) -> tuple[str, int]:
     """A signed token and its issue time (epoch seconds). With `x5c` (base64 DER certificates,
-    the key's first) the header carries the chain, which distribution 3.x needs."""
+    the key's first) the header carries the chain, which distribution 3.x needs. `secret`: a
+    robot's secret's fingerprint (Robot.fingerprint), so that the token ends with that secret."""
     # Whole seconds: distribution 2.8 reads iat, nbf and exp as integers (revocations.py copes).
     now = int(time.time())
     claims = _standard_claims(issuer, service, subject, now, lifetime)
     claims.update(nbf=now - 1, access=[scope.claim() for scope in access])
+    if secret is not None:
+        claims["rgw_secret"] = secret
     return _sign(key, claims, x5c), now
 
 
@@ -209,7 +214,14 @@ class Verifier:
         expires, issued = payload["exp"], payload.get("iat", 0)
         if not isinstance(expires, int | float) or not isinstance(issued, int | float):
             raise InvalidToken("malformed expiry")
-        return Claims(str(payload["sub"]), tuple(scopes), float(expires), float(issued))
+        secret = payload.get("rgw_secret")
+        return Claims(
+            str(payload["sub"]),
+            tuple(scopes),
+            float(expires),
+            float(issued),
+            secret if isinstance(secret, str) else None,
+        )
 
 
 def claimed_subject(token: str) -> str:
