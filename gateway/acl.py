@@ -272,19 +272,47 @@ def evaluate(rules: Rules | tuple[Entry, ...], request: Request) -> Verdict:
     return Verdict(frozenset(), None)
 
 
-def shadowed_by(earlier: Match, later: Match) -> bool:
-    """A conservative check that `earlier` matches every request `later` matches.
+MATCH_ALL = frozenset({"/.*/", "/^.*$/", "/^.*/", "/.*$/", "/(.*)/", "/^(.*)$/"})
 
-    True only when each field `earlier` constrains is constrained identically in `later`
-    (or, for ip, to a subnet): catches copy-paste duplicates and rules put after a broader one.
-    """
+
+def _literal(pattern: str) -> bool:
+    """Matches exactly itself: no glob character, no /regex/, no ${...}."""
+    return not is_regex(pattern) and not any(ch in pattern for ch in "*?[\\") and "${" not in pattern
+
+
+def covers_pattern(mine: str | None, theirs: str | None) -> bool:
+    """Whether the pattern `mine` matches every value `theirs` does (None: any value). Conservative:
+    True for the same pattern, a match-all regex (`/.*/`), or a literal `theirs` that `mine`
+    matches (`alice/*` covers `alice/app`, `/.+/` covers `alice`); False when in doubt."""
+    if mine is None or mine == theirs:
+        return True
+    if mine in MATCH_ALL:
+        return True
+    if theirs is None or "${" in mine or not _literal(theirs):
+        return False
+    return compile_pattern(mine).search(theirs) is not None
+
+
+def shadowed_by(earlier: Match, later: Match) -> bool:
+    """A conservative check that `earlier` matches every request `later` matches: each field
+    `earlier` constrains covers `later`'s (covers_pattern: the same, a literal it matches, or a
+    match-all regex; for ip, a supernet), and each of its label patterns covers one of `later`'s
+    for the same label. Catches copy-paste duplicates and rules put after a broader one."""
     for name in ("account", "type", "name", "service"):
-        mine = getattr(earlier, name)
-        if mine is not None and mine != getattr(later, name):
+        if not covers_pattern(getattr(earlier, name), getattr(later, name)):
             return False
     if earlier.ip is not None and (later.ip is None or not _subnet(later.ip, earlier.ip)):
         return False
-    return set(earlier.labels) <= set(later.labels)
+    return all(
+        any(key == theirs_key and covers_pattern(mine, theirs) for theirs_key, theirs in later.labels)
+        for key, mine in earlier.labels
+    )
+
+
+def _broad(match: Match) -> bool:
+    """Whether some pattern of `match` may cover another value than its own (not a literal)."""
+    patterns = [getattr(match, name) for name in PATTERN_FIELDS] + [pattern for _, pattern in match.labels]
+    return any(pattern is not None and not _literal(pattern) for pattern in patterns)
 
 
 PATTERN_FIELDS = ("account", "type", "name", "service")
@@ -298,6 +326,7 @@ def shadowed_entries(entries: Iterable[Entry]) -> list[tuple[int, int]]:
     (field, value) pairs, and each later entry looks in the 16 buckets its fields allow.
     """
     buckets: dict[tuple[tuple[str, str], ...], list[tuple[int, Match]]] = {}
+    broad: list[tuple[int, Match]] = []  # entries with globs or regexes: compared with each later one
     found = []
     for index, entry in enumerate(entries):
         fields = [
@@ -310,9 +339,17 @@ def shadowed_entries(entries: Iterable[Entry]) -> list[tuple[int, int]]:
                     if shadowed_by(earlier, entry.match) and (shadow is None or earlier_index < shadow):
                         shadow = earlier_index
                         break
+        for earlier_index, earlier in broad:
+            if shadow is not None and earlier_index > shadow:
+                break
+            if shadowed_by(earlier, entry.match):
+                shadow = earlier_index
+                break
         if shadow is not None:
             found.append((index, shadow))
         buckets.setdefault(tuple(fields), []).append((index, entry.match))
+        if _broad(entry.match):
+            broad.append((index, entry.match))
     return found
 
 

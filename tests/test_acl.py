@@ -307,3 +307,32 @@ def test_account_index_keeps_first_match_order() -> None:
         for name in ("a/x", "shared/y", "other/z"):
             request = req(account=account, name=name, actions=ALL)
             assert acl.evaluate(policy.rules, request) == acl.evaluate(policy.acl, request), (account, name)
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later", "shadowed"),
+    [
+        ({"account": "alice"}, {"account": "alice", "name": "x/*"}, True),  # the same, and more
+        ({"account": "/.+/"}, {"account": "alice"}, True),  # broader regex, literal later
+        ({"account": "/.*/"}, {"account": "/^b/"}, True),  # match-all covers any pattern
+        ({"account": "/.*/"}, {}, True),
+        ({"account": "/.+/"}, {"account": ""}, False),  # anonymous is not matched by .+
+        ({"account": "/.+/"}, {"account": "/^b/"}, False),  # pattern later: left in doubt
+        ({"name": "alice/*"}, {"name": "alice/app"}, True),
+        ({"name": "alice/*"}, {"name": "alice/team/app"}, False),  # * does not cross /
+        ({"name": "*"}, {"name": "app"}, True),
+        ({"name": "${account}/*"}, {"name": "alice/app"}, False),  # depends on the request
+        ({"labels": {"team": "/.*/"}}, {"labels": {"team": "ops"}}, True),
+        ({"labels": {"team": "ops"}}, {"labels": {"team": "web"}}, False),
+        ({"labels": {"team": "ops"}}, {"account": "bob"}, False),  # later has no such label
+        ({"ip": "10.0.0.0/8", "account": "/.*/"}, {"ip": "10.1.0.0/16", "account": "bob"}, True),
+        ({"ip": "10.1.0.0/16"}, {"ip": "10.0.0.0/8"}, False),
+        ({"account": "alice", "name": "x/*"}, {"account": "alice"}, False),  # narrower earlier
+    ],
+)
+def test_shadowing_as_a_table(earlier: dict[str, object], later: dict[str, object], shadowed: bool) -> None:
+    policy = policyfile.parse(
+        {"acl": [{"match": earlier, "actions": ["pull"]}, {"match": later, "actions": ["push"]}]}
+    )
+    warned = "acl[1]: can never match: acl[0] matches every request it would" in policy.warnings
+    assert warned is shadowed, policy.warnings
