@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway import acl, admission, catalog, forwarding, immutable, pipeline, tag_lookup
+from gateway import __version__, acl, admission, catalog, forwarding, immutable, pipeline, tag_lookup
 from gateway.admission import IdentityMemo
 from gateway.audit import AuditLog, AuditRecord, new_record, operation_name
 from gateway.authn import (
@@ -725,6 +725,51 @@ class Gateway:
         problem = await directory.probe()
         return "ok" if problem is None else f"unreachable: {problem}"
 
+    def status(self) -> dict[str, object]:
+        """What runs, for the metrics listener's /status (it adds the registry and the
+        directory): each followed file with the hash of what was loaded from it and when, the
+        counts, the token key ids. No secret: no password hash, no key, no token."""
+        store = self.authenticator.store
+        snapshot = store.snapshot
+        policy = snapshot.policy
+        loaded = _iso_time(store.loaded_at)
+        files: list[dict[str, object]] = [
+            {"setting": key, "path": str(path), "sha256": digest, "loaded_at": loaded}
+            for key, (path, digest) in store.loaded_files.items()
+        ]
+        configuration: dict[str, object] = {"state": "current", "loaded_at": loaded}
+        if store.stale_since is not None:
+            configuration = {
+                "state": "stale",
+                "loaded_at": loaded,
+                "stale_since": _iso_time(store.stale_since),
+                "problem": store.stale_problem,
+            }
+        static = len(policy.users) if policy is not None else 0
+        counts = {
+            "users": len(snapshot.users) - static,
+            "static_users": static,
+            "rules": len(policy.acl) if policy is not None else 0,
+            "immutable_tag_rules": len(policy.immutable) if policy is not None else 0,
+            "robots": len(snapshot.robots),
+        }
+        answer: dict[str, object] = {
+            "version": __version__,
+            "configuration": configuration,
+            "files": files,
+            "counts": counts,
+            "policy": "file"
+            if policy is not None
+            else f"default (admin_prefix {self.settings.admin_prefix!r})",
+            "reloads": {"succeeded": store.reloads_ok, "refused": store.reloads_failed},
+        }
+        if self.authority is not None:
+            answer["token_keys"] = {
+                "file": None if self.settings.token_key is None else str(self.settings.token_key),
+                "key_ids": self.authority.key_ids(),
+            }
+        return answer
+
     async def serve(self, request: web.BaseRequest) -> web.StreamResponse:
         record = new_record(request.remote or "", request.method, request.raw_path)
         request[GATEWAY] = self
@@ -907,3 +952,7 @@ def create_app(
     # `Expect: 100-continue` is answered in `handle`, after authorization, not by the router.
     app.router.add_route("*", "/{tail:.*}", gateway.serve, expect_handler=_no_early_continue)
     return app
+
+
+def _iso_time(moment: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))

@@ -9,10 +9,11 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import datetime as dt
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,6 +113,17 @@ class _StateCollector(Collector):
         reloads.add_metric(["success"], self.store.reloads_ok)
         reloads.add_metric(["failure"], self.store.reloads_failed)
         yield reloads
+        yield GaugeMetricFamily(
+            "registry_gateway_config_up",
+            "1 while the running users, rules and robots are what their files say; 0 after a "
+            "refused reload, while the last good ones run (see /readyz and /status)",
+            value=1 if self.store.stale_since is None else 0,
+        )
+        yield GaugeMetricFamily(
+            "registry_gateway_config_loaded_timestamp_seconds",
+            "When the running users, rules and robots were loaded (Unix time)",
+            value=self.store.loaded_at,
+        )
         requests = CounterMetricFamily(
             "registry_gateway_requests", "Requests under /v2/", labels=["operation", "status", "decision"]
         )
@@ -143,6 +155,7 @@ class _StateCollector(Collector):
 
 class Metrics:
     def __init__(self, cache: CredentialCache, store: AccessStore) -> None:
+        self.store = store  # what runs: /readyz says whether it is what the files say
         self.registry = CollectorRegistry()
         self.auth_failures = Counter(
             "registry_gateway_auth_failures", "Failed authentications", ["reason"], registry=self.registry
@@ -289,6 +302,7 @@ def metrics_app(
     directory_status: Callable[[], Awaitable[str | None]] | None = None,
     scrape_token: ScrapeToken | None = None,
     lockout: SharedLockout | None = None,
+    status: Callable[[], Mapping[str, object]] | None = None,
 ) -> web.Application:
     """/metrics (behind `scrape_token` when there is one), /healthz and /readyz (always open: the
     image's HEALTHCHECK and orchestrators' probes carry no credentials, and they say nothing but
@@ -309,15 +323,11 @@ def metrics_app(
     async def readyz(_request: web.Request) -> web.Response:
         # Ready when users and rules are loaded (they are, or we would not run) and the registry
         # answers its base endpoint with anything but a server error.
-        try:
-            async with session.get(
-                URL(f"{upstream}/v2/", encoded=True), timeout=aiohttp.ClientTimeout(total=3)
-            ) as response:
-                ok = response.status < 500
-                detail = f"registry answered {response.status}"
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            ok, detail = False, f"registry unreachable: {type(exc).__name__}"
+        ok, detail = await probe_registry(session, upstream)
         answer = {"status": "ok" if ok else "unavailable", "detail": detail}
+        # Reported, not failed on: the last good users and rules serve well enough, and every
+        # replica reading the same broken file would turn unready at once.
+        answer["configuration"] = configuration_state(metrics.store)
         if metrics.certificates is not None:
             # Not ready while there is no valid certificate: HTTPS serves nothing then.
             answer["certificate"] = metrics.certificates.status()
@@ -334,8 +344,46 @@ def metrics_app(
             answer["directory"] = directory
         return web.json_response(answer, status=200 if ok else 503)
 
+    async def status_page(request: web.Request) -> web.Response:
+        # Behind the metrics token: no secret is in it, but file paths and key ids are not for everyone.
+        if scrape_token is not None:
+            refused = await check_scraper(scrape_token, lockout, request)
+            if refused is not None:
+                return refused
+        ok, detail = await probe_registry(session, upstream)
+        answer: dict[str, object] = dict(status()) if status is not None else {}
+        answer["registry"] = {"url": str(upstream), "answers": ok, "detail": detail}
+        directory = await directory_status() if directory_status is not None else None
+        if directory is not None:
+            answer["directory"] = directory
+        return web.json_response(answer)
+
     app = web.Application()
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status_page)
     return app
+
+
+async def probe_registry(session: aiohttp.ClientSession, upstream: URL) -> tuple[bool, str]:
+    """Whether the registry answers its base endpoint with anything but a server error."""
+    try:
+        async with session.get(
+            URL(f"{upstream}/v2/", encoded=True), timeout=aiohttp.ClientTimeout(total=3)
+        ) as response:
+            return response.status < 500, f"registry answered {response.status}"
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        return False, f"registry unreachable: {type(exc).__name__}"
+
+
+def configuration_state(store: AccessStore) -> str:
+    """For /readyz: whether what runs is what the files say, and since when it is not."""
+    if store.stale_since is None:
+        return f"current, loaded at {_iso(store.loaded_at)}"
+    refused = f"a reload was refused: {store.stale_problem}"
+    return f"stale since {_iso(store.stale_since)} ({refused}); the last good one runs"
+
+
+def _iso(moment: float) -> str:
+    return dt.datetime.fromtimestamp(moment, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -116,10 +116,33 @@ def hub_app(hub: Hub, scrape_token: ScrapeToken | None, lockout: SharedLockout |
         status, parsed = chosen
         return web.json_response({**parsed, "workers": said}, status=200 if status == 200 else 503)
 
+    async def status_page(request: web.Request) -> web.Response:
+        """The first answering worker's /status, with each worker's configuration state (a worker
+        can be the one a refused reload left behind)."""
+        if scrape_token is not None:
+            refused = await check_scraper(scrape_token, lockout, request)
+            if refused is not None:
+                return refused
+        answers = await hub.ask("/status")
+        found: dict[str, object] | None = None
+        workers: list[object] = []
+        for answer in answers:
+            try:
+                parsed = json.loads(answer[1]) if answer is not None and answer[0] == 200 else None
+            except ValueError:
+                parsed = None
+            workers.append(parsed.get("configuration", "?") if isinstance(parsed, dict) else "no answer")
+            if found is None and isinstance(parsed, dict):
+                found = parsed
+        if found is None:
+            return web.json_response({"status": "unavailable", "workers": workers}, status=503)
+        return web.json_response({**found, "workers": workers})
+
     app = web.Application()
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status_page)
     return app
 
 

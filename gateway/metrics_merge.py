@@ -3,8 +3,8 @@ the metrics process (gateway.metrics_hub) adds them up at every scrape.
 
 Counters and histograms are sums. Gauges are sums too (requests in flight), except the `_up`
 gauges, whose whole-gateway value is the worst worker's (0 if any worker cannot reach the
-directory or Redis), and the `_created` times, the earliest. A pure function of the workers'
-expositions: tested as a table.
+directory or Redis), and the `_created` and `_timestamp_seconds` times, the earliest (the oldest
+configuration any worker runs). A pure function of the workers' expositions: tested as a table.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def merge(expositions: Iterable[str]) -> str:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 if key not in samples:
                     samples[key] = sample.value
-                elif worst or sample.name.endswith("_created"):  # the first worker's start
+                elif worst or sample.name.endswith(("_created", "_timestamp_seconds")):  # the earliest
                     samples[key] = min(samples[key], sample.value)
                 else:
                     samples[key] += sample.value

@@ -25,7 +25,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from gateway import __version__, config
 from gateway.app import (
@@ -40,7 +42,7 @@ from gateway.app import (
 from gateway.audit import AuditLogError
 from gateway.http.server import ListenerRunner, listener_runner
 from gateway.lockout import Lockout
-from gateway.metrics import ScrapeToken, metrics_app
+from gateway.metrics import ScrapeToken, metrics_app, probe_registry
 from gateway.redirect import redirect_app
 from gateway.state import AccessStore
 from gateway.tls import TlsContext
@@ -176,7 +178,11 @@ async def run_server(
             # Only the metrics process reaches it (the directory is the gateway user's alone),
             # and it asks for the metrics token itself.
             own = metrics_app(
-                app[METRICS_KEY], app[SESSION_KEY], settings.upstream, app[GATEWAY_KEY].directory_status
+                app[METRICS_KEY],
+                app[SESSION_KEY],
+                settings.upstream,
+                app[GATEWAY_KEY].directory_status,
+                status=app[GATEWAY_KEY].status,
             )
             worker_metrics = listener_runner(own, settings)
             await worker_metrics.setup()
@@ -202,6 +208,7 @@ async def run_server(
                 app[GATEWAY_KEY].directory_status,
                 scrape_token,
                 app[GATEWAY_KEY].lockout,
+                app[GATEWAY_KEY].status,
             )
             await open_extra("metrics_listen", listener_runner(metrics, settings), settings.metrics_listen)
         if settings.redirect_listen is not None:
@@ -236,6 +243,10 @@ async def run_server(
         settings.listen_port,
         settings.upstream,
     )
+    log.info("loaded %s", store.summary())
+    authority = app.get(AUTHORITY_KEY)
+    if authority is not None:
+        log.info("token keys (signing first): %s", ", ".join(authority.key_ids()))
     if on_serving is not None:
         on_serving()
     stop = asyncio.Event()
@@ -272,6 +283,7 @@ async def run_server(
             tls.reload_if_changed()
 
     watcher = asyncio.create_task(watch_tls())
+    registry_watch = asyncio.create_task(_say_when_the_registry_answers(app[SESSION_KEY], settings.upstream))
     if certificates is not None:
         certificates.start()  # once the listeners answer the CA's challenges
     try:
@@ -279,6 +291,7 @@ async def run_server(
     finally:
         log.info("shutting down: finishing transfers in flight (up to %s s)", settings.shutdown_grace)
         watcher.cancel()
+        registry_watch.cancel()
         if certificates is not None:
             await certificates.stop()
         for extra in listeners[1:]:
@@ -294,6 +307,22 @@ async def run_server(
                     await asyncio.wait_for(listener.limits.idle.wait(), remaining)
         app[AUDIT_KEY].close()
         log.info("stopped after %.1f s of shutdown", time.monotonic() - started)
+
+
+async def _say_when_the_registry_answers(session: aiohttp.ClientSession, upstream: URL) -> None:
+    """At start, as check-config does: a registry that does not answer is worth a warning (every
+    request gets 502 until it does), and the moment it starts answering a line of its own."""
+    answers, detail = await probe_registry(session, upstream)
+    if answers:
+        return
+    log.warning("the registry at %s does not answer (%s): requests get 502 until it does", upstream, detail)
+    while not answers:
+        await asyncio.sleep(REGISTRY_CHECK_SECONDS)
+        answers, detail = await probe_registry(session, upstream)
+    log.info("the registry at %s answers now (%s)", upstream, detail)
+
+
+REGISTRY_CHECK_SECONDS = 2.0
 
 
 def _loopback(host: str) -> bool:

@@ -7,6 +7,7 @@ and a change that fails to load keeps the last good snapshot (and says why in th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -139,6 +140,13 @@ class AccessStore:
         self._read_files: tuple[Path, ...] = ()  # what the policy read besides itself
         self._signatures = self._current_signatures()
         self._generation = 0
+        # What runs, for the start-up log, /status and /readyz: when the files were last loaded,
+        # what each was then (a hash of its bytes), and since when a refused reload left the
+        # running configuration behind the files (None: it is what the files say).
+        self.loaded_at = 0.0
+        self.loaded_files: dict[str, tuple[Path, str]] = {}
+        self.stale_since: float | None = None
+        self.stale_problem: str | None = None
         self.snapshot = self._load(robots_strict=True)  # raises at start-up: refuse to run on bad files
         self._follow_read_files()
         self.reloads_ok = 0
@@ -183,8 +191,38 @@ class AccessStore:
             log.warning("%s", warning)
         self._generation += 1
         self._read_files = policy.read_files if policy is not None else ()
+        self.loaded_at = time.time()
+        self.loaded_files = {
+            key: (path, _content_hash(path))
+            for key, path in (
+                ("htpasswd", self.htpasswd_path),
+                ("policy", self.policy_path),
+                ("robots", self.robots_path),
+            )
+            if path is not None
+        }
+        self.stale_since = self.stale_problem = None
         dummy = htpasswd.make_dummy(_typical_bcrypt_cost(users))
         return Snapshot(MappingProxyType(users), policy, self._generation, dummy, MappingProxyType(found))
+
+    def _went_stale(self, problem: str) -> None:
+        self.stale_since = self.stale_since or time.time()
+        self.stale_problem = problem
+
+    def summary(self) -> str:
+        """What runs, in words, for the start-up log (no secrets: counts and paths)."""
+        snapshot = self.snapshot
+        policy = snapshot.policy
+        in_policy = len(policy.users) if policy is not None else 0
+        said = [f"{len(snapshot.users) - in_policy} users from {self.htpasswd_path}"]
+        if policy is None:
+            said.append("the default policy (admin_prefix)")
+        else:
+            rules = f"{len(policy.acl)} rules, {len(policy.immutable)} immutable tag rules"
+            said.append(f"{in_policy} static users, {rules} from {self.policy_path}")
+        if self.robots_path is not None:
+            said.append(f"{len(snapshot.robots)} robots from {self.robots_path}")
+        return "; ".join(said)
 
     def use_docker_auth_service(self, service: str) -> None:
         """Once the settings are known (they may come from the docker_auth file itself)."""
@@ -211,11 +249,13 @@ class AccessStore:
             snapshot = self._load()
         except StateError as exc:
             self.reloads_failed += 1
+            self._went_stale("; ".join(exc.problems))
             for problem in exc.problems:
                 log.error("reload refused, keeping the last good users and rules: %s", problem)
             return False
         except Exception as exc:  # a parser bug must not end the watcher, nor go uncounted
             self.reloads_failed += 1
+            self._went_stale(f"{type(exc).__name__}: {exc}")
             files = str(self.htpasswd_path) + (f", {self.policy_path}" if self.policy_path else "")
             log.exception("reload of %s failed, keeping the last good users and rules: %s", files, exc)
             return False
@@ -235,3 +275,12 @@ class AccessStore:
         rules = "default policy" if snapshot.policy is None else f"{len(snapshot.policy.acl)} rules"
         log.info("reloaded: %d users, %s, %d robots", len(snapshot.users), rules, len(snapshot.robots))
         return True
+
+
+def _content_hash(path: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256 (what /status shows as its signature); "-"
+    when it cannot be read (a robots file not made yet)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "-"

@@ -33,6 +33,10 @@ IN_FLIGHT = """# HELP registry_gateway_in_flight_requests In flight
 # TYPE registry_gateway_in_flight_requests gauge
 registry_gateway_in_flight_requests {value}
 """
+LOADED = """# HELP registry_gateway_config_loaded_timestamp_seconds Loaded
+# TYPE registry_gateway_config_loaded_timestamp_seconds gauge
+registry_gateway_config_loaded_timestamp_seconds {value}
+"""
 HISTOGRAM = """# HELP lat Latency
 # TYPE lat histogram
 lat_bucket{{le="0.1"}} {low}
@@ -53,6 +57,8 @@ lat_count {all}
          "registry_gateway_in_flight_requests 7.0"),
         ([HISTOGRAM.format(low=1, all=2, total=0.5), HISTOGRAM.format(low=3, all=5, total=1.5)],
          'lat_bucket{le="0.1"} 4.0\nlat_bucket{le="+Inf"} 7.0\nlat_sum 2.0\nlat_count 7.0'),
+        ([LOADED.replace("{value}", "1700000000.0"), LOADED.replace("{value}", "1600000000.0")],
+         "registry_gateway_config_loaded_timestamp_seconds 1600000000.0"),
         ([COUNTER.replace("{value}", "3.0"), ""],
          'registry_gateway_requests_total{decision="allow",operation="base",status="200"} 3.0'),
     ],

@@ -86,6 +86,10 @@ class TokenAuthority:
             log.warning("token request refused: %s", message)
         return message
 
+    def key_ids(self) -> list[str]:
+        """The signing key's id, then those of the older keys still accepted (no secrets)."""
+        return [self.key.kid, *(key.kid for key in self._previous)]
+
     def issue(self, subject: str, access: list[Scope], secret: str | None = None) -> tuple[str, int]:
         return issue(self.key, self.issuer, self.service, subject, access, self.lifetime, self.x5c, secret)
 
