@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -282,6 +283,16 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.05)
+
+
+def get_json(metrics: str, path: str) -> tuple[int, Any]:
+    """The status and JSON body of GET `path` on a metrics listener HOST:PORT (/readyz, /status)."""
+    try:
+        with urllib.request.urlopen(f"http://{metrics}{path}", timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
 
 
 def metric(metrics: str, name: str) -> float:

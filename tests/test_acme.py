@@ -42,6 +42,7 @@ from tests.conftest import (
     Gateway,
     Registry,
     free_port,
+    get_json,
     make_token_key,
     require,
     start_gateway,
@@ -79,12 +80,8 @@ class Site:
 
 
 def _readyz(metrics: str) -> tuple[int, dict[str, str]]:
-    try:
-        with urllib.request.urlopen(f"http://{metrics}/readyz", timeout=10) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
+    found: tuple[int, dict[str, str]] = get_json(metrics, "/readyz")
+    return found
 
 
 def _served_certificate(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from tests.conftest import (
     Gateway,
     Registry,
     free_port,
+    get_json,
     make_token_key,
     metric,
     start_gateway,
@@ -49,11 +49,8 @@ class Pair:
 
 
 def readyz(metrics: str) -> tuple[int, dict[str, str]]:
-    try:
-        with urllib.request.urlopen(f"http://{metrics}/readyz", timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    found: tuple[int, dict[str, str]] = get_json(metrics, "/readyz")
+    return found
 
 
 def checks(pair: Pair) -> float:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 from gateway import robots
 from tests.conftest import (
     Registry,
     free_port,
+    get_json,
     make_token_key,
     metric,
     start_gateway,
@@ -36,15 +35,6 @@ immutable:
   - name: "prod/*"
     tags: ["v*"]
 """
-
-
-def get_json(metrics: str, path: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(f"http://{metrics}{path}", timeout=10) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
 
 
 def sha(path: Path) -> str:
