@@ -49,6 +49,7 @@ from gateway.screening import Admitted, Refusal, screen
 from gateway.shared.link import RedisLink
 from gateway.shared.lockout import SharedLockout
 from gateway.shared.revocations import SharedRevocations
+from gateway.shared.tag_locks import SharedTagLocks, TagBusy
 from gateway.state import AccessStore, Snapshot
 from gateway.tokens.authority import TokenAuthority
 from gateway.tokens.endpoint import TOKEN_PATH, token_endpoint
@@ -389,8 +390,9 @@ async def _guarded(
 ) -> web.StreamResponse:
     """A manifest PUT or DELETE that could change an immutable tag: what the registry has is
     looked at first (gateway.tag_lookup), gateway.immutable decides, and only then does the
-    registry get the request. A PUT to a tag holds that tag's lock in this process from the look
-    to the registry's answer, so that two first pushes of it here cannot both pass."""
+    registry get the request. A PUT to a tag holds that tag's lock from the look to the
+    registry's answer, in this process and, with Redis, across processes and replicas, so that
+    two first pushes of it cannot both pass."""
     gateway = request[GATEWAY]
     record = request[AUDIT_RECORD]
     pool = gateway.upstream
@@ -414,7 +416,10 @@ async def _guarded(
             if refusal is not None:
                 return _immutable_refusal(record, refusal)
             return await forward(request, settings, view, target, screened)
-        async with gateway.tag_locks.holding((guard.repository, guard.reference)):
+        async with (
+            gateway.tag_locks.holding((guard.repository, guard.reference)),
+            gateway.shared_tag_locks.holding(guard.repository, guard.reference),
+        ):
             manifest = await _manifest_body(request, record, screened, settings.body_timeout)
             existing = await tag_lookup.digest_of(pool, view, looking, guard.repository, guard.reference)
             pushed = "sha256:" + hashlib.sha256(manifest).hexdigest()
@@ -422,7 +427,7 @@ async def _guarded(
             if refusal is not None:
                 return _immutable_refusal(record, refusal)
             return await forward(request, settings, view, target, screened, manifest)
-    except tag_lookup.LookupFailed as exc:
+    except (tag_lookup.LookupFailed, TagBusy) as exc:
         record.decision = "error"
         log.warning("immutable tags: %s %s refused: %s", request.method, record.path, exc)
         return error_response(503, "UNAVAILABLE", f"cannot check immutable tags: {exc}")
@@ -687,6 +692,7 @@ class Gateway:
             else None
         )
         self.lockout = SharedLockout(local, self.link)
+        self.shared_tag_locks = SharedTagLocks(self.link)  # immutable tags, across processes
         self.metrics.shared_state = self.link
         self.authority = TokenAuthority(settings) if settings.challenge == "bearer" else None
         if self.link is not None and self.authority is not None:

@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,43 +208,89 @@ def test_immutable_tags_with_skopeo_and_the_registry(
     assert tag_in_storage(registry, "prod/app", "v1") == first_digest
 
 
-def test_two_first_pushes_of_one_tag_at_once_cannot_both_pass(
-    tmp_path: Path, registry: Registry, guarded: Gateway
-) -> None:
-    host = guarded.host
+def two_manifests(tmp_path: Path, host: str, repository: str) -> list[bytes]:
+    """Two different manifests in `repository` (their blobs pushed, under tags no rule covers)."""
     auth = write_authfile(tmp_path / "auth.json", host, ADMIN)
     manifests = []
     for name in ("a", "b"):
-        layout = tmp_path / name
+        layout = tmp_path / f"{repository.replace('/', '-')}-{name}"
         write_image(layout, "1", layers=1, layer_bytes=2048)
-        assert skopeo_copy(f"oci:{layout}:1", f"docker://{host}/prod/race:{name}", auth).returncode == 0
-        status, _, body = http_request(host, "GET", f"/v2/prod/race/manifests/{name}", ADMIN, headers=ACCEPT)
+        assert skopeo_copy(f"oci:{layout}:1", f"docker://{host}/{repository}:{name}", auth).returncode == 0
+        status, _, body = http_request(
+            host, "GET", f"/v2/{repository}/manifests/{name}", ADMIN, headers=ACCEPT
+        )
         assert status == 200
         manifests.append(body)
-    statuses: list[int] = []
+    return manifests
 
-    def put(body: bytes) -> None:
-        connection = http.client.HTTPConnection(host, timeout=30)
+
+def put_both_at_once(targets: list[tuple[str, bytes]], path: str) -> list[int]:
+    """PUT each manifest to its gateway at the same moment, each body taking half a second to
+    arrive: without a lock held across the look and the PUT, both would see no tag and pass.
+    The statuses, in the order of `targets`."""
+    statuses = [0] * len(targets)
+    start = threading.Barrier(len(targets))
+
+    def put(index: int, host: str, body: bytes) -> None:
+        def slowly() -> Iterator[bytes]:
+            yield body[:10]
+            time.sleep(0.5)
+            yield body[10:]
+
+        connection = http.client.HTTPConnection(host, timeout=60)
+        start.wait()
         connection.request(
             "PUT",
-            "/v2/prod/race/manifests/v1",
-            body=body,
-            headers={
-                "Authorization": basic_header(ADMIN),
-                "Content-Type": json.loads(body)["mediaType"],
-            },
+            path,
+            body=slowly(),
+            headers={"Authorization": basic_header(ADMIN), "Content-Type": json.loads(body)["mediaType"]},
+            encode_chunked=True,
         )
-        statuses.append(connection.getresponse().status)
+        statuses[index] = connection.getresponse().status
         connection.close()
 
-    threads = [threading.Thread(target=put, args=(body,)) for body in manifests]
+    threads = [threading.Thread(target=put, args=(index, *target)) for index, target in enumerate(targets)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
+    return statuses
+
+
+def test_two_first_pushes_of_one_tag_at_once_cannot_both_pass(
+    tmp_path: Path, registry: Registry, guarded: Gateway
+) -> None:
+    manifests = two_manifests(tmp_path, guarded.host, "prod/race")
+    statuses = put_both_at_once([(guarded.host, body) for body in manifests], "/v2/prod/race/manifests/v1")
     assert sorted(statuses) == [201, 403], statuses
-    winner = manifests[statuses.index(201)] if len(set(statuses)) == 2 else b""
+    winner = manifests[statuses.index(201)]
     assert tag_in_storage(registry, "prod/race", "v1") == "sha256:" + hashlib.sha256(winner).hexdigest()
+
+
+def test_two_first_pushes_through_two_gateways_sharing_redis(tmp_path: Path, registry: Registry) -> None:
+    """Across processes (workers, replicas) the tag's lock is in Redis."""
+    from tests.services import start_redis, stop_process
+
+    redis = start_redis(tmp_path)
+    policy = tmp_path / "policy.yml"
+    policy.write_text(POLICY)
+    users = users_with(tmp_path / "htpasswd")
+    gateways = []
+    try:
+        for _ in range(2):
+            gateways.append(
+                start_gateway(tmp_path, registry.url, users, "--policy", str(policy), env=redis.env())
+            )
+        manifests = two_manifests(tmp_path, gateways[0].host, "prod/shared")
+        targets = [(gateway.host, body) for gateway, body in zip(gateways, manifests, strict=True)]
+        statuses = put_both_at_once(targets, "/v2/prod/shared/manifests/v1")
+        assert sorted(statuses) == [201, 403], statuses
+        winner = manifests[statuses.index(201)]
+        assert tag_in_storage(registry, "prod/shared", "v1") == "sha256:" + hashlib.sha256(winner).hexdigest()
+    finally:
+        for gateway in gateways:
+            stop(gateway.process)
+        stop_process(redis.process)
 
 
 def test_the_docker_cli_sees_why(
