@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import aiohttp
@@ -54,6 +54,10 @@ from gateway.state import AccessStore, Snapshot
 from gateway.tokens.authority import TokenAuthority
 from gateway.tokens.endpoint import TOKEN_PATH, token_endpoint
 from gateway.tokens.scopes import Scope, needed
+from gateway.ui.paths import is_ui_path
+
+if TYPE_CHECKING:
+    from gateway.ui.pages import Pages
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +285,9 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
         return error_response(404, "UNSUPPORTED", "this docker client is too old")
     if first is Precheck.TOKEN_ENDPOINT and authority is not None:
         return await _token_request(request, authority)
+
+    if settings.ui and is_ui_path(request.raw_path):
+        return await request[GATEWAY].pages().handle(request)
 
     # Everything the registry would read from this request, decided in one place.
     screened = screen(request.method, request.raw_path, request.headers)
@@ -701,6 +708,7 @@ class Gateway:
         self._authorizer: ExternalAuthorizer | None = None
         self.session: aiohttp.ClientSession | None = None  # the catalog's pages, readiness probes
         self.tag_locks = KeyedLocks()  # immutable tags: one PUT to a tag at a time (app._guarded)
+        self._pages: Pages | None = None  # the web page (ui), made at its first request
         self.hsts = (
             f"max-age={settings.hsts_max_age}" if settings.tls_cert and settings.hsts_max_age else None
         )
@@ -730,6 +738,15 @@ class Gateway:
             return None
         problem = await directory.probe()
         return "ok" if problem is None else f"unreachable: {problem}"
+
+    def pages(self) -> Pages:
+        """The web page's handler, imported and made at its first request (Jinja2 and the
+        templates cost nothing to a gateway that serves no page)."""
+        if self._pages is None:
+            from gateway.ui.pages import Pages
+
+            self._pages = Pages(self)
+        return self._pages
 
     def status(self) -> dict[str, object]:
         """What runs, for the metrics listener's /status (it adds the registry and the

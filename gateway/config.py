@@ -43,6 +43,7 @@ class Settings:
     policy: Path | None
     robots: Path | None
     robots_last_used: Path | None
+    ui: bool
     admin_prefix: str
     realm: str
     trusted_proxies: tuple[IPNetwork, ...]
@@ -582,6 +583,16 @@ SETTINGS: tuple[Setting, ...] = (
         USERS,
     ),
     Setting(
+        "ui",
+        "true or false",
+        False,
+        _boolean,
+        "Serve the web page under /ui/ on the listener: the repositories a user may pull, their "
+        "tags and manifests, what the user may do there and which rule says so, and deletes for "
+        "those allowed (docs/ui.md). Logins as for the registry, with the lockout.",
+        USERS,
+    ),
+    Setting(
         "block_old_clients",
         "true or false",
         False,
@@ -1084,6 +1095,11 @@ def combination_problems(
     ):
         problems.append(
             "token_key: needed with workers > 1 (each worker would sign with its own ephemeral key)"
+        )
+    if values.get("ui") and values.get("workers", 1) > 1 and values.get("token_key") is None:
+        problems.append(
+            "token_key: needed with ui and workers > 1 (the page's sessions are signed with a key "
+            "derived from it, which every worker must share)"
         )
     if check_files and values.get("token_key") is not None:
         from gateway.tokens import keys

@@ -33,8 +33,15 @@ def _layer(files: dict[str, bytes]) -> tuple[bytes, str]:
     return gzip.compress(uncompressed, mtime=0), "sha256:" + hashlib.sha256(uncompressed).hexdigest()
 
 
-def write_image(layout: Path, tag: str = "latest", layers: int = 3, layer_bytes: int = 64 * 1024) -> str:
-    """Write an OCI layout with `layers` random layers; returns the manifest digest."""
+def _image(
+    layout: Path,
+    layers: int,
+    layer_bytes: int,
+    architecture: str = "amd64",
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+) -> tuple[str, int]:
+    """One image's layers, config and manifest in `layout`; the manifest's digest and size."""
     (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
     descriptors, diff_ids = [], []
@@ -50,35 +57,72 @@ def write_image(layout: Path, tag: str = "latest", layers: int = 3, layer_bytes:
         diff_ids.append(diff_id)
     image_config = json.dumps(
         {
-            "architecture": "amd64",
+            "architecture": architecture,
             "os": "linux",
-            "config": {},
+            "created": "2026-01-02T03:04:05Z",
+            "config": {"Labels": labels} if labels else {},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
         }
     ).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": _write_blob(layout, image_config),
-                "size": len(image_config),
-            },
-            "layers": descriptors,
-        }
-    ).encode()
-    manifest_digest = _write_blob(layout, manifest)
-    image_index = {
+    manifest_body: dict[str, object] = {
         "schemaVersion": 2,
-        "manifests": [
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": _write_blob(layout, image_config),
+            "size": len(image_config),
+        },
+        "layers": descriptors,
+    }
+    if annotations:
+        manifest_body["annotations"] = annotations
+    manifest = json.dumps(manifest_body).encode()
+    return _write_blob(layout, manifest), len(manifest)
+
+
+def _tag(layout: Path, tag: str, media_type: str, digest: str, size: int) -> None:
+    entry = {
+        "mediaType": media_type,
+        "digest": digest,
+        "size": size,
+        "annotations": {"org.opencontainers.image.ref.name": tag},
+    }
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+
+
+def write_image(
+    layout: Path,
+    tag: str = "latest",
+    layers: int = 3,
+    layer_bytes: int = 64 * 1024,
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+) -> str:
+    """Write an OCI layout with `layers` random layers; returns the manifest digest."""
+    digest, size = _image(layout, layers, layer_bytes, labels=labels, annotations=annotations)
+    _tag(layout, tag, "application/vnd.oci.image.manifest.v1+json", digest, size)
+    return digest
+
+
+def write_index(
+    layout: Path, tag: str, architectures: list[str], layers: int = 2, layer_bytes: int = 4096
+) -> str:
+    """Write an OCI layout whose `tag` is an image index of one image per architecture (linux);
+    returns the index's digest. `skopeo copy --all` pushes it whole."""
+    entries = []
+    for architecture in architectures:
+        digest, size = _image(layout, layers, layer_bytes, architecture)
+        entries.append(
             {
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest_digest,
-                "size": len(manifest),
-                "annotations": {"org.opencontainers.image.ref.name": tag},
+                "digest": digest,
+                "size": size,
+                "platform": {"os": "linux", "architecture": architecture},
             }
-        ],
-    }
-    (layout / "index.json").write_text(json.dumps(image_index))
-    return manifest_digest
+        )
+    index = json.dumps(
+        {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}
+    ).encode()
+    digest = _write_blob(layout, index)
+    _tag(layout, tag, "application/vnd.oci.image.index.v1+json", digest, len(index))
+    return digest
