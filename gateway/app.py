@@ -49,7 +49,7 @@ from gateway.screening import Admitted, Refusal, screen
 from gateway.shared.link import RedisLink
 from gateway.shared.lockout import SharedLockout
 from gateway.shared.revocations import SharedRevocations
-from gateway.shared.tag_locks import SharedTagLocks, TagBusy
+from gateway.shared.tag_locks import WAIT_SECONDS, SharedTagLocks, TagBusy
 from gateway.state import AccessStore, Snapshot
 from gateway.tokens.authority import TokenAuthority
 from gateway.tokens.endpoint import TOKEN_PATH, token_endpoint
@@ -397,9 +397,11 @@ async def _guarded(
 ) -> web.StreamResponse:
     """A manifest PUT or DELETE that could change an immutable tag: what the registry has is
     looked at first (gateway.tag_lookup), gateway.immutable decides, and only then does the
-    registry get the request. A PUT to a tag holds that tag's lock from the look to the
-    registry's answer, in this process and, with Redis, across processes and replicas, so that
-    two first pushes of it cannot both pass."""
+    registry get the request. A PUT to a covered tag, and a delete by digest, hold the
+    repository's lock from the look to the registry's answer, in this process and, with Redis,
+    across processes and replicas: two first pushes of a tag cannot both pass, nor a delete slip
+    in beside a first push. The manifest is read whole before the lock is taken, so that a client
+    sending slowly holds no one up."""
     gateway = request[GATEWAY]
     record = request[AUDIT_RECORD]
     pool = gateway.upstream
@@ -415,19 +417,27 @@ async def _guarded(
             return _immutable_refusal(record, immutable.on_delete_tag(rule, guard.reference))
         if guard.kind == "tag_query":
             return _immutable_refusal(record, immutable.on_tag_query(rule))
+        if guard.kind == "delete_blob":
+            return _immutable_refusal(record, immutable.on_delete_blob(rule, guard.reference))
         if guard.kind == "delete_digest":
-            pointing = await tag_lookup.tags_pointing_to(
-                pool, view, looking, guard.repository, guard.reference, guard.rules
-            )
-            refusal = immutable.on_delete_digest(guard.reference, pointing)
-            if refusal is not None:
-                return _immutable_refusal(record, refusal)
-            return await forward(request, settings, view, target, screened)
+            async with (
+                gateway.tag_locks.holding(guard.repository),
+                gateway.shared_tag_locks.holding(guard.repository),
+            ):
+                pointing = await tag_lookup.tags_holding(
+                    pool, view, looking, guard.repository, guard.reference, guard.rules
+                )
+                refusal = immutable.on_delete_digest(guard.reference, pointing)
+                if refusal is not None:
+                    return _immutable_refusal(record, refusal)
+                return await forward(request, settings, view, target, screened)
+        if screened.content_length is not None and screened.content_length > MAX_MANIFEST_BYTES:
+            raise BodyFailed(400, "MANIFEST_INVALID", "manifest larger than 4 MiB")
+        manifest = await _manifest_body(request, record, screened, settings.body_timeout)
         async with (
-            gateway.tag_locks.holding((guard.repository, guard.reference)),
-            gateway.shared_tag_locks.holding(guard.repository, guard.reference),
+            gateway.tag_locks.holding(guard.repository),
+            gateway.shared_tag_locks.holding(guard.repository),
         ):
-            manifest = await _manifest_body(request, record, screened, settings.body_timeout)
             existing = await tag_lookup.digest_of(pool, view, looking, guard.repository, guard.reference)
             pushed = "sha256:" + hashlib.sha256(manifest).hexdigest()
             refusal = immutable.on_put(rule, guard.reference, existing, pushed)
@@ -451,8 +461,8 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 
 
 class KeyedLocks:
-    """One asyncio lock per key while anyone holds or waits for it (no lock kept for every tag
-    ever pushed)."""
+    """One asyncio lock per key while anyone holds or waits for it (no lock kept for every
+    repository ever pushed to); waiting longer than WAIT_SECONDS is TagBusy."""
 
     def __init__(self) -> None:
         self._locks: dict[object, tuple[asyncio.Lock, int]] = {}
@@ -462,8 +472,17 @@ class KeyedLocks:
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
-            async with lock:
+            try:
+                async with asyncio.timeout(WAIT_SECONDS):
+                    await lock.acquire()
+            except TimeoutError:
+                raise TagBusy(
+                    f"another change in {key} has been in flight for {WAIT_SECONDS:.0f} s"
+                ) from None
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             lock, users = self._locks[key]
             if users == 1:

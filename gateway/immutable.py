@@ -97,7 +97,7 @@ def rule_for(rules: Iterable[ImmutableRule], repository: str, tag: str) -> Immut
 class Guard:
     """What must be looked at in the registry before it gets the request."""
 
-    kind: Literal["put_tag", "delete_tag", "delete_digest", "tag_query"]
+    kind: Literal["put_tag", "delete_tag", "delete_digest", "delete_blob", "tag_query"]
     repository: str
     reference: str  # the tag, or the digest
     rules: tuple[ImmutableRule, ...]  # the tag's rule; for a digest, every rule of the repository
@@ -105,12 +105,18 @@ class Guard:
 
 def guard(rules: tuple[ImmutableRule, ...], operation: Operation) -> Guard | None:
     """Whether `operation` could change or remove an immutable tag (None: it cannot)."""
-    if not rules or operation.route is not Route.MANIFEST or operation.method not in ("PUT", "DELETE"):
+    if not rules or operation.method not in ("PUT", "DELETE"):
         return None
     repository, reference = operation.repository, operation.reference
     if repository is None or reference is None:
         return None
     covering = tuple(rule for rule in rules if rule.covers_repository(repository))
+    if operation.route is Route.BLOB and operation.method == "DELETE" and covering:
+        # A layer or config of an immutable release, or of one of an index's platforms, gone:
+        # the tag would still name it, and nothing could pull it. Blobs go by garbage collection.
+        return Guard("delete_blob", repository, reference, covering)
+    if operation.route is not Route.MANIFEST:
+        return None
     if operation.method == "PUT" and "tag" in operation.params and covering:
         # OCI 1.1's `?tag=` tags a manifest as it is pushed (distribution 3 reads every one of
         # them; 2.8 none): not looked into here, so refused where any tag could be immutable.
@@ -141,13 +147,23 @@ def on_tag_query(rule: ImmutableRule) -> Refusal:
     return Refusal(f"tags given as ?tag= are not accepted where {rule.describe()} applies: push by tag")
 
 
+def on_delete_blob(rule: ImmutableRule, digest: str) -> Refusal:
+    return Refusal(
+        f"blob {digest} is not deleted where {rule.describe()} applies: an immutable tag may need "
+        "it (the registry's garbage collection removes blobs no manifest uses)"
+    )
+
+
 def on_delete_tag(rule: ImmutableRule, tag: str) -> Refusal:
     return Refusal(f"tag {tag} is immutable by {rule.describe()}: it cannot be deleted")
 
 
 def on_delete_digest(digest: str, pointing: Mapping[str, ImmutableRule]) -> Refusal | None:
-    """A manifest DELETE by digest, given the immutable tags that point to it."""
+    """A manifest DELETE by digest, given the immutable tags that are it or an index listing it."""
     if not pointing:
         return None
     tag, rule = sorted(pointing.items())[0]
-    return Refusal(f"manifest {digest} is tag {tag}, immutable by {rule.describe()}: it cannot be deleted")
+    return Refusal(
+        f"manifest {digest} is tag {tag} or one of its platforms, immutable by {rule.describe()}: "
+        "it cannot be deleted"
+    )

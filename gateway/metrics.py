@@ -378,11 +378,14 @@ async def probe_registry(session: aiohttp.ClientSession, upstream: URL) -> tuple
 
 
 def configuration_state(store: AccessStore) -> str:
-    """For /readyz: whether what runs is what the files say, and since when it is not."""
+    """For /readyz, which is open to all: whether what runs is what the files say, and since
+    when it is not. Why is for /status (behind the metrics token): a parser's message can name
+    users, robots and rules."""
     if store.stale_since is None:
         return f"current, loaded at {_iso(store.loaded_at)}"
-    refused = f"a reload was refused: {store.stale_problem}"
-    return f"stale since {_iso(store.stale_since)} ({refused}); the last good one runs"
+    return (
+        f"stale since {_iso(store.stale_since)}: the files did not load, the last good ones run (see /status)"
+    )
 
 
 def _iso(moment: float) -> str:

@@ -114,6 +114,15 @@ def hub_app(hub: Hub, scrape_token: ScrapeToken | None, lockout: SharedLockout |
         if chosen is None:
             return web.json_response({"status": "unavailable", "workers": said}, status=503)
         status, parsed = chosen
+        # A worker a refused reload left behind is worth saying even if another one is current.
+        for answer in answers:
+            try:
+                other = json.loads(answer[1]) if answer is not None else {}
+            except ValueError:
+                other = {}
+            if str(other.get("configuration", "")).startswith("stale"):
+                parsed = {**parsed, "configuration": other["configuration"]}
+                break
         return web.json_response({**parsed, "workers": said}, status=200 if status == 200 else 503)
 
     async def status_page(request: web.Request) -> web.Response:

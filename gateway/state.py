@@ -24,6 +24,7 @@ from gateway.robots import Robot
 log = logging.getLogger(__name__)
 
 DEFAULT_DUMMY_COST = 10
+ROBOTS_DROPPED = "(robots dropped)"  # build's note to _load: the robots file failed on a reload
 # Apache's htpasswd rewrites its file in place (opened with O_TRUNC, then written): a file read
 # half-written can be a valid one with users missing. A changed file is read once it has held
 # still this long; one still changing is left to the next poll.
@@ -111,6 +112,7 @@ def build(
                 problems.append(("robots", str(exc)))
             else:
                 warnings.append(f"{exc}; no robot may log in until it is mended")
+                warnings.append(ROBOTS_DROPPED)
     in_policy = {*policy.users, *policy.accounts} if policy is not None else set()
     for name in sorted({*users, *in_policy}):
         if robots.robot_name(name) is not None:
@@ -187,8 +189,10 @@ class AccessStore:
             and self.docker_auth_service is not None
         ):
             policy = dataclasses.replace(policy, service=self.docker_auth_service)
+        dropped = ROBOTS_DROPPED in warnings
         for warning in warnings:
-            log.warning("%s", warning)
+            if warning != ROBOTS_DROPPED:
+                log.warning("%s", warning)
         self._generation += 1
         self._read_files = policy.read_files if policy is not None else ()
         self.loaded_at = time.time()
@@ -202,6 +206,9 @@ class AccessStore:
             if path is not None
         }
         self.stale_since = self.stale_problem = None
+        if dropped:
+            # Loaded, but not what the robots file says: as stale as a refused reload.
+            self._went_stale(f"{self.robots_path}: cannot be used; no robots run until it is mended")
         dummy = htpasswd.make_dummy(_typical_bcrypt_cost(users))
         return Snapshot(MappingProxyType(users), policy, self._generation, dummy, MappingProxyType(found))
 

@@ -1,7 +1,7 @@
 """What the registry says a tag is, for immutable tags (gateway.immutable decides): the digest a
 tag points to (a HEAD of the manifest, asking for every manifest type so that the registry
 answers with the stored manifest's digest, converted to nothing), and which tags point to a
-digest (the tags list, paged, then a HEAD for each tag a rule covers).
+digest (the tags list, paged, then each covered tag's manifest, which may be an index listing it).
 
 Anything but a clear answer (a timeout, a 5xx, an answer without a digest) is LookupFailed: the
 gateway then refuses the change (fail closed), naming what it could not learn.
@@ -28,6 +28,7 @@ MANIFEST_TYPES = (
 TAGS_PAGE = 1000
 MAX_TAGS = 20_000  # a delete by digest in a repository with more tags is refused, not guessed at
 MAX_TAGS_PAGE_BYTES = 4 * 1024 * 1024
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 CONCURRENT_HEADS = 8
 
 
@@ -54,7 +55,7 @@ async def digest_of(
     return digest
 
 
-async def tags_pointing_to(
+async def tags_holding(
     pool: UpstreamPool,
     view: forwarding.ClientView,
     authorization: str | None,
@@ -62,20 +63,48 @@ async def tags_pointing_to(
     digest: str,
     rules: Iterable[ImmutableRule],
 ) -> dict[str, ImmutableRule]:
-    """The tags of `repository` that a rule covers and that point to `digest`, with the rule."""
+    """The tags of `repository` that a rule covers and that are `digest`, or an index listing
+    it (one of its platforms), with the rule."""
     covered: dict[str, ImmutableRule] = {}
     for tag in await _tags(pool, view, authorization, repository):
         rule = next((r for r in rules if r.covers(repository, tag)), None)
         if rule is not None:
             covered[tag] = rule
-    heads = asyncio.Semaphore(CONCURRENT_HEADS)
+    reads = asyncio.Semaphore(CONCURRENT_HEADS)
 
-    async def points(tag: str) -> bool:
-        async with heads:
-            return await digest_of(pool, view, authorization, repository, tag) == digest
+    async def holds(tag: str) -> bool:
+        async with reads:
+            found, body = await _manifest(pool, view, authorization, repository, tag)
+        if found == digest:
+            return True
+        try:
+            listed = json.loads(body).get("manifests") or []
+        except (ValueError, AttributeError):
+            return False
+        return isinstance(listed, list) and any(
+            isinstance(m, dict) and m.get("digest") == digest for m in listed
+        )
 
-    found = await asyncio.gather(*(points(tag) for tag in covered))
+    found = await asyncio.gather(*(holds(tag) for tag in covered))
     return {tag: rule for (tag, rule), hit in zip(covered.items(), found, strict=True) if hit}
+
+
+async def _manifest(
+    pool: UpstreamPool, view: forwarding.ClientView, authorization: str | None, repository: str, tag: str
+) -> tuple[str, bytes]:
+    """A tag's digest and manifest (GET, every manifest type accepted)."""
+    headers = ((b"Accept", ", ".join(MANIFEST_TYPES).encode()),)
+    target = f"/v2/{repository}/manifests/{quote(tag, safe='')}"
+    head = forwarding.upstream_request_head("GET", target, headers, view, authorization)
+    try:
+        async with await pool.request("GET", head) as answer:
+            status, digest = answer.status, answer.header(b"docker-content-digest")
+            body = await answer.read_at_most(MAX_MANIFEST_BYTES) if status == 200 else b""
+    except (UpstreamError, TimeoutError) as exc:
+        raise LookupFailed(f"the registry did not say what tag {tag} is ({exc})") from None
+    if status != 200 or not digest:
+        raise LookupFailed(f"the registry did not say what tag {tag} is (HTTP {status})")
+    return digest, body
 
 
 async def _tags(

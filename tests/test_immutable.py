@@ -79,7 +79,8 @@ def test_only_exclusions_cover_every_other_tag() -> None:
         ("DELETE", "/v2/dev/app/manifests/" + DIGEST, None),  # no rule for the repository
         ("GET", "/v2/prod/app/manifests/v1", None),
         ("HEAD", "/v2/prod/app/manifests/v1", None),
-        ("DELETE", "/v2/prod/app/blobs/" + DIGEST, None),
+        ("DELETE", "/v2/prod/app/blobs/" + DIGEST, "delete_blob"),  # an immutable release may need it
+        ("DELETE", "/v2/dev/app/blobs/" + DIGEST, None),
     ],
 )
 def test_which_operations_are_guarded(method: str, target: str, kind: str | None) -> None:
@@ -99,7 +100,9 @@ def test_what_is_refused_and_why() -> None:
     assert immutable.on_delete_digest(DIGEST, {}) is None
     refused = immutable.on_delete_digest(DIGEST, {"v1": RULE})
     assert (
-        refused is not None and f"manifest {DIGEST} is tag v1, immutable by immutable[0]" in refused.message
+        refused is not None
+        and f"manifest {DIGEST} is tag v1 or one of its platforms, immutable by immutable[0]"
+        in refused.message
     )
 
 
@@ -200,7 +203,7 @@ def test_immutable_tags_with_skopeo_and_the_registry(
     status, _, body = http_request(host, "DELETE", "/v2/prod/app/manifests/v1", ADMIN)
     assert status == 403 and b"cannot be deleted" in body, body
     status, _, body = http_request(host, "DELETE", f"/v2/prod/app/manifests/{first_digest}", ADMIN)
-    assert status == 403 and b"is tag v1, immutable by immutable[0]" in body, body
+    assert status == 403 and b"is tag v1 or one of its platforms, immutable by immutable[0]" in body, body
     revisions = registry.storage / "docker/registry/v2/repositories/prod/app/_manifests/revisions/sha256"
     assert (revisions / first_digest.removeprefix("sha256:")).exists()
     status, _, body = http_request(host, "DELETE", f"/v2/prod/app/manifests/{second_digest}", ADMIN)
@@ -329,3 +332,59 @@ def test_policy_explain_says_when_a_tag_is_immutable_and_why(tmp_path: Path) -> 
 
     assert "tag v1: immutable by immutable[0] (name prod/*, tags v*, !latest)" in explain("v1")
     assert "tag latest: mutable" in explain("latest")
+
+
+def test_an_immutable_index_keeps_its_platforms_and_blobs(
+    tmp_path: Path, registry: Registry, guarded: Gateway
+) -> None:
+    """Deleting one platform's manifest, or a blob, would leave the tag naming what cannot be
+    pulled: both refused where a rule applies."""
+    from gateway.sample_image import write_index
+
+    host = guarded.host
+    auth = write_authfile(tmp_path / "auth.json", host, ADMIN)
+    layout = tmp_path / "index"
+    write_index(layout, "v1", ["amd64", "arm64"])
+    pushed = skopeo_copy(
+        f"oci:{layout}:v1", f"docker://{host}/prod/idx:v1", auth, "--dest-tls-verify=false", "--all"
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    accept = {"Accept": "application/vnd.oci.image.index.v1+json"}
+    status, _, body = http_request(host, "GET", "/v2/prod/idx/manifests/v1", ADMIN, headers=accept)
+    assert status == 200
+    child = json.loads(body)["manifests"][0]["digest"]
+    status, _, said = http_request(host, "DELETE", f"/v2/prod/idx/manifests/{child}", ADMIN)
+    assert status == 403 and b"is tag v1 or one of its platforms" in said, said
+    status, _, manifest = http_request(host, "GET", f"/v2/prod/idx/manifests/{child}", ADMIN, headers=ACCEPT)
+    assert status == 200
+    layer = json.loads(manifest)["layers"][0]["digest"]
+    status, _, said = http_request(host, "DELETE", f"/v2/prod/idx/blobs/{layer}", ADMIN)
+    assert status == 403 and b"garbage collection" in said, said
+    assert http_request(host, "HEAD", f"/v2/prod/idx/blobs/{layer}", ADMIN)[0] == 200
+
+
+def test_a_slow_manifest_holds_no_one_up(tmp_path: Path, registry: Registry, guarded: Gateway) -> None:
+    """The manifest is read before the repository's lock is taken: a client that never finishes
+    sending one keeps no other push of the tag waiting."""
+    import socket
+
+    host = guarded.host
+    manifests = two_manifests(tmp_path, host, "prod/slow")
+    address, port = host.rsplit(":", 1)
+    stalled = socket.create_connection((address, int(port)), timeout=30)
+    try:
+        promised = len(manifests[0]) + 100000
+        head = (
+            f"PUT /v2/prod/slow/manifests/v1 HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: {basic_header(ADMIN)}\r\n"
+            f"Content-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {promised}\r\n\r\n"
+        )
+        stalled.sendall(head.encode() + manifests[0][:50])
+        time.sleep(0.5)
+        status, _, body = http_request(
+            host, "PUT", "/v2/prod/slow/manifests/v1", ADMIN, body=manifests[1],
+            headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+        )  # fmt: skip
+        assert status == 201, body
+    finally:
+        stalled.close()

@@ -341,6 +341,7 @@ def test_a_robots_file_that_breaks_on_reload_means_no_robots_and_the_rest_reload
     users.write_text("bob:$2y$05$" + "a" * 53 + "\n")
     assert store.reload_if_changed(force=True)
     assert store.snapshot.robots == {} and set(store.snapshot.users) == {"bob"}
+    assert store.stale_since is not None and "robots.yml: cannot be used" in str(store.stale_problem)
     path.write_text("robots: {}\nextra: 1\n")
     with pytest.raises(Exception, match="robots"):
         AccessStore(users, robots_path=path)  # at start: refused, naming it

@@ -1,6 +1,7 @@
-"""Immutable tags' lock across workers and replicas, in Redis: a manifest PUT to a covered tag
-holds it from the look at the registry to the registry's answer (gateway.app._guarded), so that
-two first pushes of one tag through different gateway processes cannot both pass.
+"""Immutable tags' lock across workers and replicas, in Redis, one per repository: a manifest
+PUT to a covered tag and a delete by digest hold it from the look at the registry to the
+registry's answer (gateway.app._guarded; the manifest is read before), so that two first pushes
+of one tag through different gateway processes cannot both pass, nor a delete slip in beside one.
 
 `SET key token NX PX` takes it, a compare-and-delete script gives it back (never another
 holder's, if ours expired), and it expires by itself after LOCK_MS should its holder die. With
@@ -19,7 +20,9 @@ from collections.abc import AsyncIterator
 
 from gateway.shared.link import RedisLink
 
-LOCK_MS = 30_000  # longer than a manifest PUT takes; a dead holder's lock ends with it
+LOCK_MS = (
+    120_000  # longer than the registry takes to answer (read_timeout); a dead holder's lock ends with it
+)
 WAIT_SECONDS = 30.0  # for another process's PUT of the same tag
 POLL_SECONDS = 0.05
 KEY_PREFIX = "registry-gateway:tag-lock:"
@@ -38,12 +41,12 @@ class SharedTagLocks:
         self.link = link
 
     @contextlib.asynccontextmanager
-    async def holding(self, repository: str, tag: str) -> AsyncIterator[None]:
+    async def holding(self, repository: str) -> AsyncIterator[None]:
         link = self.link
         if link is None:
             yield
             return
-        key = KEY_PREFIX + hashlib.sha256(f"{repository}\0{tag}".encode()).hexdigest()
+        key = KEY_PREFIX + hashlib.sha256(repository.encode()).hexdigest()
         token = secrets.token_hex(16)
         take = link.client.register_script(_TAKE)
         deadline = time.monotonic() + WAIT_SECONDS
@@ -56,7 +59,7 @@ class SharedTagLocks:
                 taken = True
                 break
             if time.monotonic() > deadline:
-                raise TagBusy(f"another push of tag {tag} has been in flight for {WAIT_SECONDS:.0f} s")
+                raise TagBusy(f"another change in {repository} has been in flight for {WAIT_SECONDS:.0f} s")
             await asyncio.sleep(POLL_SECONDS)
         try:
             yield

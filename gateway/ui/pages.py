@@ -12,6 +12,7 @@ the lockout, like `docker login`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ from gateway.policy import Decision, Outcome, acl_request
 from gateway.robots import robot_name
 from gateway.routes import TAG_RE, Operation, parse_request, valid_name
 from gateway.shared.lockout import SharedLockout
+from gateway.shared.tag_locks import SharedTagLocks, TagBusy
 from gateway.state import Snapshot
 from gateway.tokens import keys, revocations
 from gateway.tokens.authority import TokenAuthority
@@ -61,6 +63,10 @@ CSP = (
 STATIC = {"ui.css": "text/css", "ui.js": "text/javascript"}
 
 
+class RepositoryLocks(Protocol):
+    def holding(self, key: object) -> contextlib.AbstractAsyncContextManager[None]: ...
+
+
 class Host(Protocol):
     """What the pages need of the gateway (gateway.app.Gateway)."""
 
@@ -70,6 +76,10 @@ class Host(Protocol):
     authority: TokenAuthority | None
     session: aiohttp.ClientSession | None
     upstream: UpstreamPool | None
+    shared_tag_locks: SharedTagLocks
+
+    @property
+    def tag_locks(self) -> RepositoryLocks: ...
 
 
 def session_key(settings: Settings) -> bytes:
@@ -433,25 +443,29 @@ class Pages:
         assert isinstance(operation, Operation)
         guard = immutable.guard(snapshot.policy.immutable, operation) if snapshot.policy is not None else None
         try:
-            if guard is not None:
-                pointing = await tag_lookup.tags_pointing_to(
-                    self._pool(),
-                    view,
-                    self._authorization(Scope("repository", name, frozenset({"pull"}))),
-                    name,
-                    digest,
-                    guard.rules,
+            # The same locks as a delete through the registry API (app._guarded).
+            async with self.host.tag_locks.holding(name), self.host.shared_tag_locks.holding(name):
+                if guard is not None:
+                    pointing = await tag_lookup.tags_holding(
+                        self._pool(),
+                        view,
+                        self._authorization(Scope("repository", name, frozenset({"pull"}))),
+                        name,
+                        digest,
+                        guard.rules,
+                    )
+                    refusal = immutable.on_delete_digest(digest, pointing)
+                    if refusal is not None:
+                        return self._message(
+                            request, visitor, 403, "Not allowed", refusal.message, error=True
+                        )
+                status, _, _, _ = await self._get(
+                    f"/v2/{name}/manifests/{digest}",
+                    Scope("repository", name, frozenset({"delete"})),
+                    65536,
+                    method="DELETE",
                 )
-                refusal = immutable.on_delete_digest(digest, pointing)
-                if refusal is not None:
-                    return self._message(request, visitor, 403, "Not allowed", refusal.message, error=True)
-            status, _, _, _ = await self._get(
-                f"/v2/{name}/manifests/{digest}",
-                Scope("repository", name, frozenset({"delete"})),
-                65536,
-                method="DELETE",
-            )
-        except (tag_lookup.LookupFailed, TimeoutError, aiohttp.ClientError) as exc:
+        except (tag_lookup.LookupFailed, TagBusy, TimeoutError, aiohttp.ClientError) as exc:
             return self._unreachable(request, visitor, exc)
         log.info(
             "ui: %r deleted %s@%s (%s) from %s: registry answered %d",
