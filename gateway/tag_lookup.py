@@ -40,19 +40,7 @@ async def digest_of(
     pool: UpstreamPool, view: forwarding.ClientView, authorization: str | None, repository: str, tag: str
 ) -> str | None:
     """The digest `tag` of `repository` points to; None when there is no such tag."""
-    headers = ((b"Accept", ", ".join(MANIFEST_TYPES).encode()),)
-    target = f"/v2/{repository}/manifests/{quote(tag, safe='')}"
-    head = forwarding.upstream_request_head("HEAD", target, headers, view, authorization)
-    try:
-        async with await pool.request("HEAD", head) as answer:
-            status, digest = answer.status, answer.header(b"docker-content-digest")
-    except (UpstreamError, TimeoutError) as exc:
-        raise LookupFailed(f"the registry did not say what tag {tag} is ({exc})") from None
-    if status == 404:
-        return None
-    if status != 200 or not digest:
-        raise LookupFailed(f"the registry did not say what tag {tag} is (HTTP {status})")
-    return digest
+    return (await _manifest(pool, view, authorization, repository, tag, "HEAD"))[0]
 
 
 async def tags_holding(
@@ -90,18 +78,26 @@ async def tags_holding(
 
 
 async def _manifest(
-    pool: UpstreamPool, view: forwarding.ClientView, authorization: str | None, repository: str, tag: str
-) -> tuple[str, bytes]:
-    """A tag's digest and manifest (GET, every manifest type accepted)."""
+    pool: UpstreamPool,
+    view: forwarding.ClientView,
+    authorization: str | None,
+    repository: str,
+    tag: str,
+    method: str = "GET",
+) -> tuple[str | None, bytes]:
+    """A tag's digest (None: no such tag) and, for a GET, its manifest; every manifest type is
+    accepted, so the registry answers with the stored manifest, converted to nothing."""
     headers = ((b"Accept", ", ".join(MANIFEST_TYPES).encode()),)
     target = f"/v2/{repository}/manifests/{quote(tag, safe='')}"
-    head = forwarding.upstream_request_head("GET", target, headers, view, authorization)
+    head = forwarding.upstream_request_head(method, target, headers, view, authorization)
     try:
-        async with await pool.request("GET", head) as answer:
+        async with await pool.request(method, head) as answer:
             status, digest = answer.status, answer.header(b"docker-content-digest")
-            body = await answer.read_at_most(MAX_MANIFEST_BYTES) if status == 200 else b""
+            body = await answer.read_at_most(MAX_MANIFEST_BYTES) if status == 200 and method == "GET" else b""
     except (UpstreamError, TimeoutError) as exc:
         raise LookupFailed(f"the registry did not say what tag {tag} is ({exc})") from None
+    if status == 404:
+        return None, b""
     if status != 200 or not digest:
         raise LookupFailed(f"the registry did not say what tag {tag} is (HTTP {status})")
     return digest, body
