@@ -287,7 +287,12 @@ async def handle(request: web.BaseRequest) -> web.StreamResponse:
         return await _token_request(request, authority)
 
     if settings.ui and is_ui_path(request.raw_path):
-        return await request[GATEWAY].pages().handle(request)
+        page_view = _client_view(request)  # the registry's checks of the client, the same here
+        if page_view is None:
+            return error_response(400, "UNSUPPORTED", "missing or invalid Host header")
+        if page_view.unreadable:
+            return _unreadable_client(page_view)
+        return await request[GATEWAY].pages().handle(request, page_view, record)
 
     # Everything the registry would read from this request, decided in one place.
     screened = screen(request.method, request.raw_path, request.headers)

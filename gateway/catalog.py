@@ -33,6 +33,7 @@ _PAGE_SIZE = re.compile(r"[0-9]{1,5}")
 class Page:
     repositories: list[str]
     next_last: str | None  # set when more visible repositories may follow
+    truncated: bool = False  # max_pages of the registry's were read: more may match
 
 
 class CatalogError(Exception):
@@ -60,10 +61,17 @@ async def filtered_page(
     visible: Callable[[str], bool],
     n: int | None,
     last: str | None,
+    max_pages: int | None = None,
 ) -> Page:
+    """`max_pages`: at most so many of the registry's pages are read (the web page's search, which
+    anyone may send); then the page ends with what was found, `truncated`."""
     shown: list[str] = []
     cursor = last
+    read = 0
     while True:
+        if max_pages is not None and read == max_pages:
+            return Page(shown, shown[-1] if shown else None, truncated=True)
+        read += 1
         names, upstream_has_more = await _upstream_page(session, upstream, headers, cursor)
         for name in names:
             if not visible(name):

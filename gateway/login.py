@@ -128,12 +128,16 @@ def logged_in(verified: Verified, snapshot: Snapshot) -> LoggedIn | Refused:
     account = snapshot.account(user)
     if account.expired(dt.datetime.now(dt.UTC)):
         return Refused("expired")
-    labels = merge_labels(account.labels, verified.labels)
-    if "robot" in labels and user not in snapshot.robots:
-        # `robot` is the robots file's to give: a directory or a program saying it of a person
-        # would make policy entries for robots match them, without any scope to narrow them.
-        labels = {key: values for key, values in labels.items() if key != "robot"}
+    labels = without_robot_label(user, merge_labels(account.labels, verified.labels), snapshot)
     return LoggedIn(user, labels, verified.source)
+
+
+def without_robot_label(user: str, labels: Labels, snapshot: Snapshot) -> Labels:
+    """`robot` is the robots file's to give: a directory or a program saying it of a person would
+    make policy entries for robots match them, without any scope to narrow them."""
+    if "robot" in labels and user not in snapshot.robots:
+        return {key: values for key, values in labels.items() if key != "robot"}
+    return labels
 
 
 def locked_response(locked: Locked) -> web.Response:

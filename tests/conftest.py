@@ -29,6 +29,10 @@ settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+# One private dockerd, and one build of the gateway's image, for the whole session, whichever
+# modules ask for them (a fixture imported into each module would be one per module).
+pytest_plugins = ["tests.dockerd", "tests.image_build"]
+
 REGISTRY_BIN = os.environ.get("REGISTRY_BIN", "/usr/bin/docker-registry")
 
 

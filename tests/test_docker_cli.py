@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import USERS, Gateway, Registry, free_port, start_gateway, start_registry, stop
-from tests.dockerd import Docker, dockerd
+from tests.dockerd import Docker
 from tests.test_fastpath import fast_path_counts
-
-__all__ = ["dockerd"]  # the session fixture, used by name below
 
 POLICY = """\
 acl:

@@ -25,55 +25,14 @@ import pytest
 
 from tests import ldap_server
 from tests.conftest import Registry, free_port, htpasswd_add, http_request, require
-from tests.dockerd import Docker, dockerd
+from tests.dockerd import Docker
+from tests.image_build import IMAGE, ROOT
 from tests.ldap_server import PASSWORDS as LDAP_PASSWORDS
 from tests.test_ldap import ACL, ldap_section
 
-__all__ = ["dockerd"]
 pytestmark = pytest.mark.image
 
-ROOT = Path(__file__).parent.parent
-# The shared tools beside the clone are the reference (CI has them); the copy in tests/tools keeps
-# a clone that stands alone able to build the stand-ins too.
-STANDINS = next(
-    (
-        path
-        for path in (
-            ROOT.parent / "shared" / "tools" / "docker-standins.sh",
-            ROOT / "tests" / "tools" / "docker-standins.sh",
-        )
-        if path.exists()
-    ),
-    ROOT / "tests" / "tools" / "docker-standins.sh",
-)
-IMAGE = "registry-gateway:latest"  # the tag compose.yml names
 PASSWORDS = {"admin": "admin-secret-pw", "alice": "alice-secret-pw"}
-
-
-@pytest.fixture(scope="module")
-def image(dockerd: Docker) -> Iterator[Docker]:
-    config = dockerd.root / "image-config"
-    missing = [
-        base
-        for base in ("python:3.11-slim", "registry:2")
-        if dockerd.run(config, "image", "inspect", base).returncode != 0
-        and dockerd.run(config, "pull", base, timeout=120).returncode != 0
-    ]
-    if missing:
-        if not STANDINS.exists():
-            raise RuntimeError(f"{', '.join(missing)} cannot be pulled and {STANDINS} is missing")
-        built = subprocess.run(
-            ["bash", str(STANDINS)],
-            env=dockerd.env(config),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert built.returncode == 0, built.stderr[-3000:]
-    # --network host: RUN steps have no network otherwise on a daemon with --bridge=none.
-    build = dockerd.run(config, "build", "--network", "host", "-t", IMAGE, str(ROOT), timeout=600)
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    yield dockerd
 
 
 def users_folder(mode: int = 0o644) -> Path:

@@ -30,13 +30,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests import certificates
 from tests.conftest import free_port, http_request, require, wait_until
-from tests.dockerd import Docker, dockerd
+from tests.dockerd import Docker
+from tests.image_build import ROOT
 from tests.services import self_signed
 from tests.test_docker_auth import PASSWORDS, auth_config
-from tests.test_image import ROOT, image
 from tests.test_image_ha import STANDINS
 
-__all__ = ["dockerd", "image"]  # the fixtures, used here by name
 pytestmark = pytest.mark.image
 
 DEPLOYMENT = ROOT / "deploy" / "one-process"

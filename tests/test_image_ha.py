@@ -28,19 +28,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, htpasswd_add, http_request, make_token_key, wait_until
-from tests.dockerd import Docker, dockerd
+from tests.dockerd import Docker
+from tests.image_build import ROOT
 from tests.test_image import (
     PASSWORDS,
-    ROOT,
     basic,
     compose,
-    image,
     push_and_pull_with_the_docker_cli,
     up_and_answering,
 )
 from tests.test_shared_state import readyz
 
-__all__ = ["dockerd", "image"]  # the fixtures, used here by name
 pytestmark = pytest.mark.image
 
 STANDINS = ROOT / "tests" / "standins"

@@ -32,9 +32,7 @@ from tests.conftest import (
     users_with,
     write_authfile,
 )
-from tests.dockerd import Docker, dockerd
-
-__all__ = ["dockerd"]  # the session fixture, used by name
+from tests.dockerd import Docker
 
 RULE = ImmutableRule(0, "prod/*", ("v*", "!v*-rc*"))
 DIGEST = "sha256:" + "a" * 64

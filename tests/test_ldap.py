@@ -41,10 +41,8 @@ from tests.conftest import (
     stop,
     write_authfile,
 )
-from tests.dockerd import Docker, dockerd
+from tests.dockerd import Docker
 from tests.ldap_server import PASSWORDS, Directory
-
-__all__ = ["dockerd"]  # the session fixture, used by name below
 
 # --- pure --------------------------------------------------------------------------------------
 

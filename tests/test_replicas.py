@@ -40,11 +40,9 @@ from tests.conftest import (
     wait_until,
     write_authfile,
 )
-from tests.dockerd import Docker, dockerd
+from tests.dockerd import Docker
 from tests.services import HAProxy, Redis, start_haproxy, start_redis, stop_process
 from tests.test_guards import ask
-
-__all__ = ["dockerd"]  # the session fixture, used by name below
 
 ADMIN = ("admin", USERS["admin"])
 ATTEMPTS = 5

@@ -23,10 +23,8 @@ from tests.conftest import (
     wait_until,
     write_authfile,
 )
-from tests.dockerd import Docker, dockerd
+from tests.dockerd import Docker
 from tests.test_docker_cli import Stack, docker_stack
-
-__all__ = ["dockerd"]  # the session fixture, used by name
 
 # Robots with the label team=ci may push; every other robot may pull; scopes narrow both.
 POLICY = """\

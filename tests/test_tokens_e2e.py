@@ -38,9 +38,7 @@ from tests.conftest import (
     stop,
     write_authfile,
 )
-from tests.dockerd import Docker, dockerd
-
-__all__ = ["dockerd"]
+from tests.dockerd import Docker
 
 POLICY = """\
 acl:

@@ -9,6 +9,7 @@ Screenshots of each page are written under the test's temporary directory."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -78,7 +79,11 @@ def site(tmp_path: Path, registry: Registry) -> Iterator[Site]:
         users,
         "--policy",
         str(policy),
-        env={"GATEWAY_UI": "true", "GATEWAY_LOCKOUT_ATTEMPTS": "3"},
+        env={
+            "GATEWAY_UI": "true",
+            "GATEWAY_LOCKOUT_ATTEMPTS": "3",
+            "GATEWAY_AUDIT_LOG": str(tmp_path / "audit.log"),
+        },
     )
     try:
         host = gateway.host
@@ -280,6 +285,28 @@ def test_forms_need_their_token_and_origin_and_sessions_end_with_the_password(si
     )  # fmt: skip
     assert status == 403
     assert (site.registry.storage / "docker/registry/v2/repositories/public/hello/_manifests/tags/1").exists()
+
+    # A body no form of the page would send: refused before it is read.
+    status, _, _ = http_request(
+        host, "POST", "/ui/login", body=b"username=" + b"x" * 100_000,
+        headers={"Origin": f"http://{host}", "Content-Type": "application/x-www-form-urlencoded"},
+    )  # fmt: skip
+    assert status == 413
+
+    # Not UTF-8, or not urlencoded: a 400, never a 500.
+    for body, kind in (
+        (b"username=\xff\xfe", "application/x-www-form-urlencoded"),
+        (b"--x\r\n", "multipart/form-data"),
+    ):
+        status, _, _ = http_request(
+            host, "POST", "/ui/login", body=body, headers={"Origin": f"http://{host}", "Content-Type": kind}
+        )
+        assert status == 400
+    # The page's logins are in the audit log as the registry's are.
+    records = [json.loads(line) for line in (site.tmp / "audit.log").read_text().splitlines()]
+    assert any(
+        r["operation"] == "ui login" and r["user"] == "admin" and r["decision"] == "allow" for r in records
+    )
 
     # `user passwd` ends the session at its next request.
     subprocess.run(

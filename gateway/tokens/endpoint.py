@@ -8,13 +8,11 @@ token; missing rights are not an error: the token grants what the policy allows.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime as dt
 import json
 import time
 from collections.abc import Awaitable, Callable
-from urllib.parse import parse_qs
 
 from aiohttp import web
 from multidict import MultiDict, MultiMapping
@@ -24,6 +22,7 @@ from gateway.audit import AuditRecord
 from gateway.authn import Authenticator, Credentials, Malformed, parse_basic_authorization
 from gateway.config import Settings
 from gateway.errors import error_response
+from gateway.http.forms import read_form
 from gateway.identity import Labels
 from gateway.login import Locked, Refused, check_login, locked_response
 from gateway.metrics import Metrics
@@ -49,36 +48,6 @@ def _oauth_error(status: int, error: str, description: str) -> web.Response:
 QUERY_KEYS = frozenset(
     {"grant_type", "username", "scope", "service", "client_id", "account", "offline_token", "access_type"}
 )
-
-
-async def _form(request: web.BaseRequest, idle_timeout: float) -> MultiDict[str] | None:
-    media_type = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-    if media_type != "application/x-www-form-urlencoded":
-        return None
-    if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
-        return None
-    body = b""
-    try:
-        # Whole, however it arrives (read(n) returns what is buffered), and never waited on forever.
-        async with asyncio.timeout(idle_timeout):
-            while len(body) <= MAX_FORM_BYTES:
-                chunk = await request.content.read(MAX_FORM_BYTES + 1 - len(body))
-                if not chunk:
-                    break
-                body += chunk
-    except TimeoutError:
-        return None
-    except ConnectionError:
-        raise  # the client went away: nothing to answer
-    except Exception:  # aiohttp's payload errors (bad chunking, a cut body): a 400, never a 500
-        return None
-    if len(body) > MAX_FORM_BYTES:
-        return None
-    try:
-        parsed = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return MultiDict((key, value) for key, values in parsed.items() for value in values)
 
 
 # Asks the ext_authz program about one request: True granted, False denied, None failed.
@@ -129,7 +98,7 @@ async def token_endpoint(
         params = request.query
         credentials = parse_basic_authorization(request.headers.get("Authorization"))
     elif request.method == "POST":
-        form = await _form(request, settings.body_timeout)
+        form = await read_form(request, settings.body_timeout, MAX_FORM_BYTES)
         if form is None:
             return _oauth_error(400, "invalid_request", "expected a form of at most 64 KiB")
         # As Go's FormValue and docker_auth read a POST: the body's values, then the query's;

@@ -12,6 +12,7 @@ the lockout, like `docker login`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -31,11 +32,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import acl, catalog, forwarding, immutable, pipeline, tag_lookup
-from gateway.authn import Authenticator, Credentials
+from gateway.audit import AuditRecord
+from gateway.authn import Authenticator, Credentials, Malformed, parse_basic_authorization
 from gateway.config import Settings
+from gateway.http.forms import read_form
 from gateway.http.upstream import UpstreamPool
 from gateway.identity import Labels, merge_labels
-from gateway.login import Locked, LoggedIn, check_login
+from gateway.login import Locked, LoggedIn, check_login, without_robot_label
+from gateway.metrics import Metrics
 from gateway.pipeline import Identity
 from gateway.policy import Decision, Outcome, acl_request
 from gateway.robots import robot_name
@@ -55,6 +59,8 @@ Answer = TypeVar("Answer", bound=web.StreamResponse)
 PAGE_SIZE = 50
 MAX_MANIFEST = 4 * 1024 * 1024
 MAX_CONFIG = 1024 * 1024
+MAX_FORM_BYTES = 16 * 1024
+CATALOG_PAGES = 10  # of the registry's pages (1000 names each): what one request may make it read
 DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 CSP = (
     "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; "
@@ -76,6 +82,7 @@ class Host(Protocol):
     authority: TokenAuthority | None
     session: aiohttp.ClientSession | None
     upstream: UpstreamPool | None
+    metrics: Metrics
     shared_tag_locks: SharedTagLocks
 
     @property
@@ -115,15 +122,20 @@ class Pages:
 
     # --- the request ------------------------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        settings = self.host.settings
-        view = forwarding.client_view(
-            request.remote or "",
-            request.scheme,
-            request.headers.get("Host", ""),
-            request.headers,
-            settings.trusted_proxies,
-        )
+    async def handle(
+        self, request: web.BaseRequest, view: forwarding.ClientView, record: AuditRecord
+    ) -> web.StreamResponse:
+        """`view`: how the client reached us, checked as for the registry (app._client_view);
+        `record`: this request's audit record, which the page fills in (who, what, the outcome)."""
+        record.operation = "ui"
+        response = await self._answer(request, view, record)
+        if record.decision in ("refused", "challenge"):
+            record.decision = "allow" if response.status < 400 else "deny"
+        return response
+
+    async def _answer(
+        self, request: web.BaseRequest, view: forwarding.ClientView, record: AuditRecord
+    ) -> web.StreamResponse:
         path = request.path
         if path == PREFIX.rstrip("/"):
             return _see_other(PREFIX)
@@ -135,16 +147,27 @@ class Pages:
             return self._secure(web.Response(body=self.static[name], content_type=STATIC[name]), cache=True)
         snapshot = self.host.authenticator.store.snapshot
         visitor = self._visitor(request, snapshot)
+        record.user = visitor.user
         if request.method == "POST":
             origin = request.headers.get("Origin")
             if origin != f"{view.scheme}://{view.host}":
                 return self._message(
                     request, visitor, 403, "Refused", "A form from another site.", error=True
                 )
-            form = await request.post()
-            fields = {key: value for key, value in form.items() if isinstance(value, str)}
+            if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
+                return self._message(
+                    request, visitor, 413, "Refused", "Not a form of these pages.", error=True
+                )
+            # Small, urlencoded, read within body_timeout; anything else a 400, never a 500.
+            form = await read_form(request, self.host.settings.body_timeout, MAX_FORM_BYTES)
+            if form is None:
+                return self._message(
+                    request, visitor, 400, "Refused", "Not a form of these pages.", error=True
+                )
+            fields = {key: value for key, value in form.items()}
             if page == "login":
-                return await self._login(request, view, snapshot, fields)
+                record.operation = "ui login"
+                return await self._login(request, view, snapshot, fields, record)
             if not sessions.csrf_ok(self.key, visitor.cookie, fields.get("csrf")):
                 return self._message(
                     request,
@@ -159,7 +182,8 @@ class Pages:
                 response.del_cookie(sessions.COOKIE, path=PREFIX)
                 return self._secure(response)
             if page == "delete":
-                return await self._delete(request, view, snapshot, visitor, fields)
+                record.operation = "ui delete"
+                return await self._delete(request, view, snapshot, visitor, fields, record)
             return self._message(request, visitor, 404, "Not found", "No such page.", error=True)
         if request.method not in ("GET", "HEAD"):
             return self._message(
@@ -202,7 +226,10 @@ class Pages:
                 return Visitor(None, None, None)
         if not pipeline.still_valid(snapshot, user, remembered):
             return Visitor(None, None, None)
-        return Visitor(user, merge_labels(snapshot.account(user).labels, remembered or {}), cookie)
+        labels = without_robot_label(
+            user, merge_labels(snapshot.account(user).labels, remembered or {}), snapshot
+        )
+        return Visitor(user, labels, cookie)
 
     # --- pages ------------------------------------------------------------------------------
 
@@ -212,10 +239,14 @@ class Pages:
         view: forwarding.ClientView,
         snapshot: Snapshot,
         fields: Mapping[str, str],
+        record: AuditRecord,
     ) -> web.StreamResponse:
         username, password = fields.get("username", ""), fields.get("password", "")
         nobody = Visitor(None, None, None)
-        if not username or not password:
+        record.user = username[:200] or None
+        # What Basic credentials must be (authn.parse_basic_authorization), the same here.
+        malformed = isinstance(parse_basic_authorization(_basic(username, password)), Malformed)
+        if not username or not password or malformed:
             return self._render(
                 request,
                 nobody,
@@ -241,6 +272,8 @@ class Pages:
             snapshot,
         )
         if isinstance(login, Locked):
+            record.decision = "locked"
+            self.host.metrics.auth_failures.labels("locked").inc()
             wait = f"{login.retry_after:.0f}"
             return self._render(
                 request,
@@ -255,7 +288,10 @@ class Pages:
             if login.reason == "source_unavailable":
                 why = "The directory does not answer: try again later."
             log.info("ui: failed login for user %r from %s", username, view.address)
+            record.decision = "challenge"
+            self.host.metrics.auth_failures.labels(login.reason).inc()
             return self._render(request, nobody, "login.html", 401, problem=why, username=username)
+        record.decision = "allow"
         stored = snapshot.users.get(login.user)
         now = time.time()
         session = sessions.Session(
@@ -295,10 +331,23 @@ class Pages:
         def visible(name: str) -> bool:
             return search.lower() in name.lower() and pullable(name)
 
+        policy = snapshot.policy
+        if visitor.user is None and (policy is None or not policy.anonymous):
+            # Anonymous may pull nothing here: no reason to read the registry's catalog at all.
+            return self._render(
+                request,
+                visitor,
+                "repositories.html",
+                repositories=[],
+                truncated=False,
+                query=search,
+                next_last=None,
+            )
+
         headers = self._registry_headers(Scope("registry", "catalog", frozenset({"*"})))
         try:
             page = await catalog.filtered_page(
-                self._session(), self.host.settings.upstream, headers, visible, PAGE_SIZE, last
+                self._session(), self.host.settings.upstream, headers, visible, PAGE_SIZE, last, CATALOG_PAGES
             )
         except (catalog.CatalogError, TimeoutError, aiohttp.ClientError) as exc:
             return self._unreachable(request, visitor, exc)
@@ -307,6 +356,7 @@ class Pages:
             visitor,
             "repositories.html",
             repositories=page.repositories,
+            truncated=page.truncated,
             query=search,
             next_last=page.next_last,
         )
@@ -332,8 +382,11 @@ class Pages:
             return self._unreachable(request, visitor, exc)
         tags: list[str] = []
         if status == 200:
-            found = json.loads(body).get("tags") or []
-            tags = [tag for tag in found if isinstance(tag, str)]
+            try:
+                found = json.loads(body).get("tags") or []
+            except (ValueError, AttributeError):
+                found = []
+            tags = [tag for tag in found if isinstance(tag, str)] if isinstance(found, list) else []
         next_last = tags[-1] if link and 'rel="next"' in link and tags else None
         permissions = self._permissions(snapshot, visitor, view, name)
         return self._render(
@@ -430,8 +483,10 @@ class Pages:
         snapshot: Snapshot,
         visitor: Visitor,
         fields: Mapping[str, str],
+        record: AuditRecord,
     ) -> web.StreamResponse:
         name, ref, digest = fields.get("name", ""), fields.get("ref", ""), fields.get("digest", "")
+        record.repository, record.digest = name[:200] or None, digest[:100] or None
         if not DIGEST_RE.fullmatch(digest) or not self._may_pull(snapshot, visitor, view, name):
             return self._not_found(request, visitor)
         decision = self._decide(snapshot, visitor, view, "DELETE", f"/v2/{name}/manifests/{digest}")
@@ -468,7 +523,7 @@ class Pages:
         except (tag_lookup.LookupFailed, TagBusy, TimeoutError, aiohttp.ClientError) as exc:
             return self._unreachable(request, visitor, exc)
         log.info(
-            "ui: %r deleted %s@%s (%s) from %s: registry answered %d",
+            "ui: %r deleted %r@%r (%r) from %s: registry answered %d",
             visitor.user,
             name,
             digest,
@@ -548,6 +603,8 @@ class Pages:
             allowed = verdict.allows(frozenset({action}))
             if verdict.entry_index is None:
                 why = "denied: no rule matched"
+            elif visitor.user is None:
+                why = "granted" if allowed else "denied: log in"  # which rule is for logged-in users
             else:
                 why = f"{'granted' if allowed else 'denied'} by acl[{verdict.entry_index}]"
                 if verdict.comment:
@@ -590,7 +647,16 @@ class Pages:
         async with self._session().request(
             method, url, headers=headers, timeout=aiohttp.ClientTimeout(total=30), allow_redirects=True
         ) as response:
-            body = await response.content.read(limit)
+            body = b""
+            while len(body) <= limit:  # read(n) returns what is buffered: read until the end
+                chunk = await response.content.read(limit + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
+            if len(body) > limit:
+                raise aiohttp.ClientPayloadError(
+                    f"the registry's answer to {target} is larger than {limit} bytes"
+                )
             return response.status, response.headers, body, response.headers.get("Link")
 
     async def _digest_of(self, view: forwarding.ClientView, name: str, ref: str) -> str | None:
@@ -656,6 +722,10 @@ class Pages:
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Cache-Control"] = "max-age=3600" if cache else "no-store"
         return response
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def _see_other(location: str) -> web.Response:

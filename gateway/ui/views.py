@@ -57,11 +57,17 @@ class NotAManifest(ValueError):
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    """A size as a registry would give it: a non-negative integer below 2**53, else 0."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53
+    return value if ok else 0
 
 
 def _str(value: Any) -> str:
     return value if isinstance(value, str) else ""
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -85,7 +91,7 @@ def parse_manifest(body: bytes, content_type: str) -> ManifestView:
     annotations = _strings(data.get("annotations"))
     if media_type in INDEX_TYPES or isinstance(data.get("manifests"), list):
         platforms = []
-        for entry in data.get("manifests") or []:
+        for entry in _list(data.get("manifests")):
             if not isinstance(entry, dict):
                 continue
             platform = _object(entry.get("platform"))
@@ -101,7 +107,7 @@ def parse_manifest(body: bytes, content_type: str) -> ManifestView:
         return ManifestView(media_type, True, platforms=tuple(platforms), annotations=annotations)
     layers = tuple(
         Layer(_str(layer.get("digest")), _int(layer.get("size")), _str(layer.get("mediaType")))
-        for layer in data.get("layers") or []
+        for layer in _list(data.get("layers"))
         if isinstance(layer, dict)
     )
     config = _object(data.get("config"))
