@@ -318,12 +318,14 @@ def test_policy_explain_says_when_a_tag_is_immutable_and_why(tmp_path: Path) -> 
 
     policy = tmp_path / "policy.yml"
     policy.write_text(POLICY)
+    users = users_with(tmp_path / "htpasswd")  # explain looks the user up: in these files, never /etc's
 
     def explain(tag: str) -> str:
         done = subprocess.run(
             [sys.executable, "-m", "gateway", "policy", "explain", "admin", "prod/app", "push", "--tag", tag,
              "--policy", str(policy)],
             capture_output=True, text=True, timeout=60,
+            env={"PATH": "/usr/bin:/bin", "GATEWAY_HTPASSWD": str(users)},
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         return done.stdout
