@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple
 
 from gateway import htpasswd, policyfile, robots
 from gateway.files import Signature, describe_read_error, signature
@@ -24,7 +25,6 @@ from gateway.robots import Robot
 log = logging.getLogger(__name__)
 
 DEFAULT_DUMMY_COST = 10
-ROBOTS_DROPPED = "(robots dropped)"  # build's note to _load: the robots file failed on a reload
 # Apache's htpasswd rewrites its file in place (opened with O_TRUNC, then written): a file read
 # half-written can be a valid one with users missing. A changed file is read once it has held
 # still this long; one still changing is left to the next poll.
@@ -69,12 +69,20 @@ def _typical_bcrypt_cost(users: Mapping[str, htpasswd.StoredHash]) -> int:
     return costs.most_common(1)[0][0] if costs else DEFAULT_DUMMY_COST
 
 
+class Built(NamedTuple):
+    users: dict[str, htpasswd.StoredHash]
+    policy: policyfile.Policy | None
+    robots: dict[str, Robot]
+    warnings: list[str]
+    robots_problem: str | None  # the robots file could not be used (a reload): no robots run
+
+
 def build(
     htpasswd_path: Path, policy_path: Path | None, robots_path: Path | None = None, robots_strict: bool = True
-) -> tuple[dict[str, htpasswd.StoredHash], policyfile.Policy | None, dict[str, Robot], list[str]]:
+) -> Built:
     """Load the files and check them together. Raises StateError naming every problem. A robots
     file that cannot be used is one of them when `robots_strict` (at start, check-config);
-    otherwise (a reload) it means no robots at all, said in a warning, while the other files
+    otherwise (a reload) it means no robots at all (`robots_problem`), while the other files
     load: a robots file unreadable to the gateway (made by root) must not keep a removed user,
     nor a hand-edit gone wrong keep a robot meant to be gone.
 
@@ -104,6 +112,7 @@ def build(
                 problems.append(("policy", f"{policy_path}: users.{name}: also in {htpasswd_path}; keep one"))
             users[name] = stored
     found: dict[str, Robot] = {}
+    robots_problem = None
     if robots_path is not None:
         try:
             found = robots.read(robots_path)
@@ -111,8 +120,7 @@ def build(
             if robots_strict:
                 problems.append(("robots", str(exc)))
             else:
-                warnings.append(f"{exc}; no robot may log in until it is mended")
-                warnings.append(ROBOTS_DROPPED)
+                robots_problem = str(exc)
     in_policy = {*policy.users, *policy.accounts} if policy is not None else set()
     for name in sorted({*users, *in_policy}):
         if robots.robot_name(name) is not None:
@@ -120,7 +128,7 @@ def build(
             problems.append((where, f"{name!r}: names starting with {robots.PREFIX!r} are robots' alone"))
     if problems:
         raise StateError(problems)
-    return users, policy, found, warnings
+    return Built(users, policy, found, warnings, robots_problem)
 
 
 class AccessStore:
@@ -179,7 +187,7 @@ class AccessStore:
         return force
 
     def _load(self, robots_strict: bool = False) -> Snapshot:
-        users, policy, found, warnings = build(
+        users, policy, found, warnings, robots_problem = build(
             self.htpasswd_path, self.policy_path, self.robots_path, robots_strict
         )
         if (
@@ -189,10 +197,8 @@ class AccessStore:
             and self.docker_auth_service is not None
         ):
             policy = dataclasses.replace(policy, service=self.docker_auth_service)
-        dropped = ROBOTS_DROPPED in warnings
         for warning in warnings:
-            if warning != ROBOTS_DROPPED:
-                log.warning("%s", warning)
+            log.warning("%s", warning)
         self._generation += 1
         self._read_files = policy.read_files if policy is not None else ()
         self.loaded_at = time.time()
@@ -206,8 +212,9 @@ class AccessStore:
             if path is not None
         }
         self.stale_since = self.stale_problem = None
-        if dropped:
+        if robots_problem is not None:
             # Loaded, but not what the robots file says: as stale as a refused reload.
+            log.error("%s; no robot may log in until it is mended", robots_problem)
             self._went_stale(f"{self.robots_path}: cannot be used; no robots run until it is mended")
         dummy = htpasswd.make_dummy(_typical_bcrypt_cost(users))
         return Snapshot(MappingProxyType(users), policy, self._generation, dummy, MappingProxyType(found))

@@ -302,6 +302,12 @@ def test_forms_need_their_token_and_origin_and_sessions_end_with_the_password(si
             host, "POST", "/ui/login", body=body, headers={"Origin": f"http://{host}", "Content-Type": kind}
         )
         assert status == 400
+    # Robots log in with docker, never on the page.
+    status, _, body = http_request(
+        host, "POST", "/ui/login", body=b"username=robot%2Bci&password=rgw_whatever",
+        headers={"Origin": f"http://{host}", "Content-Type": "application/x-www-form-urlencoded"},
+    )  # fmt: skip
+    assert status == 403 and b"Robots log in with docker" in body and b"Set-Cookie" not in body
     # The page's logins are in the audit log as the registry's are.
     records = [json.loads(line) for line in (site.tmp / "audit.log").read_text().splitlines()]
     assert any(

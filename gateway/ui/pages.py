@@ -107,6 +107,18 @@ class Visitor:
     cookie: str | None
 
 
+@dataclass(frozen=True)
+class Visit:
+    """One page request: the request, how its client reached us, the users and rules it is
+    decided by (one snapshot throughout), who asks, and its audit record."""
+
+    request: web.BaseRequest
+    view: forwarding.ClientView
+    snapshot: Snapshot
+    visitor: Visitor
+    record: AuditRecord
+
+
 class Pages:
     def __init__(self, host: Host) -> None:
         self.host = host
@@ -148,6 +160,7 @@ class Pages:
         snapshot = self.host.authenticator.store.snapshot
         visitor = self._visitor(request, snapshot)
         record.user = visitor.user
+        visit = Visit(request, view, snapshot, visitor, record)
         if request.method == "POST":
             origin = request.headers.get("Origin")
             if origin != f"{view.scheme}://{view.host}":
@@ -167,7 +180,7 @@ class Pages:
             fields = {key: value for key, value in form.items()}
             if page == "login":
                 record.operation = "ui login"
-                return await self._login(request, view, snapshot, fields, record)
+                return await self._login(visit, fields)
             if not sessions.csrf_ok(self.key, visitor.cookie, fields.get("csrf")):
                 return self._message(
                     request,
@@ -183,7 +196,7 @@ class Pages:
                 return self._secure(response)
             if page == "delete":
                 record.operation = "ui delete"
-                return await self._delete(request, view, snapshot, visitor, fields, record)
+                return await self._delete(visit, fields)
             return self._message(request, visitor, 404, "Not found", "No such page.", error=True)
         if request.method not in ("GET", "HEAD"):
             return self._message(
@@ -191,15 +204,15 @@ class Pages:
             )
         query = {key: value for key, value in request.query.items()}
         if page == "":
-            return await self._repositories(request, view, snapshot, visitor, query)
+            return await self._repositories(visit, query)
         if page == "login":
             return self._render(request, visitor, "login.html", problem=None, username="")
         if page == "repo":
-            return await self._repository(request, view, snapshot, visitor, query)
+            return await self._repository(visit, query)
         if page == "manifest":
-            return await self._manifest(request, view, snapshot, visitor, query)
+            return await self._manifest(visit, query)
         if page == "delete":
-            return await self._confirm_delete(request, view, snapshot, visitor, query)
+            return await self._confirm_delete(visit, query)
         return self._message(request, visitor, 404, "Not found", "No such page.", error=True)
 
     def _visitor(self, request: web.BaseRequest, snapshot: Snapshot) -> Visitor:
@@ -233,14 +246,8 @@ class Pages:
 
     # --- pages ------------------------------------------------------------------------------
 
-    async def _login(
-        self,
-        request: web.BaseRequest,
-        view: forwarding.ClientView,
-        snapshot: Snapshot,
-        fields: Mapping[str, str],
-        record: AuditRecord,
-    ) -> web.StreamResponse:
+    async def _login(self, visit: Visit, fields: Mapping[str, str]) -> web.StreamResponse:
+        request, view, snapshot, record = visit.request, visit.view, visit.snapshot, visit.record
         username, password = fields.get("username", ""), fields.get("password", "")
         nobody = Visitor(None, None, None)
         record.user = username[:200] or None
@@ -314,14 +321,8 @@ class Pages:
         log.info("ui: %r logged in from %s", login.user, view.address)
         return self._secure(response)
 
-    async def _repositories(
-        self,
-        request: web.BaseRequest,
-        view: forwarding.ClientView,
-        snapshot: Snapshot,
-        visitor: Visitor,
-        query: Mapping[str, str],
-    ) -> web.StreamResponse:
+    async def _repositories(self, visit: Visit, query: Mapping[str, str]) -> web.StreamResponse:
+        request, view, snapshot, visitor = visit.request, visit.view, visit.snapshot, visit.visitor
         search = query.get("q", "")[:200]
         last = query.get("last") or None
         pullable = pipeline.pullable(
@@ -361,14 +362,8 @@ class Pages:
             next_last=page.next_last,
         )
 
-    async def _repository(
-        self,
-        request: web.BaseRequest,
-        view: forwarding.ClientView,
-        snapshot: Snapshot,
-        visitor: Visitor,
-        query: Mapping[str, str],
-    ) -> web.StreamResponse:
+    async def _repository(self, visit: Visit, query: Mapping[str, str]) -> web.StreamResponse:
+        request, view, snapshot, visitor = visit.request, visit.view, visit.snapshot, visit.visitor
         name = query.get("name", "")
         if not self._may_pull(snapshot, visitor, view, name):
             return self._not_found(request, visitor)
@@ -399,14 +394,8 @@ class Pages:
             permissions=permissions,
         )
 
-    async def _manifest(
-        self,
-        request: web.BaseRequest,
-        view: forwarding.ClientView,
-        snapshot: Snapshot,
-        visitor: Visitor,
-        query: Mapping[str, str],
-    ) -> web.StreamResponse:
+    async def _manifest(self, visit: Visit, query: Mapping[str, str]) -> web.StreamResponse:
+        request, view, snapshot, visitor = visit.request, visit.view, visit.snapshot, visit.visitor
         name, ref = query.get("name", ""), query.get("ref", "")
         if not _valid_reference(ref) or not self._may_pull(snapshot, visitor, view, name):
             return self._not_found(request, visitor)
@@ -451,14 +440,8 @@ class Pages:
             config=config, commands=commands, size=views.human_size, may_delete=may_delete,
         )  # fmt: skip
 
-    async def _confirm_delete(
-        self,
-        request: web.BaseRequest,
-        view: forwarding.ClientView,
-        snapshot: Snapshot,
-        visitor: Visitor,
-        query: Mapping[str, str],
-    ) -> web.StreamResponse:
+    async def _confirm_delete(self, visit: Visit, query: Mapping[str, str]) -> web.StreamResponse:
+        request, view, snapshot, visitor = visit.request, visit.view, visit.snapshot, visit.visitor
         name, ref = query.get("name", ""), query.get("ref", "")
         if visitor.cookie is None:
             return _see_other(PREFIX + "login")
@@ -476,15 +459,9 @@ class Pages:
             )
         return self._render(request, visitor, "confirm_delete.html", name=name, ref=ref, digest=digest)
 
-    async def _delete(
-        self,
-        request: web.BaseRequest,
-        view: forwarding.ClientView,
-        snapshot: Snapshot,
-        visitor: Visitor,
-        fields: Mapping[str, str],
-        record: AuditRecord,
-    ) -> web.StreamResponse:
+    async def _delete(self, visit: Visit, fields: Mapping[str, str]) -> web.StreamResponse:
+        request, view, snapshot, visitor = visit.request, visit.view, visit.snapshot, visit.visitor
+        record = visit.record
         name, ref, digest = fields.get("name", ""), fields.get("ref", ""), fields.get("digest", "")
         record.repository, record.digest = name[:200] or None, digest[:100] or None
         if not DIGEST_RE.fullmatch(digest) or not self._may_pull(snapshot, visitor, view, name):
